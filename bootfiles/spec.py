@@ -1,0 +1,62 @@
+"""What a node boots: the contract between the appliance (which knows the store) and the boot services.
+
+`bootfiles` and `dhcp` never read the store; they ask a `BootPolicy` that the appliance implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Loader = Literal["pxelinux", "ipxe"]
+
+# A sink for boot events (TFTP fetches, DHCP offers): kind, then JSON-able fields.
+EventSink = Callable[[str, Mapping[str, object]], None]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A boot profile: how a node boots its OS template (hcc-cello's defaultLeader/defaultCompute)."""
+
+    name: str
+    loader: Loader = "pxelinux"
+    kernel_args: str = "console=ttyS0"
+    # BIOS loader file the proxyDHCP names for this profile (pxelinux.0 for pxelinux, undionly.kpxe for iPXE).
+    bios_loader: str = "pxelinux.0"
+    efi_loader: str = "ipxe.efi"
+
+
+@dataclass(frozen=True)
+class IscsiRoot:
+    """The iSCSI root disk of one server, as the export driver really made it."""
+
+    target_iqn: str
+    portal_ip: str
+    portal_port: int
+    lun: int
+    initiator_iqn: str
+    chap_user: str | None = None
+    chap_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything needed to render one server's boot config."""
+
+    server_uuid: str
+    profile: Profile
+    kernel: str  # path inside the boot tree, e.g. "templates/tiny/v1/vmlinuz"
+    initrd: str
+    root: IscsiRoot
+    http_base: str  # e.g. "http://10.77.0.2:8080" — where iPXE fetches scripts, kernels and initrds
+    hostname: str | None = None
+
+
+class BootPolicy(Protocol):
+    """Implemented by the appliance from its state store."""
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        """The boot spec of a known server (by SMBIOS UUID, falling back to MAC), or the unknown-node
+        profile's spec, or None when the node must get no answer."""
+        ...

@@ -1,0 +1,101 @@
+"""Volumes and exports: the contract between the provisioner and the storage/export drivers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StorageError(Exception):
+    """A volume or export operation failed; the message is fit for an operator."""
+
+
+class NameError_(StorageError):
+    """A name that would reach a command line or config file failed validation."""
+
+
+class InUseError(StorageError):
+    """Refused: the volume has clones or is still exported."""
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str  # e.g. "tiny-OS-<uuid>" (without pool)
+    size: int  # bytes (logical)
+    used: int  # bytes really allocated
+    origin: str | None  # "tiny-template@v1" for clones
+    path: str  # block device or image file that an export driver serves
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    total: int
+    used: int
+    free: int
+
+
+class VolumeBackend(Protocol):
+    """One interface for the `zfs` and `file` backends. Every method validates names first."""
+
+    name: str
+
+    async def create_template(self, os_name: str, size: int) -> VolumeInfo: ...
+    async def snapshot_template(self, os_name: str, version: str) -> None: ...
+    async def destroy_snapshot(self, os_name: str, version: str) -> None: ...
+    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo: ...
+    async def create_data(self, os_name: str, server_uuid: str, index: int, size: int) -> VolumeInfo: ...
+    async def destroy(self, volume: str) -> None: ...
+    async def list(self) -> list[VolumeInfo]: ...
+    async def snapshots(self) -> list[str]: ...  # "tiny-template@v1"
+    async def capacity(self) -> PoolCapacity: ...
+    def path(self, volume: str) -> str: ...
+    def status(self) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True)
+class TargetAuth:
+    chap_user: str | None = None
+    chap_secret: str | None = None  # 12..16 chars
+    initiator_names: tuple[str, ...] = ()
+    initiator_portals: tuple[str, ...] = ()  # "10.77.0.0/24" or an address
+
+
+@dataclass(frozen=True)
+class LunSpec:
+    volume: str  # volume name
+    path: str
+    index: int  # 0 = OS volume, 1.. data volumes; stable for the volume's life
+    size: int
+    serial: str  # stable
+    device_id: str  # stable
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    iqn: str
+    luns: tuple[LunSpec, ...]
+    auth: TargetAuth = field(default_factory=TargetAuth)
+
+
+@dataclass(frozen=True)
+class ExportState:
+    """What is really exported: target IQN -> {volume name: LUN number the driver used}."""
+
+    targets: Mapping[str, Mapping[str, int]]
+    available: bool = True
+    detail: str = ""
+
+
+class ExportDriver(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
+        """Make the real exports equal the desired ones (whole state, idempotent); return what is there."""
+        ...
+    async def actual(self) -> ExportState: ...
+    def lun_number(self, index: int) -> int:
+        """The LUN number this driver gives a volume of this index (ctld: index, tgt: index + 1)."""
+        ...
