@@ -1,0 +1,231 @@
+"""FreeBSD ctld export driver: render ctl.conf whole, write it only when the bytes change, reload,
+and check the result with `ctladm` — never trust the reload's exit status, never restart ctld.
+
+ctld facts (from its source): a reload with a parse error silently keeps the old config and returns
+before the new one is applied, so `apply()` polls `ctladm devlist -x` / `ctladm portlist -x` until
+the kernel holds exactly the desired LUNs and targets. When `apply()` returns, a LUN removed from the
+desired state is gone from ctl, so its volume may be destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from iscsi import ctlconf
+from iscsi.model import ExportState, StorageError, TargetSpec
+from iscsi.runner import CommandRunner, default_runner
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CtlLun:
+    ctl_id: int
+    ctld_name: str | None
+    path: str | None
+
+
+@dataclass(frozen=True)
+class CtlPort:
+    port_id: int
+    frontend: str
+    target: str | None
+    lun_map: Mapping[int, int]  # port LUN number -> ctl LUN id
+
+
+class CtladmParseError(ValueError):
+    """`ctladm … -x` printed something that is not the expected XML."""
+
+
+def parse_devlist(xml: str) -> list[CtlLun]:
+    """`ctladm devlist -x` → LUNs. ctld tags the LUNs it made with the `ctld_name` option."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise CtladmParseError(f"ctladm devlist -x: {exc}") from None
+    out = []
+    for lun in root.iter("lun"):
+        try:
+            ctl_id = int(lun.get("id", ""))
+        except ValueError:
+            raise CtladmParseError("ctladm devlist -x: <lun> without a numeric id") from None
+        out.append(CtlLun(ctl_id, lun.findtext("ctld_name"), lun.findtext("file")))
+    return out
+
+
+def parse_portlist(xml: str) -> list[CtlPort]:
+    """`ctladm portlist -x` → ports with their target name and LUN map."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise CtladmParseError(f"ctladm portlist -x: {exc}") from None
+    out = []
+    for port in root.iter("targ_port"):
+        try:
+            lun_map = {int(e.get("id", "")): int(e.text or "") for e in port.findall("lun")}
+            port_id = int(port.get("id", ""))
+        except ValueError:
+            raise CtladmParseError("ctladm portlist -x: non-numeric port or LUN id") from None
+        target = port.findtext("cfiscsi_target") or port.findtext("target")
+        out.append(CtlPort(port_id, port.findtext("frontend_type") or "", target, lun_map))
+    return out
+
+
+def state_from_ctladm(luns: Sequence[CtlLun], ports: Sequence[CtlPort]) -> dict[str, dict[str, int]]:
+    by_id = {lun.ctl_id: lun for lun in luns}
+    targets: dict[str, dict[str, int]] = {}
+    for port in ports:
+        if port.frontend != "iscsi" or not port.target:
+            continue
+        mapped = targets.setdefault(port.target, {})
+        for number, ctl_id in port.lun_map.items():
+            lun = by_id.get(ctl_id)
+            if lun is not None and lun.ctld_name:
+                mapped[lun.ctld_name] = number
+    return targets
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o640) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+class CtldDriver:
+    name = "ctld"
+
+    def __init__(
+        self,
+        conf_path: Path,
+        portals: Sequence[str],
+        runner: CommandRunner | None = None,
+        sleep: Sleep = asyncio.sleep,
+        *,
+        verify_timeout: float = 15.0,
+        verify_interval: float = 0.25,
+        max_ports: int | None = None,
+    ) -> None:
+        self.conf_path = Path(conf_path)
+        self.portals = tuple(portals)
+        ctlconf.from_specs([], self.portals)  # validates the portals now, not at the first apply
+        self._run = runner or default_runner()
+        self._sleep = sleep
+        self._timeout = verify_timeout
+        self._interval = verify_interval
+        self.max_ports = max_ports
+        self._lock = asyncio.Lock()
+        self.writes = 0
+        self.reloads = 0
+
+    async def start(self) -> None:
+        """Learn ctl's port limit; ctld itself is a system service that Cello never starts or restarts."""
+        if self.max_ports is None:
+            res = await self._run(["sysctl", "-n", "kern.cam.ctl.max_ports"], check=False)
+            if res.returncode == 0 and res.stdout.strip().isdigit():
+                self.max_ports = int(res.stdout.strip())
+
+    async def stop(self) -> None:
+        """Nothing to do: the exports keep serving the nodes' root disks while Cello is down."""
+
+    def lun_number(self, index: int) -> int:
+        return index
+
+    def render(self, targets: Sequence[TargetSpec]) -> str:
+        """The whole ctl.conf for a desired state (refuses hostile names and limits first)."""
+        if self.max_ports is not None and len(targets) >= self.max_ports:
+            raise ctlconf.LimitError(
+                f"{len(targets)} targets need {len(targets)} ctl ports; kern.cam.ctl.max_ports is "
+                f"{self.max_ports} (raise it in /boot/loader.conf)"
+            )
+        return ctlconf.render(ctlconf.from_specs(targets, self.portals))
+
+    async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
+        data = self.render(targets).encode()
+        want = {t.iqn: {lun.volume: lun.index for lun in t.luns} for t in targets}
+        paths = {lun.volume: lun.path for t in targets for lun in t.luns}
+        async with self._lock:
+            if await asyncio.to_thread(_read_or_none, self.conf_path) != data:
+                await asyncio.to_thread(_write_atomically, self.conf_path, data)
+                self.writes += 1
+                await self._run(["service", "ctld", "reload"])
+                self.reloads += 1
+            return await self._verify(want, paths)
+
+    async def _verify(self, want: Mapping[str, Mapping[str, int]], paths: Mapping[str, str]) -> ExportState:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        while True:
+            luns, ports = await self._ctladm()
+            have = state_from_ctladm(luns, ports)
+            problems = _differences(want, paths, have, luns)
+            if not problems:
+                return ExportState(have, True, f"ctld: {len(have)} targets verified with ctladm")
+            if loop.time() >= deadline:
+                raise StorageError(
+                    f"ctld did not apply {self.conf_path} within {self._timeout:g}s (a reload with a "
+                    f"parse error keeps the old configuration; see ctld's syslog): " + "; ".join(problems[:5])
+                )
+            await self._sleep(self._interval)
+
+    async def _ctladm(self) -> tuple[list[CtlLun], list[CtlPort]]:
+        dev = await self._run(["ctladm", "devlist", "-x"])
+        port = await self._run(["ctladm", "portlist", "-x"])
+        try:
+            return parse_devlist(dev.stdout), parse_portlist(port.stdout)
+        except CtladmParseError as exc:
+            raise StorageError(str(exc)) from None
+
+    async def actual(self) -> ExportState:
+        luns, ports = await self._ctladm()
+        return ExportState(state_from_ctladm(luns, ports))
+
+
+def _differences(
+    want: Mapping[str, Mapping[str, int]],
+    paths: Mapping[str, str],
+    have: Mapping[str, Mapping[str, int]],
+    luns: Sequence[CtlLun],
+) -> list[str]:
+    out = []
+    for iqn in sorted(set(want) | set(have)):
+        if iqn not in have:
+            out.append(f"target {iqn} missing")
+        elif iqn not in want:
+            out.append(f"target {iqn} still present")
+        elif dict(want[iqn]) != dict(have[iqn]):
+            out.append(f"target {iqn} LUNs {dict(have[iqn])} != {dict(want[iqn])}")
+    for lun in luns:
+        if lun.ctld_name is None:
+            continue
+        if lun.ctld_name not in paths:
+            out.append(f"LUN {lun.ctld_name} (ctl {lun.ctl_id}) not yet removed")
+        elif lun.path is not None and lun.path != paths[lun.ctld_name]:
+            out.append(f"LUN {lun.ctld_name} serves {lun.path}, not {paths[lun.ctld_name]}")
+    return out

@@ -1,0 +1,201 @@
+"""Strict name validation: every name is checked against a whitelist before it reaches a command
+line or a config file. Hostile names are refused, never escaped.
+
+Names (compatible with hcc-cello): template `<os>-template`, snapshot `<os>-template@<version>`,
+OS clone `<os>-OS-<uuid>`, data `<os>-DATA-<uuid>` then `-2`, `-3`, ….
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from iscsi.model import NameError_
+
+MAX_NAME = 222  # anything longer is refused (an IQN may not exceed 223 bytes, RFC 3720 §3.2.6.1)
+MAX_LUN_INDEX = 1023  # ctl: 1024 LUNs per target
+
+_OS = r"[a-z0-9][a-z0-9_.-]{0,62}"
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_VERSION = r"v[0-9]{1,9}"
+OS_RE = re.compile(rf"\A{_OS}\Z")
+UUID_RE = re.compile(rf"\A{_UUID}\Z")
+VERSION_RE = re.compile(rf"\A{_VERSION}\Z")
+_TEMPLATE_RE = re.compile(rf"\A(?P<os>{_OS})-template\Z")
+_SNAPSHOT_RE = re.compile(rf"\A(?P<os>{_OS})-template@(?P<version>{_VERSION})\Z")
+_OSVOL_RE = re.compile(rf"\A(?P<os>{_OS})-OS-(?P<uuid>{_UUID})\Z")
+_DATA_RE = re.compile(rf"\A(?P<os>{_OS})-DATA-(?P<uuid>{_UUID})(?:-(?P<n>[2-9]|[1-9][0-9]{{1,3}}))?\Z")
+# ZFS dataset components (the pool or a parent dataset the appliance was given).
+_POOL_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.:-]{0,63}(?:/[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}){0,8}\Z")
+# iSCSI qualified names, lowercase (RFC 3720 §3.2.6.3.1); eui./naa. forms too.
+_IQN_RE = re.compile(r"\A(?:iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*(?::[a-z0-9][a-z0-9.:-]*)?"
+                     r"|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?)\Z")
+_CHAP_USER_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+_CHAP_SECRET_RE = re.compile(r"\A[A-Za-z0-9._~+=!@%^*:,/-]{12,16}\Z")
+_SERIAL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,15}\Z")  # ctl: CTL_SN_LEN 16
+_DEVICE_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")  # ctl: CTL_DEVID_LEN 64
+_PATH_RE = re.compile(r"\A(?:/[A-Za-z0-9_.@:+-]+)+\Z")
+_GROUP_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,221}\Z")
+
+VolumeKind = Literal["template", "os", "data"]
+
+
+def _refuse(what: str, value: object, rule: str) -> NameError_:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "…'"
+    return NameError_(f"invalid {what} {shown}: {rule}")
+
+
+def _check(what: str, value: object, pattern: re.Pattern[str], rule: str) -> str:
+    if not isinstance(value, str) or len(value) > MAX_NAME or not pattern.match(value):
+        raise _refuse(what, value, rule)
+    return value
+
+
+def os_name(value: str) -> str:
+    return _check("OS name", value, OS_RE, "must match [a-z0-9][a-z0-9_.-]{0,62}")
+
+
+def server_uuid(value: str) -> str:
+    return _check("server UUID", value, UUID_RE, "must be a canonical lowercase UUID")
+
+
+def version(value: str) -> str:
+    return _check("template version", value, VERSION_RE, "must be v1, v2, …")
+
+
+def pool(value: str) -> str:
+    return _check("pool/dataset", value, _POOL_RE, "must be a ZFS dataset name of [A-Za-z0-9_.:-] parts")
+
+
+def iqn(value: str) -> str:
+    return _check("target IQN", value, _IQN_RE, "must be a lowercase iqn./eui./naa. name of ≤222 chars")
+
+
+def iqn_prefix(value: str) -> str:
+    _check("IQN prefix", value, _IQN_RE, "must be a lowercase iqn. name")
+    if len(value) > MAX_NAME - 37:
+        raise _refuse("IQN prefix", value, "too long to append ':<uuid>'")
+    return value
+
+
+def chap_user(value: str) -> str:
+    return _check("CHAP user", value, _CHAP_USER_RE, "must be 1–64 chars of [A-Za-z0-9._:-]")
+
+
+def chap_secret(value: str) -> str:
+    if not isinstance(value, str) or not _CHAP_SECRET_RE.match(value):
+        raise NameError_("invalid CHAP secret: must be 12–16 chars of [A-Za-z0-9._~+=!@%^*:,/-]")
+    return value
+
+
+def serial(value: str) -> str:
+    return _check("LUN serial", value, _SERIAL_RE, "must be 1–16 chars of [A-Za-z0-9_.-]")
+
+
+def device_id(value: str) -> str:
+    return _check("LUN device-id", value, _DEVICE_ID_RE, "must be 1–64 chars of [A-Za-z0-9_.:-]")
+
+
+def path(value: str) -> str:
+    _check("path", value, _PATH_RE, "must be an absolute path of [A-Za-z0-9_.@:+-] parts")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise _refuse("path", value, "may not contain . or .. components")
+    return value
+
+
+def group_name(value: str) -> str:
+    return _check("group name", value, _GROUP_RE, "must be [A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
+def initiator_portal(value: str) -> str:
+    """An address or network ("10.77.0.0/24"); returned in canonical form."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise _refuse("initiator portal", value, "must be an IP address or network")
+    try:
+        if "/" in value:
+            return str(ipaddress.ip_network(value, strict=False))
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _refuse("initiator portal", value, "must be an IP address or network") from None
+
+
+def portal(value: str) -> tuple[str, int]:
+    """A listen portal "addr:port" or "[v6]:port" → (address, port)."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise _refuse("portal", value, "must be ADDR:PORT or [V6]:PORT")
+    if value.startswith("["):
+        host, sep, port_s = value[1:].partition("]:")
+    else:
+        host, sep, port_s = value.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise _refuse("portal", value, "must be ADDR:PORT or [V6]:PORT")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise _refuse("portal", value, "address must be a literal IP address") from None
+    if value.startswith("[") != (addr.version == 6):
+        raise _refuse("portal", value, "IPv6 addresses must be bracketed, IPv4 not")
+    return str(addr), int(port_s)
+
+
+def format_portal(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+# -- volume names ---------------------------------------------------------------------------
+
+
+def template_volume(os: str) -> str:
+    return f"{os_name(os)}-template"
+
+
+def snapshot_name(os: str, ver: str) -> str:
+    return f"{template_volume(os)}@{version(ver)}"
+
+
+def os_volume(os: str, uuid: str) -> str:
+    return f"{os_name(os)}-OS-{server_uuid(uuid)}"
+
+
+def data_volume(os: str, uuid: str, index: int) -> str:
+    """Index 1 → no suffix, index n ≥ 2 → `-n`."""
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= MAX_LUN_INDEX:
+        raise NameError_(f"invalid data volume index {index!r}: must be 1..{MAX_LUN_INDEX}")
+    base = f"{os_name(os)}-DATA-{server_uuid(uuid)}"
+    return base if index == 1 else f"{base}-{index}"
+
+
+@dataclass(frozen=True)
+class VolumeName:
+    name: str
+    kind: VolumeKind
+    os: str
+    uuid: str | None = None
+    index: int = 0  # 0 for template/OS, 1.. for data volumes
+
+
+def parse_volume(name: str) -> VolumeName:
+    """Validate a volume name (no pool, no snapshot) and say what it is."""
+    if isinstance(name, str) and len(name) <= MAX_NAME:
+        if m := _TEMPLATE_RE.match(name):
+            return VolumeName(name, "template", m["os"])
+        if m := _OSVOL_RE.match(name):
+            return VolumeName(name, "os", m["os"], m["uuid"])
+        if m := _DATA_RE.match(name):
+            return VolumeName(name, "data", m["os"], m["uuid"], int(m["n"] or 1))
+    raise _refuse("volume name", name, "must be <os>-template, <os>-OS-<uuid> or <os>-DATA-<uuid>[-n]")
+
+
+def parse_snapshot(name: str) -> tuple[str, str]:
+    """"tiny-template@v1" → ("tiny", "v1")."""
+    if isinstance(name, str) and len(name) <= MAX_NAME and (m := _SNAPSHOT_RE.match(name)):
+        return m["os"], m["version"]
+    raise _refuse("snapshot name", name, "must be <os>-template@v<N>")
+
+
+def volume(name: str) -> str:
+    return parse_volume(name).name
