@@ -1,0 +1,139 @@
+"""The appliance's boot policy: answers `boot_spec(uuid=, mac=)` for the DHCP and TFTP services.
+
+Those answer from their datagram handlers, so lookups are dictionary reads on an in-memory index;
+the index is rebuilt from the store (on the store's thread) whenever the provisioner changes something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from appliance.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
+from bootfiles.spec import BootSpec, IscsiRoot, Profile
+from iscsi.model import ExportState
+
+log = logging.getLogger("cello.boot")
+
+
+@dataclass(frozen=True)
+class BootIndex:
+    by_uuid: Mapping[str, BootSpec]
+    by_mac: Mapping[str, BootSpec]
+
+
+def build_index(
+    servers: list[ServerRow],
+    volumes: list[VolumeRow],
+    versions: list[TemplateVersion],
+    *,
+    profiles: Mapping[str, Profile],
+    iqn_prefix: str,
+    portal: tuple[str, int],
+    http_base: str,
+    exports: ExportState | None,
+    lun_number: Callable[[int], int],
+) -> BootIndex:
+    """Pure: the specs of every server that can boot (available, with an OS volume)."""
+    files = {(v.template, v.version): v for v in versions}
+    os_volume = {v.server: v for v in volumes if v.kind == "os" and v.state == "available"}
+    by_uuid: dict[str, BootSpec] = {}
+    by_mac: dict[str, BootSpec] = {}
+    for s in servers:
+        tv = files.get((s.template, s.version))
+        vol = os_volume.get(s.uuid)
+        if s.state != "available" or tv is None or vol is None or s.profile not in profiles:
+            continue
+        iqn = f"{iqn_prefix}:{s.uuid}"
+        # The LUN the driver really used, when it said; its numbering rule otherwise.
+        luns = exports.targets.get(iqn, {}) if exports is not None else {}
+        lun = luns.get(vol.name, lun_number(vol.idx))
+        spec = BootSpec(
+            server_uuid=s.uuid,
+            profile=profiles[s.profile],
+            kernel=tv.kernel,
+            initrd=tv.initrd,
+            root=IscsiRoot(target_iqn=iqn, portal_ip=portal[0], portal_port=portal[1], lun=lun,
+                           initiator_iqn=f"{iqn_prefix}:node-{s.uuid}"),
+            http_base=http_base,
+            hostname=s.hostname or None,
+        )
+        by_uuid[s.uuid] = spec
+        for mac in s.macs:
+            by_mac[mac] = spec
+    return BootIndex(by_uuid, by_mac)
+
+
+class ApplianceBootPolicy:
+    """Implements bootfiles.spec.BootPolicy from the store."""
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        *,
+        profiles: Mapping[str, Profile],
+        iqn_prefix: str,
+        portal: tuple[str, int],
+        http_base: str,
+        unknown: str,
+        exports: Callable[[], ExportState | None],
+        lun_number: Callable[[int], int],
+    ) -> None:
+        self._store = store
+        self.profiles = dict(profiles)
+        self.iqn_prefix = iqn_prefix
+        self.portal = portal
+        self.http_base = http_base
+        self.unknown = unknown
+        self._exports = exports
+        self._lun_number = lun_number
+        self.index = BootIndex({}, {})
+        self._refresh: asyncio.Task[None] | None = None
+        self._dirty = False
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        if uuid is not None and (spec := self.index.by_uuid.get(uuid.lower())) is not None:
+            return spec
+        if mac is not None and (spec := self.index.by_mac.get(mac.lower())) is not None:
+            return spec
+        # Unknown node: 'ignore' sends nothing, so the firmware falls through to its next boot device.
+        # A named unknown-node profile is honoured by the DHCP answer only (see README): without a
+        # server record there is no root disk to render a config for.
+        return None
+
+    def names(self) -> dict[str, str]:
+        """hostname -> address, for the DNS responder."""
+        return {}
+
+    async def refresh(self) -> None:
+        servers, volumes, versions = await self._store.call(_read_all, self._store.sync)
+        self.index = build_index(
+            servers, volumes, versions, profiles=self.profiles, iqn_prefix=self.iqn_prefix,
+            portal=self.portal, http_base=self.http_base, exports=self._exports(),
+            lun_number=self._lun_number,
+        )
+
+    def changed(self) -> None:
+        """Called after every store change; coalesces into one refresh at a time."""
+        self._dirty = True
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("boot index refresh failed")
+
+    async def settled(self) -> None:
+        """Wait until the index reflects every change made so far (tests, and the API after writes)."""
+        while self._refresh is not None and not self._refresh.done():
+            await asyncio.shield(self._refresh)
+
+
+def _read_all(store: Store) -> tuple[list[ServerRow], list[VolumeRow], list[TemplateVersion]]:
+    return store.servers(), store.volumes(), store.template_versions()

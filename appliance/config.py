@@ -1,0 +1,293 @@
+"""Configuration: one TOML file → frozen dataclasses with documented defaults.
+
+Every key is optional. Unknown keys and bad values are refused with one line that names the key
+(`tftp.blksize_max: must be 8..65464`); `cello serve` turns a ConfigError into exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from bootfiles.spec import Profile
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+Check = Callable[[Any], str | None]  # returns a complaint, or None when the value is fine
+
+T = TypeVar("T")
+
+
+def _opt(default: Any, doc: str, check: Check | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _range(lo: int, hi: int) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be {lo}..{hi}"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else "must be one of " + ", ".join(repr(c) for c in choices)
+
+
+def _host_port(value: str) -> str | None:
+    try:
+        split_host_port(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _portals(values: tuple[str, ...]) -> str | None:
+    if not values:
+        return "needs at least one portal"
+    for v in values:
+        if (problem := _host_port(v)) is not None:
+            return f"{v!r}: {problem}"
+    return None
+
+
+def _ipv4_or_empty(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return "must be an IPv4 address or empty"
+    return None
+
+
+_IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[a-z0-9.-]+)?")
+
+
+def _iqn_prefix(value: str) -> str | None:
+    return None if _IQN.fullmatch(value) and len(value) <= 180 else "must look like iqn.YYYY-MM.reversed.domain"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'0.0.0.0:69' → ('0.0.0.0', 69). Raises ValueError with a readable reason."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("port must be 0..65535")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    state_dir: Path = _opt(Path("./var/cello"), "SQLite store, volumes (file backend) and boot files")
+    advertise: str = _opt("", "address nodes use for TFTP/HTTP/iSCSI; '' = first non-loopback IPv4",
+                          _ipv4_or_empty)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = _opt("127.0.0.1:8080", "API, HTTP boot, /metrics", _host_port)
+    admin_token: str = _opt("", "'' = generate one on first start and print it once",
+                            lambda v: None if v == "" or len(v) >= 16 else "must be empty or >= 16 chars")
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    enabled: bool = _opt(True, "run the TFTP server")
+    listen: str = _opt("0.0.0.0:69", "TFTP listen address", _host_port)
+    roots: tuple[str, ...] = _opt((), "static loader folders; () = the OS's usual pxelinux/syslinux/ipxe folders")
+    blksize_max: int = _opt(1468, "largest blksize granted (RFC 2348)", _range(8, 65464))
+    windowsize_max: int = _opt(64, "largest windowsize granted (RFC 7440)", _range(1, 64))
+    max_transfers: int = _opt(512, "concurrent transfers; further requests get an error", _range(1, 65536))
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    enabled: bool = _opt(True, "run the proxyDHCP responder")
+    listen: str = _opt("0.0.0.0", "address to bind", _ipv4_or_empty)
+    port: int = _opt(67, "DHCP port", _range(1, 65535))
+    pxe_port: int = _opt(4011, "PXE boot server discovery port", _range(1, 65535))
+    interface: str = _opt("", "interface to answer on; '' = all",
+                          lambda v: None if re.fullmatch(r"[A-Za-z0-9_.:-]{0,15}", v) else "not an interface name")
+    unknown: str = _opt("ignore", "unknown nodes: 'ignore' (no answer) or the name of a boot profile")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    enabled: bool = _opt(False, "answer A/PTR queries for provisioned servers")
+    listen: str = _opt("127.0.0.1:5353", "DNS listen address", _host_port)
+    zone: str = _opt("cello.internal", "zone the server names live in",
+                     lambda v: None if re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", v) else "not a DNS zone")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = _opt("file", "file | zfs", _one_of("file", "zfs"))
+    path: str = _opt("", "file backend folder; '' = <state_dir>/volumes")
+    pool: str = _opt("", "zfs backend: pool or parent dataset")
+    kind: str = _opt("zvol", "zfs backend: zvol | file", _one_of("zvol", "file"))
+
+
+@dataclass(frozen=True)
+class IscsiConfig:
+    driver: str = _opt("auto", "auto | ctld | tgt | none", _one_of("auto", "ctld", "tgt", "none"))
+    iqn_prefix: str = _opt("iqn.2026-11.io.cello", "targets are <iqn_prefix>:<server-uuid>", _iqn_prefix)
+    portals: tuple[str, ...] = _opt(("0.0.0.0:3260",), "iSCSI portals", _portals)
+    tgt_control_port: int = _opt(7, "tgt: control port of the appliance's own tgtd", _range(0, 1023))
+    tgt_manage_daemon: bool = _opt(True, "tgt: run our own supervised tgtd (false = use the system tgtd)")
+    ctld_conf: str = _opt("/etc/ctl.conf", "ctld: the file the appliance renders")
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    default_profile: str = _opt("compute", "profile of servers created without one")
+    profiles: Mapping[str, Profile] = _opt(None, "extra profiles: [boot.profiles.NAME] loader, kernel_args, ...")
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    iscsi: IscsiConfig = field(default_factory=IscsiConfig)
+    boot: BootConfig = field(default_factory=BootConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check one TOML value against the field's type; tuples come from TOML arrays of strings."""
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string")
+        if "\n" in value or "\x00" in value:
+            raise ConfigError(f"{key}: must be one line")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a non-empty path string")
+        return Path(value)
+    if hint == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be an array of strings")
+        return tuple(value)
+    raise ConfigError(f"{key}: unsupported setting")  # pragma: no cover - a new field type needs a branch
+
+
+PROFILE_KEYS = {f.name for f in fields(Profile)} - {"name"}
+
+
+def _profiles(raw: Any) -> dict[str, Profile]:
+    from bootfiles.profiles import BUILTIN_PROFILES  # the built-ins may be overridden by name
+
+    out = dict(BUILTIN_PROFILES)
+    if not isinstance(raw, dict):
+        raise ConfigError("boot.profiles: must be a table of tables")
+    for name, table in raw.items():
+        where = f"boot.profiles.{name}"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+            raise ConfigError(f"{where}: profile names are [a-z0-9_-], up to 32 chars")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in table:
+            if key not in PROFILE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(PROFILE_KEYS))})")
+        values = {k: _coerce(f"{where}.{k}", str, v) for k, v in table.items()}
+        if values.get("loader", "pxelinux") not in ("pxelinux", "ipxe"):
+            raise ConfigError(f"{where}.loader: must be 'pxelinux' or 'ipxe'")
+        for k in ("bios_loader", "efi_loader"):
+            if k in values and not re.fullmatch(r"[A-Za-z0-9_.+/-]{1,128}", values[k]):
+                raise ConfigError(f"{where}.{k}: must be a plain file name")
+        base = out.get(name, Profile(name=name))
+        out[name] = replace(base, **values)
+    return out
+
+
+def _section(name: str, cls: type[T], raw: Any) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{name}.{key}"
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+        if name == "boot" and key == "profiles":
+            values[key] = _profiles(value)
+            continue
+        coerced = _coerce(where, hints[key], value)
+        check = known[key].metadata.get("check")
+        if check is not None and (problem := check(coerced)) is not None:
+            raise ConfigError(f"{where}: {problem}")
+        values[key] = coerced
+    return cls(**values)
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    sections: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(SECTIONS)})")
+        sections[name] = _section(name, SECTIONS[name], table)
+    config = Config(**sections)
+    if config.boot.profiles is None:
+        config = replace(config, boot=replace(config.boot, profiles=_profiles({})))
+    return _cross_check(config)
+
+
+def _cross_check(config: Config) -> Config:
+    profiles = config.boot.profiles
+    if config.boot.default_profile not in profiles:
+        raise ConfigError(f"boot.default_profile: no profile named {config.boot.default_profile!r}")
+    if config.dhcp.unknown != "ignore" and config.dhcp.unknown not in profiles:
+        raise ConfigError(f"dhcp.unknown: must be 'ignore' or a profile name ({', '.join(sorted(profiles))})")
+    if config.storage.backend == "zfs" and not config.storage.pool:
+        raise ConfigError("storage.pool: the zfs backend needs a pool or parent dataset")
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate; None means the embedded defaults."""
+    if path is None:
+        return parse_config({})
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(raw)
+
+
+def describe_defaults() -> list[tuple[str, object, str]]:
+    """(key, default, doc) for every key: the README's configuration reference is made from this."""
+    rows: list[tuple[str, object, str]] = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            rows.append((f"{section}.{f.name}", default, f.metadata.get("doc", "")))
+    return rows

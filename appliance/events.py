@@ -1,0 +1,112 @@
+"""The appliance's event stream: boot events (DHCP, TFTP, HTTP), export changes and workflow steps.
+
+`publish` is synchronous and cheap so the DHCP and TFTP paths can call it from their datagram
+handlers; persisting to SQLite happens in batches on the store's thread, never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+from appliance.store import AsyncStore
+
+log = logging.getLogger("cello.events")
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    kind: str
+    data: Mapping[str, object] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        return {"id": self.id, "at": round(self.at, 6), "kind": self.kind, **self.data}
+
+
+class EventBus:
+    SUBSCRIBER_QUEUE = 1000
+    RECENT = 1000
+
+    def __init__(self, store: AsyncStore | None = None) -> None:
+        self._store = store
+        self._ids = itertools.count(1)
+        self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._recent: deque[Event] = deque(maxlen=self.RECENT)
+        self._unsaved: list[Event] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.counts: Counter[str] = Counter()  # for /metrics
+
+    def publish(self, kind: str, data: Mapping[str, object]) -> Event:
+        event = Event(next(self._ids), time.time(), kind, dict(data))
+        self.counts[kind] += 1
+        self._recent.append(event)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                # A reader that does not keep up is cut off rather than slowing boots down.
+                self._subscribers.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(None)
+        if self._store is not None:
+            self._unsaved.append(event)
+        return event
+
+    def recent(self, since: int = 0) -> list[Event]:
+        return [e for e in self._recent if e.id > since]
+
+    async def subscribe(self, since: int | None = None) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(self.SUBSCRIBER_QUEUE)
+        self._subscribers.add(queue)
+        try:
+            if since is not None:
+                for old in self.recent(since):
+                    yield old
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            self._subscribers.discard(queue)
+
+    async def start(self) -> None:
+        if self._store is not None and self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name="cello-events-flush")
+
+    async def stop(self) -> None:
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        self._subscribers.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        if self._store is None or not self._unsaved:
+            return
+        batch, self._unsaved = self._unsaved, []
+        rows = [(e.at, e.kind, _server_of(e), dict(e.data)) for e in batch]
+        try:
+            await self._store.call(self._store.sync.add_events, rows)
+        except Exception:
+            log.exception("could not save %d events", len(rows))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.flush()
+
+
+def _server_of(event: Event) -> str | None:
+    server = event.data.get("server")
+    return server if isinstance(server, str) else None

@@ -1,0 +1,578 @@
+"""Provisioning workflows: create/delete server, add/remove data volume, templates, reconcile.
+
+Each workflow is a list of steps; a step that fails runs the compensations of the steps before it,
+in reverse, so nothing is left half-made: no orphan volume, no export pointing at nothing, no quota
+leaked. Record states follow Cinder: creating → available | error, deleting → (gone) | error_deleting.
+One workflow at a time per server (a lock each); different servers run in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.events import EventBus
+from appliance.store import AsyncStore, Conflict, ServerRow, TemplateVersion, User, VolumeRow
+from iscsi.model import (
+    ExportDriver,
+    ExportState,
+    InUseError,
+    LunSpec,
+    StorageError,
+    TargetAuth,
+    TargetSpec,
+    VolumeBackend,
+)
+
+log = logging.getLogger("cello.provisioner")
+
+GiB = 1 << 30
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+HOST_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+SERVICES = ("dhcp", "tftp", "http-boot", "export")
+MAX_DATA_VOLUMES = 64
+MAX_DATA_GB = 65536
+DEFAULT_QUOTA = User(name="", max_volumes=32, max_data_gb=1024)
+
+# Server states in which the server's target is part of the desired export configuration.
+EXPORTED_STATES = ("exporting", "available")
+
+
+class InvalidRequest(ValueError):
+    """Bad input; the message is fit for the API's `detail`."""
+
+
+class NotFound(LookupError):
+    pass
+
+
+class ServiceDisabled(Conflict):
+    pass
+
+
+def server_serial(volume: str) -> str:
+    # Stable for the volume's whole life: derived from its name, never from its position.
+    return hashlib.sha256(volume.encode()).hexdigest()[:16]
+
+
+def os_volume_name(template: str, uuid: str) -> str:
+    return f"{template}-OS-{uuid}"
+
+
+def data_volume_name(template: str, uuid: str, idx: int) -> str:
+    return f"{template}-DATA-{uuid}" + ("" if idx == 1 else f"-{idx}")
+
+
+@dataclass(frozen=True)
+class CreateServer:
+    uuid: str
+    template: str
+    profile: str
+    owner: str
+    macs: tuple[str, ...] = ()
+    data_gb: tuple[int, ...] = ()
+    hostname: str = ""
+    address: str = ""
+
+
+@dataclass
+class ReconcileReport:
+    repaired: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {"repaired": self.repaired, "problems": self.problems}
+
+
+TemplateBuilder = Callable[[str, str, str, Callable[[str], None]], Awaitable[TemplateVersion]]
+
+
+class Provisioner:
+    def __init__(
+        self,
+        store: AsyncStore,
+        backend: VolumeBackend,
+        driver: ExportDriver,
+        events: EventBus,
+        *,
+        iqn_prefix: str,
+        profiles: Sequence[str],
+        default_profile: str,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.backend = backend
+        self.driver = driver
+        self.events = events
+        self.iqn_prefix = iqn_prefix
+        self.profiles = tuple(profiles)
+        self.default_profile = default_profile
+        self.on_change = on_change  # the boot index refreshes from the store when told
+        self.exports = ExportCoalescer(driver, self.desired_targets)
+        self.services: dict[str, bool] = dict.fromkeys(SERVICES, True)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._template_locks: dict[str, asyncio.Lock] = {}
+        self.template_builder: TemplateBuilder | None = None
+        self.builds: dict[str, dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A background workflow; kept referenced until done so it is never garbage-collected."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for running workflows (tests, and a clean stop)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _db(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return self.store.call(fn, *args)
+
+    def _lock(self, uuid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uuid, asyncio.Lock())
+
+    def iqn(self, uuid: str) -> str:
+        return f"{self.iqn_prefix}:{uuid}"
+
+    def initiator(self, uuid: str) -> str:
+        return f"{self.iqn_prefix}:node-{uuid}"
+
+    def _step(self, uuid: str, workflow: str, step: str, **more: object) -> None:
+        self.events.publish("workflow", {"server": uuid, "workflow": workflow, "step": step, **more})
+
+    async def load_services(self) -> None:
+        stored = await self._db(self.store.sync.services)
+        self.services.update({k: v for k, v in stored.items() if k in SERVICES})
+
+    async def set_service(self, name: str, enabled: bool) -> None:
+        if name not in SERVICES:
+            raise NotFound(f"no service {name!r} (services: {', '.join(SERVICES)})")
+        await self._db(self.store.sync.set_service, name, enabled)
+        self.services[name] = enabled
+        self.events.publish("service", {"service": name, "enabled": enabled})
+
+    def _need_export_service(self) -> None:
+        if not self.services["export"]:
+            raise ServiceDisabled("the export service is disabled; enable it to change exports")
+
+    async def desired_targets(self) -> list[TargetSpec]:
+        servers, volumes = await self._db(_snapshot, self.store.sync)
+        by_server: dict[str, list[VolumeRow]] = {}
+        for v in volumes:
+            if v.state == "available":
+                by_server.setdefault(v.server, []).append(v)
+        targets = []
+        for s in servers:
+            if s.state not in EXPORTED_STATES:
+                continue
+            luns = tuple(
+                LunSpec(volume=v.name, path=self.backend.path(v.name), index=v.idx, size=v.size,
+                        serial=v.serial, device_id=f"cello-{v.serial}")
+                for v in by_server.get(s.uuid, [])
+            )
+            if luns:
+                targets.append(TargetSpec(iqn=self.iqn(s.uuid), luns=luns,
+                                          auth=TargetAuth(initiator_names=(self.initiator(s.uuid),))))
+        return targets
+
+    async def apply_exports(self, reason: str) -> ExportState:
+        state = await self.exports.apply()
+        self.events.publish("export", {"reason": reason, "targets": len(state.targets),
+                                       "available": state.available, "detail": state.detail})
+        self.on_change()
+        return state
+
+    # --- validation ------------------------------------------------------------------------------
+
+    async def validate_create(self, raw: Mapping[str, Any], owner: str) -> CreateServer:
+        uuid = _str(raw, "uuid").lower()
+        if not UUID_RE.fullmatch(uuid):
+            raise InvalidRequest("uuid: must be a UUID like 3f1c2b4e-0000-4000-8000-000000000001")
+        if uuid in ("00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff"):
+            raise InvalidRequest("uuid: all-zero and all-one UUIDs are what broken boards report; give the MAC")
+        template = _str(raw, "template")
+        if not NAME_RE.fullmatch(template):
+            raise InvalidRequest("template: not a template name")
+        profile = raw.get("profile", self.default_profile)
+        if not isinstance(profile, str) or profile not in self.profiles:
+            raise InvalidRequest(f"profile: must be one of {', '.join(self.profiles)}")
+        macs_raw = raw.get("macs", [])
+        if not isinstance(macs_raw, list) or not all(isinstance(m, str) for m in macs_raw) or len(macs_raw) > 16:
+            raise InvalidRequest("macs: must be a list of up to 16 MAC addresses")
+        macs = tuple(sorted({m.lower().replace("-", ":") for m in macs_raw}))
+        for m in macs:
+            if not MAC_RE.fullmatch(m):
+                raise InvalidRequest(f"macs: {m!r} is not a MAC address")
+        dv = raw.get("data_volumes", [])
+        if not isinstance(dv, list) or len(dv) > MAX_DATA_VOLUMES:
+            raise InvalidRequest(f"data_volumes: must be a list of at most {MAX_DATA_VOLUMES}")
+        sizes = tuple(_size_gb(d, f"data_volumes[{i}]") for i, d in enumerate(dv))
+        hostname = raw.get("hostname", "")
+        if not isinstance(hostname, str) or (hostname and not HOST_RE.fullmatch(hostname)):
+            raise InvalidRequest("hostname: must be a DNS label")
+        address = raw.get("address", "")
+        if not isinstance(address, str) or (address and not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", address)):
+            raise InvalidRequest("address: must be an IPv4 address")
+        extra = set(raw) - {"uuid", "template", "profile", "macs", "data_volumes", "hostname", "address", "user"}
+        if extra:
+            raise InvalidRequest(f"unknown field(s): {', '.join(sorted(extra))}")
+        return CreateServer(uuid, template, profile, owner, macs, sizes, hostname, address)
+
+    async def quota_for(self, owner: str) -> User:
+        user = await self._db(self.store.sync.user, owner)
+        if user is None:
+            raise InvalidRequest(f"user: no user {owner!r}")
+        assert isinstance(user, User)
+        return user
+
+    # --- create ----------------------------------------------------------------------------------
+
+    async def create_server(self, req: CreateServer) -> ServerRow:
+        """Validate, reserve quota and record `creating`; the rest runs as a background workflow."""
+        self._need_export_service()
+        tv = await self._db(self.store.sync.newest_version, req.template)
+        if tv is None:
+            raise InvalidRequest(f"template: no template {req.template!r} with a built version")
+        user = await self.quota_for(req.owner)
+        now = time.time()
+        row = ServerRow(uuid=req.uuid, template=req.template, version=tv.version, profile=req.profile,
+                        owner=req.owner, state="creating", reason="", macs=req.macs, hostname=req.hostname,
+                        address=req.address, created_at=now, updated_at=now)
+        vols = [VolumeRow(os_volume_name(req.template, req.uuid), req.uuid, "os", 0, tv.size, "creating",
+                          server_serial(os_volume_name(req.template, req.uuid)))]
+        for i, gb in enumerate(req.data_gb, start=1):
+            name = data_volume_name(req.template, req.uuid, i)
+            vols.append(VolumeRow(name, req.uuid, "data", i, gb * GiB, "creating", server_serial(name)))
+        await self._db(self.store.sync.create_server, row, vols, _quota_check(user))
+        self._step(req.uuid, "create", "recorded", state="creating")
+        return row
+
+    async def run_create(self, uuid: str) -> None:
+        async with self._lock(uuid):
+            server = await self._db(self.store.sync.server, uuid)
+            if server is None or server.state != "creating":
+                return
+            volumes = await self._db(self.store.sync.volumes, uuid)
+            made: list[str] = []
+            try:
+                for v in volumes:
+                    self._step(uuid, "create", "volume", volume=v.name)
+                    if v.kind == "os":
+                        await self.backend.clone_os(server.template, server.version, uuid)
+                    else:
+                        await self.backend.create_data(server.template, uuid, v.idx, v.size)
+                    made.append(v.name)
+                    await self._db(self.store.sync.set_volume_state, v.name, "available")
+                await self._db(self.store.sync.set_server_state, uuid, "exporting")
+                self._step(uuid, "create", "export")
+                state = await self.apply_exports(f"create {uuid}")
+                if state.available and self.iqn(uuid) not in state.targets:
+                    raise StorageError(f"target {self.iqn(uuid)} did not appear ({state.detail or 'no detail'})")
+                await self._db(self.store.sync.set_server_state, uuid, "available")
+                self._step(uuid, "create", "done", state="available")
+            except Exception as e:
+                reason = _reason(e)
+                log.warning("create %s failed: %s", uuid, reason)
+                await self._compensate_create(uuid, made, reason)
+            finally:
+                self.on_change()
+
+    async def _compensate_create(self, uuid: str, made: Sequence[str], reason: str) -> None:
+        # Leave the desired exports first, so no LUN points at a volume about to go.
+        await self._db(self.store.sync.set_server_state, uuid, "error", reason)
+        problems = []
+        try:
+            await self.apply_exports(f"undo create {uuid}")
+        except Exception as e:
+            problems.append(f"unexport: {_reason(e)}")
+        for name in reversed(made):
+            try:
+                await self.backend.destroy(name)
+            except Exception as e:
+                problems.append(f"destroy {name}: {_reason(e)}")
+        if not problems:
+            for v in await self._db(self.store.sync.volumes, uuid):
+                await self._db(self.store.sync.delete_volume, v.name)  # releases their quota
+        detail = reason + ("" if not problems else " (cleanup: " + "; ".join(problems) + ")")
+        await self._db(self.store.sync.set_server_state, uuid, "error", detail)
+        self._step(uuid, "create", "failed", state="error", reason=detail)
+
+    # --- delete ----------------------------------------------------------------------------------
+
+    async def delete_server(self, uuid: str) -> None:
+        self._need_export_service()
+        async with self._lock(uuid):
+            server = await self._db(self.store.sync.server, uuid)
+            if server is None:
+                raise NotFound(f"no server {uuid}")
+            if server.state in ("creating", "exporting"):
+                raise Conflict(f"server {uuid} is being created; retry when it is available or error")
+            await self._db(self.store.sync.set_server_state, uuid, "deleting")
+            self._step(uuid, "delete", "unexport", state="deleting")
+            try:
+                state = await self.apply_exports(f"delete {uuid}")
+                if self.iqn(uuid) in state.targets:
+                    raise StorageError(f"target {self.iqn(uuid)} is still exported")
+                for v in reversed(await self._db(self.store.sync.volumes, uuid)):
+                    self._step(uuid, "delete", "destroy", volume=v.name)
+                    await self._destroy_if_present(v.name)
+                    await self._db(self.store.sync.delete_volume, v.name)
+                await self._db(self.store.sync.delete_server, uuid)
+                self._step(uuid, "delete", "done", state="deleted")
+            except Exception as e:
+                reason = _reason(e)
+                await self._db(self.store.sync.set_server_state, uuid, "error_deleting", reason)
+                self._step(uuid, "delete", "failed", state="error_deleting", reason=reason)
+                raise StorageError(f"delete {uuid} failed: {reason}") from e
+            finally:
+                self._locks.pop(uuid, None)
+                self.on_change()
+
+    async def _destroy_if_present(self, name: str) -> None:
+        present = {v.name for v in await self.backend.list()}
+        if name in present:
+            await self.backend.destroy(name)
+
+    # --- data volumes ----------------------------------------------------------------------------
+
+    async def add_data_volume(self, uuid: str, size_gb: int) -> VolumeRow:
+        self._need_export_service()
+        async with self._lock(uuid):
+            server = await self._server_in(uuid, "available")
+            user = await self.quota_for(server.owner)
+            existing = await self._db(self.store.sync.volumes, uuid)
+            idx = max((v.idx for v in existing), default=0) + 1
+            name = data_volume_name(server.template, uuid, idx)
+            row = VolumeRow(name, uuid, "data", idx, size_gb * GiB, "creating", server_serial(name))
+            await self._db(self.store.sync.add_volume, row, server.owner, _quota_check(user))
+            made = False
+            try:
+                await self.backend.create_data(server.template, uuid, idx, row.size)
+                made = True
+                await self._db(self.store.sync.set_volume_state, name, "available")
+                state = await self.apply_exports(f"add volume {name}")
+                if state.available and name not in state.targets.get(self.iqn(uuid), {}):
+                    raise StorageError(f"LUN for {name} did not appear")
+            except Exception as e:
+                await self._db(self.store.sync.set_volume_state, name, "error")
+                if made:
+                    try:
+                        await self.apply_exports(f"undo add volume {name}")
+                        await self.backend.destroy(name)
+                    except Exception as cleanup:
+                        raise StorageError(f"{_reason(e)}; cleanup failed: {_reason(cleanup)}") from e
+                await self._db(self.store.sync.delete_volume, name)
+                raise StorageError(_reason(e)) from e
+            self._step(uuid, "add-volume", "done", volume=name)
+            return VolumeRow(name, uuid, "data", idx, row.size, "available", row.serial)
+
+    async def remove_data_volume(self, uuid: str, name: str) -> None:
+        self._need_export_service()
+        async with self._lock(uuid):
+            await self._server_in(uuid, "available")
+            vol = await self._db(self.store.sync.volume, name)
+            if vol is None or vol.server != uuid:
+                raise NotFound(f"server {uuid} has no volume {name}")
+            if vol.kind == "os":
+                raise InvalidRequest("the OS volume goes only with its server")
+            await self._db(self.store.sync.set_volume_state, name, "deleting")
+            state = await self.apply_exports(f"remove volume {name}")
+            if name in state.targets.get(self.iqn(uuid), {}):
+                await self._db(self.store.sync.set_volume_state, name, "error")
+                raise StorageError(f"LUN for {name} is still exported; not destroying it")
+            await self._destroy_if_present(name)
+            await self._db(self.store.sync.delete_volume, name)
+            self._step(uuid, "remove-volume", "done", volume=name)
+
+    async def _server_in(self, uuid: str, state: str) -> ServerRow:
+        server = await self._db(self.store.sync.server, uuid)
+        if server is None:
+            raise NotFound(f"no server {uuid}")
+        if server.state != state:
+            raise Conflict(f"server {uuid} is {server.state}, not {state}")
+        assert isinstance(server, ServerRow)
+        return server
+
+    # --- templates -------------------------------------------------------------------------------
+
+    def _template_lock(self, name: str) -> asyncio.Lock:
+        return self._template_locks.setdefault(name, asyncio.Lock())
+
+    async def start_build(self, name: str, source: str) -> dict[str, Any]:
+        if not NAME_RE.fullmatch(name):
+            raise InvalidRequest("name: templates are named [a-z0-9][a-z0-9_.-]*, up to 63 chars")
+        if self.template_builder is None:
+            raise InvalidRequest("template builds are not available in this appliance")
+        if self._template_lock(name).locked():
+            raise Conflict(f"template {name} is already being built")
+        build_id = f"{name}-{int(time.time() * 1000)}"
+        job: dict[str, Any] = {"id": build_id, "template": name, "source": source, "state": "running",
+                               "progress": [], "version": None, "error": None}
+        self.builds[build_id] = job
+        self.spawn(self._run_build(job), f"build-{build_id}")
+        return job
+
+    async def _run_build(self, job: dict[str, Any]) -> None:
+        name = job["template"]
+
+        def progress(line: str) -> None:
+            job["progress"].append(line)
+            self.events.publish("build", {"template": name, "build": job["id"], "line": line})
+
+        assert self.template_builder is not None
+        async with self._template_lock(name):
+            versions = await self._db(self.store.sync.template_versions, name)
+            version = f"v{max((int(v.version[1:]) for v in versions), default=0) + 1}"
+            try:
+                tv = await self.template_builder(name, version, job["source"], progress)
+                await self._db(self.store.sync.add_template_version, tv)
+            except Exception as e:
+                job.update(state="failed", error=_reason(e))
+                progress(f"build failed: {_reason(e)}")
+                return
+            job.update(state="done", version=version)
+            progress(f"built {name}@{version}")
+
+    async def delete_template_version(self, name: str, version: str) -> None:
+        async with self._template_lock(name):
+            versions = {v.version for v in await self._db(self.store.sync.template_versions, name)}
+            if version not in versions:
+                raise NotFound(f"no template version {name}@{version}")
+            clones = await self._db(self.store.sync.clones_of, name, version)
+            if clones:
+                raise InUseError(f"{name}@{version} has {len(clones)} clone(s): {', '.join(clones[:5])}")
+            await self.backend.destroy_snapshot(name, version)
+            await self._db(self.store.sync.delete_template_version, name, version)
+            if versions == {version}:
+                await self._destroy_if_present(f"{name}-template")
+
+    # --- reconcile -------------------------------------------------------------------------------
+
+    async def reconcile(self) -> ReconcileReport:
+        """Desired (store) vs real (volumes, exports). Repairs what is safe, reports the rest."""
+        report = ReconcileReport()
+        for server in await self._db(self.store.sync.servers):
+            if server.state in ("creating", "exporting") and not self._lock(server.uuid).locked():
+                # A crash between steps: the volumes this server made are listed in the store, so
+                # undoing them is what the store says; the record ends in error.
+                present = {v.name for v in await self.backend.list()}
+                made = [v.name for v in await self._db(self.store.sync.volumes, server.uuid) if v.name in present]
+                await self._compensate_create(server.uuid, made, "interrupted (appliance restarted mid-create)")
+                report.repaired.append(f"server {server.uuid}: stuck in {server.state}, undone, now error")
+        real = {v.name: v for v in await self.backend.list()}
+        wanted = {v.name for v in await self._db(self.store.sync.volumes)}
+        templates = {f"{t.template}-template" for t in await self._db(self.store.sync.template_versions)}
+        for v in await self._db(self.store.sync.volumes):
+            if v.state == "available" and v.name not in real:
+                report.problems.append(f"volume {v.name} of server {v.server} is missing from {self.backend.name}")
+        for name in sorted(set(real) - wanted - templates):
+            report.problems.append(f"volume {name} is not in the store (left alone)")
+        if self.services["export"]:
+            try:
+                state = await self.apply_exports("reconcile")
+                desired = {t.iqn for t in await self.desired_targets()}
+                if state.available:
+                    missing = desired - set(state.targets)
+                    extra = set(state.targets) - desired
+                    report.problems += [f"target {t} did not come up" for t in sorted(missing)]
+                    report.problems += [f"target {t} is exported but not desired" for t in sorted(extra)]
+                    report.repaired.append(f"exports applied: {len(state.targets)} target(s)")
+                else:
+                    report.problems.append(f"exports unavailable: {state.detail}")
+            except Exception as e:
+                report.problems.append(f"applying exports failed: {_reason(e)}")
+        self.events.publish("reconcile", report.as_json())
+        return report
+
+
+class ExportCoalescer:
+    """Coalesces bursts: each caller's apply starts after its call (so it sees its own change), and
+    every caller that arrives while an apply runs shares the single next one."""
+
+    def __init__(self, driver: ExportDriver, desired: Callable[[], Awaitable[Sequence[TargetSpec]]]) -> None:
+        self.driver = driver
+        self.desired = desired
+        self.applies = 0
+        self.last_state: ExportState | None = None
+        self._running: asyncio.Task[ExportState] | None = None
+        self._next: asyncio.Future[ExportState] | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def apply(self) -> ExportState:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            self._runner = asyncio.get_running_loop().create_task(self._run_after_current(self._next))
+        return await asyncio.shield(self._next)
+
+    async def _run_after_current(self, fut: asyncio.Future[ExportState]) -> None:
+        while self._running is not None:
+            try:
+                await asyncio.shield(self._running)
+            except Exception:
+                pass
+        # From here on, new callers queue for the apply after this one.
+        self._next = None
+        self._running = asyncio.create_task(self._apply_once())
+        try:
+            fut.set_result(await self._running)
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # a caller-less failure must not be reported as never retrieved
+        finally:
+            self._running = None
+
+    async def _apply_once(self) -> ExportState:
+        self.applies += 1
+        targets = await self.desired()
+        self.last_state = await self.driver.apply(targets)
+        return self.last_state
+
+
+def _snapshot(store: Any) -> tuple[list[ServerRow], list[VolumeRow]]:
+    return store.servers(), store.volumes()
+
+
+def _quota_check(user: User) -> Callable[[int, int], str | None]:
+    def check(volumes: int, data_bytes: int) -> str | None:
+        if volumes > user.max_volumes:
+            return f"quota: user {user.name} may have {user.max_volumes} volumes, this needs {volumes}"
+        if data_bytes > user.max_data_gb * GiB:
+            return (f"quota: user {user.name} may have {user.max_data_gb} GB of data volumes, "
+                    f"this needs {data_bytes // GiB}")
+        return None
+
+    return check
+
+
+def _str(raw: Mapping[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{key}: required string")
+    return value
+
+
+def _size_gb(raw: Any, where: str) -> int:
+    if not isinstance(raw, dict) or set(raw) != {"size_gb"}:
+        raise InvalidRequest(f'{where}: must be {{"size_gb": N}}')
+    size = raw["size_gb"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DATA_GB:
+        raise InvalidRequest(f"{where}.size_gb: must be an integer 1..{MAX_DATA_GB}")
+    return size
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:500] if text else type(e).__name__

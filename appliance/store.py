@@ -1,0 +1,423 @@
+"""The state store: SQLite in WAL mode, the single source of desired state.
+
+This module owns all SQL (parameterised only). The schema is versioned with `PRAGMA user_version`;
+MIGRATIONS[i] upgrades version i to i+1, so an old store upgrades in place with its data kept.
+Methods are synchronous and short; async callers run them through `AsyncStore` on one worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 → 1: the first schema.
+    """
+    CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE template_versions (
+        template TEXT NOT NULL REFERENCES templates(name),
+        version TEXT NOT NULL,
+        source TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        kernel TEXT NOT NULL,
+        initrd TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (template, version)
+    );
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        max_volumes INTEGER NOT NULL,
+        max_data_gb INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE servers (
+        uuid TEXT PRIMARY KEY,
+        template TEXT NOT NULL,
+        version TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE server_macs (
+        mac TEXT PRIMARY KEY,
+        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE
+    );
+    CREATE TABLE volumes (
+        name TEXT PRIMARY KEY,
+        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('os', 'data')),
+        idx INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        UNIQUE (server, idx)
+    );
+    CREATE TABLE boot_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        server TEXT,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX boot_events_server ON boot_events(server, id);
+    CREATE TABLE tokens (
+        hash TEXT PRIMARY KEY,
+        owner TEXT,
+        admin INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # 1 → 2: server host names and addresses (for DNS), and run-time service switches.
+    """
+    ALTER TABLE servers ADD COLUMN hostname TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN address TEXT NOT NULL DEFAULT '';
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        enabled INTEGER NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(Exception):
+    pass
+
+
+class Conflict(StoreError):
+    """A uniqueness rule was broken (duplicate server UUID or MAC, ...)."""
+
+
+@dataclass(frozen=True)
+class TemplateVersion:
+    template: str
+    version: str
+    source: str
+    size: int
+    kernel: str
+    initrd: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    max_volumes: int
+    max_data_gb: int
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    name: str
+    server: str
+    kind: str
+    idx: int
+    size: int
+    state: str
+    serial: str
+
+
+@dataclass(frozen=True)
+class ServerRow:
+    uuid: str
+    template: str
+    version: str
+    profile: str
+    owner: str
+    state: str
+    reason: str
+    macs: tuple[str, ...]
+    hostname: str
+    address: str
+    created_at: float
+    updated_at: float
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        with self._lock:
+            current = self.version
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"store schema {current} is newer than this Cello ({SCHEMA_VERSION})")
+            for target in range(current, SCHEMA_VERSION):
+                # executescript commits first; the migration and its version bump are one transaction.
+                self._db.executescript(
+                    f"BEGIN; {MIGRATIONS[target]}; PRAGMA user_version = {target + 1}; COMMIT;"
+                )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # --- templates -------------------------------------------------------------------------------
+
+    def add_template_version(self, tv: TemplateVersion) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO templates (name, created_at) VALUES (?, ?)",
+                       (tv.template, tv.created_at))
+            try:
+                db.execute(
+                    "INSERT INTO template_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (tv.template, tv.version, tv.source, tv.size, tv.kernel, tv.initrd, tv.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"template {tv.template} already has version {tv.version}") from None
+
+    def template_versions(self, template: str | None = None) -> list[TemplateVersion]:
+        sql = "SELECT * FROM template_versions"
+        args: tuple[str, ...] = ()
+        if template is not None:
+            sql += " WHERE template = ?"
+            args = (template,)
+        rows = self._all(sql + " ORDER BY template, CAST(substr(version, 2) AS INTEGER)", args)
+        return [TemplateVersion(**dict(r)) for r in rows]
+
+    def newest_version(self, template: str) -> TemplateVersion | None:
+        versions = self.template_versions(template)
+        return versions[-1] if versions else None
+
+    def delete_template_version(self, template: str, version: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM template_versions WHERE template = ? AND version = ?", (template, version))
+            left = db.execute("SELECT 1 FROM template_versions WHERE template = ?", (template,)).fetchone()
+            if left is None:
+                db.execute("DELETE FROM templates WHERE name = ?", (template,))
+
+    def clones_of(self, template: str, version: str | None = None) -> list[str]:
+        sql = "SELECT uuid FROM servers WHERE template = ?"
+        args: list[str] = [template]
+        if version is not None:
+            sql += " AND version = ?"
+            args.append(version)
+        return [r[0] for r in self._all(sql + " ORDER BY uuid", args)]
+
+    # --- users and tokens ------------------------------------------------------------------------
+
+    def put_user(self, user: User) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO users VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "max_volumes = excluded.max_volumes, max_data_gb = excluded.max_data_gb",
+                (user.name, user.max_volumes, user.max_data_gb, self._clock()),
+            )
+
+    def user(self, name: str) -> User | None:
+        rows = self._all("SELECT name, max_volumes, max_data_gb FROM users WHERE name = ?", (name,))
+        return User(**dict(rows[0])) if rows else None
+
+    def users(self) -> list[User]:
+        return [User(**dict(r)) for r in self._all("SELECT name, max_volumes, max_data_gb FROM users ORDER BY name")]
+
+    def delete_user(self, name: str) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM servers WHERE owner = ?", (name,)).fetchone():
+                raise Conflict(f"user {name} still owns servers")
+            db.execute("DELETE FROM tokens WHERE owner = ?", (name,))
+            db.execute("DELETE FROM users WHERE name = ?", (name,))
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(volumes, data bytes) held by the owner's servers, every state but deleted counted."""
+        row = self._all(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN v.kind = 'data' THEN v.size ELSE 0 END), 0) "
+            "FROM volumes v JOIN servers s ON s.uuid = v.server WHERE s.owner = ?",
+            (owner,),
+        )[0]
+        return int(row[0]), int(row[1])
+
+    def add_token(self, token: str, owner: str | None, admin: bool) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)",
+                       (hash_token(token), owner, int(admin), self._clock()))
+
+    def token(self, token: str) -> tuple[str | None, bool] | None:
+        rows = self._all("SELECT owner, admin FROM tokens WHERE hash = ?", (hash_token(token),))
+        return (rows[0]["owner"], bool(rows[0]["admin"])) if rows else None
+
+    def has_admin_token(self) -> bool:
+        return bool(self._all("SELECT 1 FROM tokens WHERE admin = 1 LIMIT 1"))
+
+    # --- servers and volumes ---------------------------------------------------------------------
+
+    def create_server(self, server: ServerRow, volumes: Sequence[VolumeRow],
+                      quota_check: Callable[[int, int], str | None] | None = None) -> None:
+        """Record a server and its volumes in one transaction: the quota is reserved by the rows
+        themselves, checked inside the same transaction so two creates cannot both slip under it."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM servers WHERE uuid = ?", (server.uuid,)).fetchone():
+                raise Conflict(f"server {server.uuid} already exists")
+            for mac in server.macs:
+                row = db.execute("SELECT server FROM server_macs WHERE mac = ?", (mac,)).fetchone()
+                if row:
+                    raise Conflict(f"MAC {mac} already belongs to server {row[0]}")
+            if quota_check is not None:
+                used_n, used_bytes = self.usage(server.owner)
+                new_bytes = sum(v.size for v in volumes if v.kind == "data")
+                if (problem := quota_check(used_n + len(volumes), used_bytes + new_bytes)) is not None:
+                    raise QuotaExceeded(problem)
+            db.execute(
+                "INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, "
+                "updated_at, hostname, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (server.uuid, server.template, server.version, server.profile, server.owner, server.state,
+                 server.reason, server.created_at, server.updated_at, server.hostname, server.address),
+            )
+            db.executemany("INSERT INTO server_macs VALUES (?, ?)", [(m, server.uuid) for m in server.macs])
+            self._insert_volumes(db, volumes)
+
+    def add_volume(self, volume: VolumeRow, owner: str,
+                   quota_check: Callable[[int, int], str | None] | None = None) -> None:
+        with self._tx() as db:
+            if quota_check is not None:
+                used_n, used_bytes = self.usage(owner)
+                if (problem := quota_check(used_n + 1, used_bytes + volume.size)) is not None:
+                    raise QuotaExceeded(problem)
+            self._insert_volumes(db, [volume])
+
+    @staticmethod
+    def _insert_volumes(db: sqlite3.Connection, volumes: Sequence[VolumeRow]) -> None:
+        try:
+            db.executemany(
+                "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, time.time()) for v in volumes],
+            )
+        except sqlite3.IntegrityError as e:
+            raise Conflict(f"volume already exists: {e}") from None
+
+    def set_server_state(self, uuid: str, state: str, reason: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE servers SET state = ?, reason = ?, updated_at = ? WHERE uuid = ?",
+                       (state, reason, self._clock(), uuid))
+
+    def set_volume_state(self, name: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET state = ? WHERE name = ?", (state, name))
+
+    def delete_volume(self, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+
+    def delete_server(self, uuid: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM servers WHERE uuid = ?", (uuid,))
+
+    def _server_from(self, row: sqlite3.Row) -> ServerRow:
+        macs = tuple(r[0] for r in self._all("SELECT mac FROM server_macs WHERE server = ? ORDER BY mac",
+                                             (row["uuid"],)))
+        return ServerRow(macs=macs, **dict(row))
+
+    def server(self, uuid: str) -> ServerRow | None:
+        rows = self._all("SELECT * FROM servers WHERE uuid = ?", (uuid,))
+        return self._server_from(rows[0]) if rows else None
+
+    def servers(self, owner: str | None = None) -> list[ServerRow]:
+        if owner is None:
+            rows = self._all("SELECT * FROM servers ORDER BY created_at, uuid")
+        else:
+            rows = self._all("SELECT * FROM servers WHERE owner = ? ORDER BY created_at, uuid", (owner,))
+        return [self._server_from(r) for r in rows]
+
+    def volumes(self, server: str | None = None) -> list[VolumeRow]:
+        if server is None:
+            rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes ORDER BY server, idx")
+        else:
+            rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes "
+                             "WHERE server = ? ORDER BY idx", (server,))
+        return [VolumeRow(**dict(r)) for r in rows]
+
+    def volume(self, name: str) -> VolumeRow | None:
+        rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes WHERE name = ?", (name,))
+        return VolumeRow(**dict(rows[0])) if rows else None
+
+    # --- services and events ---------------------------------------------------------------------
+
+    def set_service(self, name: str, enabled: bool) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO services VALUES (?, ?)", (name, int(enabled)))
+
+    def services(self) -> dict[str, bool]:
+        return {r[0]: bool(r[1]) for r in self._all("SELECT name, enabled FROM services")}
+
+    def add_events(self, events: Sequence[tuple[float, str, str | None, dict[str, object]]]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT INTO boot_events (at, kind, server, data) VALUES (?, ?, ?, ?)",
+                           [(at, kind, server, json.dumps(data)) for at, kind, server, data in events])
+            # Keep the table bounded: a boot storm must not grow the store without end.
+            db.execute("DELETE FROM boot_events WHERE id <= (SELECT MAX(id) FROM boot_events) - 100000")
+
+    def events(self, server: str | None = None, limit: int = 100) -> list[dict[str, object]]:
+        if server is None:
+            rows = self._all("SELECT * FROM boot_events ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._all("SELECT * FROM boot_events WHERE server = ? ORDER BY id DESC LIMIT ?", (server, limit))
+        return [{"id": r["id"], "at": r["at"], "kind": r["kind"], "server": r["server"], **json.loads(r["data"])}
+                for r in reversed(rows)]
+
+
+class QuotaExceeded(Conflict):
+    pass
+
+
+class AsyncStore:
+    """Runs store calls on one worker thread so SQLite never blocks the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cello-store")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sync.close()
