@@ -1,0 +1,297 @@
+"""The proxyDHCP responder: boot server and boot file for PXE / iPXE / UEFI HTTP clients, never an address.
+
+Mechanism only: `handle()` runs the pipeline decode → classify → enabled? → policy → choose → build →
+encode (pure apart from the policy call, which is synchronous and cheap by contract), and the socket code
+around it stays small. Port 67 gets DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011 gets the boot
+server DHCPREQUEST (ACK, PXE 2.1 §2.2.5). When port 67 is already bound on the host (a local DHCP
+server), the responder can listen on a raw socket instead (scapy; see `dhcp/raw.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bootfiles.spec import BootPolicy, EventSink
+
+from . import packet as p
+from . import pxe
+from .ratelimit import RateLimitedLog
+
+log = logging.getLogger("cello.dhcp")
+
+IP_PKTINFO = 8  # <linux/in.h>; not exported by Python's socket module
+_PKTINFO = struct.Struct("@I4s4s")  # struct in_pktinfo
+_CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+_RECV_BATCH = 256  # datagrams read per wake-up before yielding to the loop
+_BUFSIZE = p.MAX_PACKET_SIZE + 1  # one more, so that an oversized datagram is seen as such
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Reply:
+    data: bytes
+    dest: Address
+    ifindex: int  # interface the request came in on (0: let the kernel route)
+    chaddr: bytes  # for the raw path's Ethernet destination
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    offers: int = 0
+    acks: int = 0
+    ignored: int = 0  # not a boot request, service disabled, unknown node, no loader for the firmware
+    malformed: int = 0  # dropped by the codec
+    errors: int = 0  # anything else: a bug (tests assert this stays 0)
+    send_failures: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class ProxyDHCP:
+    """proxyDHCP + PXE boot server. `start()` binds; `stop()` releases and may be called any time."""
+
+    def __init__(
+        self,
+        policy: BootPolicy,
+        advertise: str,
+        *,
+        listen: str = "0.0.0.0",
+        port: int = 67,
+        pxe_port: int = 4011,
+        interface: str = "",
+        reply_port: int = 68,
+        events: EventSink | None = None,
+        enabled: Callable[[], bool] = lambda: True,
+        raw_fallback: bool = True,
+        broadcast: str = "255.255.255.255",
+        pxe_config: pxe.PxeConfig = pxe.DEFAULT_CONFIG,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        ipaddress.IPv4Address(advertise)  # refuse a bad address here, not on the first packet
+        self.policy = policy
+        self.advertise = advertise
+        self.listen = listen
+        self.port = port
+        self.pxe_port = pxe_port
+        self.interface = interface
+        self.reply_port = reply_port
+        self.events = events
+        self.enabled = enabled
+        self.raw_fallback = raw_fallback
+        self.broadcast = broadcast  # tests on loopback use 127.0.0.1: a real broadcast would leave lo
+        self.pxe_config = pxe_config
+        self.clock = clock
+        self.stats = Stats()
+        self.raw_mode = False
+        self._log = RateLimitedLog(log, clock=clock)
+        self._sockets: list[socket.socket] = []
+        self._raw: object | None = None  # dhcp.raw.RawListener when in raw mode
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.bound: dict[str, Address] = {}
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sockets or self._raw is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        try:
+            try:
+                dhcp_sock = self._bind(self.port)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or not self.raw_fallback:
+                    raise
+                await self._start_raw(e)
+            else:
+                self._sockets.append(dhcp_sock)
+                self.bound["dhcp"] = dhcp_sock.getsockname()
+                self._loop.add_reader(dhcp_sock.fileno(), self._on_readable, dhcp_sock, pxe.Kind.DISCOVER)
+            pxe_sock = self._bind(self.pxe_port)
+            self._sockets.append(pxe_sock)
+            self.bound["pxe"] = pxe_sock.getsockname()
+            self._loop.add_reader(pxe_sock.fileno(), self._on_readable, pxe_sock, pxe.Kind.REQUEST)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("proxyDHCP on %s (advertise %s%s)", self.bound, self.advertise, ", raw :67" * self.raw_mode)
+
+    async def _start_raw(self, cause: OSError) -> None:
+        from .raw import RawListener  # scapy is heavy: import only when needed
+
+        assert self._loop is not None
+        listener = RawListener(self.interface, self.advertise, self.port, self.reply_port, self._on_raw)
+        try:
+            await asyncio.to_thread(listener.open)
+        except Exception as e:  # scapy raises several types for a missing interface or capability
+            raise RuntimeError(
+                f"{self.listen}:{self.port} is in use ({cause.strerror}) and the raw-socket fallback failed: {e}"
+            ) from e
+        listener.attach(self._loop)
+        self._raw = listener
+        self.raw_mode = True
+        self.bound["dhcp"] = (f"raw:{listener.interface}", self.port)
+        log.warning("port %d is taken by another DHCP server: listening on a raw socket on %s",
+                    self.port, listener.interface)
+
+    def _bind(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if self.interface:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
+                except OSError as e:
+                    raise RuntimeError(
+                        f"cannot bind {self.listen}:{port} to interface {self.interface!r}: {e.strerror}"
+                        + (" (needs root or CAP_NET_RAW)" if e.errno == errno.EPERM else "")
+                    ) from e
+            try:
+                sock.bind((self.listen, port))
+            except PermissionError as e:
+                raise RuntimeError(
+                    f"cannot bind {self.listen}:{port}: port {port} needs root or CAP_NET_BIND_SERVICE"
+                ) from e
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise OSError(e.errno, f"{self.listen}:{port} is already in use") from e
+                raise OSError(e.errno, f"cannot bind {self.listen}:{port}: {e.strerror}") from e
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def stop(self) -> None:
+        for sock in self._sockets:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            from .raw import RawListener
+
+            assert isinstance(raw, RawListener)
+            raw.close()
+        self.raw_mode = False
+        self.bound.clear()
+
+    # ---- the pipeline (pure apart from the policy call) ------------------------------------------------
+
+    def handle(self, data: bytes, source: Address, kind: pxe.Kind, ifindex: int = 0) -> Reply | None:
+        """Answer one datagram, or None. Raises PacketError for a malformed packet."""
+        self.stats.received += 1
+        if not self.enabled():
+            return self._ignore("service disabled")
+        request_packet = p.decode(data)
+        request = pxe.classify(request_packet, kind)
+        if request is None:
+            return self._ignore("not a boot request")
+        spec = self.policy.boot_spec(uuid=request.uuid, mac=request.mac)
+        if spec is None:
+            return self._ignore("no boot spec (unknown node)")
+        choice = pxe.choose_boot(request, spec, self.pxe_config)
+        if choice is None:
+            return self._ignore(f"no loader for arch {request.arch}")
+        reply = pxe.build_reply(request_packet, request, choice, self.advertise, kind)
+        out = p.encode(reply)
+        if kind is pxe.Kind.DISCOVER:
+            self.stats.offers += 1
+        else:
+            self.stats.acks += 1
+        self._emit(spec.server_uuid, request, choice, source, kind)
+        return Reply(out, self._destination(request_packet, source, kind), ifindex, request_packet.chaddr)
+
+    def _destination(self, request: p.DhcpPacket, source: Address, kind: pxe.Kind) -> Address:
+        if kind is pxe.Kind.REQUEST:
+            # PXE 2.1 §2.2.5: the boot server answers the client where it asked from.
+            ip = request.ciaddr if request.ciaddr != "0.0.0.0" else source[0]
+            if ip != "0.0.0.0":
+                return (ip, source[1])
+            return (self.broadcast, self.reply_port)
+        if request.giaddr != "0.0.0.0":  # RFC 2131 §4.1: via the relay agent
+            return (request.giaddr, self.port)
+        if request.ciaddr != "0.0.0.0":
+            return (request.ciaddr, self.reply_port)
+        return (self.broadcast, self.reply_port)
+
+    def _ignore(self, reason: str) -> Reply | None:
+        self.stats.ignored += 1
+        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        return None
+
+    def _emit(
+        self, server: str, request: pxe.BootRequest, choice: pxe.BootChoice, source: Address, kind: pxe.Kind
+    ) -> None:
+        if self.events is None:
+            return
+        fields = {
+            "server": server,
+            "mac": request.mac,
+            "arch": request.arch,
+            "file": choice.file,
+            "client": source[0],
+            "reply": "offer" if kind is pxe.Kind.DISCOVER else "ack",
+            "uuid": request.uuid,
+        }
+        try:
+            self.events("dhcp", fields)
+        except Exception:
+            self._log.exception("event-sink", "event sink failed for %s", request.mac)
+
+    # ---- the error boundary ----------------------------------------------------------------------------
+
+    def serve_datagram(self, data: bytes, source: Address, kind: pxe.Kind, ifindex: int) -> Reply | None:
+        """`handle` inside the error boundary: never raises (except CancelledError and friends)."""
+        try:
+            return self.handle(data, source, kind, ifindex)
+        except p.PacketError as e:
+            self.stats.malformed += 1
+            self._log.warning("malformed", "dropped malformed packet from %s:%d: %s", source[0], source[1], e)
+        except Exception:
+            self.stats.errors += 1
+            self._log.exception("bug", "error answering %s:%d", source[0], source[1])
+        return None
+
+    # ---- sockets --------------------------------------------------------------------------------------
+
+    def _on_readable(self, sock: socket.socket, kind: pxe.Kind) -> None:
+        for _ in range(_RECV_BATCH):
+            try:
+                data, ancdata, _flags, source = sock.recvmsg(_BUFSIZE, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. ICMP errors reported on the socket; the socket stays usable
+                self._log.warning("recv", "receive error on %s: %s", kind.value, e)
+                return
+            ifindex = 0
+            for level, ctype, cdata in ancdata:
+                if level == socket.IPPROTO_IP and ctype == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
+                    ifindex = _PKTINFO.unpack_from(cdata)[0]
+            reply = self.serve_datagram(data, source, kind, ifindex)
+            if reply is not None:
+                self._send(sock, reply)
+
+    def _send(self, sock: socket.socket, reply: Reply) -> None:
+        anc = []
+        if reply.ifindex and not self.interface:
+            # Send a broadcast out of the interface the request came in on (not the default route).
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(reply.ifindex, bytes(4), bytes(4)))]
+        try:
+            sock.sendmsg([reply.data], anc, 0, reply.dest)
+        except OSError as e:  # a full socket buffer or an unreachable client: UDP is lossy anyway
+            self.stats.send_failures += 1
+            self._log.warning("send", "cannot send reply to %s:%d: %s", reply.dest[0], reply.dest[1], e)
+
+    def _on_raw(self, data: bytes, source: Address, ifindex: int) -> Reply | None:
+        return self.serve_datagram(data, source, pxe.Kind.DISCOVER, ifindex)

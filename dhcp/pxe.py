@@ -1,0 +1,206 @@
+"""Pure PXE policy: is a packet a boot request, which machine sent it, and what does it boot.
+
+The pipeline is classify → (the appliance's BootPolicy) → choose_boot → build_reply; every step is a pure
+function of its inputs. The boot policy (`bootfiles.spec.BootPolicy`) decides *whether* and *what* a node
+boots; this module only maps the answer onto the firmware in front of it.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from dataclasses import dataclass
+from enum import Enum
+
+from bootfiles.spec import BootSpec
+
+from . import packet as p
+
+# RFC 4578 §2.1 / IANA "Processor Architecture Types".
+ARCH_BIOS = 0
+ARCH_EFI_IA32 = 6
+ARCH_EFI_BC = 7  # x64 UEFI in practice
+ARCH_EFI_X64 = 9
+ARCH_EFI_ARM64 = 11
+ARCH_EFI_X64_HTTP = 16
+ARCH_EFI_ARM64_HTTP = 19
+
+UEFI_X86_ARCHES = frozenset({ARCH_EFI_IA32, ARCH_EFI_BC, ARCH_EFI_X64})
+HTTP_ARCHES = frozenset({ARCH_EFI_X64_HTTP, ARCH_EFI_ARM64_HTTP})
+ARM64_ARCHES = frozenset({ARCH_EFI_ARM64, ARCH_EFI_ARM64_HTTP})
+SUPPORTED_ARCHES = frozenset({ARCH_BIOS, ARCH_EFI_ARM64}) | UEFI_X86_ARCHES | HTTP_ARCHES
+
+VENDOR_PXE = b"PXEClient"  # PXE 2.1 §2.2.1
+VENDOR_HTTP = b"HTTPClient"  # UEFI 2.5+ §24.7 HTTP Boot
+USER_CLASS_IPXE = b"iPXE"
+
+# Default name of the ARM64 UEFI loader in the static TFTP tree: iPXE's bin-arm64-efi/snponly.efi,
+# renamed so that it can sit next to the x86 one.
+DEFAULT_ARM64_LOADER = "snponly-arm64.efi"
+
+# PXE 2.1 §2.4.7.1 discovery control bit 3: "if a boot file name is present in the (proxy) offer, download
+# it; do not prompt, menu or discover". Lets a BIOS ROM boot straight from our offer.
+DISCOVERY_USE_BOOTFILE = 0x08
+
+
+class Kind(Enum):
+    """Which flow the request belongs to."""
+
+    DISCOVER = "discover"  # port 67 broadcast: answer with a proxy OFFER
+    REQUEST = "request"  # port 4011 boot server request: answer with an ACK
+
+
+@dataclass(frozen=True)
+class BootRequest:
+    """A classified PXE / UEFI HTTP boot request."""
+
+    mac: str
+    uuid: str | None  # canonical lowercase; None when absent or broken
+    arch: int
+    vendor: bytes  # VENDOR_PXE or VENDOR_HTTP
+    ipxe: bool  # already running iPXE (user class "iPXE")
+    message_type: int
+    guid_option: bytes | None  # option 97 exactly as sent, echoed in the reply
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    """What the reply tells the firmware to fetch."""
+
+    file: str  # TFTP file name or an http:// URL
+    tftp: bool  # True: fetch `file` from siaddr over TFTP
+    vendor: bytes  # option 60 of the reply
+    pxe_discovery: bool  # BIOS PXE: send option 43 with discovery control
+
+
+def smbios_uuid(guid: bytes) -> str | None:
+    """Option 97's 16 bytes → canonical text, or None for a broken GUID.
+
+    The bytes are in SMBIOS order: the first three fields little-endian (checked against qemu's iPXE ROM,
+    which sends `-uuid 3f1c2a4b-…` as 4b 2a 1c 3f …). pxelinux and iPXE print the same canonical text.
+    All-zero and all-ones GUIDs (common on cheap boards) identify nothing and are ignored.
+    """
+    if len(guid) != 16 or guid in (bytes(16), b"\xff" * 16):
+        return None
+    return str(uuidlib.UUID(bytes_le=guid))
+
+
+def guid_bytes(uuid: str) -> bytes:
+    """Canonical UUID text → option 97's 16 bytes (SMBIOS order). Inverse of `smbios_uuid`."""
+    return uuidlib.UUID(uuid).bytes_le
+
+
+def classify(packet: p.DhcpPacket, kind: Kind) -> BootRequest | None:
+    """A boot request, or None for anything we must not answer (plain DHCP clients, replies, other
+    message types, unsupported architectures). Raises PacketError for malformed options."""
+    if packet.op != p.BOOTREQUEST or not packet.dhcp or packet.htype != p.HTYPE_ETHERNET:
+        return None
+    if len(packet.chaddr) != 6:
+        return None
+    mtype = packet.message_type
+    if kind is Kind.DISCOVER:
+        # A proxyDHCP server answers DISCOVERs on :67; it must ignore the client's REQUEST to the site
+        # server (PXE 2.1 §2.2.4 — the proxy's reply comes on :4011). Some ROMs send an INFORM.
+        if mtype not in (p.DHCPDISCOVER,):
+            return None
+    elif mtype not in (p.DHCPREQUEST, p.DHCPINFORM):
+        return None
+    vendor_class = packet.vendor_class or b""
+    if vendor_class.startswith(VENDOR_PXE):
+        vendor = VENDOR_PXE
+    elif vendor_class.startswith(VENDOR_HTTP):
+        vendor = VENDOR_HTTP
+    else:
+        return None
+    arches = packet.client_arches
+    # RFC 4578 §2.1 says option 93 is required; a PXE 2.0 ROM without it is a BIOS ROM.
+    arch = arches[0] if arches else ARCH_BIOS
+    if arch not in SUPPORTED_ARCHES:
+        return None
+    guid = packet.client_guid
+    raw97 = packet.options.get(p.OPT_CLIENT_GUID)
+    return BootRequest(
+        mac=packet.mac,
+        uuid=None if guid is None else smbios_uuid(guid),
+        arch=arch,
+        vendor=vendor,
+        ipxe=USER_CLASS_IPXE in packet.user_classes,
+        message_type=mtype if mtype is not None else 0,
+        guid_option=raw97,
+    )
+
+
+@dataclass(frozen=True)
+class PxeConfig:
+    """Loader names that do not come from the boot profile."""
+
+    arm64_loader: str = DEFAULT_ARM64_LOADER
+
+
+DEFAULT_CONFIG = PxeConfig()
+
+
+def choose_boot(request: BootRequest, spec: BootSpec, config: PxeConfig | None = None) -> BootChoice | None:
+    """Map a boot spec onto the requesting firmware; None when nothing fits this firmware."""
+    config = config or DEFAULT_CONFIG
+    profile = spec.profile
+    base = spec.http_base.rstrip("/")
+    if request.ipxe:
+        # Already running iPXE: hand it the per-node script (never the iPXE loader again, so chainloading
+        # cannot loop). The pxelinux profile chains pxelinux.0 on BIOS (pxelinux is not iPXE, no loop);
+        # pxelinux.0 cannot run on UEFI, so a UEFI iPXE gets the script there too.
+        if profile.loader == "pxelinux" and request.arch == ARCH_BIOS:
+            return BootChoice("pxelinux.0", True, VENDOR_PXE, False)
+        vendor = VENDOR_HTTP if request.vendor == VENDOR_HTTP else VENDOR_PXE
+        return BootChoice(f"{base}/boot/{spec.server_uuid}.ipxe", False, vendor, False)
+    if request.arch in HTTP_ARCHES or request.vendor == VENDOR_HTTP:
+        loader = config.arm64_loader if request.arch in ARM64_ARCHES else profile.efi_loader
+        return BootChoice(f"{base}/boot/files/{loader}", False, VENDOR_HTTP, False)
+    if request.arch == ARCH_BIOS:
+        return BootChoice(profile.bios_loader, True, VENDOR_PXE, True)
+    if request.arch in UEFI_X86_ARCHES:
+        return BootChoice(profile.efi_loader, True, VENDOR_PXE, False)
+    if request.arch == ARCH_EFI_ARM64:
+        return BootChoice(config.arm64_loader, True, VENDOR_PXE, False)
+    return None
+
+
+def pxe_vendor_options(request_packet: p.DhcpPacket, kind: Kind) -> bytes:
+    """Option 43 for a BIOS PXE reply: discovery control 8; on :4011 also the boot item the client asked
+    for (PXE 2.1 §2.2.5: the boot server echoes option 43.71, layer 0 when the client sent none)."""
+    subs: list[tuple[int, bytes]] = [(p.PXE_DISCOVERY_CONTROL, bytes([DISCOVERY_USE_BOOTFILE]))]
+    if kind is Kind.REQUEST:
+        item = request_packet.pxe_options.get(p.PXE_BOOT_ITEM)
+        subs.append((p.PXE_BOOT_ITEM, item if item is not None and len(item) == 4 else b"\x80\x00\x00\x00"))
+    return p.encode_encapsulated(p.Options.of(subs))
+
+
+def build_reply(
+    request_packet: p.DhcpPacket, request: BootRequest, choice: BootChoice, advertise: str, kind: Kind
+) -> p.DhcpPacket:
+    """The proxy OFFER (kind DISCOVER) or boot-server ACK (kind REQUEST): no address is given (yiaddr 0);
+    the boot server is `advertise`."""
+    file_bytes = choice.file.encode("latin-1")
+    opts: list[tuple[int, bytes]] = [
+        (p.OPT_MESSAGE_TYPE, bytes([p.DHCPOFFER if kind is Kind.DISCOVER else p.DHCPACK])),
+        (p.OPT_SERVER_ID, p.ip_bytes(advertise, "advertise")),
+        (p.OPT_VENDOR_CLASS, choice.vendor),
+    ]
+    if request.guid_option is not None:
+        opts.append((p.OPT_CLIENT_GUID, request.guid_option))
+    if choice.tftp:
+        opts.append((p.OPT_TFTP_SERVER, advertise.encode("ascii")))
+    opts.append((p.OPT_BOOTFILE, file_bytes))
+    if choice.pxe_discovery:
+        opts.append((p.OPT_VENDOR_SPECIFIC, pxe_vendor_options(request_packet, kind)))
+    return p.DhcpPacket(
+        op=p.BOOTREPLY,
+        xid=request_packet.xid,
+        chaddr=request_packet.chaddr,
+        htype=request_packet.htype,
+        flags=request_packet.flags,
+        ciaddr=request_packet.ciaddr if kind is Kind.REQUEST else "0.0.0.0",
+        siaddr=advertise,
+        giaddr=request_packet.giaddr,
+        file=file_bytes if len(file_bytes) <= 127 else b"",
+        options=p.Options.of(opts),
+    )
