@@ -1,0 +1,454 @@
+"""Linux tgt export driver: a supervised `tgtd` (or the system's) driven with `tgtadm`.
+
+`apply()` diffs the real state (`tgtadm --op show --mode target`, parsed) against the desired one and
+runs only the difference. LUN 0 is tgt's controller, so a volume of index i is LUN i + 1 (OS = 1).
+A restarted tgtd has no targets: the supervisor re-applies the last desired state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iscsi import names
+from iscsi.model import ExportState, NameError_, StorageError, TargetSpec
+from iscsi.runner import CommandError, CommandResult, CommandRunner, default_runner
+
+log = logging.getLogger(__name__)
+
+SOCKET_DIR = Path("/var/run/tgtd")
+
+
+class TgtShowError(ValueError):
+    """`tgtadm --op show` output that does not follow tgt's format; `offset` is the line number."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(f"{message} (line {offset})")
+        self.offset = offset
+
+
+@dataclass
+class TgtLun:
+    lun: int
+    path: str | None
+    serial: str = ""
+    scsi_id: str = ""
+
+
+@dataclass
+class TgtTarget:
+    tid: int
+    iqn: str
+    luns: dict[int, TgtLun] = field(default_factory=dict)  # LUN 0 (controller) excluded
+    accounts: list[str] = field(default_factory=list)
+    acl: list[str] = field(default_factory=list)  # addresses/networks, initiator names, or "ALL"
+    nop_interval: int | None = None
+    nop_count: int | None = None
+
+
+_TARGET_RE = re.compile(r"^Target (\d+): (\S+)$")
+_LUN_RE = re.compile(r"^LUN: (\d+)$")
+
+
+def parse_show(text: str) -> dict[int, TgtTarget]:
+    """Parse `tgtadm --lld iscsi --op show --mode target` (indentation-structured text)."""
+    targets: dict[int, TgtTarget] = {}
+    cur: TgtTarget | None = None
+    section = ""
+    lun: TgtLun | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip(" "))
+        line = raw.strip()
+        if indent == 0:
+            m = _TARGET_RE.match(line)
+            if m is None:
+                raise TgtShowError(f"expected 'Target N: IQN', got {line!r}", lineno)
+            cur = TgtTarget(int(m[1]), m[2])
+            targets[cur.tid] = cur
+            section, lun = "", None
+            continue
+        if cur is None:
+            raise TgtShowError("indented line before any target", lineno)
+        if indent == 4:
+            section, lun = line.rstrip(":"), None
+            continue
+        if section == "System information":
+            key, _, value = line.partition(":")
+            if key == "Nop interval" and value.strip().isdigit():
+                cur.nop_interval = int(value)
+            elif key == "Nop count" and value.strip().isdigit():
+                cur.nop_count = int(value)
+        elif section == "LUN information":
+            if indent == 8:
+                m = _LUN_RE.match(line)
+                if m is None:
+                    raise TgtShowError(f"expected 'LUN: N', got {line!r}", lineno)
+                lun = TgtLun(int(m[1]), None)
+                if lun.lun != 0:
+                    cur.luns[lun.lun] = lun
+            elif lun is not None:
+                key, _, value = line.partition(": ")
+                if key == "Backing store path":
+                    lun.path = None if value.strip() in ("", "None") else value.strip()
+                elif key == "SCSI SN":
+                    lun.serial = value.strip()
+                elif key == "SCSI ID":
+                    lun.scsi_id = value.strip()
+        elif section == "Account information":
+            cur.accounts.append(line.split()[0])
+        elif section == "ACL information":
+            cur.acl.append(line)
+    return targets
+
+
+def _is_address(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Want:
+    iqn: str
+    luns: dict[int, tuple[str, str, str]]  # tgt LUN -> (path, serial, scsi_id)
+    chap: tuple[str, str] | None
+    acl: tuple[str, ...]
+
+
+def _desired(targets: Sequence[TargetSpec]) -> dict[str, _Want]:
+    out: dict[str, _Want] = {}
+    secrets: dict[str, str] = {}
+    for spec in targets:
+        names.iqn(spec.iqn)
+        if spec.iqn in out:
+            raise NameError_(f"target {spec.iqn!r} given twice")
+        luns: dict[int, tuple[str, str, str]] = {}
+        for lun in spec.luns:
+            names.volume(lun.volume)
+            number = lun.index + 1
+            if number in luns or not 0 <= lun.index <= names.MAX_LUN_INDEX:
+                raise NameError_(f"target {spec.iqn!r}: LUN index {lun.index} invalid or used twice")
+            luns[number] = (names.path(lun.path), names.serial(lun.serial), names.device_id(lun.device_id))
+        a = spec.auth
+        chap = None
+        if a.chap_user is not None or a.chap_secret is not None:
+            if a.chap_user is None or a.chap_secret is None:
+                raise NameError_(f"target {spec.iqn!r}: CHAP needs both a user and a secret")
+            chap = (names.chap_user(a.chap_user), names.chap_secret(a.chap_secret))
+            if secrets.setdefault(chap[0], chap[1]) != chap[1]:
+                raise NameError_(f"CHAP user {chap[0]!r} has different secrets on two targets")
+        acl = tuple(names.initiator_portal(p) for p in a.initiator_portals)
+        acl += tuple(names.iqn(n) for n in a.initiator_names)
+        out[spec.iqn] = _Want(spec.iqn, luns, chap, acl or ("ALL",))
+    return out
+
+
+class TgtDriver:
+    name = "tgt"
+
+    def __init__(
+        self,
+        control_port: int,
+        portals: Sequence[str],
+        *,
+        manage_daemon: bool = True,
+        runner: CommandRunner | None = None,
+        nop_interval: int = 2,
+        nop_count: int = 2,
+        tgtd: str = "tgtd",
+        tgtadm: str = "tgtadm",
+        start_timeout: float = 10.0,
+    ) -> None:
+        if not 0 <= control_port < 65536:
+            raise NameError_(f"invalid tgtd control port {control_port!r}")
+        self.control_port = control_port
+        self.portals = tuple(names.format_portal(*names.portal(p)) for p in portals)
+        if not self.portals:
+            raise NameError_("at least one iSCSI portal is needed")
+        self.manage_daemon = manage_daemon
+        self._run = runner or default_runner()
+        self.nop_interval = nop_interval
+        self.nop_count = nop_count
+        self._tgtd = tgtd
+        self._tgtadm = tgtadm
+        self._start_timeout = start_timeout
+        self._lock = asyncio.Lock()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_tail: list[str] = []
+        self._stopping = False
+        self._desired: list[TargetSpec] | None = None
+        self._tids: dict[str, int] = {}
+        self._secrets: dict[str, str] = {}  # CHAP secrets this driver set (tgt never shows them)
+        self.restarts = 0
+        self.commands = 0
+
+    # -- daemon --------------------------------------------------------------------------
+
+    @property
+    def socket_path(self) -> Path:
+        return SOCKET_DIR / f"socket.{self.control_port}"
+
+    def daemon_argv(self) -> list[str]:
+        # tgtd keeps only the last `--iscsi portal=` option; several portals go comma-joined in one.
+        return [self._tgtd, "-f", "-C", str(self.control_port),
+                "--iscsi", ",".join(f"portal={p}" for p in self.portals)]
+
+    def lun_number(self, index: int) -> int:
+        return index + 1
+
+    async def start(self) -> None:
+        self._stopping = False
+        if not self.manage_daemon:
+            await self._adm("--op", "show", "--mode", "system")
+            return
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        await self._spawn()
+        self._monitor = asyncio.create_task(self._supervise(), name=f"tgtd-{self.control_port}")
+
+    async def _spawn(self) -> None:
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.daemon_argv(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise StorageError(f"{self._tgtd}: command not found (install tgt)") from None
+        self._stderr_tail = []
+        self._stderr_task = asyncio.create_task(self._drain(self._proc))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout
+        while True:
+            if self._proc.returncode is not None:
+                await asyncio.wait([self._stderr_task], timeout=1)
+                raise StorageError(
+                    f"tgtd -C {self.control_port} exited with {self._proc.returncode} at start: "
+                    + " | ".join(self._stderr_tail[-5:])
+                )
+            if self.socket_path.exists():
+                res = await self._adm("--op", "show", "--mode", "system", check=False)
+                if res.returncode == 0:
+                    return
+            if loop.time() > deadline:
+                await self._kill()
+                raise StorageError(f"tgtd -C {self.control_port}: control socket not ready after "
+                                   f"{self._start_timeout:g}s: " + " | ".join(self._stderr_tail[-5:]))
+            await asyncio.sleep(0.05)
+
+    async def _drain(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._stderr_tail = [*self._stderr_tail[-19:], line]
+            log.debug("tgtd[%s]: %s", self.control_port, line)
+
+    async def _supervise(self) -> None:
+        backoff = 0.2
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            rc = await proc.wait()
+            if self._stopping:
+                return
+            log.warning("tgtd -C %s died (exit %s); restarting and re-applying the exports",
+                        self.control_port, rc)
+            await asyncio.sleep(backoff)
+            try:
+                await self._spawn()
+                self.restarts += 1
+                backoff = 0.2
+                if self._desired is not None:
+                    await self.apply(self._desired)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("restarting tgtd -C %s failed", self.control_port)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 3)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """Force-delete the targets, `--op delete --mode system`, reap tgtd. Idempotent."""
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        if not self.manage_daemon:
+            return
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(StorageError):
+                async with self._lock:
+                    for tid in sorted(await self._show()):
+                        await self._adm("--op", "delete", "--force", "--mode", "target", "--tid", str(tid),
+                                        check=False)
+                await self._adm("--op", "delete", "--mode", "system", check=False)
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                await self._kill()
+        if self._stderr_task is not None:
+            await asyncio.wait([self._stderr_task], timeout=1)
+            self._stderr_task.cancel()
+            self._stderr_task = None
+        self._proc = None
+
+    # -- tgtadm --------------------------------------------------------------------------
+
+    async def _adm(self, *args: str, check: bool = True) -> CommandResult:
+        self.commands += 1
+        return await self._run([self._tgtadm, "-C", str(self.control_port), "--lld", "iscsi", *args],
+                               check=check)
+
+    async def _show(self) -> dict[int, TgtTarget]:
+        self.commands += 1
+        res = await self._run([self._tgtadm, "-C", str(self.control_port), "--lld", "iscsi",
+                               "--op", "show", "--mode", "target"])
+        try:
+            return parse_show(res.stdout)
+        except TgtShowError as exc:
+            raise StorageError(f"tgtadm show: {exc}") from None
+
+    async def _accounts(self) -> set[str]:
+        self.commands += 1
+        res = await self._run([self._tgtadm, "-C", str(self.control_port), "--lld", "iscsi",
+                               "--op", "show", "--mode", "account"])
+        return {line.strip() for line in res.stdout.splitlines()[1:] if line.strip()}
+
+    async def actual(self) -> ExportState:
+        shown = await self._show()
+        return ExportState(_state(shown, self._names_by_lun()))
+
+    def _names_by_lun(self) -> dict[tuple[str, int], str]:
+        return {(t.iqn, lun.index + 1): lun.volume for t in self._desired or () for lun in t.luns}
+
+    async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
+        want = _desired(targets)
+        async with self._lock:
+            self._desired = list(targets)
+            have = await self._show()
+            accounts = await self._accounts()
+            by_iqn = {t.iqn: t for t in have.values()}
+            for t in sorted(have.values(), key=lambda t: t.tid):
+                if t.iqn not in want:
+                    await self._adm("--op", "delete", "--force", "--mode", "target", "--tid", str(t.tid))
+                    del have[t.tid]
+                    self._tids.pop(t.iqn, None)
+            for iqn, w in sorted(want.items()):
+                cur = by_iqn.get(iqn)
+                if cur is None or cur.tid not in have:
+                    cur = await self._create(w, have)
+                await self._sync(cur, w, accounts)
+            # Accounts this driver made that no target wants any more.
+            wanted_users = {w.chap[0] for w in want.values() if w.chap}
+            for user in sorted(set(self._secrets) - wanted_users):
+                if user in accounts:
+                    await self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
+                del self._secrets[user]
+            shown = await self._show()
+        return ExportState(_state(shown, self._names_by_lun()), True,
+                           f"tgt: {len(shown)} targets on control port {self.control_port}")
+
+    async def _create(self, w: _Want, have: dict[int, TgtTarget]) -> TgtTarget:
+        tid = self._tids.get(w.iqn)
+        if tid is None or tid in have:
+            used = set(have) | {t for i, t in self._tids.items() if i != w.iqn}
+            tid = next(n for n in range(1, len(used) + 2) if n not in used)
+        await self._adm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", w.iqn)
+        self._tids[w.iqn] = tid
+        for key, value in (("nop_interval", self.nop_interval), ("nop_count", self.nop_count)):
+            await self._adm("--op", "update", "--mode", "target", "--tid", str(tid), "-n", key, "-v", str(value))
+        cur = TgtTarget(tid, w.iqn, nop_interval=self.nop_interval, nop_count=self.nop_count)
+        have[tid] = cur
+        return cur
+
+    async def _sync(self, cur: TgtTarget, w: _Want, accounts: set[str]) -> None:
+        tid = str(cur.tid)
+        self._tids[w.iqn] = cur.tid
+        for key, value, now in (("nop_interval", self.nop_interval, cur.nop_interval),
+                                ("nop_count", self.nop_count, cur.nop_count)):
+            if now != value:
+                await self._adm("--op", "update", "--mode", "target", "--tid", tid, "-n", key, "-v", str(value))
+        for number, old in sorted(cur.luns.items()):
+            if number not in w.luns or w.luns[number][0] != old.path:
+                await self._adm("--op", "delete", "--mode", "logicalunit", "--tid", tid, "--lun", str(number))
+                del cur.luns[number]
+        for number, (path, serial, scsi_id) in sorted(w.luns.items()):
+            lun = cur.luns.get(number)
+            if lun is None:
+                await self._adm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", str(number),
+                                "-b", path)
+            if lun is None or lun.serial != serial or lun.scsi_id != scsi_id:
+                await self._adm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(number),
+                                "--params", f"scsi_sn={serial},scsi_id={scsi_id}")
+        for entry in cur.acl:
+            if entry not in w.acl:
+                flag = "-I" if entry == "ALL" or _is_address(entry) else "-Q"
+                await self._adm("--op", "unbind", "--mode", "target", "--tid", tid, flag, entry)
+        for entry in w.acl:
+            if entry not in cur.acl:
+                flag = "-I" if entry == "ALL" or _is_address(entry) else "-Q"
+                await self._adm("--op", "bind", "--mode", "target", "--tid", tid, flag, entry)
+        want_user = w.chap[0] if w.chap else None
+        for user in cur.accounts:
+            if user != want_user:
+                await self._adm("--op", "unbind", "--mode", "account", "--tid", tid, "--user", user)
+        if w.chap is not None:
+            user, secret = w.chap
+            if self._secrets.get(user) != secret:
+                # tgt never shows a secret: an account not made (with this secret) by us is remade.
+                if user in accounts:
+                    await self._adm("--op", "delete", "--mode", "account", "--user", user)
+                    accounts.discard(user)
+                await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+                accounts.add(user)
+                self._secrets[user] = secret
+                cur.accounts = [a for a in cur.accounts if a != user]
+            if user not in accounts:
+                await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+                accounts.add(user)
+            if user not in cur.accounts:
+                try:
+                    await self._adm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
+                except CommandError:
+                    # deleting an account unbinds it everywhere in some tgt versions, not in others
+                    shown = await self._show()
+                    if user not in shown.get(cur.tid, cur).accounts:
+                        raise
+
+
+def _state(shown: dict[int, TgtTarget], names_by_lun: dict[tuple[str, int], str]) -> dict[str, dict[str, int]]:
+    """IQN -> {volume: LUN}. Volumes are named from the desired state, else by their backing file."""
+    out: dict[str, dict[str, int]] = {}
+    for t in shown.values():
+        luns = out.setdefault(t.iqn, {})
+        for number, lun in t.luns.items():
+            name = names_by_lun.get((t.iqn, number))
+            if name is None and lun.path:
+                stem = Path(lun.path).name
+                name = Path(lun.path).parent.name if stem == "disk.img" else stem.removesuffix(".img")
+            luns[name or f"lun{number}"] = number
+    return out
