@@ -1,0 +1,287 @@
+"""The `file` volume backend: no ZFS, a directory of sparse image files.
+
+Layout: `<dir>/<volume>.img`; a template snapshot is a read-only copy `<dir>/<os>-template@<v>.img`;
+a clone is a copy of the snapshot file, made by reflink (FICLONE) when the filesystem can, else by a
+sparse copy (SEEK_DATA/SEEK_HOLE, zero blocks skipped). A clone's origin is kept in a sidecar
+`<volume>.json`, so `list()` reports it and destroying a snapshot that has clones is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from iscsi import names
+from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
+from iscsi.runner import CommandRunner
+
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS, errno.EPERM}
+CloneMethod = Literal["reflink", "sparse-copy"]
+ExportedGuard = Callable[[str], bool]
+
+
+def reflink(src: Path, dst: Path) -> bool:
+    """Clone `src` to a new file `dst` with FICLONE; False (and no `dst`) if the filesystem can't."""
+    with open(src, "rb") as s:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.ioctl(fd, FICLONE, s.fileno())
+        except OSError as exc:
+            os.close(fd)
+            dst.unlink(missing_ok=True)
+            if exc.errno in _NO_REFLINK:
+                return False
+            raise
+        except BaseException:
+            os.close(fd)
+            dst.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+    return True
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy only the data regions of `src` (SEEK_DATA/SEEK_HOLE), skipping all-zero chunks."""
+    with open(src, "rb") as s, open(dst, "xb") as d:
+        size = os.fstat(s.fileno()).st_size
+        sfd, dfd = s.fileno(), d.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(sfd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            end = os.lseek(sfd, start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                chunk = os.pread(sfd, min(_CHUNK, end - off), off)
+                if not chunk:
+                    break
+                if chunk != _ZEROS[: len(chunk)]:
+                    os.pwrite(dfd, chunk, off)
+                off += len(chunk)
+            pos = end
+        os.ftruncate(dfd, size)
+        os.fsync(dfd)
+
+
+def clone_file(src: Path, dst: Path) -> CloneMethod:
+    if reflink(src, dst):
+        return "reflink"
+    sparse_copy(src, dst)
+    return "sparse-copy"
+
+
+def _write_json(path: Path, data: Mapping[str, object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_origin(sidecar: Path) -> str | None:
+    try:
+        data = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{sidecar}: unreadable origin record: {exc}") from None
+    origin = data.get("origin") if isinstance(data, dict) else None
+    return origin if isinstance(origin, str) else None
+
+
+class FileBackend:
+    name = "file"
+
+    def __init__(self, directory: Path, runner: CommandRunner | None = None) -> None:
+        self.directory = Path(directory)
+        self._runner = runner  # unused: this backend runs no external command
+        self._lock = asyncio.Lock()
+        self.clone_method: CloneMethod | None = None  # what the last clone really used
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def path(self, volume: str) -> str:
+        return str(self._img(names.volume(volume)))
+
+    def _img(self, name: str) -> Path:
+        return self.directory / f"{name}.img"
+
+    def _sidecar(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+    def status(self) -> Mapping[str, object]:
+        return {
+            "backend": "file",
+            "directory": str(self.directory),
+            "clone_method": self.clone_method or "unknown (no clone made yet)",
+        }
+
+    # -- blocking parts (run in a thread) -----------------------------------------------------
+
+    def _create_sparse(self, name: str, size: int) -> VolumeInfo:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        img = self._img(name)
+        try:
+            with open(img, "xb") as f:
+                f.truncate(size)
+        except FileExistsError:
+            raise StorageError(f"volume {name} already exists") from None
+        return self._info(name)
+
+    def _info(self, name: str) -> VolumeInfo:
+        st = self._img(name).stat()
+        return VolumeInfo(name, st.st_size, st.st_blocks * 512, _read_origin(self._sidecar(name)),
+                          str(self._img(name)))
+
+    def _clone(self, src: Path, dst_name: str, origin: str | None, readonly: bool) -> CloneMethod:
+        dst = self._img(dst_name)
+        if dst.exists():
+            raise StorageError(f"volume {dst_name} already exists")
+        tmp = self.directory / f".{dst_name}.img.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            method = clone_file(src, tmp)
+            if readonly:
+                os.chmod(tmp, 0o444)
+            if origin is not None:
+                _write_json(self._sidecar(dst_name), {"origin": origin})
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if origin is not None:
+                self._sidecar(dst_name).unlink(missing_ok=True)
+            raise
+        return method
+
+    def _entries(self) -> tuple[builtins.list[str], builtins.list[str]]:
+        """(volume names, snapshot names) present in the directory; stray files are ignored."""
+        vols, snaps = [], []
+        try:
+            files = sorted(p.name for p in self.directory.iterdir())
+        except FileNotFoundError:
+            return [], []
+        for fname in files:
+            if not fname.endswith(".img") or fname.startswith("."):
+                continue
+            stem = fname[:-4]
+            try:
+                if "@" in stem:
+                    names.parse_snapshot(stem)
+                    snaps.append(stem)
+                else:
+                    vols.append(names.volume(stem))
+            except NameError_:
+                continue
+        return vols, snaps
+
+    def _clones_of(self, snapshot: str) -> builtins.list[str]:
+        vols, _ = self._entries()
+        return [v for v in vols if _read_origin(self._sidecar(v)) == snapshot]
+
+    # -- VolumeBackend ------------------------------------------------------------------------
+
+    async def create_template(self, os_name: str, size: int) -> VolumeInfo:
+        name = names.template_volume(os_name)
+        _check_size(size)
+        async with self._lock:
+            return await asyncio.to_thread(self._create_sparse, name, size)
+
+    async def create_data(self, os_name: str, server_uuid: str, index: int, size: int) -> VolumeInfo:
+        name = names.data_volume(os_name, server_uuid, index)
+        _check_size(size)
+        async with self._lock:
+            return await asyncio.to_thread(self._create_sparse, name, size)
+
+    async def snapshot_template(self, os_name: str, version: str) -> None:
+        template = names.template_volume(os_name)
+        snap = names.snapshot_name(os_name, version)
+        async with self._lock:
+            src = self._img(template)
+            if not await asyncio.to_thread(src.exists):
+                raise StorageError(f"template {template} does not exist")
+            self.clone_method = await asyncio.to_thread(self._clone, src, snap, None, True)
+
+    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo:
+        snap = names.snapshot_name(os_name, version)
+        name = names.os_volume(os_name, server_uuid)
+        async with self._lock:
+            src = self._img(snap)
+            if not await asyncio.to_thread(src.exists):
+                raise StorageError(f"snapshot {snap} does not exist")
+            self.clone_method = await asyncio.to_thread(self._clone, src, name, snap, False)
+            return await asyncio.to_thread(self._info, name)
+
+    async def destroy_snapshot(self, os_name: str, version: str) -> None:
+        snap = names.snapshot_name(os_name, version)
+        async with self._lock:
+            clones = await asyncio.to_thread(self._clones_of, snap)
+            if clones:
+                raise InUseError(f"snapshot {snap} has clones: {', '.join(clones[:5])}"
+                                 + (f" and {len(clones) - 5} more" if len(clones) > 5 else ""))
+            await asyncio.to_thread(self._img(snap).unlink, True)
+
+    async def destroy(self, volume: str, *, exported: ExportedGuard | None = None) -> None:
+        """Destroy a volume (a missing one is a no-op, so compensations can repeat).
+
+        Refused (InUseError) if `exported(volume)` says it is still exported, or for a template whose
+        snapshots have clones; a template's unused snapshots go with it.
+        """
+        vol = names.parse_volume(volume)
+        if exported is not None and exported(vol.name):
+            raise InUseError(f"volume {vol.name} is still exported")
+        async with self._lock:
+            await asyncio.to_thread(self._destroy, vol)
+
+    def _destroy(self, vol: names.VolumeName) -> None:
+        if vol.kind == "template":
+            _, snaps = self._entries()
+            mine = [s for s in snaps if s.startswith(f"{vol.name}@")]
+            clones = [c for s in mine for c in self._clones_of(s)]
+            if clones:
+                raise InUseError(f"template {vol.name} has clones: {', '.join(clones[:5])}"
+                                 + (f" and {len(clones) - 5} more" if len(clones) > 5 else ""))
+            for s in mine:
+                self._img(s).unlink(missing_ok=True)
+        self._img(vol.name).unlink(missing_ok=True)
+        self._sidecar(vol.name).unlink(missing_ok=True)
+
+    async def snapshots(self) -> builtins.list[str]:
+        return (await asyncio.to_thread(self._entries))[1]
+
+    async def capacity(self) -> PoolCapacity:
+        def statvfs() -> PoolCapacity:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.directory)
+            total = st.f_blocks * st.f_frsize
+            return PoolCapacity(total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize)
+
+        return await asyncio.to_thread(statvfs)
+
+    async def list(self) -> builtins.list[VolumeInfo]:
+        def scan() -> builtins.list[VolumeInfo]:
+            out = []
+            for name in self._entries()[0]:
+                try:
+                    out.append(self._info(name))
+                except FileNotFoundError:  # destroyed meanwhile
+                    continue
+            return out
+
+        return await asyncio.to_thread(scan)
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:
+        raise StorageError(f"invalid volume size {size!r}: a positive multiple of 512 bytes")
