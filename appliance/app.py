@@ -1,0 +1,377 @@
+"""The composition root: builds every service from config, starts them together, stops them together.
+
+Everything binds first; if one bind fails, the ones already bound are released and the error names the
+address and the reason. After start, the first fatal error of any service stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from appliance.bootpolicy import ApplianceBootPolicy
+from appliance.config import Config, split_host_port
+from appliance.events import EventBus
+from appliance.provisioner import Provisioner
+from appliance.store import AsyncStore, Store
+from iscsi.model import ExportDriver, VolumeBackend
+
+log = logging.getLogger("cello")
+
+VERSION = "0.1.0"
+
+# Where Debian and FreeBSD put loader files; the first that exist are the TFTP's static roots.
+DEFAULT_LOADER_DIRS = (
+    "/usr/lib/PXELINUX",
+    "/usr/lib/syslinux/modules/bios",
+    "/usr/lib/ipxe",
+    "/usr/local/share/syslinux",
+    "/usr/local/share/ipxe",
+)
+
+
+class StartError(RuntimeError):
+    """A service could not start; the message names what and why, in one line."""
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def explain_bind_error(what: str, host: str, port: int, e: OSError) -> StartError:
+    reason = e.strerror or str(e)
+    if e.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+        reason += f" (port {port} needs root or CAP_NET_BIND_SERVICE)"
+    elif e.errno == errno.EADDRINUSE:
+        reason += " (another program is listening there)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        reason += " (no interface has this address)"
+    return StartError(f"{what}: cannot listen on {host}:{port}: {reason}")
+
+
+def first_ipv4() -> str:
+    """The first non-loopback IPv4 address of this host (read from the interfaces, no traffic sent)."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if not address.startswith("127."):
+                return address
+    return "127.0.0.1"
+
+
+@dataclass
+class Health:
+    state: str  # running | disabled | off | unavailable | failed
+    detail: str = ""
+
+
+@dataclass
+class ServiceSlot:
+    name: str
+    service: Service | None
+    describe: str = ""
+    health: Health = field(default_factory=lambda: Health("off"))
+
+
+class Appliance:
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.state_dir = config.appliance.state_dir
+        self.files_root = self.state_dir / "boot"
+        self.advertise = config.appliance.advertise or first_ipv4()
+        self.store: AsyncStore | None = None
+        self.events: EventBus | None = None
+        self.backend: VolumeBackend | None = None
+        self.driver: ExportDriver | None = None
+        self.provisioner: Provisioner | None = None
+        self.policy: ApplianceBootPolicy | None = None
+        self.slots: list[ServiceSlot] = []
+        self.admin_token_printed: str | None = None
+        self._stopped = asyncio.Event()
+        self._fatal: BaseException | None = None
+
+    # --- building --------------------------------------------------------------------------------
+
+    def _make_backend(self) -> VolumeBackend:
+        cfg = self.config.storage
+        if cfg.backend == "zfs":
+            from iscsi.zfs_backend import ZfsBackend
+
+            return ZfsBackend(cfg.pool, kind=cfg.kind)  # type: ignore[arg-type]
+        from iscsi.file_backend import FileBackend
+
+        directory = Path(cfg.path) if cfg.path else self.state_dir / "volumes"
+        directory.mkdir(parents=True, exist_ok=True)
+        return FileBackend(directory)
+
+    def _make_driver(self) -> ExportDriver:
+        from iscsi.drivers import choose_driver
+
+        cfg = self.config.iscsi
+        return choose_driver(
+            cfg.driver,  # type: ignore[arg-type]
+            portals=cfg.portals,
+            tgt_control_port=cfg.tgt_control_port,
+            tgt_manage_daemon=cfg.tgt_manage_daemon,
+            ctld_conf=Path(cfg.ctld_conf),
+        )
+
+    def portal(self) -> tuple[str, int]:
+        host, port = split_host_port(self.config.iscsi.portals[0])
+        return (self.advertise if host in ("0.0.0.0", "::") else host), port
+
+    def http_base(self) -> str:
+        host, port = split_host_port(self.config.api.listen)
+        return f"http://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
+
+    def build(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.files_root.mkdir(parents=True, exist_ok=True)
+        store = AsyncStore(Store(self.state_dir / "cello.db"))
+        self.store = store
+        self.events = EventBus(store)
+        self.backend = self._make_backend()
+        self.driver = self._make_driver()
+        profiles = self.config.boot.profiles
+        self.policy = ApplianceBootPolicy(
+            store, profiles=profiles, iqn_prefix=self.config.iscsi.iqn_prefix, portal=self.portal(),
+            http_base=self.http_base(), unknown=self.config.dhcp.unknown,
+            exports=lambda: self.provisioner.exports.last_state if self.provisioner else None,
+            lun_number=self.driver.lun_number,
+        )
+        self.provisioner = Provisioner(
+            store, self.backend, self.driver, self.events, iqn_prefix=self.config.iscsi.iqn_prefix,
+            profiles=list(profiles), default_profile=self.config.boot.default_profile,
+            on_change=self.policy.changed,
+        )
+        self.provisioner.template_builder = self._build_template
+        self.slots = [
+            ServiceSlot("export", self.driver, f"iSCSI export via {self.driver.name}"),
+            ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),
+            ServiceSlot("dhcp", self._make_dhcp() if self.config.dhcp.enabled else None,
+                        f"{self.config.dhcp.listen}:{self.config.dhcp.port}+{self.config.dhcp.pxe_port}"),
+            ServiceSlot("dns", self._make_dns() if self.config.dns.enabled else None, self.config.dns.listen),
+            ServiceSlot("api", _WebService(self), self.config.api.listen),
+        ]
+
+    async def _build_template(self, name: str, version: str, source: str,
+                              progress: Callable[[str], None]) -> Any:
+        from appliance.template_build import build_template
+
+        assert self.backend is not None
+        return await build_template(self.backend, name, version, source, self.files_root,
+                                    self.state_dir / "build", progress)
+
+    def _enabled(self, service: str) -> Callable[[], bool]:
+        return lambda: self.provisioner is not None and self.provisioner.services.get(service, True)
+
+    def _event_sink(self) -> Callable[[str, Any], None]:
+        assert self.events is not None
+        return self.events.publish
+
+    def _make_tftp(self) -> Service:
+        from bootfiles.tftp_server import TftpServer
+        from bootfiles.tree import BootTree
+
+        assert self.policy is not None
+        cfg = self.config.tftp
+        roots = [Path(r) for r in cfg.roots] or [Path(d) for d in DEFAULT_LOADER_DIRS if Path(d).is_dir()]
+        tree = BootTree(roots, self.files_root, self.policy)
+        host, port = split_host_port(cfg.listen)
+        return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,
+                          max_transfers=cfg.max_transfers, events=self._event_sink(),
+                          enabled=self._enabled("tftp"))
+
+    def _make_dhcp(self) -> Service:
+        from dhcp.proxy import ProxyDHCP
+
+        assert self.policy is not None
+        cfg = self.config.dhcp
+        return ProxyDHCP(self.policy, self.advertise, listen=cfg.listen, port=cfg.port, pxe_port=cfg.pxe_port,
+                         interface=cfg.interface, events=self._event_sink(), enabled=self._enabled("dhcp"))
+
+    def _make_dns(self) -> Service:
+        from dhcp.dns import DnsResponder
+
+        assert self.policy is not None
+        host, port = split_host_port(self.config.dns.listen)
+        return DnsResponder(self.policy.names, self.config.dns.zone, listen=host, port=port)
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind everything; on the first failure undo what was bound and raise StartError."""
+        if self.provisioner is None:
+            self.build()
+        assert self.provisioner is not None and self.events is not None and self.policy is not None
+        await self.events.start()
+        await self.provisioner.load_services()
+        started: list[ServiceSlot] = []
+        try:
+            for slot in self.slots:
+                if slot.service is None:
+                    slot.health = Health("off", "disabled in config")
+                    continue
+                await _start_one(slot)
+                started.append(slot)
+                slot.health = Health("running", slot.describe)
+                log.info("%s: listening on %s", slot.name, slot.describe) if slot.name != "export" else \
+                    log.info("export: %s", slot.describe)
+        except BaseException:
+            for slot in reversed(started):
+                with contextlib.suppress(Exception):
+                    await slot.service.stop()  # type: ignore[union-attr]
+            await self._close_store()
+            raise
+        report = await self.provisioner.reconcile()
+        for line in report.problems:
+            log.warning("reconcile: %s", line)
+        await self.policy.refresh()
+
+    def health(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        prov = self.provisioner
+        for slot in self.slots:
+            state = slot.health.state
+            service_name = "http-boot" if slot.name == "api" else slot.name
+            if state == "running" and prov is not None and not prov.services.get(service_name, True):
+                state = "disabled"
+            out[slot.name] = {"state": state, "detail": slot.health.detail}
+        if prov is not None and prov.exports.last_state is not None and not prov.exports.last_state.available:
+            out["export"] = {"state": "unavailable", "detail": prov.exports.last_state.detail}
+        if self.backend is not None:
+            out["storage"] = {"state": "running", "detail": self.backend.name}
+        return out
+
+    async def stop(self) -> None:
+        """Idempotent; stops the services in reverse order of start."""
+        for slot in reversed(self.slots):
+            if slot.service is not None and slot.health.state == "running":
+                try:
+                    await asyncio.wait_for(slot.service.stop(), timeout=4)
+                except Exception as e:
+                    log.warning("%s: stop: %s", slot.name, e)
+                slot.health = Health("off", "stopped")
+        if self.provisioner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.provisioner.drain(), timeout=2)
+        if self.events is not None:
+            await self.events.stop()
+        await self._close_store()
+        self._stopped.set()
+
+    async def _close_store(self) -> None:
+        if self.store is not None:
+            store, self.store = self.store, None
+            await asyncio.to_thread(store.close)
+
+    def fail(self, error: BaseException) -> None:
+        """A service's fatal error: everything stops."""
+        log.error("fatal: %s", error)
+        self._fatal = error
+        self._stopped.set()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read boot profiles; transfers in flight keep going."""
+        from appliance.config import ConfigError, load_config
+
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused: %s", e)
+            return
+        assert self.policy is not None and self.provisioner is not None
+        self.policy.profiles = dict(fresh.boot.profiles)
+        self.provisioner.profiles = tuple(fresh.boot.profiles)
+        await self.policy.refresh()
+        log.info("reloaded boot profiles: %s", ", ".join(sorted(fresh.boot.profiles)))
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        if self._fatal is not None:
+            raise self._fatal
+
+
+async def _start_one(slot: ServiceSlot) -> None:
+    assert slot.service is not None
+    try:
+        await slot.service.start()
+    except StartError:
+        raise
+    except OSError as e:
+        host, _, port = slot.describe.partition("+")[0].rpartition(":")
+        raise explain_bind_error(slot.name, host or "?", int(port) if port.isdigit() else 0, e) from None
+    except RuntimeError as e:
+        raise StartError(f"{slot.name}: {e}") from None
+
+
+class _WebService:
+    """The aiohttp app served with AppRunner/TCPSite inside the loop we own."""
+
+    def __init__(self, appliance: Appliance) -> None:
+        self.appliance = appliance
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        from web.app import WebDeps, create_app, ensure_admin_token
+
+        a = self.appliance
+        assert a.provisioner and a.store and a.events and a.policy and a.backend
+        token = await ensure_admin_token(a.store, a.config.api.admin_token)
+        if token is not None:
+            a.admin_token_printed = token
+            # Printed once, on first start: only its hash is stored.
+            print(f"cello: admin token (shown once): {token}", file=sys.stderr, flush=True)
+        app = create_app(WebDeps(provisioner=a.provisioner, store=a.store, events=a.events, policy=a.policy,
+                                 files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION))
+        host, port = split_host_port(a.config.api.listen)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        try:
+            await web.TCPSite(self.runner, host, port, shutdown_timeout=1.0).start()
+        except OSError as e:
+            await self.runner.cleanup()
+            self.runner = None
+            raise explain_bind_error("api", host, port, e) from None
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            await runner.cleanup()
+
+
+async def run_until_signalled(appliance: Appliance, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    await appliance.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, appliance._stopped.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(appliance.reload()))
+    if on_ready is not None:
+        await on_ready()
+    try:
+        await appliance.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await asyncio.wait_for(appliance.stop(), timeout=5)

@@ -1,0 +1,81 @@
+"""`cello`: serve, doctor, --version, and the API client commands (appliance/cli_client.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from appliance.config import ConfigError, load_config
+
+log = logging.getLogger("cello")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from appliance.app import VERSION
+
+    p = argparse.ArgumentParser(prog="cello", description="Network-boot appliance: PXE to iSCSI root disks.")
+    p.add_argument("--version", action="version", version=f"cello {VERSION}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the appliance (proxyDHCP, TFTP, API, exports)")
+    serve.add_argument("--config", type=Path, help="TOML file (default: embedded defaults)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
+    doctor = sub.add_parser("doctor", help="what this host has and lacks for each service")
+    doctor.add_argument("--config", type=Path)
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config", type=Path)
+    try:
+        from appliance.cli_client import add_client_commands
+    except ImportError:  # pragma: no cover - the client commands ship with the web package
+        pass
+    else:
+        add_client_commands(sub)
+    return p
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from appliance.app import Appliance, StartError, run_until_signalled
+    from appliance.logs import setup_logging
+
+    setup_logging(args.log_format, getattr(logging, args.log_level.upper()))
+    config = load_config(args.config)
+    appliance = Appliance(config, config_path=args.config)
+    try:
+        asyncio.run(run_until_signalled(appliance))
+    except StartError as e:
+        print(f"cello: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "doctor":
+            from appliance.doctor import checks, report
+
+            text, status = report(checks(load_config(args.config)))
+            print(text)
+            return status
+        if args.command == "check-config":
+            load_config(args.config)
+            print(f"{args.config}: ok")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
+        from appliance.cli_client import run
+
+        return run(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2

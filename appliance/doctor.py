@@ -1,0 +1,99 @@
+"""`cello doctor`: what this host has and lacks for each service, with the fix for each missing piece."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.app import DEFAULT_LOADER_DIRS
+from appliance.config import Config, split_host_port
+
+
+@dataclass(frozen=True)
+class Check:
+    service: str
+    item: str
+    ok: bool
+    needed: bool
+    fix: str = ""
+
+
+def _can_bind(kind: int, host: str, port: int) -> str | None:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _port_check(service: str, kind: int, host: str, port: int, needed: bool) -> Check:
+    problem = _can_bind(kind, host, port)
+    proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+    fix = ""
+    if problem is not None:
+        fix = (f"{problem}: run as root or grant CAP_NET_BIND_SERVICE" if port < 1024 and os.geteuid() != 0
+               else f"{problem}: stop the program using {proto}/{port} or change the port in the config")
+    return Check(service, f"{proto} {host}:{port}", problem is None, needed, fix)
+
+
+def _tool(service: str, name: str, package: str, needed: bool) -> Check:
+    return Check(service, name, shutil.which(name) is not None, needed, f"install {package}")
+
+
+def _loader(name: str, roots: list[Path], package: str, needed: bool) -> Check:
+    found = any((r / name).is_file() for r in roots)
+    return Check("tftp", name, found, needed, f"install {package} (or add its folder to tftp.roots)")
+
+
+def checks(config: Config) -> list[Check]:
+    out: list[Check] = []
+    freebsd = sys.platform.startswith("freebsd")
+    if config.dhcp.enabled:
+        out.append(_port_check("dhcp", socket.SOCK_DGRAM, config.dhcp.listen or "0.0.0.0", config.dhcp.port, True))
+        out.append(_port_check("dhcp", socket.SOCK_DGRAM, config.dhcp.listen or "0.0.0.0", config.dhcp.pxe_port,
+                               True))
+    if config.tftp.enabled:
+        host, port = split_host_port(config.tftp.listen)
+        out.append(_port_check("tftp", socket.SOCK_DGRAM, host, port, True))
+        roots = [Path(r) for r in config.tftp.roots] or [Path(d) for d in DEFAULT_LOADER_DIRS]
+        syslinux = "syslinux" if freebsd else "pxelinux and syslinux-common"
+        ipxe = "ipxe" if freebsd else "ipxe"
+        out.append(_loader("pxelinux.0", roots, syslinux, True))
+        out.append(_loader("ldlinux.c32", roots, syslinux, True))
+        out.append(_loader("undionly.kpxe", roots, ipxe, False))
+        out.append(_loader("ipxe.efi", roots, ipxe, False))
+    host, port = split_host_port(config.api.listen)
+    out.append(_port_check("api", socket.SOCK_STREAM, host, port, True))
+    zfs = config.storage.backend == "zfs"
+    out.append(_tool("storage", "zfs", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))
+    out.append(_tool("storage", "zpool", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))
+    driver = config.iscsi.driver
+    want_ctld = driver == "ctld" or (driver == "auto" and freebsd)
+    want_tgt = driver == "tgt" or (driver == "auto" and not freebsd)
+    out.append(_tool("export", "ctld", "ctld (FreeBSD base system)", want_ctld))
+    out.append(_tool("export", "ctladm", "ctladm (FreeBSD base system)", want_ctld))
+    out.append(_tool("export", "tgtd", "tgt (apt-get install tgt)", want_tgt))
+    out.append(_tool("export", "tgtadm", "tgt (apt-get install tgt)", want_tgt))
+    out.append(_tool("templates", "mkfs.ext4", "e2fsprogs", True))
+    out.append(_tool("templates", "busybox", "busybox-static", False))
+    out.append(_tool("templates", "iscsistart", "open-iscsi", False))
+    return out
+
+
+def report(results: list[Check]) -> tuple[str, int]:
+    lines = [f"{'service':<10} {'item':<28} {'status':<8} fix"]
+    missing_needed = 0
+    for c in results:
+        status = "ok" if c.ok else ("MISSING" if c.needed else "absent")
+        if not c.ok and c.needed:
+            missing_needed += 1
+        lines.append(f"{c.service:<10} {c.item:<28} {status:<8} {'' if c.ok else c.fix}")
+    lines.append("all needed pieces are there" if not missing_needed
+                 else f"{missing_needed} needed piece(s) missing")
+    return "\n".join(lines), 0 if not missing_needed else 1

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything Cello's appliance, demo and tests need on Debian 12 (as root): apt packages, then a
+# virtualenv in .venv with the project and its test tools. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-pip make iproute2 kmod cpio e2fsprogs
+  qemu-system-x86 ipxe-qemu qemu-block-extra ipxe ovmf
+  dnsmasq tftp-hpa tftpd-hpa atftp curl
+  tgt libiscsi-bin open-iscsi
+  zfs-fuse xfsprogs btrfs-progs
+  pxelinux syslinux-common
+  linux-image-amd64 busybox-static
+  tcpdump shellcheck debootstrap
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# Debian starts these daemons on install where it can; the tests run their own on their own ports.
+for svc in tftpd-hpa dnsmasq tgt; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then systemctl stop "$svc" || true; fi
+done
+pkill -x in.tftpd 2>/dev/null || true
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.cello-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
