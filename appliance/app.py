@@ -14,7 +14,7 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from appliance.config import Config, split_host_port
 from appliance.events import EventBus
 from appliance.provisioner import Provisioner
 from appliance.store import AsyncStore, Store
+from bootfiles.spec import EventSink
 from iscsi.model import ExportDriver, VolumeBackend
 
 log = logging.getLogger("cello")
@@ -124,15 +125,15 @@ class Appliance:
         return FileBackend(directory)
 
     def _make_driver(self) -> ExportDriver:
-        from iscsi.drivers import choose_driver
+        from iscsi.exports import choose_driver
 
         cfg = self.config.iscsi
         return choose_driver(
             cfg.driver,  # type: ignore[arg-type]
-            portals=cfg.portals,
+            cfg.portals,
+            ctl_conf=Path(cfg.ctld_conf),
             tgt_control_port=cfg.tgt_control_port,
             tgt_manage_daemon=cfg.tgt_manage_daemon,
-            ctld_conf=Path(cfg.ctld_conf),
         )
 
     def portal(self) -> tuple[str, int]:
@@ -184,9 +185,14 @@ class Appliance:
     def _enabled(self, service: str) -> Callable[[], bool]:
         return lambda: self.provisioner is not None and self.provisioner.services.get(service, True)
 
-    def _event_sink(self) -> Callable[[str, Any], None]:
-        assert self.events is not None
-        return self.events.publish
+    def _event_sink(self) -> EventSink:
+        bus = self.events
+        assert bus is not None
+
+        def sink(kind: str, data: Mapping[str, object]) -> None:
+            bus.publish(kind, data)
+
+        return sink
 
     def _make_tftp(self) -> Service:
         from bootfiles.tftp_server import TftpServer

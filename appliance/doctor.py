@@ -63,11 +63,10 @@ def checks(config: Config) -> list[Check]:
         out.append(_port_check("tftp", socket.SOCK_DGRAM, host, port, True))
         roots = [Path(r) for r in config.tftp.roots] or [Path(d) for d in DEFAULT_LOADER_DIRS]
         syslinux = "syslinux" if freebsd else "pxelinux and syslinux-common"
-        ipxe = "ipxe" if freebsd else "ipxe"
         out.append(_loader("pxelinux.0", roots, syslinux, True))
         out.append(_loader("ldlinux.c32", roots, syslinux, True))
-        out.append(_loader("undionly.kpxe", roots, ipxe, False))
-        out.append(_loader("ipxe.efi", roots, ipxe, False))
+        out.append(_loader("undionly.kpxe", roots, "ipxe", False))
+        out.append(_loader("ipxe.efi", roots, "ipxe", False))
     host, port = split_host_port(config.api.listen)
     out.append(_port_check("api", socket.SOCK_STREAM, host, port, True))
     zfs = config.storage.backend == "zfs"

@@ -19,6 +19,7 @@ from typing import Any
 
 from appliance.events import EventBus
 from appliance.store import AsyncStore, Conflict, ServerRow, TemplateVersion, User, VolumeRow
+from iscsi.exports import ExportManager
 from iscsi.model import (
     ExportDriver,
     ExportState,
@@ -116,7 +117,7 @@ class Provisioner:
         self.profiles = tuple(profiles)
         self.default_profile = default_profile
         self.on_change = on_change  # the boot index refreshes from the store when told
-        self.exports = ExportCoalescer(driver, self.desired_targets)
+        self.exports = ExportManager(driver, self.desired_targets)
         self.services: dict[str, bool] = dict.fromkeys(SERVICES, True)
         self._locks: dict[str, asyncio.Lock] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
@@ -496,49 +497,6 @@ class Provisioner:
                 report.problems.append(f"applying exports failed: {_reason(e)}")
         self.events.publish("reconcile", report.as_json())
         return report
-
-
-class ExportCoalescer:
-    """Coalesces bursts: each caller's apply starts after its call (so it sees its own change), and
-    every caller that arrives while an apply runs shares the single next one."""
-
-    def __init__(self, driver: ExportDriver, desired: Callable[[], Awaitable[Sequence[TargetSpec]]]) -> None:
-        self.driver = driver
-        self.desired = desired
-        self.applies = 0
-        self.last_state: ExportState | None = None
-        self._running: asyncio.Task[ExportState] | None = None
-        self._next: asyncio.Future[ExportState] | None = None
-        self._runner: asyncio.Task[None] | None = None
-
-    async def apply(self) -> ExportState:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-            self._runner = asyncio.get_running_loop().create_task(self._run_after_current(self._next))
-        return await asyncio.shield(self._next)
-
-    async def _run_after_current(self, fut: asyncio.Future[ExportState]) -> None:
-        while self._running is not None:
-            try:
-                await asyncio.shield(self._running)
-            except Exception:
-                pass
-        # From here on, new callers queue for the apply after this one.
-        self._next = None
-        self._running = asyncio.create_task(self._apply_once())
-        try:
-            fut.set_result(await self._running)
-        except Exception as e:
-            fut.set_exception(e)
-            fut.exception()  # a caller-less failure must not be reported as never retrieved
-        finally:
-            self._running = None
-
-    async def _apply_once(self) -> ExportState:
-        self.applies += 1
-        targets = await self.desired()
-        self.last_state = await self.driver.apply(targets)
-        return self.last_state
 
 
 def _snapshot(store: Any) -> tuple[list[ServerRow], list[VolumeRow]]:
