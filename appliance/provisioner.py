@@ -19,6 +19,7 @@ from typing import Any
 
 from appliance.events import EventBus
 from appliance.store import AsyncStore, Conflict, ServerRow, TemplateVersion, User, VolumeRow
+from iscsi import names
 from iscsi.exports import ExportManager
 from iscsi.model import (
     ExportDriver,
@@ -62,14 +63,6 @@ class ServiceDisabled(Conflict):
 def server_serial(volume: str) -> str:
     # Stable for the volume's whole life: derived from its name, never from its position.
     return hashlib.sha256(volume.encode()).hexdigest()[:16]
-
-
-def os_volume_name(template: str, uuid: str) -> str:
-    return f"{template}-OS-{uuid}"
-
-
-def data_volume_name(template: str, uuid: str, idx: int) -> str:
-    return f"{template}-DATA-{uuid}" + ("" if idx == 1 else f"-{idx}")
 
 
 @dataclass(frozen=True)
@@ -252,10 +245,10 @@ class Provisioner:
         row = ServerRow(uuid=req.uuid, template=req.template, version=tv.version, profile=req.profile,
                         owner=req.owner, state="creating", reason="", macs=req.macs, hostname=req.hostname,
                         address=req.address, created_at=now, updated_at=now)
-        vols = [VolumeRow(os_volume_name(req.template, req.uuid), req.uuid, "os", 0, tv.size, "creating",
-                          server_serial(os_volume_name(req.template, req.uuid)))]
+        vols = [VolumeRow(names.os_volume(req.template, req.uuid), req.uuid, "os", 0, tv.size, "creating",
+                          server_serial(names.os_volume(req.template, req.uuid)))]
         for i, gb in enumerate(req.data_gb, start=1):
-            name = data_volume_name(req.template, req.uuid, i)
+            name = names.data_volume(req.template, req.uuid, i)
             vols.append(VolumeRow(name, req.uuid, "data", i, gb * GiB, "creating", server_serial(name)))
         await self._db(self.store.sync.create_server, row, vols, _quota_check(user))
         self._step(req.uuid, "create", "recorded", state="creating")
@@ -356,7 +349,7 @@ class Provisioner:
             user = await self.quota_for(server.owner)
             existing = await self._db(self.store.sync.volumes, uuid)
             idx = max((v.idx for v in existing), default=0) + 1
-            name = data_volume_name(server.template, uuid, idx)
+            name = names.data_volume(server.template, uuid, idx)
             row = VolumeRow(name, uuid, "data", idx, size_gb * GiB, "creating", server_serial(name))
             await self._db(self.store.sync.add_volume, row, server.owner, _quota_check(user))
             made = False
@@ -458,7 +451,7 @@ class Provisioner:
             await self.backend.destroy_snapshot(name, version)
             await self._db(self.store.sync.delete_template_version, name, version)
             if versions == {version}:
-                await self._destroy_if_present(f"{name}-template")
+                await self._destroy_if_present(names.template_volume(name))
 
     # --- reconcile -------------------------------------------------------------------------------
 
@@ -475,7 +468,7 @@ class Provisioner:
                 report.repaired.append(f"server {server.uuid}: stuck in {server.state}, undone, now error")
         real = {v.name: v for v in await self.backend.list()}
         wanted = {v.name for v in await self._db(self.store.sync.volumes)}
-        templates = {f"{t.template}-template" for t in await self._db(self.store.sync.template_versions)}
+        templates = {names.template_volume(t.template) for t in await self._db(self.store.sync.template_versions)}
         for v in await self._db(self.store.sync.volumes):
             if v.state == "available" and v.name not in real:
                 report.problems.append(f"volume {v.name} of server {v.server} is missing from {self.backend.name}")
