@@ -1,0 +1,346 @@
+"""The `zfs` volume backend: `zfs` commands with argv lists, parsing `zfs get -Hp` (exact bytes).
+
+Two kinds: `zvol` (default; `/dev/zvol/<pool>/<name>`, sparse `-s -V`) and `file` (a sparse
+`disk.img` inside its own dataset, like a TrueNAS file extent; the only kind zfs-fuse can run).
+`zfs get -Hp` is used instead of `zfs list -p` because zfs-fuse has no `list -p` and no `clones`
+property: clones are found from every dataset's `origin`. When OpenZFS's `libzfs_core` Python
+bindings (pyzfs) import, create/snapshot/clone/destroy go through them instead of the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from iscsi import names
+from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
+from iscsi.runner import CommandError, CommandRunner, default_runner
+
+ZfsKind = Literal["zvol", "file"]
+ExportedGuard = Callable[[str], bool]
+IMAGE = "disk.img"
+LIST_PROPS = "type,volsize,used,referenced,origin,mountpoint,available"
+ZVOL_ALIGN = 128 * 1024  # round zvol sizes up to the largest volblocksize: `zfs create -V` needs a multiple
+
+
+class ZfsOutputError(ValueError):
+    """`zfs get -Hp` output not in `name<TAB>property<TAB>value` lines; `offset` is the byte offset."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(f"{message} at byte {offset}")
+        self.offset = offset
+
+
+def parse_get(text: str) -> dict[str, dict[str, str]]:
+    """`zfs get -Hp -o name,property,value …` → {dataset: {property: value}} (order kept)."""
+    out: dict[str, dict[str, str]] = {}
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\n")
+        if body:
+            parts = body.split("\t")
+            if len(parts) != 3 or not parts[0] or not parts[1]:
+                raise ZfsOutputError(f"expected 3 tab-separated fields, got {body[:60]!r}", offset)
+            out.setdefault(parts[0], {})[parts[1]] = parts[2]
+        offset += len(line.encode())
+    return out
+
+
+def _int(props: Mapping[str, str], key: str, dataset: str) -> int:
+    value = props.get(key, "-")
+    if value == "-":
+        return 0
+    if not value.isdigit():
+        raise StorageError(f"zfs get: {dataset} {key}={value!r} is not an exact byte count (-p missing?)")
+    return int(value)
+
+
+def _load_lzc() -> ModuleType | None:
+    try:
+        return importlib.import_module("libzfs_core")
+    except ImportError:
+        return None
+
+
+class ZfsBackend:
+    name = "zfs"
+
+    def __init__(
+        self,
+        pool: str,
+        kind: ZfsKind = "zvol",
+        runner: CommandRunner | None = None,
+        *,
+        use_lzc: bool | None = None,
+        zvol_dir: str = "/dev/zvol",
+        mountpoint: Path | None = None,
+        device_timeout: float = 10.0,
+    ) -> None:
+        if kind not in ("zvol", "file"):
+            raise NameError_(f"invalid zfs volume kind {kind!r}: zvol or file")
+        self.pool = names.pool(pool)
+        self.kind: ZfsKind = kind
+        self._run = runner or default_runner()
+        # libzfs_core only with the real CLI runner: a recording runner means "check the argv".
+        lzc = _load_lzc() if use_lzc is not False and runner is None else None
+        if use_lzc and lzc is None:
+            raise StorageError("libzfs_core (pyzfs) was requested but does not import")
+        self._lzc = lzc
+        self.zvol_dir = zvol_dir
+        self._mountpoint = Path(mountpoint) if mountpoint is not None else None
+        self._device_timeout = device_timeout
+        self._lock = asyncio.Lock()
+
+    # -- names and paths ----------------------------------------------------------------------
+
+    def _ds(self, name: str) -> str:
+        return f"{self.pool}/{name}"
+
+    def path(self, volume: str) -> str:
+        vol = names.volume(volume)
+        if self.kind == "zvol":
+            return f"{self.zvol_dir}/{self.pool}/{vol}"
+        if self._mountpoint is None:
+            raise StorageError(f"mountpoint of {self.pool} not known yet (no zfs command has run)")
+        return str(self._mountpoint / vol / IMAGE)
+
+    def status(self) -> Mapping[str, object]:
+        return {
+            "backend": "zfs",
+            "pool": self.pool,
+            "kind": self.kind,
+            "api": "libzfs_core" if self._lzc is not None else "zfs CLI",
+            "clone_method": "zfs clone",
+        }
+
+    # -- zfs plumbing -------------------------------------------------------------------------
+
+    async def _zfs(self, *args: str) -> str:
+        return (await self._run(["zfs", *args])).stdout
+
+    async def _get(self, props: str, dataset: str, *, recursive: bool = False) -> dict[str, dict[str, str]]:
+        argv = ["get", "-Hp", *(["-r"] if recursive else []), "-o", "name,property,value", props, dataset]
+        try:
+            return parse_get(await self._zfs(*argv))
+        except ZfsOutputError as exc:
+            raise StorageError(f"zfs get: {exc}") from None
+
+    async def _all(self) -> dict[str, dict[str, str]]:
+        got = await self._get(LIST_PROPS, self.pool, recursive=True)
+        if self.kind == "file" and self._mountpoint is None:
+            mp = got.get(self.pool, {}).get("mountpoint", "-")
+            if mp.startswith("/"):
+                self._mountpoint = Path(mp)
+        return got
+
+    async def _learn_mountpoint(self) -> None:
+        if self.kind == "file" and self._mountpoint is None:
+            got = await self._get("mountpoint", self.pool)
+            mp = got.get(self.pool, {}).get("mountpoint", "-")
+            if not mp.startswith("/"):
+                raise StorageError(f"{self.pool} has no mountpoint ({mp}); the file kind needs one")
+            self._mountpoint = Path(mp)
+
+    async def _lzc_call(self, fn: str, *args: Any) -> None:
+        assert self._lzc is not None
+        try:
+            await asyncio.to_thread(getattr(self._lzc, fn), *args)
+        except Exception as exc:  # pyzfs raises its own ZFSError hierarchy
+            raise StorageError(f"libzfs_core.{fn}{args!r}: {exc}") from exc
+
+    async def _create(self, name: str, size: int) -> VolumeInfo:
+        _check_size(size)
+        ds = self._ds(name)
+        async with self._lock:
+            if self.kind == "zvol":
+                size = -(-size // ZVOL_ALIGN) * ZVOL_ALIGN
+                if self._lzc is not None:
+                    await self._lzc_call("lzc_create", ds.encode(), "zvol", {b"volsize": size})
+                else:
+                    await self._zfs("create", "-s", "-V", str(size), ds)
+                await self._wait_device(name)
+            else:
+                await self._learn_mountpoint()
+                if self._lzc is not None:
+                    await self._lzc_call("lzc_create", ds.encode(), "zfs", {})
+                    await self._zfs("mount", ds)
+                else:
+                    await self._zfs("create", ds)
+                try:
+                    await asyncio.to_thread(_make_sparse, Path(self.path(name)), size)
+                except BaseException:
+                    await self._zfs("destroy", ds)  # nothing half-made
+                    raise
+            return await self._info(name)
+
+    async def _wait_device(self, name: str) -> None:
+        if self._device_timeout <= 0:
+            return
+        dev = self.path(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._device_timeout
+        while not await asyncio.to_thread(os.path.exists, dev):
+            if loop.time() > deadline:
+                raise StorageError(f"{dev} did not appear within {self._device_timeout:g}s (udev?)")
+            await asyncio.sleep(0.05)
+
+    async def _info(self, name: str) -> VolumeInfo:
+        ds = self._ds(name)
+        got = (await self._get(LIST_PROPS, ds)).get(ds)
+        if got is None:
+            raise StorageError(f"zfs get printed nothing for {ds}")
+        return await self._to_info(name, got)
+
+    async def _to_info(self, name: str, props: Mapping[str, str]) -> VolumeInfo:
+        origin = props.get("origin", "-")
+        origin_name = origin.removeprefix(f"{self.pool}/") if origin != "-" else None
+        if self.kind == "zvol":
+            size = _int(props, "volsize", name)
+            return VolumeInfo(name, size, _int(props, "used", name), origin_name, self.path(name))
+        mp = props.get("mountpoint", "-")
+        img = Path(mp) / IMAGE if mp.startswith("/") else Path(self.path(name))
+        size = await asyncio.to_thread(_size_or_zero, img)
+        return VolumeInfo(name, size, _int(props, "used", name), origin_name, str(img))
+
+    # -- VolumeBackend ------------------------------------------------------------------------
+
+    async def create_template(self, os_name: str, size: int) -> VolumeInfo:
+        return await self._create(names.template_volume(os_name), size)
+
+    async def create_data(self, os_name: str, server_uuid: str, index: int, size: int) -> VolumeInfo:
+        return await self._create(names.data_volume(os_name, server_uuid, index), size)
+
+    async def snapshot_template(self, os_name: str, version: str) -> None:
+        snap = self._ds(names.snapshot_name(os_name, version))
+        async with self._lock:
+            if self._lzc is not None:
+                await self._lzc_call("lzc_snapshot", [snap.encode()])
+            else:
+                await self._zfs("snapshot", snap)
+
+    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo:
+        snap = self._ds(names.snapshot_name(os_name, version))
+        name = names.os_volume(os_name, server_uuid)
+        ds = self._ds(name)
+        async with self._lock:
+            await self._learn_mountpoint()
+            if self._lzc is not None:
+                await self._lzc_call("lzc_clone", ds.encode(), snap.encode(), {})
+                if self.kind == "file":
+                    await self._zfs("mount", ds)
+            else:
+                await self._zfs("clone", snap, ds)
+            if self.kind == "zvol":
+                await self._wait_device(name)
+            return await self._info(name)
+
+    def _clones(self, everything: Mapping[str, Mapping[str, str]], snapshots: set[str]) -> builtins.list[str]:
+        return sorted(ds.removeprefix(f"{self.pool}/") for ds, p in everything.items()
+                      if p.get("origin", "-") in snapshots)
+
+    async def destroy_snapshot(self, os_name: str, version: str) -> None:
+        snap = self._ds(names.snapshot_name(os_name, version))
+        async with self._lock:
+            everything = await self._all()
+            if snap not in everything:
+                return
+            clones = self._clones(everything, {snap})
+            if clones:
+                raise InUseError(f"snapshot {snap} has clones: {_some(clones)}")
+            if self._lzc is not None:
+                await self._lzc_call("lzc_destroy_snaps", [snap.encode()], False)
+            else:
+                await self._zfs("destroy", snap)
+
+    async def destroy(self, volume: str, *, exported: ExportedGuard | None = None) -> None:
+        """Destroy a volume (a missing one is a no-op, so compensations can repeat).
+
+        Refused (InUseError) if `exported(volume)` says it is still exported, or for a template whose
+        snapshots have clones; a template's unused snapshots go with it (`zfs destroy -r`).
+        """
+        vol = names.parse_volume(volume)
+        if exported is not None and exported(vol.name):
+            raise InUseError(f"volume {vol.name} is still exported")
+        ds = self._ds(vol.name)
+        async with self._lock:
+            everything = await self._all()
+            if ds not in everything:
+                return
+            snaps = {n for n in everything if n.startswith(f"{ds}@")}
+            clones = self._clones(everything, snaps)
+            if clones:
+                raise InUseError(f"{vol.kind} {vol.name} has clones: {_some(clones)}")
+            if self.kind == "file":
+                await self._run(["zfs", "umount", ds], check=False)
+            if self._lzc is not None:
+                if snaps:
+                    await self._lzc_call("lzc_destroy_snaps", [s.encode() for s in sorted(snaps)], False)
+                await self._lzc_call("lzc_destroy", ds.encode())
+                return
+            for attempt in range(5):
+                try:
+                    await self._zfs("destroy", *(["-r"] if snaps else []), ds)
+                    return
+                except CommandError as exc:
+                    # zfs-fuse reports "dataset is busy" for a moment after an unmount
+                    if "busy" not in exc.result.stderr or attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def list(self) -> builtins.list[VolumeInfo]:
+        everything = await self._all()
+        out = []
+        for ds, props in everything.items():
+            name = ds.removeprefix(f"{self.pool}/")
+            if ds == name or "/" in name or "@" in name:
+                continue
+            try:
+                names.volume(name)
+            except NameError_:
+                continue  # not ours
+            out.append(await self._to_info(name, props))
+        return sorted(out, key=lambda v: v.name)
+
+    async def snapshots(self) -> builtins.list[str]:
+        out = []
+        for ds in await self._all():
+            name = ds.removeprefix(f"{self.pool}/")
+            if ds != name and "@" in name:
+                try:
+                    names.parse_snapshot(name)
+                except NameError_:
+                    continue
+                out.append(name)
+        return sorted(out)
+
+    async def capacity(self) -> PoolCapacity:
+        got = (await self._get("used,available", self.pool)).get(self.pool, {})
+        used, free = _int(got, "used", self.pool), _int(got, "available", self.pool)
+        return PoolCapacity(used + free, used, free)
+
+
+def _make_sparse(img: Path, size: int) -> None:
+    with open(img, "xb") as f:
+        f.truncate(size)
+
+
+def _size_or_zero(img: Path) -> int:
+    try:
+        return img.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _some(items: builtins.list[str]) -> str:
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:
+        raise StorageError(f"invalid volume size {size!r}: a positive multiple of 512 bytes")
