@@ -69,7 +69,7 @@ class BootChoice:
     file: str  # TFTP file name or an http:// URL
     tftp: bool  # True: fetch `file` from siaddr over TFTP
     vendor: bytes  # option 60 of the reply
-    pxe_discovery: bool  # BIOS PXE: send option 43 with discovery control
+    pxe_discovery: bool  # BIOS (arch 0) replies: option 43 with discovery control; UEFI ones: no option 43
 
 
 def smbios_uuid(guid: bytes) -> str | None:
@@ -149,9 +149,10 @@ def choose_boot(request: BootRequest, spec: BootSpec, config: PxeConfig | None =
         # cannot loop). The pxelinux profile chains pxelinux.0 on BIOS (pxelinux is not iPXE, no loop);
         # pxelinux.0 cannot run on UEFI, so a UEFI iPXE gets the script there too.
         if profile.loader == "pxelinux" and request.arch == ARCH_BIOS:
-            return BootChoice("pxelinux.0", True, VENDOR_PXE, False)
+            return BootChoice("pxelinux.0", True, VENDOR_PXE, True)
         vendor = VENDOR_HTTP if request.vendor == VENDOR_HTTP else VENDOR_PXE
-        return BootChoice(f"{base}/boot/{spec.server_uuid}.ipxe", False, vendor, False)
+        bios = request.arch == ARCH_BIOS
+        return BootChoice(f"{base}/boot/{spec.server_uuid}.ipxe", False, vendor, bios)
     if request.arch in HTTP_ARCHES or request.vendor == VENDOR_HTTP:
         loader = config.arm64_loader if request.arch in ARM64_ARCHES else profile.efi_loader
         return BootChoice(f"{base}/boot/files/{loader}", False, VENDOR_HTTP, False)

@@ -1,0 +1,112 @@
+"""Run the proxyDHCP (and optionally the DNS responder) on its own, with a static boot policy.
+
+For the lab, the system tests and the benchmark — the appliance wires `ProxyDHCP` with its real policy.
+
+    python -m dhcp.lab --advertise 10.78.0.2 --interface dhv1 --node UUID=MAC --profile pxelinux
+    python -m dhcp.lab --advertise 10.78.0.2 --any --profile ipxe        # answer every PXE client
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bootfiles.spec import BootSpec, IscsiRoot, Profile
+
+from .proxy import ProxyDHCP
+
+
+@dataclass
+class StaticPolicy:
+    """A BootPolicy over in-memory maps: by UUID, then by MAC, then the unknown-node spec (None: ignore)."""
+
+    by_uuid: dict[str, BootSpec] = field(default_factory=dict)
+    by_mac: dict[str, BootSpec] = field(default_factory=dict)
+    unknown: BootSpec | None = None
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        if uuid is not None and uuid in self.by_uuid:
+            return self.by_uuid[uuid]
+        if mac is not None and mac in self.by_mac:
+            return self.by_mac[mac]
+        return self.unknown
+
+
+PROFILES = {
+    "pxelinux": Profile("pxelinux", loader="pxelinux", bios_loader="pxelinux.0", efi_loader="ipxe.efi"),
+    "ipxe": Profile("ipxe", loader="ipxe", bios_loader="undionly.kpxe", efi_loader="ipxe.efi"),
+}
+
+
+def make_spec(server_uuid: str, profile: Profile, http_base: str, hostname: str | None = None) -> BootSpec:
+    return BootSpec(
+        server_uuid=server_uuid,
+        profile=profile,
+        kernel="templates/tiny/v1/vmlinuz",
+        initrd="templates/tiny/v1/initrd.img",
+        root=IscsiRoot(f"iqn.2026-11.io.cello:{server_uuid}", "10.78.0.2", 3260, 1, f"iqn.node:{server_uuid}"),
+        http_base=http_base,
+        hostname=hostname,
+    )
+
+
+def _event_printer(kind: str, fields: Mapping[str, object]) -> None:
+    print(json.dumps({"kind": kind, **fields}), flush=True)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    profile = PROFILES[args.profile]
+    http_base = args.http_base or f"http://{args.advertise}:8080"
+    policy = StaticPolicy()
+    for node in args.node:
+        uuid, _, mac = node.partition("=")
+        spec = make_spec(uuid.lower(), profile, http_base)
+        policy.by_uuid[uuid.lower()] = spec
+        if mac:
+            policy.by_mac[mac.lower()] = spec
+    if args.any:
+        policy.unknown = make_spec("00000000-0000-4000-8000-000000000000", profile, http_base)
+    proxy = ProxyDHCP(
+        policy, args.advertise, interface=args.interface, port=args.port, pxe_port=args.pxe_port,
+        events=_event_printer if args.events else None, raw_fallback=not args.no_raw,
+    )
+    await proxy.start()
+    print(json.dumps({"kind": "ready", "bound": {k: list(v) for k, v in proxy.bound.items()},
+                      "raw": proxy.raw_mode}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await proxy.stop()
+        print(json.dumps({"kind": "stats", **{k: v for k, v in vars(proxy.stats).items()}}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dhcp.lab", description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("--advertise", required=True)
+    ap.add_argument("--interface", default="")
+    ap.add_argument("--port", type=int, default=67)
+    ap.add_argument("--pxe-port", type=int, default=4011)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="pxelinux")
+    ap.add_argument("--http-base", default="")
+    ap.add_argument("--node", action="append", default=[], help="UUID[=MAC] of a known node (repeatable)")
+    ap.add_argument("--any", action="store_true", help="answer unknown nodes too")
+    ap.add_argument("--events", action="store_true", help="print boot events as JSON lines")
+    ap.add_argument("--no-raw", action="store_true", help="no raw-socket fallback when :67 is taken")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    asyncio.run(_run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
