@@ -1,0 +1,225 @@
+"""OS template builds: source → root filesystem → template volume → snapshot `@vN` → kernel + initrd.
+
+A build makes one new template version. Its steps, each undone when a later one fails:
+
+1. check the source (TemplateSourceError says what is wrong or which apt package is missing)
+2. make the root tree and its kernel + initrd in a scratch folder under `workdir`
+3. stage kernel + initrd under `files_root/templates/<os>/.<version>.partial`
+4. create the template volume `<os>-template` if it does not exist yet   (undo: destroy it)
+5. `mkfs.ext4 -F -L cello-root -d <rootdir> <volume path>`
+6. `snapshot_template(os, version)`                                       (undo: destroy the snapshot)
+7. publish the boot files by renaming the staging folder to `<version>`
+
+Existing clones are never touched: they hang off earlier snapshots. The scratch folder is always removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.template_rootfs import IMAGE_BUILD_DIR, ROOT_LABEL, Progress, RootfsContext, make_rootfs, tree_size
+from appliance.template_run import CommandError, run
+from appliance.template_sources import (
+    HostPaths,
+    TemplateSource,
+    TemplateSourceError,
+    check_source,
+    parse_source,
+)
+from iscsi.model import StorageError, VolumeBackend
+
+__all__ = [
+    "TemplateBuild",
+    "TemplateBuildError",
+    "TemplateSource",
+    "TemplateSourceError",
+    "build_template",
+    "check_source",
+    "default_size",
+    "next_version",
+    "parse_source",
+]
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+# Sparse volumes: the size is a ceiling, not an allocation. The tiny root needs a few MiB.
+DEFAULT_SIZES = {"tiny": 256 * MiB, "debian": 4 * GiB, "tar": 2 * GiB}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
+
+
+class TemplateBuildError(Exception):
+    """A template build failed; nothing of the new version is left behind."""
+
+
+@dataclass(frozen=True)
+class TemplateBuild:
+    os_name: str
+    version: str  # "v1"
+    source: str  # canonical source string ("tiny", "tar:/path/rootfs.tar", ...)
+    size: int  # bytes of the template volume
+    volume: str  # "<os>-template"
+    snapshot: str  # "<os>-template@<version>"
+    kernel: str  # relative to files_root, e.g. "templates/tiny/v1/vmlinuz"
+    initrd: str  # relative to files_root, e.g. "templates/tiny/v1/initrd.img"
+    created_volume: bool  # this build made the template volume (first version)
+
+
+def template_volume(os_name: str) -> str:
+    return f"{os_name}-template"
+
+
+def validate_names(os_name: str, version: str) -> None:
+    if not _NAME.match(os_name):
+        raise TemplateBuildError(f"bad template name {os_name!r}: lower-case letters, digits, '_', '.', '-'")
+    if not _VERSION.match(version):
+        raise TemplateBuildError(f"bad template version {version!r}: 'v' and a number, e.g. v1")
+
+
+async def next_version(backend: VolumeBackend, os_name: str) -> str:
+    """`v<N+1>` for the highest existing snapshot `<os>-template@vN` (v1 when there is none)."""
+    prefix = template_volume(os_name) + "@"
+    numbers = [
+        int(m.group(1))
+        for snap in await backend.snapshots()
+        if snap.startswith(prefix) and (m := _VERSION.match(snap[len(prefix) :]))
+    ]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def default_size(source: TemplateSource, rootdir_bytes: int = 0) -> int:
+    """The default volume size for a source, at least twice what the root tree holds plus headroom."""
+    wanted = 2 * rootdir_bytes + 256 * MiB
+    return max(DEFAULT_SIZES[source.kind], -(-wanted // MiB) * MiB)
+
+
+def boot_dir(files_root: Path, os_name: str, version: str) -> Path:
+    return files_root / "templates" / os_name / version
+
+
+def _stage_boot_files(kernel: Path, initrd: Path, staging: Path) -> None:
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    shutil.copyfile(kernel, staging / "vmlinuz")
+    shutil.copyfile(initrd, staging / "initrd.img")
+    for name in ("vmlinuz", "initrd.img"):
+        (staging / name).chmod(0o644)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+async def build_template(
+    backend: VolumeBackend,
+    os_name: str,
+    version: str | None,
+    source: str,
+    files_root: Path,
+    workdir: Path,
+    progress: Progress,
+    *,
+    size: int | None = None,
+    host: HostPaths | None = None,
+    image_build_dir: Path = IMAGE_BUILD_DIR,
+    debian_mirror: str | None = None,
+) -> TemplateBuild:
+    """Build template `os_name` version `version` (None = the next free vN) from `source`.
+
+    Raises TemplateSourceError for an unusable source (before anything is made) and TemplateBuildError
+    when a step fails; in both cases no part of the new version is left (see the module docstring).
+    """
+    host = host or HostPaths()
+    parsed = await asyncio.to_thread(check_source, source, host)
+    version = version or await next_version(backend, os_name)
+    validate_names(os_name, version)
+    volume = template_volume(os_name)
+    snapshot = f"{volume}@{version}"
+    if snapshot in await backend.snapshots():
+        raise TemplateBuildError(f"template {os_name} already has version {version}")
+    final_boot = boot_dir(files_root, os_name, version)
+    if final_boot.exists():
+        raise TemplateBuildError(f"boot files for {os_name} {version} already exist in {final_boot}")
+
+    scratch = workdir / f"build-{os_name}-{version}"
+    staging = final_boot.with_name(f".{version}.partial")
+    undo: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+    progress(f"build {os_name} {version} from {parsed}")
+    try:
+        await asyncio.to_thread(_remove_tree, scratch)
+        await asyncio.to_thread(scratch.mkdir, parents=True)
+        ctx = RootfsContext(os_name, version, scratch, host, progress, image_build_dir, debian_mirror)
+        rootdir = scratch / "root"
+        boot = await make_rootfs(rootdir, parsed, ctx)
+
+        undo.append(("boot files", lambda: asyncio.to_thread(_remove_tree, staging)))
+        await asyncio.to_thread(_stage_boot_files, boot.kernel, boot.initrd, staging)
+
+        existing = {v.name: v for v in await backend.list()}
+        created = volume not in existing
+        if created:
+            want = size or default_size(parsed, await asyncio.to_thread(tree_size, rootdir))
+            progress(f"volume: creating {volume} ({want // MiB} MiB, sparse)")
+            info = await backend.create_template(os_name, want)
+            undo.append((f"volume {volume}", lambda: backend.destroy(volume)))
+        else:
+            info = existing[volume]
+            if size is not None and size != info.size:
+                progress(f"volume: {volume} exists with {info.size // MiB} MiB; keeping that size")
+        progress(f"filesystem: mkfs.ext4 -L {ROOT_LABEL} -d <root> on {volume}")
+        await run(
+            [
+                "mkfs.ext4", "-F", "-q", "-L", ROOT_LABEL,
+                "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                "-d", str(rootdir), backend.path(volume),
+            ],
+            timeout=1800,
+        )  # fmt: skip
+
+        progress(f"snapshot: {snapshot}")
+        await backend.snapshot_template(os_name, version)
+        undo.append((f"snapshot {snapshot}", lambda: backend.destroy_snapshot(os_name, version)))
+
+        await asyncio.to_thread(staging.replace, final_boot)
+        undo.append(("published boot files", lambda: asyncio.to_thread(_remove_tree, final_boot)))
+        result = TemplateBuild(
+            os_name=os_name,
+            version=version,
+            source=str(parsed),
+            size=info.size,
+            volume=volume,
+            snapshot=snapshot,
+            kernel=str(final_boot.relative_to(files_root) / "vmlinuz"),
+            initrd=str(final_boot.relative_to(files_root) / "initrd.img"),
+            created_volume=created,
+        )
+        progress(f"done: {os_name} {version} ({result.kernel}, {result.initrd})")
+        return result
+    except BaseException as exc:
+        await _undo(undo, progress)
+        if isinstance(exc, TemplateSourceError | TemplateBuildError) or not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, CommandError | StorageError | OSError):
+            raise TemplateBuildError(f"template {os_name} {version}: {exc}") from exc
+        raise
+    finally:
+        await asyncio.to_thread(_remove_tree, scratch)
+
+
+async def _undo(undo: list[tuple[str, Callable[[], Awaitable[None]]]], progress: Progress) -> None:
+    """Run the compensations newest first; one failing does not stop the others."""
+    for what, step in reversed(undo):
+        try:
+            await asyncio.shield(step())
+            progress(f"undo: removed {what}")
+        except Exception as exc:  # report and go on: the rest must still be undone
+            progress(f"undo: could not remove {what}: {exc}")

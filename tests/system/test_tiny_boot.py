@@ -1,0 +1,199 @@
+"""The tiny template really boots: qemu (TCG) → Cello's initramfs → DHCP (dnsmasq) → iSCSI login (tgtd)
+→ the node's own clone as root → `cello-root-ok <uuid>` on the serial console.
+
+Topology, all inside network namespace `imgt-boot` (removed afterwards):
+    imbr0 10.79.0.1/24  — dnsmasq as the site DHCP, tgtd portal 10.79.0.1:3260
+    imtap0 on imbr0     — the VM's NIC (e1000)
+Logs (serial, dnsmasq, tgtd) are kept in the pytest tmp folder and printed on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.template_build import TemplateBuild, build_template
+from iscsi.model import VolumeBackend
+from tests.integration.test_template_build import debugfs_cat, make_backend
+
+pytestmark = pytest.mark.system
+
+NS = "imgt-boot"
+BRIDGE, TAP = "imbr0", "imtap0"
+HOST_IP = "10.79.0.1"
+TGT_CONTROL_PORT = 50
+IQN_PREFIX = "iqn.2026-11.io.cello"
+UUID_A = "7d3a1f52-9c0e-4b8a-a2f1-0000000000a1"
+UUID_B = "7d3a1f52-9c0e-4b8a-a2f1-0000000000b2"
+BOOT_TIMEOUT = 90.0  # TCG: ~20 s here; bounded so a broken initramfs cannot hang CI
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check, timeout=30)
+
+
+def _ns(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _sh("ip", "netns", "exec", NS, *argv, check=check)
+
+
+def _require_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the system tier runs as root (network namespaces, tgtd)")
+    for tool in ("qemu-system-x86_64", "tgtd", "tgtadm", "dnsmasq", "ip", "debugfs"):
+        assert shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin"), f"{tool} is not installed"
+
+
+@pytest.fixture
+def netns() -> Iterator[None]:
+    _require_tools()
+    _sh("ip", "netns", "del", NS, check=False)
+    _sh("ip", "netns", "add", NS)
+    try:
+        _ns("ip", "link", "set", "lo", "up")
+        _ns("ip", "link", "add", BRIDGE, "type", "bridge")
+        _ns("ip", "addr", "add", f"{HOST_IP}/24", "dev", BRIDGE)
+        _ns("ip", "link", "set", BRIDGE, "up")
+        _ns("ip", "tuntap", "add", "dev", TAP, "mode", "tap")
+        _ns("ip", "link", "set", TAP, "master", BRIDGE)
+        _ns("ip", "link", "set", TAP, "up")
+        yield
+    finally:
+        _sh("ip", "netns", "del", NS, check=False)
+
+
+@dataclass
+class Daemons:
+    logs: Path
+    procs: list[subprocess.Popen[bytes]]
+
+    def tgtadm(self, *args: str) -> str:
+        return _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", *args).stdout
+
+
+@pytest.fixture
+def daemons(netns: None, tmp_path: Path) -> Iterator[Daemons]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    conf = logs / "dnsmasq.conf"
+    conf.write_text(
+        "port=0\n"
+        f"interface={BRIDGE}\nbind-interfaces\nno-resolv\nno-hosts\n"
+        "dhcp-range=10.79.0.100,10.79.0.150,255.255.255.0,1h\n"
+        f"dhcp-leasefile={logs}/dnsmasq.leases\nlog-dhcp\nlog-facility={logs}/dnsmasq.log\n"
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    with open(logs / "tgtd.log", "wb") as tgt_log:
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", NS, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
+             f"--pid-file={logs}/dnsmasq.pid", "--user=root"], stdout=tgt_log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", NS, "tgtd", "-f", "-C", str(TGT_CONTROL_PORT),
+             "--iscsi", f"portal={HOST_IP}:3260"], stdout=tgt_log, stderr=subprocess.STDOUT))
+    d = Daemons(logs, procs)
+    deadline = time.monotonic() + 10
+    while _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--op", "show", "--mode", "sys", check=False).returncode:
+        assert time.monotonic() < deadline, "tgtd did not start: " + (logs / "tgtd.log").read_text()
+        time.sleep(0.2)
+    try:
+        yield d
+    finally:
+        _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", "--op", "delete", "--force",
+            "--mode", "target", "--tid", "1", check=False)
+        _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--op", "delete", "--mode", "system", check=False)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def kernel_cmdline(uuid: str, lun: int) -> str:
+    iqn = f"{IQN_PREFIX}:{uuid}"
+    initiator = f"{IQN_PREFIX}:node-{uuid}"
+    return (
+        f"console=ttyS0 ISCSI_INITIATOR={initiator} ISCSI_TARGET_NAME={iqn} ISCSI_TARGET_IP={HOST_IP} "
+        f"ISCSI_TARGET_PORT=3260 ISCSI_TARGET_GROUP=1 netroot=iscsi:{HOST_IP}::3260:{lun}:{iqn} "
+        f"rd.iscsi.initiator={initiator} cello.server={uuid} cello.lun={lun} cello.poweroff panic=-1"
+    )
+
+
+async def boot_until_marker(kernel: Path, initrd: Path, uuid: str, serial: Path) -> tuple[bool, float]:
+    """Run the VM until it powers off (or the bound passes); True when the marker was printed."""
+    argv = [
+        "ip", "netns", "exec", NS, "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nodefaults",
+        "-display", "none", "-no-reboot", "-serial", f"file:{serial}", "-uuid", uuid,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(uuid, 1),
+        "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+        "-device", "e1000,netdev=n0,mac=52:54:00:79:00:10",
+    ]  # fmt: skip
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
+    except TimeoutError:
+        pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = await asyncio.to_thread(_read, serial)
+    return f"cello-root-ok {uuid}" in text, time.monotonic() - start
+
+
+@dataclass(frozen=True)
+class Built:
+    backend: VolumeBackend
+    build: TemplateBuild
+    files: Path
+
+
+@pytest.fixture
+async def built(tmp_path: Path) -> Built:
+    files = tmp_path / "files"
+    backend = make_backend(tmp_path / "volumes")
+    build = await build_template(backend, "tiny", None, "tiny", files, tmp_path / "work", lambda _: None)
+    return Built(backend, build, files)
+
+
+async def test_tiny_template_boots_from_its_iscsi_clone(daemons: Daemons, built: Built) -> None:
+    backend, build, files = built.backend, built.build, built.files
+    clone_a = await backend.clone_os("tiny", build.version, UUID_A)
+    clone_b = await backend.clone_os("tiny", build.version, UUID_B)
+    daemons.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", f"{IQN_PREFIX}:{UUID_A}")
+    daemons.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", clone_a.path)
+    daemons.tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+    for name in ("nop_interval", "nop_count"):
+        daemons.tgtadm("--op", "update", "--mode", "target", "--tid", "1", "-n", name, "-v", "2")
+
+    serial = daemons.logs / "serial.log"
+    ok, took = await boot_until_marker(files / build.kernel, files / build.initrd, UUID_A, serial)
+    text = _read(serial)
+    assert ok, (
+        f"no 'cello-root-ok {UUID_A}' after {took:.0f} s; logs in {daemons.logs}\n--- serial (tail)\n"
+        + text[-4000:] + "\n--- dnsmasq\n" + _read(daemons.logs / "dnsmasq.log")[-1500:]
+        + "\n--- tgtd\n" + _read(daemons.logs / "tgtd.log")[-1500:]
+    )
+    assert "cello-initramfs-failed" not in text
+    assert "cello-initramfs: address 10.79.0." in text  # the address came from the site DHCP (dnsmasq)
+    print(f"tiny boot to marker: {took:.1f} s")
+
+    # The node wrote into its own clone; the template and the other node's clone never saw it.
+    assert debugfs_cat(clone_a.path, "/cello-booted") == f"uuid={UUID_A}\nboots=1\n"
+    assert debugfs_cat(backend.path("tiny-template"), "/cello-booted") == ""
+    assert debugfs_cat(clone_b.path, "/cello-booted") == ""
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else "(missing)"
