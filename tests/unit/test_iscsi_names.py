@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import pytest
+
+from iscsi import names
+from iscsi.model import NameError_
+
+U = "3f1c2b4e-9d8a-4c6b-8e2f-1a2b3c4d5e6f"
+HOSTILE = [
+    "", "a b", "a{b", "a}b", 'a"b', "a'b", "a\nb", "a#b", "a;b", "a\\b", "a/b", "../x", "A", "-a",
+    "a" * 223, "tiny\x00", "tïny", "a\tb",
+]
+
+
+def test_volume_names_follow_hcc_cello() -> None:
+    assert names.template_volume("tiny") == "tiny-template"
+    assert names.snapshot_name("tiny", "v1") == "tiny-template@v1"
+    assert names.os_volume("tiny", U) == f"tiny-OS-{U}"
+    assert names.data_volume("tiny", U, 1) == f"tiny-DATA-{U}"
+    assert names.data_volume("tiny", U, 2) == f"tiny-DATA-{U}-2"
+    assert names.data_volume("debian.12_x", U, 17) == f"debian.12_x-DATA-{U}-17"
+
+
+def test_parse_volume_says_what_it_is() -> None:
+    assert names.parse_volume("tiny-template") == names.VolumeName("tiny-template", "template", "tiny")
+    assert names.parse_volume(f"a-b-OS-{U}") == names.VolumeName(f"a-b-OS-{U}", "os", "a-b", U)
+    assert names.parse_volume(f"tiny-DATA-{U}-3").index == 3
+    assert names.parse_volume(f"tiny-DATA-{U}").index == 1
+    assert names.parse_snapshot("tiny-template@v12") == ("tiny", "v12")
+
+
+@pytest.mark.parametrize("bad", HOSTILE)
+def test_hostile_os_names_are_refused(bad: str) -> None:
+    with pytest.raises(NameError_):
+        names.os_name(bad)
+    with pytest.raises(NameError_):
+        names.volume(bad)
+
+
+@pytest.mark.parametrize("bad", [
+    U.upper(), U.replace("-", ""), "{" + U + "}", U + "\n", "00000000-0000-0000-0000-00000000000",
+])
+def test_uuid_must_be_canonical_lowercase(bad: str) -> None:
+    with pytest.raises(NameError_):
+        names.server_uuid(bad)
+
+
+@pytest.mark.parametrize("bad", ["1", "V1", "v", "v1a", "v-1", "v1\n", "v" + "9" * 10])
+def test_versions(bad: str) -> None:
+    with pytest.raises(NameError_):
+        names.version(bad)
+
+
+@pytest.mark.parametrize("bad", [f"tiny-DATA-{U}-1", f"tiny-DATA-{U}-0", f"tiny-DATA-{U}-02",
+                                 f"tiny-OS-{U}-2", "tiny-template@v1", "tiny-Template"])
+def test_malformed_volume_names(bad: str) -> None:
+    with pytest.raises(NameError_):
+        names.parse_volume(bad)
+
+
+def test_data_index_bounds() -> None:
+    for bad in (0, -1, 1024, True):
+        with pytest.raises(NameError_):
+            names.data_volume("tiny", U, bad)
+
+
+def test_iqn_length_limit_is_222() -> None:
+    base = "iqn.2026-11.io.cello:"
+    assert names.iqn(base + "a" * (222 - len(base)))
+    with pytest.raises(NameError_):
+        names.iqn(base + "a" * (223 - len(base)))
+    for bad in ["iqn.2026-11.io.cello:A", "iqn.2026-11.io.cello: x", 'iqn.2026-11.io"x', "iqn.26-11.x"]:
+        with pytest.raises(NameError_):
+            names.iqn(bad)
+
+
+def test_portals_and_initiator_portals() -> None:
+    assert names.portal("0.0.0.0:3260") == ("0.0.0.0", 3260)
+    assert names.portal("[::1]:13260") == ("::1", 13260)
+    assert names.format_portal("::1", 3260) == "[::1]:3260"
+    assert names.initiator_portal("10.77.0.9/24") == "10.77.0.0/24"
+    for bad in ["0.0.0.0", "host:3260", "::1:3260", "1.2.3.4:0", "1.2.3.4:70000", "[1.2.3.4]:1"]:
+        with pytest.raises(NameError_):
+            names.portal(bad)
+    with pytest.raises(NameError_):
+        names.initiator_portal("10.77.0.0/33")
+
+
+def test_chap_secret_length_12_to_16() -> None:
+    assert names.chap_secret("a" * 12) and names.chap_secret("a" * 16)
+    for bad in ["a" * 11, "a" * 17, "abc def ghijkl", 'abcdefghijk"l', "abcdefghijk#l", "abcdefghijk}l"]:
+        with pytest.raises(NameError_):
+            names.chap_secret(bad)
+
+
+def test_pool_names() -> None:
+    assert names.pool("tank/cello") == "tank/cello"
+    for bad in ["", "/tank", "tank/", "tank//x", "tank x", "tank@s", "-tank"]:
+        with pytest.raises(NameError_):
+            names.pool(bad)
