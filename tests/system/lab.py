@@ -1,0 +1,579 @@
+"""The netboot lab of the system tests and of `make demo`: made by the tests themselves, torn down after.
+
+```
+netns cel-site  : br0 10.77.0.1/24 + fd77::1/64 — dnsmasq as the site DHCP (addresses only) + IPv6 RA
+                  ctap0..ctapN on br0 — one tap per qemu node (TCG, the iPXE ROM of qemu)
+netns cel-cello : cel-c0 10.77.0.2/24 (veth, its peer cel-c0br on br0) — `cello serve` as a subprocess:
+                  proxyDHCP :67/:4011, TFTP :69, API + HTTP boot :8080, its own tgtd (portal :3260)
+```
+
+Everything the lab starts is a subprocess it keeps the PID of; `down()` stops those by PID, then any
+process still inside its two namespaces (Cello's tgtd), then deletes the namespaces. Leftovers of a
+crashed run with the same names are removed before building. Logs (serial consoles, Cello's log, the
+event stream, dnsmasq's log, tgtadm output) go to one folder, which the caller keeps when a test fails.
+
+The test process stays in the host's namespace; it reaches the API at 10.77.0.2:8080 from threads
+that entered `cel-cello` with setns(2), so no address of the lab leaks into the host's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+NS_SITE = "cel-site"
+NS_CELLO = "cel-cello"
+BRIDGE = "br0"
+VETH_CELLO = "cel-c0"
+VETH_SITE = "cel-c0br"
+SITE_IP = "10.77.0.1"
+CELLO_IP = "10.77.0.2"
+SITE_IP6 = "fd77::1"
+API_PORT = 8080
+TGT_CONTROL_PORT = 77  # /var/run/tgtd/socket.77: unique to this lab
+ADMIN_TOKEN = "cello-lab-admin-token-0123456789"
+TAPS = 4  # ctap0..ctap3: A, B + C in parallel, the unknown node
+API = f"http://{CELLO_IP}:{API_PORT}"
+
+CLONE_NEWNET = 0x40000000
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or a bounded wait ran out; the message says what and where the logs are."""
+
+
+def run(argv: list[str], *, check: bool = True, timeout: float = 30,
+        env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"{' '.join(argv)}: no answer after {timeout:.0f} s") from e
+    if check and done.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout)
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into network namespace `name`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the system tests and `make demo` need root (network namespaces, taps, tgtd, "
+                       "ports 67/69); run them as root (CI does)")
+    missing = [t for t in ("ip", "dnsmasq", "qemu-system-x86_64", "tgtd", "tgtadm", "debugfs")
+               if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if missing:
+        raise LabError(f"not installed: {', '.join(missing)} (the project's setup installs them)")
+
+
+def debugfs_cat(image: str | Path, path: str) -> str:
+    """A file of an ext4 image, read without mounting it ('' when absent)."""
+    out = run(["debugfs", "-R", f"cat {path}", str(image)], timeout=30)
+    return out.stdout
+
+
+# --- the event stream --------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Every event of Cello's SSE stream, read by a thread inside cel-cello, also written to events.log."""
+
+    def __init__(self, path: Path, token: str) -> None:
+        self.path = path
+        self.token = token
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self.error: str | None = None
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="cello-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        enter_netns(NS_CELLO)
+        last = 0
+        with open(self.path, "a", encoding="utf-8") as out:
+            while not self._stop.is_set():
+                try:
+                    last = self._read_stream(out, last)
+                except OSError as e:
+                    self.error = str(e)
+                if not self._stop.wait(0.5):
+                    continue
+
+    def _read_stream(self, out: Any, last: int) -> int:
+        sock = socket.create_connection((CELLO_IP, API_PORT), timeout=5)
+        self._sock = sock
+        sock.settimeout(None)
+        query = f"?since={last}" if last else "?since=0"
+        sock.sendall((f"GET /api/v1/events{query} HTTP/1.1\r\nHost: {CELLO_IP}\r\n"
+                      f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n\r\n").encode())
+        reader = sock.makefile("rb")
+        status = reader.readline().decode("latin-1")
+        if " 200 " not in status:
+            self.error = f"events: {status.strip()}"
+            sock.close()
+            return last
+        chunked = False
+        while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+            if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+                chunked = True
+        fields: dict[str, str] = {}
+        for raw in _sse_lines(reader, chunked):
+            if self._stop.is_set():
+                break
+            if raw == "":
+                event = _sse_event(fields)
+                fields = {}
+                if event is None:
+                    continue
+                if isinstance(event.get("id"), int):
+                    last = max(last, event["id"])
+                out.write(json.dumps(event) + "\n")
+                out.flush()
+                with self._cond:
+                    self.events.append(event)
+                    self._cond.notify_all()
+                for listener in self.listeners:
+                    listener(event)
+            elif not raw.startswith(":"):
+                name, _, value = raw.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                fields[name] = fields[name] + "\n" + value if name in fields else value
+        sock.close()
+        return last
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return list(self.events)
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for event in self.events[seen:]:
+                    if match(event):
+                        return event
+                seen = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabError(f"no event {what} within {timeout:.0f} s (stream error: {self.error})")
+                self._cond.wait(min(left, 0.5))
+
+
+def _sse_lines(reader: Any, chunked: bool) -> Iterator[str]:
+    """The lines of an SSE body, chunked transfer-encoding undone."""
+    if not chunked:
+        while line := reader.readline():
+            yield line.decode("utf-8", "replace").rstrip("\r\n")
+        return
+    pending = b""
+    while True:
+        size_line = reader.readline()
+        if not size_line:
+            return
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        pending += reader.read(size)
+        reader.readline()
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            yield line.decode("utf-8", "replace").rstrip("\r")
+
+
+def _sse_event(fields: Mapping[str, str]) -> dict[str, Any] | None:
+    if "data" not in fields:
+        return None
+    try:
+        data = json.loads(fields["data"])
+    except ValueError:
+        data = {"text": fields["data"]}
+    if not isinstance(data, dict):
+        data = {"value": data}
+    if "kind" not in data and "event" in fields:
+        data["kind"] = fields["event"]
+    if "id" not in data and fields.get("id", "").isdigit():
+        data["id"] = int(fields["id"])
+    return data
+
+
+# --- qemu nodes --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One qemu node on its own tap of br0."""
+
+    name: str
+    uuid: str
+    mac: str
+    tap: str
+    logs: Path
+    firmware: str = "bios"  # bios | uefi
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+    @property
+    def serial(self) -> Path:
+        return self.logs / f"serial-{self.name}.log"
+
+    def argv(self) -> list[str]:
+        sercon = self.logs / "sercon.bin"
+        if not sercon.exists():
+            sercon.write_bytes(b"\xf8\x03")  # iPXE mirrors its screen onto COM1 (0x3f8)
+        argv = [
+            "ip", "netns", "exec", NS_SITE, "qemu-system-x86_64", "-accel", "tcg", "-m", "512",
+            "-nodefaults", "-display", "none", "-no-reboot", "-serial", f"file:{self.serial}",
+            "-boot", "n", "-uuid", self.uuid, "-name", self.name,
+            "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={self.mac}",
+            "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
+        ]  # fmt: skip
+        if self.firmware == "uefi":
+            vars_copy = self.logs / f"ovmf-vars-{self.name}.fd"
+            shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
+            argv += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                     "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+        return argv
+
+    def power_on(self) -> None:
+        if self.serial.exists():
+            self.serial.unlink()
+        log = open(self.logs / f"qemu-{self.name}.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.started = time.monotonic()
+
+    def console(self) -> str:
+        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
+
+    def wait_console(self, text: str, timeout: float) -> float:
+        """Seconds from power-on until `text` is on the serial console; LabError after `timeout`."""
+        deadline = self.started + timeout
+        while True:
+            if text in self.console():
+                return time.monotonic() - self.started
+            if self.proc is not None and self.proc.poll() is not None and text not in self.console():
+                raise LabError(f"{self.name}: qemu exited ({self.proc.returncode}) before {text!r}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: no {text!r} on the serial console within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def power_off(self) -> None:
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# --- the lab -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CelloProcess:
+    proc: subprocess.Popen[bytes]
+    config: Path
+    log: Path
+
+
+@dataclass
+class Lab:
+    workdir: Path
+    dhcp_unknown: str = "ignore"
+    cello: CelloProcess | None = None
+    dnsmasq: subprocess.Popen[bytes] | None = None
+    events: EventLog | None = None
+    nodes: list[Node] = field(default_factory=list)
+    _free_taps: list[str] = field(default_factory=list)
+    _pool: ThreadPoolExecutor | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    # --- network ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def remove_leftovers() -> None:
+        """Whatever a crashed run of this lab left: processes in its namespaces, the namespaces, tgtd's socket."""
+        for ns in (NS_SITE, NS_CELLO):
+            if not Path(f"/run/netns/{ns}").exists():
+                continue
+            pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while run(["ip", "netns", "pids", ns], check=False).stdout.split() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            run(["ip", "netns", "del", ns], check=False)
+        for leftover in (f"socket.{TGT_CONTROL_PORT}", f"socket.{TGT_CONTROL_PORT}.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                Path("/var/run/tgtd", leftover).unlink()
+
+    def _network(self) -> None:
+        s = NS_SITE
+        run(["ip", "netns", "add", s])
+        in_ns(s, "ip", "link", "set", "lo", "up")
+        in_ns(s, "ip", "link", "add", BRIDGE, "type", "bridge")
+        in_ns(s, "ip", "addr", "add", f"{SITE_IP}/24", "dev", BRIDGE)
+        in_ns(s, "ip", "-6", "addr", "add", f"{SITE_IP6}/64", "dev", BRIDGE, "nodad")
+        in_ns(s, "ip", "link", "set", BRIDGE, "up")
+        for i in range(TAPS):
+            tap = f"ctap{i}"
+            in_ns(s, "ip", "tuntap", "add", "dev", tap, "mode", "tap")
+            in_ns(s, "ip", "link", "set", tap, "master", BRIDGE)
+            in_ns(s, "ip", "link", "set", tap, "up")
+            self._free_taps.append(tap)
+        c = NS_CELLO
+        run(["ip", "netns", "add", c])
+        in_ns(c, "ip", "link", "set", "lo", "up")
+        run(["ip", "link", "add", VETH_CELLO, "netns", c, "type", "veth", "peer", "name", VETH_SITE, "netns", s])
+        in_ns(s, "ip", "link", "set", VETH_SITE, "master", BRIDGE)
+        in_ns(s, "ip", "link", "set", VETH_SITE, "up")
+        in_ns(c, "ip", "addr", "add", f"{CELLO_IP}/24", "dev", VETH_CELLO)
+        in_ns(c, "ip", "link", "set", VETH_CELLO, "up")
+
+    def _site_dhcp(self) -> None:
+        conf = self.logs / "dnsmasq.conf"
+        conf.write_text(
+            "port=0\n"
+            f"interface={BRIDGE}\nbind-interfaces\nno-resolv\nno-hosts\n"
+            "dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h\n"
+            "enable-ra\ndhcp-range=fd77::,ra-only\n"
+            f"dhcp-leasefile={self.workdir}/dnsmasq.leases\n"
+            f"log-dhcp\nlog-facility={self.logs}/dnsmasq.log\n"
+        )
+        out = open(self.logs / "dnsmasq.stderr", "ab")  # noqa: SIM115
+        self.dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", NS_SITE, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
+             f"--pid-file={self.workdir}/dnsmasq.pid", "--user=root"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        time.sleep(0.3)
+        if self.dnsmasq.poll() is not None:
+            raise LabError(f"dnsmasq exited at start: {(self.logs / 'dnsmasq.stderr').read_text()}")
+
+    def up(self) -> None:
+        """Network + site DHCP. Cello comes next with start_cello()."""
+        require_root()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers()
+        self._network()
+        self._site_dhcp()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cel-cello",
+                                        initializer=enter_netns, initargs=(NS_CELLO,))
+
+    # --- Cello ------------------------------------------------------------------------------------
+
+    def cello_config(self) -> str:
+        return (
+            "[appliance]\n"
+            f'state_dir = "{self.state_dir}"\n'
+            f'advertise = "{CELLO_IP}"\n'
+            "[api]\n"
+            f'listen = "{CELLO_IP}:{API_PORT}"\n'
+            f'admin_token = "{ADMIN_TOKEN}"\n'
+            "[tftp]\n"
+            'listen = "0.0.0.0:69"\n'
+            "[dhcp]\n"
+            'listen = "0.0.0.0"\n'
+            f'interface = "{VETH_CELLO}"\n'
+            f'unknown = "{self.dhcp_unknown}"\n'
+            "[storage]\n"
+            'backend = "file"\n'
+            "[iscsi]\n"
+            'driver = "tgt"\n'
+            f'portals = ["{CELLO_IP}:3260"]\n'
+            f"tgt_control_port = {TGT_CONTROL_PORT}\n"
+        )
+
+    def start_cello(self, timeout: float = 40) -> None:
+        config = self.workdir / "cello.toml"
+        config.write_text(self.cello_config())
+        log_path = self.logs / "cello.log"
+        out = open(log_path, "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", "serve", "--config", str(config),
+             "--log-level", "debug"],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        self.cello = CelloProcess(proc, config, log_path)
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise LabError(f"cello serve exited ({proc.returncode}) at start:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError, LabError):
+                status, _ = self.api("GET", "/api/v1/health", timeout=2)
+                if status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise LabError(f"cello serve: no /api/v1/health within {timeout:.0f} s")
+            time.sleep(0.3)
+        self.events = EventLog(self.logs / "events.log", ADMIN_TOKEN)
+        self.events.start()
+
+    def stop_cello(self, timeout: float = 15) -> None:
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
+        if self.cello is None:
+            return
+        proc = self.cello.proc
+        self.cello = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    # --- the public interfaces: API and CLI ---------------------------------------------------------
+
+    def api(self, method: str, path: str, body: object | None = None, *, timeout: float = 30,
+            token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
+        """One API request from inside cel-cello; (status, decoded JSON or text)."""
+        assert self._pool is not None, "lab is not up"
+        return self._pool.submit(_http, method, path, body, timeout, token).result(timeout + 5)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`cello ARGS` inside cel-cello, with CELLO_API and CELLO_TOKEN like an operator's shell."""
+        env = {**os.environ, "CELLO_API": API, "CELLO_TOKEN": ADMIN_TOKEN}
+        return run(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", *args],
+                   check=False, timeout=timeout, env=env)
+
+    def cli_popen(self, *args: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "CELLO_API": API, "CELLO_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", *args],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def tgt_show(self) -> str:
+        """What Cello's tgtd really holds (targets, LUNs, I_T nexus = logged-in initiators)."""
+        out = run(["tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", "--op", "show", "--mode", "target"],
+                  check=False)
+        text = out.stdout + out.stderr
+        with open(self.logs / "tgtadm-show.log", "a") as f:
+            f.write(f"--- {time.strftime('%H:%M:%S')}\n{text}")
+        return text
+
+    # --- nodes --------------------------------------------------------------------------------------
+
+    def node(self, name: str, uuid: str, mac: str, *, firmware: str = "bios") -> Node:
+        if not self._free_taps:
+            raise LabError(f"no free tap for node {name} (the lab has {TAPS})")
+        node = Node(name, uuid, mac, self._free_taps.pop(0), self.logs, firmware)
+        self.nodes.append(node)
+        return node
+
+    def release(self, node: Node) -> None:
+        node.power_off()
+        if node in self.nodes:
+            self.nodes.remove(node)
+            self._free_taps.append(node.tap)
+
+    # --- teardown -----------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Idempotent: nodes, Cello (which stops its tgtd), dnsmasq, then anything left, then the namespaces."""
+        for node in list(self.nodes):
+            with contextlib.suppress(Exception):
+                node.power_off()
+        with contextlib.suppress(Exception):
+            self.tgt_show()
+        with contextlib.suppress(Exception):
+            self.stop_cello()
+        if self.dnsmasq is not None:
+            proc, self.dnsmasq = self.dnsmasq, None
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.remove_leftovers()
+
+    def log_tail(self, limit: int = 2500) -> str:
+        """The end of every log, for a failure message."""
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            text = path.read_text(errors="replace")
+            parts.append(f"--- {path.name} (last {limit} chars)\n{text[-limit:]}")
+        return "\n".join(parts)
+
+
+def _http(method: str, path: str, body: object | None, timeout: float, token: str | None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(CELLO_IP, API_PORT, timeout=timeout)
+    try:
+        headers = {"Accept": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw) if raw else None
+        except ValueError:
+            return response.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
