@@ -129,7 +129,12 @@ class RawListener:
             if reply is None:
                 continue
             dst_ip, dport = reply.dest
-            dst_mac = BROADCAST_MAC if dst_ip == "255.255.255.255" else reply.chaddr[:6]
+            if dst_ip == "255.255.255.255":
+                dst_mac = BROADCAST_MAC
+            elif self._mac == bytes(6):  # loopback: frames to any other MAC are dropped as PACKET_OTHERHOST
+                dst_mac = self._mac
+            else:
+                dst_mac = reply.chaddr[:6]
             frame_out = build_udp_frame(self._mac, dst_mac, self.advertise, dst_ip, self.port, dport, reply.data)
             try:
                 self._sock.ins.send(frame_out)
