@@ -1,0 +1,29 @@
+"""What the web app needs from the rest of the appliance; built by the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.bootpolicy import ApplianceBootPolicy
+from appliance.events import EventBus
+from appliance.provisioner import Provisioner
+from appliance.store import AsyncStore
+from iscsi.model import VolumeBackend
+
+HealthReport = Mapping[str, Mapping[str, str]]  # {service: {"state": ..., "detail": ...}}
+
+
+@dataclass
+class WebDeps:
+    provisioner: Provisioner
+    store: AsyncStore
+    events: EventBus
+    policy: ApplianceBootPolicy
+    files_root: Path  # kernels and initrds served under /boot/files/
+    backend: VolumeBackend  # for /pools
+    health: Callable[[], HealthReport | Awaitable[HealthReport]]
+    version: str
+    client_max_size: int = 1 << 20  # request bodies above this get 413
+    sse_heartbeat: float = 15.0  # seconds between keep-alive comments on /events

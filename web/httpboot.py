@@ -1,0 +1,110 @@
+"""HTTP boot: per-node iPXE scripts and the kernels/initrds of the templates.
+
+`GET /boot/<uuid>.ipxe` renders the node's script from the boot policy (404 unknown node, 503 while
+the `http-boot` service is disabled). `GET /boot/files/<path>` serves a file of the boot files root
+with sendfile (web.FileResponse: ranges, conditional requests); a path that would leave the root —
+`..`, absolute, NUL, or a symlink pointing out — is refused. Every fetch is published as an `http` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+from bootfiles.render import RenderError, render_ipxe
+from web.errors import ApiError
+from web.keys import BOOT_CLIENTS, DEPS, METRICS
+from web.routes import Param, Route
+from web.schemas import UUID
+
+MAX_PATH = 1024
+
+
+def _publish(request: web.Request, server: str | None, file: str, size: int, status: int) -> None:
+    client = request.remote or ""
+    request.app[DEPS].events.publish("http", {"server": server, "client": client, "file": file,
+                                              "bytes": size, "status": status})
+    request.app[METRICS].boot_bytes += size
+
+
+def _http_boot_enabled(request: web.Request) -> bool:
+    return request.app[DEPS].provisioner.services.get("http-boot", True)
+
+
+async def ipxe_script(request: web.Request) -> web.StreamResponse:
+    """The node's iPXE script (iPXE asks `/boot/${uuid}.ipxe?mac=${net0/mac}`)."""
+    deps = request.app[DEPS]
+    uuid = request.match_info["uuid"].lower()
+    file = f"{uuid}.ipxe"
+    mac = request.query.get("mac")
+    if not _http_boot_enabled(request):
+        _publish(request, uuid, file, 0, 503)
+        raise ApiError(503, "service_disabled", "the http-boot service is disabled")
+    spec = deps.policy.boot_spec(uuid=uuid, mac=mac)
+    if spec is None:
+        _publish(request, None, file, 0, 404)
+        raise ApiError(404, "not_found", f"no bootable server {uuid}")
+    try:
+        body = render_ipxe(spec).encode()
+    except RenderError as e:
+        _publish(request, spec.server_uuid, file, 0, 500)
+        raise ApiError(500, "render_error", f"cannot render the boot script of {spec.server_uuid}: {e}") from None
+    request.app[BOOT_CLIENTS].remember(request.remote or "", spec.server_uuid)
+    _publish(request, spec.server_uuid, file, len(body), 200)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+def resolve_inside(root: Path, rel: str) -> Path | None:
+    """The regular file `rel` names inside `root`, or None when it would leave the root or is no file."""
+    if not rel or len(rel) > MAX_PATH or "\0" in rel or "\\" in rel or rel.startswith("/"):
+        return None
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return None
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(real_root / rel))
+    if not target.is_relative_to(real_root) or not target.is_file():
+        return None
+    return target
+
+
+async def boot_file(request: web.Request) -> web.StreamResponse:
+    """A kernel or initrd (or any file) under the boot files root, sent with sendfile."""
+    deps = request.app[DEPS]
+    rel = request.match_info["path"]
+    server = request.app[BOOT_CLIENTS].server_of(request.remote or "")
+    if not _http_boot_enabled(request):
+        _publish(request, server, rel, 0, 503)
+        raise ApiError(503, "service_disabled", "the http-boot service is disabled")
+    target = await asyncio.to_thread(resolve_inside, deps.files_root, rel)
+    if target is None:
+        _publish(request, server, rel, 0, 404)
+        raise ApiError(404, "not_found", f"no boot file {rel[:200]!r}")
+    resp = web.FileResponse(target, headers={"Cache-Control": "no-cache"})
+    await resp.prepare(request)  # sends the file; afterwards its length and status are known
+    sent = 0 if request.method == "HEAD" or resp.status >= 300 else (resp.content_length or 0)
+    _publish(request, server, rel, sent, resp.status)
+    return resp
+
+
+_UUID = {"uuid": {"type": "string", "description": UUID["pattern"]}}
+_MAC = Param("mac", {"type": "string"}, "the node's MAC, the fallback when the UUID is unknown or broken")
+_PATH = {"path": {"type": "string", "description": "path inside the boot files root"}}
+_FILE = {"type": "string", "format": "binary"}
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/boot/{uuid}.ipxe", ipxe_script, "A node's iPXE script", "public", "boot",
+          path_params=_UUID, params=(_MAC,), content="text/plain",
+          responses={200: ("the script", {"type": "string"}), 503: ("http-boot is disabled", None)}),
+    Route("GET", "/boot/files/{path:.+}", boot_file, "A kernel or initrd from the boot files root", "public",
+          "boot", path_params=_PATH, content="application/octet-stream",
+          responses={200: ("the file", _FILE), 206: ("a range of the file", _FILE),
+                     304: ("not modified", None), 503: ("http-boot is disabled", None)}),
+    Route("HEAD", "/boot/files/{path:.+}", boot_file, "Size and date of a boot file", "public", "boot",
+          path_params=_PATH, content="application/octet-stream", name="head_boot_file",
+          responses={200: ("the file's headers", None), 503: ("http-boot is disabled", None)}),
+)

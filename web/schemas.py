@@ -1,0 +1,182 @@
+"""JSON schemas shared by the route table and the OpenAPI document (components/schemas)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.provisioner import MAX_DATA_GB, MAX_DATA_VOLUMES
+
+Schema = dict[str, Any]
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array_of(name: str) -> Schema:
+    return {"type": "array", "items": ref(name)}
+
+
+UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
+NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,62}$"}
+SIZE_GB = {"type": "integer", "minimum": 1, "maximum": MAX_DATA_GB}
+
+COMPONENTS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "detail"],
+        "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+    },
+    "Volume": {
+        "type": "object",
+        "required": ["name", "server", "kind", "index", "size", "state"],
+        "properties": {
+            "name": {"type": "string"},
+            "server": {"type": "string"},
+            "kind": {"type": "string", "enum": ["os", "data"]},
+            "index": {"type": "integer"},
+            "size": {"type": "integer", "description": "bytes"},
+            "size_gb": {"type": "number"},
+            "state": {"type": "string"},
+            "serial": {"type": "string"},
+            "lun": {"type": ["integer", "null"], "description": "LUN number the export driver used"},
+        },
+    },
+    "Target": {
+        "type": "object",
+        "required": ["iqn", "portal", "luns"],
+        "properties": {
+            "iqn": {"type": "string"},
+            "portal": {"type": "string"},
+            "initiator": {"type": "string"},
+            "exported": {"type": "boolean"},
+            "luns": {"type": "array", "items": {
+                "type": "object",
+                "properties": {"volume": {"type": "string"}, "index": {"type": "integer"},
+                               "lun": {"type": ["integer", "null"]}},
+            }},
+        },
+    },
+    "Server": {
+        "type": "object",
+        "required": ["uuid", "template", "state", "reason", "user", "volumes", "target"],
+        "properties": {
+            "uuid": {"type": "string"},
+            "template": {"type": "string"},
+            "version": {"type": "string"},
+            "profile": {"type": "string"},
+            "user": {"type": "string"},
+            "state": {"type": "string",
+                      "enum": ["creating", "exporting", "available", "error", "deleting", "error_deleting"]},
+            "reason": {"type": "string"},
+            "macs": {"type": "array", "items": {"type": "string"}},
+            "hostname": {"type": "string"},
+            "address": {"type": "string"},
+            "created_at": {"type": "number"},
+            "updated_at": {"type": "number"},
+            "volumes": array_of("Volume"),
+            "target": ref("Target"),
+        },
+    },
+    "CreateServer": {
+        "type": "object",
+        "required": ["uuid", "template"],
+        "additionalProperties": False,
+        "properties": {
+            "uuid": UUID,
+            "template": NAME,
+            "profile": {"type": "string"},
+            "macs": {"type": "array", "maxItems": 16,
+                     "items": {"type": "string", "pattern": "^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$"}},
+            "user": {"type": "string", "description": "required for admin tokens; a user token may name only itself"},
+            "data_volumes": {"type": "array", "maxItems": MAX_DATA_VOLUMES, "items": {
+                "type": "object", "required": ["size_gb"], "additionalProperties": False,
+                "properties": {"size_gb": SIZE_GB}}},
+            "hostname": {"type": "string"},
+            "address": {"type": "string"},
+        },
+    },
+    "AddVolume": {
+        "type": "object", "required": ["size_gb"], "additionalProperties": False,
+        "properties": {"size_gb": SIZE_GB},
+    },
+    "TemplateVersion": {
+        "type": "object",
+        "properties": {
+            "version": {"type": "string"}, "source": {"type": "string"}, "size": {"type": "integer"},
+            "kernel": {"type": "string"}, "initrd": {"type": "string"}, "created_at": {"type": "number"},
+            "clones": {"type": "integer"},
+        },
+    },
+    "Template": {
+        "type": "object", "required": ["name", "versions"],
+        "properties": {"name": {"type": "string"}, "versions": array_of("TemplateVersion")},
+    },
+    "Build": {
+        "type": "object", "required": ["id", "template", "state"],
+        "properties": {
+            "id": {"type": "string"}, "template": {"type": "string"}, "source": {"type": "string"},
+            "state": {"type": "string", "enum": ["running", "done", "failed"]},
+            "progress": {"type": "array", "items": {"type": "string"}},
+            "version": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+        },
+    },
+    "StartBuild": {
+        "type": "object", "required": ["source"], "additionalProperties": False,
+        "properties": {"source": {"type": "string", "description": "tiny | debian[:SUITE] | tar:/path/rootfs.tar"}},
+    },
+    "User": {
+        "type": "object", "required": ["name", "max_volumes", "max_data_gb"],
+        "properties": {
+            "name": {"type": "string"}, "max_volumes": {"type": "integer"}, "max_data_gb": {"type": "integer"},
+            "used_volumes": {"type": "integer"}, "used_data_gb": {"type": "number"},
+        },
+    },
+    "CreateUser": {
+        "type": "object", "required": ["name"], "additionalProperties": False,
+        "properties": {"name": NAME, "max_volumes": {"type": "integer", "minimum": 0, "maximum": 100000},
+                       "max_data_gb": {"type": "integer", "minimum": 0, "maximum": 10000000}},
+    },
+    "Quota": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"max_volumes": {"type": "integer", "minimum": 0, "maximum": 100000},
+                       "max_data_gb": {"type": "integer", "minimum": 0, "maximum": 10000000}},
+    },
+    "NewToken": {
+        "type": "object", "required": ["token", "user"],
+        "properties": {"token": {"type": "string", "description": "shown once; only its hash is kept"},
+                       "user": {"type": "string"}},
+    },
+    "Service": {
+        "type": "object", "required": ["name", "enabled"],
+        "properties": {"name": {"type": "string"}, "enabled": {"type": "boolean"}, "state": {"type": "string"},
+                       "detail": {"type": "string"}},
+    },
+    "SetService": {
+        "type": "object", "required": ["enabled"], "additionalProperties": False,
+        "properties": {"enabled": {"type": "boolean"}},
+    },
+    "Pool": {
+        "type": "object", "required": ["name", "total", "used", "free"],
+        "properties": {"name": {"type": "string"}, "total": {"type": "integer"}, "used": {"type": "integer"},
+                       "free": {"type": "integer"}, "status": {"type": "object"}},
+    },
+    "Health": {
+        "type": "object", "required": ["status", "version", "services"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "degraded"]}, "version": {"type": "string"},
+                       "services": {"type": "object", "additionalProperties": {
+                           "type": "object", "properties": {"state": {"type": "string"},
+                                                            "detail": {"type": "string"}}}}},
+    },
+    "Reconcile": {
+        "type": "object", "required": ["repaired", "problems"],
+        "properties": {"repaired": {"type": "array", "items": {"type": "string"}},
+                       "problems": {"type": "array", "items": {"type": "string"}}},
+    },
+    "Event": {
+        "type": "object", "required": ["id", "at", "kind"],
+        "properties": {"id": {"type": "integer"}, "at": {"type": "number"}, "kind": {"type": "string"},
+                       "server": {"type": ["string", "null"]}},
+        "additionalProperties": True,
+    },
+}
