@@ -23,6 +23,7 @@ from iscsi.runner import CommandError, CommandResult, CommandRunner, default_run
 log = logging.getLogger(__name__)
 
 SOCKET_DIR = Path("/var/run/tgtd")
+TGT_ID_LEN = 36  # tgt keeps the first 36 chars of scsi_sn and scsi_id (SCSI_SN_LEN, SCSI_ID_LEN)
 
 
 class TgtShowError(ValueError):
@@ -219,6 +220,10 @@ class TgtDriver:
         self._monitor = asyncio.create_task(self._supervise(), name=f"tgtd-{self.control_port}")
 
     async def _spawn(self) -> None:
+        if (await self._adm("--op", "show", "--mode", "system", check=False)).returncode == 0:
+            # the socket answers before our tgtd could have bound it: another tgtd owns this port
+            raise StorageError(f"tgtd -C {self.control_port}: control port already served by another "
+                               f"tgtd ({self.socket_path}); stop it or configure another control port")
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.daemon_argv(), stdin=asyncio.subprocess.DEVNULL,
@@ -239,7 +244,7 @@ class TgtDriver:
                 )
             if self.socket_path.exists():
                 res = await self._adm("--op", "show", "--mode", "system", check=False)
-                if res.returncode == 0:
+                if res.returncode == 0 and self._proc.returncode is None:
                     return
             if loop.time() > deadline:
                 await self._kill()
@@ -401,7 +406,7 @@ class TgtDriver:
             if lun is None:
                 await self._adm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", str(number),
                                 "-b", path)
-            if lun is None or lun.serial != serial or lun.scsi_id != scsi_id:
+            if lun is None or lun.serial != serial[:TGT_ID_LEN] or lun.scsi_id != scsi_id[:TGT_ID_LEN]:
                 await self._adm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(number),
                                 "--params", f"scsi_sn={serial},scsi_id={scsi_id}")
         for entry in cur.acl:
