@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from dnslib import CLASS, OPCODE, PTR, QTYPE, RCODE, RR, A, DNSError, DNSLabel, DNSRecord
 
@@ -113,8 +114,7 @@ class _Protocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         out = self.owner.serve_datagram(data, addr)

@@ -5,6 +5,7 @@ Replies that would be broadcast go to 127.0.0.1 (the `broadcast` knob) so nothin
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -50,10 +51,10 @@ class Client:
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
 
-    async def ask(self, data: bytes, port: int, timeout: float = 2.0) -> p.DhcpPacket:
+    async def ask(self, data: bytes, port: int, wait: float = 2.0) -> p.DhcpPacket:
         loop = asyncio.get_running_loop()
         await loop.sock_sendto(self.sock, data, ("127.0.0.1", port))
-        reply = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), timeout)
+        reply = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), wait)
         return p.decode(reply)
 
     async def silent(self, data: bytes, port: int, wait: float = 0.3) -> None:
@@ -139,7 +140,7 @@ async def test_silence_for_plain_unknown_disabled_and_survives_garbage(setup) ->
 
 
 async def test_many_clients_in_a_burst(setup) -> None:  # type: ignore[no-untyped-def]
-    proxy, client, events, _ = setup
+    proxy, client, _events, _ = setup
     loop = asyncio.get_running_loop()
     port = proxy.bound["dhcp"][1]
     for i in range(1, 20):
@@ -156,7 +157,7 @@ async def test_port_in_use_is_a_clear_error() -> None:
     port = holder.getsockname()[1]
     proxy = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=port, pxe_port=0, raw_fallback=False)
     try:
-        with pytest.raises(OSError, match=f"127.0.0.1:{port} is already in use"):
+        with pytest.raises(OSError, match=re.escape(f"127.0.0.1:{port} is already in use")):
             await proxy.start()
         assert proxy.bound == {}
         # The :4011 side failing undoes the :67 bind.
