@@ -1,0 +1,191 @@
+"""The real API stack for the web tests: SQLite store, `file` backend, a supervised `tgtd`, the
+provisioner and the aiohttp app behind aiohttp's test server on a loopback port.
+
+Other test_api_* modules import `api_stack` (a fixture) and the helpers from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from appliance.bootpolicy import ApplianceBootPolicy
+from appliance.events import EventBus
+from appliance.provisioner import Provisioner
+from appliance.store import AsyncStore, Store, TemplateVersion
+from bootfiles.profiles import BUILTIN_PROFILES
+from iscsi.file_backend import FileBackend
+from iscsi.model import ExportDriver, VolumeBackend
+from iscsi.tgt import TgtDriver
+from web.app import WebDeps, create_app, ensure_admin_token
+
+IQN_PREFIX = "iqn.2026-11.io.cello"
+TEMPLATE_SIZE = 64 << 20
+KERNEL = "templates/tiny/v1/vmlinuz"
+INITRD = "templates/tiny/v1/initrd.img"
+# This area's tgtd control ports and iSCSI portals (unique to the web tests).
+TGT_CONTROL_PORTS = (60, 61, 62, 63, 64)
+PORTALS = tuple(f"127.0.0.1:{p}" for p in range(13270, 13280))
+
+needs_tgt = pytest.mark.skipif(shutil.which("tgtd") is None or shutil.which("tgtadm") is None,
+                               reason="tgtd/tgtadm not installed (apt install tgt)")
+
+
+def uuid_n(n: int) -> str:
+    return f"3f1c2b4e-0000-4000-8000-{n:012x}"
+
+
+@dataclass
+class Stack:
+    root: Path
+    store: AsyncStore
+    events: EventBus
+    backend: VolumeBackend
+    driver: ExportDriver
+    policy: ApplianceBootPolicy
+    prov: Provisioner
+    client: TestClient  # type: ignore[type-arg]
+    files_root: Path
+    admin_token: str
+    tokens: dict[str, str] = field(default_factory=dict)  # user -> token
+    health_report: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def auth(self, who: str = "admin") -> dict[str, str]:
+        token = self.admin_token if who == "admin" else self.tokens[who]
+        return {"Authorization": f"Bearer {token}"}
+
+    async def req(self, method: str, path: str, who: str | None = "admin", **kw: Any) -> tuple[int, Any]:
+        headers = dict(kw.pop("headers", {}))
+        if who is not None:
+            headers.update(self.auth(who))
+        async with self.client.request(method, path, headers=headers, **kw) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+    async def create(self, uuid: str, user: str = "alice", who: str = "admin", **body: Any) -> tuple[int, Any]:
+        payload = {"uuid": uuid, "template": "tiny", **body}
+        if who == "admin":
+            payload.setdefault("user", user)
+        return await self.req("POST", "/api/v1/servers", who, json=payload)
+
+    async def wait_state(self, uuid: str, states: tuple[str, ...] = ("available", "error"),
+                         within: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        while True:
+            status, body = await self.req("GET", f"/api/v1/servers/{uuid}")
+            assert status == 200, body
+            if body["state"] in states:
+                return body  # type: ignore[no-any-return]
+            assert time.monotonic() < deadline, f"server {uuid} still {body['state']}"
+            await asyncio.sleep(0.02)
+
+    async def add_user(self, name: str, max_volumes: int = 32, max_data_gb: int = 1024) -> str:
+        status, body = await self.req("POST", "/api/v1/users", json={
+            "name": name, "max_volumes": max_volumes, "max_data_gb": max_data_gb})
+        assert status == 201, body
+        status, body = await self.req("POST", f"/api/v1/users/{name}/tokens")
+        assert status == 201, body
+        self.tokens[name] = body["token"]
+        return str(body["token"])
+
+    async def assert_clean(self) -> None:
+        """No orphan volume, no stale export, no leaked quota; a reconcile finds nothing to say."""
+        sync = self.store.sync
+        volumes = {v.name for v in await self.store.call(sync.volumes)}
+        real = {v.name for v in await self.backend.list()} - {"tiny-template"}
+        assert real == volumes, f"backend {sorted(real)} vs store {sorted(volumes)}"
+        desired = {t.iqn for t in await self.prov.desired_targets()}
+        actual = await self.driver.actual()
+        assert set(actual.targets) == desired
+        for user in await self.store.call(sync.users):
+            n, data = await self.store.call(sync.usage, user.name)
+            mine = [v for v in await self.store.call(sync.volumes)
+                    if (s := await self.store.call(sync.server, v.server)) is not None and s.owner == user.name]
+            assert n == len(mine) and data == sum(v.size for v in mine if v.kind == "data")
+        report = await self.prov.reconcile()
+        assert report.problems == [], report.problems
+
+
+async def add_template(store: AsyncStore, backend: VolumeBackend, files_root: Path) -> None:
+    await backend.create_template("tiny", TEMPLATE_SIZE)
+    await backend.snapshot_template("tiny", "v1")
+    await store.call(store.sync.add_template_version,
+                     TemplateVersion("tiny", "v1", "tiny", TEMPLATE_SIZE, KERNEL, INITRD, time.time()))
+    (files_root / KERNEL).parent.mkdir(parents=True, exist_ok=True)
+    (files_root / KERNEL).write_bytes(b"K" * 300_000)
+    (files_root / INITRD).write_bytes(b"I" * 123_457)
+
+
+def make_provisioner(store: AsyncStore, backend: VolumeBackend, driver: ExportDriver, events: EventBus,
+                     policy: ApplianceBootPolicy, cls: type[Provisioner] = Provisioner) -> Provisioner:
+    return cls(store, backend, driver, events, iqn_prefix=IQN_PREFIX, profiles=list(BUILTIN_PROFILES),
+               default_profile="ipxe", on_change=policy.changed)
+
+
+@contextlib.asynccontextmanager
+async def open_stack(
+    tmp: Path,
+    *,
+    control_port: int = TGT_CONTROL_PORTS[0],
+    portal: str = PORTALS[0],
+    wrap_backend: Callable[[VolumeBackend], VolumeBackend] = lambda b: b,
+    wrap_driver: Callable[[ExportDriver], ExportDriver] = lambda d: d,
+    prov_cls: type[Provisioner] = Provisioner,
+    client_max_size: int = 1 << 20,
+) -> AsyncIterator[Stack]:
+    files_root = tmp / "boot"
+    files_root.mkdir(parents=True, exist_ok=True)
+    store = AsyncStore(Store(tmp / "cello.db"))
+    events = EventBus(store)
+    real_backend = FileBackend(tmp / "volumes")
+    await add_template(store, real_backend, files_root)
+    real_driver = TgtDriver(control_port, [portal])
+    await real_driver.start()
+    backend, driver = wrap_backend(real_backend), wrap_driver(real_driver)
+    holder: list[Provisioner] = []
+    host, port = portal.rsplit(":", 1)
+    policy = ApplianceBootPolicy(
+        store, profiles=BUILTIN_PROFILES, iqn_prefix=IQN_PREFIX, portal=(host, int(port)),
+        http_base="http://127.0.0.1:8080", unknown="ignore",
+        exports=lambda: holder[0].exports.last_state if holder else None, lun_number=real_driver.lun_number)
+    prov = make_provisioner(store, backend, driver, events, policy, prov_cls)
+    holder.append(prov)
+    await events.start()
+    await prov.load_services()
+    admin = await ensure_admin_token(store, "")
+    assert admin is not None
+    health: dict[str, dict[str, str]] = {"export": {"state": "running", "detail": "tgt"},
+                                         "api": {"state": "running", "detail": "test"}}
+    deps = WebDeps(provisioner=prov, store=store, events=events, policy=policy, files_root=files_root,
+                   backend=backend, health=lambda: health, version="test", client_max_size=client_max_size,
+                   sse_heartbeat=0.5)
+    client = TestClient(TestServer(create_app(deps), host="127.0.0.1"))
+    await client.start_server()
+    stack = Stack(tmp, store, events, backend, driver, policy, prov, client, files_root, admin,
+                  health_report=health)
+    try:
+        yield stack
+    finally:
+        await client.close()
+        await prov.drain()
+        await real_driver.stop()
+        await events.stop()
+        await asyncio.to_thread(store.close)
+
+
+@pytest.fixture
+async def api_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with open_stack(tmp_path) as stack:
+        await stack.add_user("alice")
+        await stack.add_user("bob")
+        yield stack
