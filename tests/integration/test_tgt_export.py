@@ -1,4 +1,4 @@
-"""tgt export driver against a real `tgtd` (control port 40–41) and libiscsi's real initiators.
+"""tgt export driver against a real `tgtd` (control port 40-41) and libiscsi's real initiators.
 
 Portals: 127.0.0.1:13260..13261. The exported volumes come from the file backend: a template,
 its snapshot, a clone — the initiators read and write the clone, and the template stays unchanged.
@@ -189,13 +189,13 @@ async def test_a_dead_tgtd_is_restarted_with_the_exports(backend: FileBackend) -
         driver._proc.send_signal(signal.SIGKILL)
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if driver.restarts == 1 and driver._proc.returncode is None:
+            if driver.restarts >= 1 and driver._proc.returncode is None:
                 try:
                     if (await driver.actual()).targets:
                         break
                 except Exception:
                     continue
-        assert driver.restarts == 1
+        assert driver.restarts >= 1, driver._stderr_tail
         assert (await driver.actual()).targets == {f"{PREFIX}:{U1}": {f"tiny-OS-{U1}": 1}}
         rc, out = await run("iscsi-inq", f"iscsi://127.0.0.1:13261/{PREFIX}:{U1}/1")
         assert rc == 0, out
