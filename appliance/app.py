@@ -14,6 +14,7 @@ import logging
 import socket
 import struct
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,11 +177,15 @@ class Appliance:
 
     async def _build_template(self, name: str, version: str, source: str,
                               progress: Callable[[str], None]) -> Any:
+        from appliance.store import TemplateVersion
         from appliance.template_build import build_template
 
         assert self.backend is not None
-        return await build_template(self.backend, name, version, source, self.files_root,
-                                    self.state_dir / "build", progress)
+        built = await build_template(self.backend, name, version, source, self.files_root,
+                                     self.state_dir / "build", progress)
+        # The provisioner stores a TemplateVersion row, not the build's own record.
+        return TemplateVersion(template=built.os_name, version=built.version, source=built.source,
+                               size=built.size, kernel=built.kernel, initrd=built.initrd, created_at=time.time())
 
     def _enabled(self, service: str) -> Callable[[], bool]:
         return lambda: self.provisioner is not None and self.provisioner.services.get(service, True)
