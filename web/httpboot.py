@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from bootfiles.render import RenderError, render_ipxe
 from web.errors import ApiError
@@ -84,11 +86,30 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
     if target is None:
         _publish(request, server, rel, 0, 404)
         raise ApiError(404, "not_found", f"no boot file {rel[:200]!r}")
-    resp = web.FileResponse(target, headers={"Cache-Control": "no-cache"})
-    await resp.prepare(request)  # sends the file; afterwards its length and status are known
-    sent = 0 if request.method == "HEAD" or resp.status >= 300 else (resp.content_length or 0)
-    _publish(request, server, rel, sent, resp.status)
-    return resp
+
+    def sent(resp: web.FileResponse, complete: bool) -> None:
+        size = 0 if request.method == "HEAD" or resp.status >= 300 or not complete else (resp.content_length or 0)
+        _publish(request, server, rel, size, resp.status)
+
+    return _LoggedFileResponse(target, sent, headers={"Cache-Control": "no-cache"})
+
+
+class _LoggedFileResponse(web.FileResponse):
+    """A FileResponse that reports, once sent, what it sent (its status and length are known only then)."""
+
+    def __init__(self, path: Path, on_sent: Callable[[web.FileResponse, bool], None],
+                 headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._on_sent = on_sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        complete = False
+        try:
+            writer = await super().prepare(request)  # sends the whole file (sendfile)
+            complete = True
+            return writer
+        finally:
+            self._on_sent(self, complete)
 
 
 _UUID = {"uuid": {"type": "string", "description": UUID["pattern"]}}
