@@ -1,0 +1,218 @@
+"""Boot config rendering (pure): a BootSpec in, the text of a pxelinux / iPXE / GRUB config out.
+
+Strict, as pixiecore's expandCmdline: every value is checked before it reaches a config; a missing
+value, a newline, a stray space or a character that a loader's parser gives meaning to is refused with
+`RenderError`, never escaped.
+
+The kernel command line always carries both initramfs conventions and Cello's own keys, in this order:
+
+    <profile.kernel_args> ISCSI_INITIATOR=… ISCSI_TARGET_NAME=… ISCSI_TARGET_IP=… ISCSI_TARGET_PORT=…
+    ISCSI_TARGET_GROUP=1 [ISCSI_USERNAME=… ISCSI_PASSWORD=…]
+    netroot=iscsi:[user:pass@]<ip>::<port>:<lun>:<iqn> rd.iscsi.initiator=… cello.server=… cello.lun=…
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid as uuidlib
+
+from bootfiles.spec import BootSpec, IscsiRoot, Profile
+
+BUILTIN_PROFILES: dict[str, Profile] = {
+    # hcc-cello's defaultLeader / defaultCompute: both boot the template's kernel with pxelinux.
+    "leader": Profile(name="leader", loader="pxelinux", kernel_args="console=ttyS0 cello.role=leader"),
+    "compute": Profile(name="compute", loader="pxelinux", kernel_args="console=ttyS0 cello.role=compute"),
+    "pxelinux": Profile(name="pxelinux", loader="pxelinux", kernel_args="console=ttyS0"),
+    "ipxe": Profile(name="ipxe", loader="ipxe", kernel_args="console=ttyS0", bios_loader="undionly.kpxe"),
+}
+
+
+class RenderError(ValueError):
+    """A boot spec that cannot be rendered safely; says which field and why."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+# One token of a kernel command line: printable ASCII without space and without the characters that
+# pxelinux, GRUB's script parser or iPXE's expansion treat specially.
+_TOKEN = re.compile(r"[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_a-z~]+")
+_IQN = re.compile(r"(iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.\-]*(:[A-Za-z0-9.:\-_]+)?|eui\.[0-9A-Fa-f]{16})")
+_CHAP = re.compile(r"[A-Za-z0-9._\-+=]{1,255}")  # no ':' or '@': they delimit dracut's netroot
+_PATH = re.compile(r"[A-Za-z0-9._\-+][A-Za-z0-9._\-+/]*")
+_HTTP_BASE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._\-/]*)?")
+MAX_LUN = 16383  # SAM flat addressing; ctld allows 1024 per target
+
+
+def _require(field: str, value: object) -> None:
+    if value is None or value == "":
+        raise RenderError(field, "missing")
+
+
+def _check_token(field: str, value: str) -> str:
+    _require(field, value)
+    if any(c in value for c in "\r\n\t\0"):
+        raise RenderError(field, "contains a line break or control character")
+    if " " in value:
+        raise RenderError(field, "contains a space")
+    if not _TOKEN.fullmatch(value):
+        raise RenderError(field, f"contains a character not allowed in a boot config: {value!r}")
+    return value
+
+
+def _check_kernel_args(value: str) -> str:
+    if value == "":
+        return value
+    if any(c in value for c in "\r\n\t\0"):
+        raise RenderError("profile.kernel_args", "contains a line break or control character")
+    if value != value.strip() or "  " in value:
+        raise RenderError("profile.kernel_args", "has a stray space")
+    for token in value.split(" "):
+        _check_token("profile.kernel_args", token)
+    return value
+
+
+def _check_iqn(field: str, value: str) -> str:
+    _check_token(field, value)
+    if not _IQN.fullmatch(value) or len(value) > 223:  # RFC 3720 §3.2.6.1: at most 223 bytes
+        raise RenderError(field, f"not an iSCSI name: {value!r}")
+    return value
+
+
+def _check_ip(field: str, value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    _check_token(field, value)
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise RenderError(field, f"not an IP address: {value!r}") from None
+
+
+def _check_path(field: str, value: str) -> str:
+    _check_token(field, value)
+    if not _PATH.fullmatch(value) or any(part in ("", ".", "..") for part in value.split("/")):
+        raise RenderError(field, f"not a relative path inside the boot tree: {value!r}")
+    return value
+
+
+def _check_uuid(value: str) -> str:
+    _require("server_uuid", value)
+    try:
+        canonical = str(uuidlib.UUID(value))
+    except ValueError:
+        raise RenderError("server_uuid", f"not a UUID: {value!r}") from None
+    if canonical != value.lower():
+        raise RenderError("server_uuid", f"not in canonical 8-4-4-4-12 form: {value!r}")
+    return canonical
+
+
+class _Checked:
+    """The validated fields of a BootSpec, computed once per render."""
+
+    def __init__(self, spec: BootSpec) -> None:
+        root: IscsiRoot = spec.root
+        if root is None:
+            raise RenderError("root", "missing")
+        self.uuid = _check_uuid(spec.server_uuid)
+        self.kernel_args = _check_kernel_args(spec.profile.kernel_args)
+        self.kernel = _check_path("kernel", spec.kernel)
+        self.initrd = _check_path("initrd", spec.initrd)
+        self.initiator = _check_iqn("root.initiator_iqn", root.initiator_iqn)
+        self.iqn = _check_iqn("root.target_iqn", root.target_iqn)
+        self.ip = _check_ip("root.portal_ip", root.portal_ip)
+        if not isinstance(root.portal_port, int) or not 1 <= root.portal_port <= 65535:
+            raise RenderError("root.portal_port", f"not a port: {root.portal_port!r}")
+        self.port = root.portal_port
+        if not isinstance(root.lun, int) or not 0 <= root.lun <= MAX_LUN:
+            raise RenderError("root.lun", f"not a LUN number: {root.lun!r}")
+        self.lun = root.lun
+        if (root.chap_user is None) != (root.chap_secret is None):
+            raise RenderError("root.chap_user", "CHAP needs both a user and a secret")
+        self.chap: tuple[str, str] | None = None
+        if root.chap_user is not None and root.chap_secret is not None:
+            for name, value in (("root.chap_user", root.chap_user), ("root.chap_secret", root.chap_secret)):
+                _check_token(name, value)
+                if not _CHAP.fullmatch(value):
+                    raise RenderError(name, "CHAP values allow only letters, digits and ._-+=")
+            self.chap = (root.chap_user, root.chap_secret)
+        # dracut and iPXE want an IPv6 portal in brackets; open-iscsi's ISCSI_TARGET_IP wants it bare.
+        self.ip_bare = str(self.ip)
+        self.ip_uri = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+
+
+def kernel_cmdline(spec: BootSpec) -> str:
+    """The full kernel command line of a server (see the module docstring for the order)."""
+    return _cmdline(_Checked(spec))
+
+
+def _cmdline(c: _Checked) -> str:
+    parts: list[str] = [c.kernel_args] if c.kernel_args else []
+    parts += [
+        f"ISCSI_INITIATOR={c.initiator}",
+        f"ISCSI_TARGET_NAME={c.iqn}",
+        f"ISCSI_TARGET_IP={c.ip_bare}",
+        f"ISCSI_TARGET_PORT={c.port}",
+        "ISCSI_TARGET_GROUP=1",
+    ]
+    auth = ""
+    if c.chap is not None:
+        parts += [f"ISCSI_USERNAME={c.chap[0]}", f"ISCSI_PASSWORD={c.chap[1]}"]
+        auth = f"{c.chap[0]}:{c.chap[1]}@"
+    parts += [
+        f"netroot=iscsi:{auth}{c.ip_uri}::{c.port}:{c.lun}:{c.iqn}",
+        f"rd.iscsi.initiator={c.initiator}",
+        f"cello.server={c.uuid}",
+        f"cello.lun={c.lun}",
+    ]
+    return " ".join(parts)
+
+
+def render_pxelinux(spec: BootSpec) -> str:
+    """pxelinux.cfg file; kernel and initrd paths are relative to the TFTP root."""
+    c = _Checked(spec)
+    return (
+        "DEFAULT cello\n"
+        "PROMPT 0\n"
+        "TIMEOUT 0\n"
+        "LABEL cello\n"
+        f"  KERNEL /{c.kernel}\n"
+        f"  INITRD /{c.initrd}\n"
+        f"  APPEND {_cmdline(c)}\n"
+    )
+
+
+def _check_http_base(value: str) -> str:
+    _check_token("http_base", value)
+    if not _HTTP_BASE.fullmatch(value):
+        raise RenderError("http_base", f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def render_ipxe(spec: BootSpec) -> str:
+    """iPXE script: SAN-hook the root LUN (so the kernel finds it in the iBFT) and boot the kernel over HTTP."""
+    c = _Checked(spec)
+    base = _check_http_base(spec.http_base)
+    lines = ["#!ipxe", f"set initiator-iqn {c.initiator}"]
+    if c.chap is not None:
+        lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
+    lines += [
+        f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}",
+        f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)}",
+        f"initrd {base}/boot/files/{c.initrd}",
+        "boot",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_grub(spec: BootSpec) -> str:
+    """GRUB config for UEFI network boot; paths are on GRUB's (tftp) root device."""
+    c = _Checked(spec)
+    return (
+        "set default=0\n"
+        "set timeout=0\n"
+        f'menuentry "cello {c.uuid}" {{\n'
+        f"  linux /{c.kernel} {_cmdline(c)}\n"
+        f"  initrd /{c.initrd}\n"
+        "}\n"
+    )

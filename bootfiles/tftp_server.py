@@ -1,0 +1,310 @@
+"""Read-only asyncio TFTP server: a thin DatagramProtocol around `SendTransfer` and a `BootTree`.
+
+Request pipeline (one listening socket): decode → classify (WRQ refused) → enabled? → duplicate RRQ? →
+transfer bound → open the name in the tree → negotiate → serve from a fresh ephemeral port (RFC 1350
+§4, the transfer ID). Every request ends in one "tftp" event on the appliance's event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Protocol, cast
+
+from bootfiles import tftp_packet as tp
+from bootfiles.spec import EventSink
+from bootfiles.tftp_transfer import BytesSource, Limits, SendTransfer
+from bootfiles.tree import OpenedFile, TreeError
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+class Tree(Protocol):
+    def open(self, name: str, client: Address) -> Awaitable[OpenedFile]: ...
+
+
+def to_netascii(data: bytes) -> bytes:
+    """RFC 1350 §5 / RFC 764: CR → CR NUL, then LF → CR LF."""
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+class _Listener(asyncio.DatagramProtocol):
+    def __init__(self, server: TftpServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        try:
+            self.server._on_request(data, addr)
+        except Exception:  # the error boundary: one bad datagram never stops the service
+            log.exception("tftp: request from %s:%s failed", addr[0], addr[1])
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("tftp: listener socket error: %s", exc)
+
+
+class _TransferProtocol(asyncio.DatagramProtocol):
+    """One transfer's ephemeral socket: feeds the state machine, sends what it yields, runs its timer."""
+
+    def __init__(self, transfer: SendTransfer, peer: Address, done: asyncio.Future[None]) -> None:
+        self.transfer = transfer
+        self.peer = peer
+        self.done = done
+        self.transport: asyncio.DatagramTransport | None = None
+        self.loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def kick(self) -> None:
+        self._flush()
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        try:
+            if addr != self.peer:
+                if len(data) >= 2 and data[1] != tp.OP_ERROR and self.transport is not None:
+                    # RFC 1350 §4: a packet from a wrong TID gets error 5; the transfer goes on.
+                    self.transport.sendto(tp.encode(tp.Error(tp.ErrorCode.UNKNOWN_TID, "unknown TID")), addr)
+                return
+            self.transfer.receive(data, self.loop.time())
+            self._flush()
+        except Exception:
+            log.exception("tftp: datagram from %s:%s broke its transfer", addr[0], addr[1])
+            self.transfer.abort(self.loop.time(), "internal error")
+            self._flush()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: the client went away. The retry limit ends the transfer.
+        log.debug("tftp: transfer socket error for %s: %s", self.peer, exc)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self.transfer.on_timeout(self.loop.time())
+        except Exception:
+            log.exception("tftp: timer of transfer to %s failed", self.peer)
+            self.transfer.abort(self.loop.time(), "internal error")
+        self._flush()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            peer = self.peer
+            for datagram in self.transfer.datagrams_to_send():
+                transport.sendto(datagram, peer)
+        if self.transfer.done:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        # Lazy timer: ACKs only move the deadline inside the state machine; the timer re-arms itself
+        # when it fires early, so the hot path schedules nothing.
+        deadline = self.transfer.next_timeout()
+        if deadline is not None and (self._timer is None or self._timer_at > deadline):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TftpServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tree: Tree,
+        *,
+        blksize_max: int = 1468,
+        windowsize_max: int = 64,
+        max_transfers: int = 512,
+        timeout: float = 1.0,
+        retries: int = 5,
+        events: EventSink | None = None,
+        enabled: Callable[[], bool] = lambda: True,
+    ) -> None:
+        if not tp.MIN_BLKSIZE <= blksize_max <= tp.MAX_BLKSIZE:
+            raise ValueError(f"tftp blksize_max must be within {tp.MIN_BLKSIZE}..{tp.MAX_BLKSIZE}")
+        if not 1 <= windowsize_max <= tp.MAX_WINDOWSIZE:
+            raise ValueError("tftp windowsize_max must be within 1..65535")
+        if max_transfers < 1 or retries < 0 or timeout <= 0:
+            raise ValueError("tftp max_transfers must be >= 1, retries >= 0, timeout > 0")
+        self.host = host
+        self.port = port
+        self.tree = tree
+        self.limits = Limits(blksize_max=blksize_max, windowsize_max=windowsize_max, timeout=timeout, retries=retries)
+        self.max_transfers = max_transfers
+        self.events = events
+        self.enabled = enabled
+        self._transport: asyncio.DatagramTransport | None = None
+        self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
+        self._protocols: set[_TransferProtocol] = set()
+        self._family = socket.AF_INET
+
+    @property
+    def address(self) -> Address:
+        if self._transport is None:
+            raise RuntimeError("tftp server not started")
+        sockname = self._transport.get_extra_info("sockname")
+        return (sockname[0], sockname[1])
+
+    @property
+    def active_transfers(self) -> int:
+        return len(self._active)
+
+    async def start(self) -> None:
+        if self._transport is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Listener(self), local_addr=(self.host, self.port)
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"tftp: cannot bind {self.host}:{self.port}: {exc.strerror}") from exc
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        self._family = sock.family if sock is not None else socket.AF_INET
+        log.info("tftp: listening on %s:%s", *self.address)
+
+    async def stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        now = asyncio.get_running_loop().time()
+        for proto in list(self._protocols):
+            proto.transfer.abort(now, "server shutting down")
+            proto.kick()
+        tasks = list(self._active.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._active.clear()
+
+    # --- pipeline --------------------------------------------------------------------------------
+    def _on_request(self, data: bytes, addr: Address) -> None:
+        try:
+            packet = tp.decode(data)
+        except tp.TftpPacketError as exc:
+            log.debug("tftp: bad request from %s:%s: %s", addr[0], addr[1], exc)
+            return
+        if isinstance(packet, tp.WriteRequest):
+            self._reply_error(addr, tp.ErrorCode.ACCESS_VIOLATION, "read-only server")
+            self._event(None, addr, packet.filename, 0, 0.0, "refused-write")
+            return
+        if not isinstance(packet, tp.ReadRequest):
+            return  # stray DATA/ACK/ERROR on the request port: no transfer to answer for
+        if not self.enabled():
+            self._event(None, addr, packet.filename, 0, 0.0, "disabled")
+            return
+        key = (addr, packet.filename)
+        if key in self._active:
+            return  # the client re-sent its RRQ; the running transfer retransmits on its own timer
+        if len(self._active) >= self.max_transfers:
+            # No answer: the client re-sends its RRQ later, which is the back-pressure we want.
+            log.warning("tftp: %d transfers running, dropping RRQ from %s:%s", len(self._active), *addr)
+            self._event(None, addr, packet.filename, 0, 0.0, "busy")
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(packet, addr))
+        self._active[key] = task
+        task.add_done_callback(lambda _t: self._active.pop(key, None))
+
+    def _reply_error(self, addr: Address, code: int, message: str) -> None:
+        if self._transport is not None:
+            self._transport.sendto(tp.encode(tp.Error(code, message)), addr)
+
+    async def _serve(self, request: tp.ReadRequest, addr: Address) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        server: str | None = None
+        opened: OpenedFile | None = None
+        outcome = "error"
+        nbytes = 0
+        try:
+            if request.mode not in ("octet", "netascii"):
+                await self._send_error_once(addr, tp.ErrorCode.ILLEGAL_OPERATION, f"mode {request.mode} refused")
+                outcome = "bad-mode"
+                return
+            try:
+                opened = await self.tree.open(request.filename, addr)
+            except TreeError as exc:
+                log.info("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
+                await self._send_error_once(addr, exc.code, exc.outcome.replace("-", " "))
+                outcome = exc.outcome
+                return
+            server = opened.server_uuid
+            source = opened.source
+            if request.mode == "netascii":
+                if opened.data is None:
+                    await self._send_error_once(addr, tp.ErrorCode.NOT_DEFINED, "netascii not available here")
+                    outcome = "bad-mode"
+                    return
+                source = BytesSource(to_netascii(opened.data))
+            transfer = SendTransfer(source, request.options, self.limits, loop.time())
+            done: asyncio.Future[None] = loop.create_future()
+            proto = _TransferProtocol(transfer, addr, done)
+            await loop.create_datagram_endpoint(lambda: proto, local_addr=(self.host, 0), family=self._family)
+            self._protocols.add(proto)
+            try:
+                proto.kick()
+                await done
+            finally:
+                self._protocols.discard(proto)
+                proto.close()
+            outcome = transfer.outcome or "error"
+            nbytes = transfer.bytes_sent
+            if outcome not in ("ok", "tsize-probe"):
+                log.info("tftp: %s:%s %s: %s (%s)", addr[0], addr[1], request.filename, outcome, transfer.error)
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            raise
+        except Exception:
+            log.exception("tftp: transfer of %s to %s:%s failed", request.filename, addr[0], addr[1])
+            outcome = "error"
+        finally:
+            if opened is not None:
+                opened.close()
+            self._event(server, addr, request.filename, nbytes, (loop.time() - started) * 1000.0, outcome)
+
+    async def _send_error_once(self, addr: Address, code: int, message: str) -> None:
+        """An error answer to an RRQ, from a fresh TID like a transfer would use."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=(self.host, 0), family=self._family
+        )
+        try:
+            transport.sendto(tp.encode(tp.Error(code, message)), addr)
+        finally:
+            transport.close()
+
+    def _event(self, server: str | None, addr: Address, name: str, nbytes: int, ms: float, outcome: str) -> None:
+        if self.events is None:
+            return
+        try:
+            self.events(
+                "tftp",
+                {
+                    "server": server,
+                    "client": f"{addr[0]}:{addr[1]}",
+                    "file": name,
+                    "bytes": nbytes,
+                    "duration_ms": round(ms, 3),
+                    "outcome": outcome,
+                },
+            )
+        except Exception:
+            log.exception("tftp: event sink failed")

@@ -1,0 +1,246 @@
+"""The virtual TFTP tree: static loader folders + template kernels/initrds + per-node configs rendered on request.
+
+Rendered names (nothing is copied per node; each request asks the policy again):
+
+    pxelinux.cfg/<uuid>              boot_spec(uuid=<uuid>)
+    pxelinux.cfg/01-<mac>            boot_spec(mac=<mac>)
+    pxelinux.cfg/<IP hex prefix>     boot_spec() — the unknown-node spec, if configured
+    pxelinux.cfg/default             boot_spec()
+    <uuid>/pxelinux.cfg/default      boot_spec(uuid=<uuid>)  (hcc-cello: pxelinux path prefix <uuid>/)
+    grub/grub.cfg-01-<mac>, grub/grub.cfg-<uuid>, grub/grub.cfg-<IP hex>, grub/grub.cfg
+    ipxe/<uuid>.ipxe, ipxe/01-<mac>.ipxe, ipxe/default.ipxe, boot/<uuid>.ipxe
+
+Any other name is looked up in files_root (e.g. templates/tiny/v1/vmlinuz), then in each static root.
+Under a `<uuid>/` prefix the rest of the path is looked up the same way (pxelinux prefixes ldlinux.c32).
+
+Safety: a name is refused (AccessViolation) when it has a NUL or control byte, a backslash, a `.` or
+`..` component or any component starting with a dot, an empty component, or is longer than
+MAX_NAME_BYTES. One leading `/` means the root of the tree (as pxelinux sends absolute names and
+in.tftpd -s treats them), so `/etc/passwd` is looked up as <root>/etc/passwd. A symlink whose target
+leaves every root (and every extra `link_targets` folder) is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bootfiles.cache import FileCache, FileSource
+from bootfiles.render import RenderError, render_grub, render_ipxe, render_pxelinux
+from bootfiles.spec import BootPolicy, BootSpec
+from bootfiles.tftp_transfer import BlockSource, BytesSource
+
+MAX_NAME_BYTES = 255
+
+# The usual loader folders of the OSes Cello runs on (Debian: pxelinux, syslinux-common, ipxe;
+# FreeBSD: the syslinux and ipxe ports).
+OS_LOADER_ROOTS: tuple[Path, ...] = (
+    Path("/usr/lib/PXELINUX"),
+    Path("/usr/lib/syslinux/modules/bios"),
+    Path("/usr/lib/ipxe"),
+    Path("/usr/local/share/syslinux/bios"),
+    Path("/usr/local/share/syslinux"),
+    Path("/usr/local/share/ipxe"),
+)
+# Debian's ipxe package links /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi: the target folder of such a
+# packaged link is allowed as a link target only, never served by name.
+OS_LINK_TARGETS: tuple[Path, ...] = (Path("/boot"),)
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_MAC_NAME = re.compile(r"01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})")
+_IP_HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
+
+
+def default_static_roots() -> list[Path]:
+    """The OS loader folders that exist on this machine."""
+    return [p for p in OS_LOADER_ROOTS if p.is_dir()]
+
+
+class TreeError(Exception):
+    """A name the tree does not serve; `code` is the TFTP error code to answer with."""
+
+    code = 0
+    outcome = "error"
+
+
+class NotFound(TreeError):
+    code = 1
+    outcome = "not-found"
+
+
+class Refused(TreeError):
+    code = 2
+    outcome = "refused"
+
+
+class RenderFailed(TreeError):
+    code = 0
+    outcome = "render-error"
+
+
+@dataclass
+class OpenedFile:
+    source: BlockSource
+    size: int
+    server_uuid: str | None
+    kind: Literal["rendered", "static"]
+    data: bytes | None = None  # the whole file when it is in memory (needed for netascii)
+    _file: FileSource | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def split_name(name: str) -> list[str]:
+    """Validate a requested name and split it into path components (pure). Raises Refused."""
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise Refused(f"name longer than {MAX_NAME_BYTES} bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise Refused("NUL or control character in name")
+    if "\\" in name:
+        raise Refused("backslash in name")
+    if name.startswith("::"):  # pxelinux: "::name" is root-relative
+        name = name[2:]
+    if name.startswith("/"):
+        name = name[1:]
+    if not name:
+        raise Refused("empty name")
+    parts = name.split("/")
+    for part in parts:
+        if part == "":
+            raise Refused("empty path component")
+        if part.startswith("."):
+            raise Refused(f"path component {part!r} starts with a dot")
+    return parts
+
+
+def pxelinux_config_names(uuid: str | None, mac: str | None, ip: str | None) -> list[str]:
+    """The names pxelinux tries, in order (syslinux doc/pxelinux.txt)."""
+    names: list[str] = []
+    if uuid:
+        names.append(f"pxelinux.cfg/{uuid.lower()}")
+    if mac:
+        names.append("pxelinux.cfg/01-" + mac.lower().replace(":", "-"))
+    if ip:
+        hexip = "".join(f"{int(octet):02X}" for octet in ip.split("."))
+        names += [f"pxelinux.cfg/{hexip[:n]}" for n in range(8, 0, -1)]
+    names.append("pxelinux.cfg/default")
+    return names
+
+
+_Kind = Literal["pxelinux", "grub", "ipxe"]
+
+
+def _route(parts: list[str]) -> tuple[_Kind, str | None, str | None] | None:
+    """A rendered name → (format, uuid, mac); None for a static name. Pure."""
+    prefix_uuid: str | None = None
+    lower = [p.lower() for p in parts]
+    if len(lower) > 1 and _UUID.fullmatch(lower[0]):
+        prefix_uuid = lower[0]
+        lower = lower[1:]
+    if len(lower) != 2:
+        return None
+    folder, name = lower
+    fallback = (prefix_uuid, None)
+    if folder == "pxelinux.cfg":
+        kind: _Kind = "pxelinux"
+        leaf = name
+    elif folder == "grub" and (name == "grub.cfg" or name.startswith("grub.cfg-")):
+        kind = "grub"
+        leaf = "default" if name == "grub.cfg" else name[len("grub.cfg-") :]
+    elif folder == "ipxe" and name.endswith(".ipxe"):
+        kind = "ipxe"
+        leaf = name[: -len(".ipxe")]
+    elif folder == "boot" and name.endswith(".ipxe") and _UUID.fullmatch(name[: -len(".ipxe")]):
+        return ("ipxe", name[: -len(".ipxe")], None)
+    else:
+        return None
+    if _UUID.fullmatch(leaf):
+        return (kind, leaf, None)
+    if m := _MAC_NAME.fullmatch(leaf):
+        return (kind, None, m.group(1).replace("-", ":"))
+    if leaf == "default" or (kind != "ipxe" and _IP_HEX.fullmatch(leaf)):
+        return (kind, *fallback)
+    return None
+
+
+class BootTree:
+    """What the TFTP server reads. `open` is async: static files are resolved and loaded off the loop."""
+
+    def __init__(
+        self,
+        static_roots: Sequence[Path],
+        files_root: Path | None,
+        policy: BootPolicy,
+        cache_bytes: int = 512 * 1024 * 1024,
+        *,
+        max_entry_bytes: int | None = None,
+        link_targets: Sequence[Path] = (),
+    ) -> None:
+        self.policy = policy
+        roots = ([files_root] if files_root is not None else []) + list(static_roots)
+        self.roots = [Path(os.path.realpath(r)) for r in roots]
+        self.link_targets = [Path(os.path.realpath(p)) for p in link_targets]
+        self.cache = FileCache(cache_bytes, max_entry_bytes)
+
+    async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:
+        parts = split_name(name)
+        route = _route(parts)
+        if route is not None:
+            return self._render(*route)
+        found = await asyncio.to_thread(self._resolve_static, parts)
+        if found is None and len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
+            found = await asyncio.to_thread(self._resolve_static, parts[1:])
+        if found is None:
+            raise NotFound(name)
+        real, st = found
+        server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else None
+        if self.cache.cacheable(st.st_size):
+            data = await self.cache.get(real, st)
+            return OpenedFile(BytesSource(data), len(data), server, "static", data)
+        reader = await asyncio.to_thread(FileSource, real, st.st_size)
+        return OpenedFile(reader, st.st_size, server, "static", None, reader)
+
+    def _render(self, kind: _Kind, uuid: str | None, mac: str | None) -> OpenedFile:
+        spec: BootSpec | None = self.policy.boot_spec(uuid=uuid, mac=mac)
+        if spec is None:
+            raise NotFound(f"no boot spec for uuid={uuid} mac={mac}")
+        try:
+            if kind == "pxelinux":
+                text = render_pxelinux(spec)
+            elif kind == "grub":
+                text = render_grub(spec)
+            else:
+                text = render_ipxe(spec)
+        except RenderError as exc:
+            raise RenderFailed(f"server {spec.server_uuid}: {exc}") from exc
+        data = text.encode("ascii")
+        return OpenedFile(BytesSource(data), len(data), spec.server_uuid, "rendered", data)
+
+    def _inside(self, real: Path, folders: Sequence[Path]) -> bool:
+        return any(real == f or real.is_relative_to(f) for f in folders)
+
+    def _resolve_static(self, parts: list[str]) -> tuple[Path, os.stat_result] | None:
+        """Blocking (run in a thread): the real path of a regular file inside the roots."""
+        for root in self.roots:
+            candidate = root.joinpath(*parts)
+            try:
+                real = Path(os.path.realpath(candidate, strict=True))
+                st = os.stat(real)
+            except (OSError, RuntimeError):
+                continue
+            if not self._inside(real, self.roots):
+                # A link out: allowed only into a declared link-target folder, and only as a link.
+                if not (self._inside(real, self.link_targets) and real != candidate):
+                    raise Refused(f"{'/'.join(parts)} leads out of the boot tree")
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            return real, st
+        return None
