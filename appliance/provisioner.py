@@ -466,6 +466,14 @@ class Provisioner:
                 made = [v.name for v in await self._db(self.store.sync.volumes, server.uuid) if v.name in present]
                 await self._compensate_create(server.uuid, made, "interrupted (appliance restarted mid-create)")
                 report.repaired.append(f"server {server.uuid}: stuck in {server.state}, undone, now error")
+            elif server.state == "deleting" and not self._lock(server.uuid).locked():
+                # A crash mid-delete: the store says this server and its volumes go, so finishing the
+                # delete destroys only what the store says should be destroyed.
+                try:
+                    await self.delete_server(server.uuid)
+                    report.repaired.append(f"server {server.uuid}: interrupted delete finished")
+                except Exception as e:
+                    report.problems.append(f"server {server.uuid}: interrupted delete failed: {_reason(e)}")
         real = {v.name: v for v in await self.backend.list()}
         wanted = {v.name for v in await self._db(self.store.sync.volumes)}
         templates = {names.template_volume(t.template) for t in await self._db(self.store.sync.template_versions)}

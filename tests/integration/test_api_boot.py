@@ -73,7 +73,7 @@ async def test_boot_files_sendfile_ranges_and_events(api_stack: Stack) -> None:
     fetches = http_events(s)[1:]
     assert [(e["file"], e["bytes"], e["status"], e["server"]) for e in fetches] == [
         (KERNEL, 300_000, 200, uuid), (INITRD, 100, 206, uuid), (INITRD, 0, 200, uuid)]
-    status, text = await s.req("GET", "/metrics", None)
+    _status, text = await s.req("GET", "/metrics", None)
     assert "cello_http_boot_bytes_total " + str(300_000 + 100 + len(render_ipxe(s.policy.boot_spec(
         uuid=uuid, mac=None)))) in text  # type: ignore[arg-type]
 

@@ -32,7 +32,7 @@ async def test_malformed_json_is_400(api_stack: Stack, payload: bytes) -> None:
 
 @pytest.mark.parametrize("payload", [b"[]", b"1", b'"x"', b"null"])
 async def test_json_that_is_not_an_object_is_422(api_stack: Stack, payload: bytes) -> None:
-    status, body = await raw(api_stack, "POST", "/api/v1/servers", payload, "application/json")
+    status, _body = await raw(api_stack, "POST", "/api/v1/servers", payload, "application/json")
     assert status == 422
 
 

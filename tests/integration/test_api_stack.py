@@ -72,10 +72,10 @@ class Stack:
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
 
-    async def create(self, uuid: str, user: str = "alice", who: str = "admin", **body: Any) -> tuple[int, Any]:
+    async def create(self, uuid: str, user: str | None = None, who: str = "admin", **body: Any) -> tuple[int, Any]:
         payload = {"uuid": uuid, "template": "tiny", **body}
-        if who == "admin":
-            payload.setdefault("user", user)
+        if user is not None or who == "admin":
+            payload["user"] = user or "alice"
         return await self.req("POST", "/api/v1/servers", who, json=payload)
 
     async def wait_state(self, uuid: str, states: tuple[str, ...] = ("available", "error"),
