@@ -1,0 +1,134 @@
+"""The zfs backend's `file` kind for real, against zfs-fuse (pools named cellot*, own image files).
+
+template → snapshot → clone → write → the template is unchanged → destroy (refusals included).
+zfs-fuse has no zvols; the zvol kind is checked against captured OpenZFS output in the unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from iscsi.model import InUseError
+from iscsi.zfs_backend import ZfsBackend
+
+U1 = "3f1c2b4e-9d8a-4c6b-8e2f-1a2b3c4d5e6f"
+U2 = "0a1b2c3d-4e5f-4a6b-9c8d-7e6f5a4b3c2d"
+MB = 1 << 20
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("zfs-fuse") is None or os.geteuid() != 0,
+    reason="needs root and zfs-fuse (apt install zfs-fuse)",
+)
+
+
+def zfs_fuse_running() -> bool:
+    return subprocess.run(["zpool", "list"], capture_output=True).returncode == 0
+
+
+def ensure_zfs_fuse() -> None:
+    """Only one zfs-fuse daemon per machine: start it if none answers, and leave it running."""
+    if zfs_fuse_running():
+        return
+    for d in ("/var/run/zfs", "/var/lock/zfs"):
+        os.makedirs(d, exist_ok=True)
+    subprocess.run(["zfs-fuse", "-p", "/run/zfs-fuse.pid", "--no-kstat-mount", "-m", "64"], check=True)
+    deadline = time.monotonic() + 10
+    while not zfs_fuse_running():
+        if time.monotonic() > deadline:
+            pytest.fail("zfs-fuse did not come up within 10 s")
+        time.sleep(0.1)
+
+
+def create_pool(name: str, tmp_path: Path) -> Path:
+    ensure_zfs_fuse()
+    img, mnt = tmp_path / "pool.img", tmp_path / "mnt"
+    with open(img, "wb") as f:
+        f.truncate(256 * MB)
+    subprocess.run(["zpool", "create", "-f", "-m", str(mnt), name, str(img)], check=True, capture_output=True)
+    return mnt
+
+
+def destroy_pool(name: str) -> None:
+    for _ in range(10):
+        if subprocess.run(["zpool", "destroy", "-f", name], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.3)
+    subprocess.run(["zpool", "export", "-f", name], capture_output=True)
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    name = f"cellot{os.getpid()}"
+    mnt = await asyncio.to_thread(create_pool, name, tmp_path)
+    try:
+        yield name, mnt
+    finally:
+        await asyncio.to_thread(destroy_pool, name)
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        os.fsync(f.fileno())
+
+
+def read_at(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+async def test_file_kind_lifecycle_on_zfs_fuse(pool: tuple[str, Path]) -> None:
+    name, mnt = pool
+    b = ZfsBackend(name, "file")
+    tpl = await b.create_template("tiny", 32 * MB)
+    assert tpl.path == str(mnt / "tiny-template" / "disk.img") and tpl.size == 32 * MB
+    await asyncio.to_thread(write_at, Path(tpl.path), 8 * MB, b"TEMPLATE")
+    await b.snapshot_template("tiny", "v1")
+    clone = await b.clone_os("tiny", "v1", U1)
+    assert clone.origin == "tiny-template@v1" and clone.path == str(mnt / f"tiny-OS-{U1}" / "disk.img")
+    assert await asyncio.to_thread(read_at, Path(clone.path), 8 * MB, 8) == b"TEMPLATE"
+    await asyncio.to_thread(write_at, Path(clone.path), 8 * MB, b"NODEDATA")
+    assert await asyncio.to_thread(read_at, Path(tpl.path), 8 * MB, 8) == b"TEMPLATE"  # template unchanged
+    data = await b.create_data("tiny", U1, 1, 8 * MB)
+    assert data.size == 8 * MB and data.path.endswith(f"tiny-DATA-{U1}/disk.img")
+
+    listed = {v.name: v for v in await b.list()}
+    assert set(listed) == {"tiny-template", f"tiny-OS-{U1}", f"tiny-DATA-{U1}"}
+    assert listed[f"tiny-OS-{U1}"].origin == "tiny-template@v1" and listed["tiny-template"].used > 0
+    assert await b.snapshots() == ["tiny-template@v1"]
+    cap = await b.capacity()
+    assert cap.total == cap.used + cap.free and 0 < cap.free < 256 * MB
+
+    with pytest.raises(InUseError, match=f"tiny-OS-{U1}"):
+        await b.destroy("tiny-template")
+    with pytest.raises(InUseError, match=f"tiny-OS-{U1}"):
+        await b.destroy_snapshot("tiny", "v1")
+    await b.destroy(f"tiny-OS-{U1}")
+    await b.destroy(f"tiny-DATA-{U1}")
+    await b.destroy_snapshot("tiny", "v1")
+    await b.destroy("tiny-template")
+    assert await b.list() == [] and await b.snapshots() == []
+
+
+async def test_template_with_unused_snapshots_is_destroyed_whole(pool: tuple[str, Path]) -> None:
+    name, _ = pool
+    b = ZfsBackend(name, "file")
+    await b.create_template("tiny", 4 * MB)
+    await b.snapshot_template("tiny", "v1")
+    await b.snapshot_template("tiny", "v2")
+    await b.clone_os("tiny", "v2", U2)
+    with pytest.raises(InUseError):
+        await b.destroy("tiny-template")
+    await b.destroy(f"tiny-OS-{U2}")
+    await b.destroy("tiny-template")
+    assert await b.list() == [] and await b.snapshots() == []
