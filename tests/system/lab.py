@@ -283,7 +283,7 @@ class Node:
     def power_on(self) -> None:
         if self.serial.exists():
             self.serial.unlink()
-        log = open(self.logs / f"qemu-{self.name}.log", "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.logs / f"qemu-{self.name}.log", "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self.started = time.monotonic()
@@ -397,7 +397,7 @@ class Lab:
             f"dhcp-leasefile={self.workdir}/dnsmasq.leases\n"
             f"log-dhcp\nlog-facility={self.logs}/dnsmasq.log\n"
         )
-        out = open(self.logs / "dnsmasq.stderr", "ab")  # noqa: SIM115
+        out = open(self.logs / "dnsmasq.stderr", "ab")
         self.dnsmasq = subprocess.Popen(
             ["ip", "netns", "exec", NS_SITE, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
              f"--pid-file={self.workdir}/dnsmasq.pid", "--user=root"],
@@ -445,7 +445,7 @@ class Lab:
         config = self.workdir / "cello.toml"
         config.write_text(self.cello_config())
         log_path = self.logs / "cello.log"
-        out = open(log_path, "ab")  # noqa: SIM115
+        out = open(log_path, "ab")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", "serve", "--config", str(config),
              "--log-level", "debug"],

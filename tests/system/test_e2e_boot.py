@@ -1,0 +1,311 @@
+"""End to end: virtual diskless nodes PXE-boot from their own iSCSI clones, through Cello's public API and CLI.
+
+One lab for the module (tests/system/conftest.py): dnsmasq gives addresses (and an IPv6 RA), Cello answers
+proxyDHCP, TFTP, HTTP boot and exports each server's clone with its own tgtd; qemu nodes (TCG, iPXE ROM)
+boot from them. The tests run in file order and build on each other (A is created, booted, deleted last).
+Every wait is bounded; the lab's logs are kept when a test fails (the folder is printed).
+"""
+
+from __future__ import annotations
+
+import os.path
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from iscsi.file_backend import FileBackend
+from tests.system.lab import TGT_CONTROL_PORT, Lab, LabError, Node, debugfs_cat
+
+pytestmark = pytest.mark.system
+
+BOOT_TIMEOUT = 90.0  # TCG here: ~15-25 s for one node, ~40 s for two at once on 2 cores
+NO_ANSWER_TIMEOUT = 60.0  # iPXE gives up on the network, then SeaBIOS on its other devices
+USER = "lab"
+IQN_PREFIX = "iqn.2026-11.io.cello"
+
+A = ("a", "3f1c2b4e-0000-4000-8000-0000000000a1", "52:54:00:77:00:a1")
+B = ("b", "3f1c2b4e-0000-4000-8000-0000000000b2", "52:54:00:77:00:b2")
+C = ("c", "3f1c2b4e-0000-4000-8000-0000000000c3", "52:54:00:77:00:c3")
+STRANGER = ("stranger", "3f1c2b4e-0000-4000-8000-0000000000ee", "52:54:00:77:00:ee")
+
+# What the tests learn and later tests need (A's volume names, the last event id of a boot, ...).
+seen: dict[str, Any] = {}
+
+
+def marker(uuid: str) -> str:
+    return f"cello-root-ok {uuid}"
+
+
+def need(key: str) -> Any:
+    if key not in seen:
+        pytest.fail(f"an earlier test of this module did not get as far as {key!r}", pytrace=False)
+    return seen[key]
+
+
+def fail_with_logs(lab: Lab, message: str) -> None:
+    pytest.fail(f"{message}\nlogs in {lab.logs}\n{lab.log_tail()}", pytrace=False)
+
+
+def api_ok(lab: Lab, method: str, path: str, body: object | None = None, *, status: int = 200) -> Any:
+    got, out = lab.api(method, path, body)
+    assert got == status, f"{method} {path}: {got} {out}"
+    return out
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise LabError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def wait_available(lab: Lab, uuid: str, timeout: float = 60) -> dict[str, Any]:
+    def available() -> dict[str, Any] | None:
+        server = api_ok(lab, "GET", f"/api/v1/servers/{uuid}")
+        assert server["state"] not in ("error", "error_deleting"), f"server {uuid}: {server['state']}: {server}"
+        return server if server["state"] == "available" else None
+
+    result: dict[str, Any] = wait_until(f"server {uuid} available", available, timeout)
+    return result
+
+
+def create_server(lab: Lab, node: tuple[str, str, str], profile: str, data_gb: tuple[int, ...] = ()) -> dict[str, Any]:
+    """`cello server create` (the CLI), then the record through the API."""
+    _, uuid, mac = node
+    args = ["server", "create", "--uuid", uuid, "--template", "tiny", "--profile", profile, "--mac", mac,
+            "--user", USER]
+    for size in data_gb:
+        args += ["--data-gb", str(size)]
+    body = {"uuid": uuid, "template": "tiny", "profile": profile, "macs": [mac], "user": USER,
+            "data_volumes": [{"size_gb": n} for n in data_gb]}
+    api_ok(lab, "POST", "/api/v1/servers", body, status=202)
+    return wait_available(lab, uuid)
+
+
+def volume_path(lab: Lab, name: str) -> str:
+    return FileBackend(lab.state_dir / "volumes").path(name)
+
+
+def target_block(show: str, iqn: str) -> str:
+    """The part of `tgtadm --op show --mode target` about one target ('' when absent)."""
+    for block in re.split(r"(?m)^(?=Target \d+: )", show):
+        if block.startswith("Target ") and block.split("\n", 1)[0].endswith(f": {iqn}"):
+            return block
+    return ""
+
+
+def node_address(node: Node) -> str:
+    """The IPv4 address the site DHCP gave the node, as iPXE printed it."""
+    found = re.search(r"net0: (10\.77\.0\.\d+)/", node.console())
+    assert found, f"{node.name}: iPXE printed no address from the site DHCP:\n{node.console()[-1500:]}"
+    return found.group(1)
+
+
+def first(events: list[dict[str, Any]], after: int, what: str, match: Callable[[dict[str, Any]], bool]) -> int:
+    for event in events:
+        if event.get("id", 0) > after and match(event):
+            return int(event["id"])
+    raise AssertionError(f"no event {what} after event {after}; events:\n"
+                         + "\n".join(str(e) for e in events if e.get("id", 0) > after and e.get("kind") != "build"))
+
+
+def check_boot_path(events: list[dict[str, Any]], node: Node, since: int, profile: str) -> list[str]:
+    """DHCP offer → loader → per-node config → kernel → initrd, in this order, for this node."""
+    ip = node_address(node)
+    from_node: Callable[[dict[str, Any]], bool] = lambda e: str(e.get("client", "")).split(":")[0] == ip  # noqa: E731
+    steps: list[str] = []
+    at = first(events, since, f"dhcp offer to {node.mac}",
+               lambda e: e["kind"] == "dhcp" and e.get("mac") == node.mac and e.get("reply") == "offer"
+               and e.get("server") == node.uuid)
+    steps.append(f"{at} dhcp offer")
+    if profile == "pxelinux":
+        at = first(events, at, "tftp pxelinux.0", lambda e: e["kind"] == "tftp" and from_node(e)
+                   and e.get("file") == "pxelinux.0" and e.get("outcome") == "ok")
+        steps.append(f"{at} tftp pxelinux.0 (loader)")
+        # pxelinux asks pxelinux.cfg/<uuid> when its DHCP packets carry the UUID, then 01-<mac>: either is
+        # this node's own config, rendered for this server.
+        at = first(events, at, "tftp pxelinux.cfg/<node>", lambda e: e["kind"] == "tftp" and from_node(e)
+                   and str(e.get("file")).startswith("pxelinux.cfg/") and e.get("server") == node.uuid
+                   and e.get("outcome") == "ok")
+        steps.append(f"{at} tftp {next(e['file'] for e in events if e.get('id') == at)} (per-node config)")
+        kind, ok = "tftp", (lambda e: e.get("outcome") == "ok")
+    else:
+        at = first(events, at, "tftp undionly.kpxe", lambda e: e["kind"] == "tftp" and from_node(e)
+                   and e.get("file") == "undionly.kpxe" and e.get("outcome") == "ok")
+        steps.append(f"{at} tftp undionly.kpxe (loader)")
+        at = first(events, at, f"http {node.uuid}.ipxe", lambda e: e["kind"] == "http" and from_node(e)
+                   and node.uuid in str(e.get("file")) and str(e.get("file")).endswith(".ipxe")
+                   and e.get("status") == 200)
+        steps.append(f"{at} http /boot/<uuid>.ipxe (per-node script)")
+        kind, ok = "http", (lambda e: e.get("status") == 200)
+    at = first(events, at, f"{kind} kernel", lambda e: e["kind"] == kind and from_node(e)
+               and str(e.get("file")).endswith("vmlinuz") and ok(e))
+    steps.append(f"{at} {kind} kernel")
+    at = first(events, at, f"{kind} initrd", lambda e: e["kind"] == kind and from_node(e)
+               and "initrd" in str(e.get("file")) and ok(e))
+    steps.append(f"{at} {kind} initrd")
+    return steps
+
+
+def check_logged_in(lab: Lab, uuid: str) -> str:
+    """Cello's tgtd holds an iSCSI session of this node's initiator on this node's target."""
+    iqn, initiator = f"{IQN_PREFIX}:{uuid}", f"{IQN_PREFIX}:node-{uuid}"
+    block = target_block(lab.tgt_show(), iqn)
+    assert block, f"tgtd -C {TGT_CONTROL_PORT} has no target {iqn}"
+    assert f"Initiator: {initiator}" in block, f"no session of {initiator} on {iqn}:\n{block}"
+    return block
+
+
+def boot(lab: Lab, node: Node) -> float:
+    node.power_on()
+    return node.wait_console(marker(node.uuid), BOOT_TIMEOUT)
+
+
+def last_event_id(lab: Lab) -> int:
+    assert lab.events is not None
+    events = lab.events.snapshot()
+    return int(events[-1]["id"]) if events else 0
+
+
+# --- the scenario ----------------------------------------------------------------------------------
+
+
+def test_build_tiny_and_create_server_a(lab: Lab) -> None:
+    api_ok(lab, "POST", "/api/v1/users", {"name": USER, "max_volumes": 16, "max_data_gb": 16}, status=201)
+    build = api_ok(lab, "POST", "/api/v1/templates/tiny/builds", {"source": "tiny"}, status=202)
+    wait_until("tiny build", lambda: api_ok(lab, "GET", f"/api/v1/templates/builds/{build['id']}")["state"] != "running",
+               240, every=1)
+    templates = api_ok(lab, "GET", "/api/v1/templates")
+    assert any(t.get("name") == "tiny" for t in templates), templates
+
+    server = create_server(lab, A, "pxelinux", data_gb=(1,))
+    kinds = sorted(v["kind"] for v in server["volumes"])
+    assert kinds == ["data", "os"], server["volumes"]
+    assert server["target"]["iqn"] == f"{IQN_PREFIX}:{A[1]}"
+    assert all(v["lun"] is not None for v in server["target"]["luns"]), server["target"]
+    seen["a"] = server
+    block = target_block(lab.tgt_show(), server["target"]["iqn"])
+    for v in server["volumes"]:
+        assert volume_path(lab, v["name"]) in block, f"tgtd does not export {v['name']}:\n{block}"
+
+
+def test_a_pxe_boots_from_its_own_clone(lab: Lab) -> None:
+    server = need("a")
+    node = lab.node(*A)
+    since = last_event_id(lab)
+    try:
+        took = boot(lab, node)
+    except LabError as e:
+        fail_with_logs(lab, str(e))
+    block = check_logged_in(lab, A[1])
+    assert lab.events is not None
+    steps = check_boot_path(lab.events.snapshot(), node, since, "pxelinux")
+    print(f"\nA: power-on → root in {took:.1f} s; " + " → ".join(steps))
+    assert "cello-initramfs-failed" not in node.console()
+    lab.release(node)  # powers it off; its last write was synced before the marker
+    os_volume = next(v["name"] for v in server["volumes"] if v["kind"] == "os")
+    assert debugfs_cat(volume_path(lab, os_volume), "/cello-booted") == f"uuid={A[1]}\nboots=1\n"
+    assert debugfs_cat(volume_path(lab, "tiny-template"), "/cello-booted") == ""
+    seen["a-booted"] = block
+
+
+def test_b_and_c_boot_at_once_each_from_its_own_clone(lab: Lab) -> None:
+    need("a")
+    # B boots with iPXE (kernel over HTTP, root LUN sanhooked), C with pxelinux (kernel over TFTP).
+    servers = {"b": create_server(lab, B, "ipxe"), "c": create_server(lab, C, "pxelinux")}
+    nodes = {"b": lab.node(*B), "c": lab.node(*C)}
+    since = last_event_id(lab)
+    for node in nodes.values():
+        node.power_on()
+    took: dict[str, float] = {}
+    try:
+        for name, node in nodes.items():
+            took[name] = node.wait_console(marker(node.uuid), BOOT_TIMEOUT)
+    except LabError as e:
+        fail_with_logs(lab, str(e))
+    for name, node in nodes.items():
+        check_logged_in(lab, node.uuid)
+        assert lab.events is not None
+        steps = check_boot_path(lab.events.snapshot(), node, since, "ipxe" if name == "b" else "pxelinux")
+        print(f"\n{name.upper()}: power-on → root in {took[name]:.1f} s; " + " → ".join(steps))
+        other = nodes["c" if name == "b" else "b"]
+        assert marker(other.uuid) not in node.console(), f"{name} printed the other node's marker"
+    for node in nodes.values():
+        lab.release(node)
+    a_os = next(v["name"] for v in need("a")["volumes"] if v["kind"] == "os")
+    expected = {a_os: f"uuid={A[1]}\nboots=1\n"}
+    for server in servers.values():
+        os_volume = next(v["name"] for v in server["volumes"] if v["kind"] == "os")
+        expected[os_volume] = f"uuid={server['uuid']}\nboots=1\n"
+    for volume, text in expected.items():
+        assert debugfs_cat(volume_path(lab, volume), "/cello-booted") == text, volume
+    assert debugfs_cat(volume_path(lab, "tiny-template"), "/cello-booted") == ""
+    seen["bc"] = servers
+
+
+def test_unknown_node_gets_no_boot_answer(lab: Lab) -> None:
+    node = lab.node(*STRANGER)
+    since = last_event_id(lab)
+    node.power_on()
+    try:
+        node.wait_console("No more network devices", NO_ANSWER_TIMEOUT)
+    except LabError as e:
+        fail_with_logs(lab, str(e))
+    console = node.console()
+    lab.release(node)
+    node_address(node)  # the site DHCP did answer: the silence is Cello's
+    assert "Filename:" not in console and "Next server: 10.77.0.2" not in console, console[-1500:]
+    assert lab.events is not None
+    answered = [e for e in lab.events.snapshot() if e.get("id", 0) > since and e.get("mac") == STRANGER[2]]
+    assert answered == [], answered
+
+
+def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
+    servers = need("bc")
+    uuid = servers["c"]["uuid"]
+    api_ok(lab, "PUT", "/api/v1/services/dhcp", {"enabled": False})
+    try:
+        services = {s["name"]: s for s in api_ok(lab, "GET", "/api/v1/services")}
+        assert services["dhcp"]["enabled"] is False, services
+        node = lab.node(*C)
+        since = last_event_id(lab)
+        node.power_on()
+        try:
+            node.wait_console("No more network devices", NO_ANSWER_TIMEOUT)
+        except LabError as e:
+            fail_with_logs(lab, str(e))
+        console = node.console()
+        lab.release(node)
+        node_address(node)
+        assert marker(uuid) not in console and "Filename:" not in console, console[-1500:]
+        assert lab.events is not None
+        offers = [e for e in lab.events.snapshot() if e.get("id", 0) > since and e["kind"] == "dhcp"]
+        assert offers == [], offers
+    finally:
+        api_ok(lab, "PUT", "/api/v1/services/dhcp", {"enabled": True})
+
+
+def test_delete_a_removes_its_target_and_volumes(lab: Lab) -> None:
+    server = need("a")
+    need("a-booted")
+    iqn = server["target"]["iqn"]
+    paths = [volume_path(lab, v["name"]) for v in server["volumes"]]
+    got, out = lab.api("DELETE", f"/api/v1/servers/{A[1]}")
+    assert got == 204, f"DELETE: {got} {out}"
+    got, out = lab.api("GET", f"/api/v1/servers/{A[1]}")
+    assert got == 404, out
+    assert target_block(lab.tgt_show(), iqn) == "", f"tgtd still has {iqn}"
+    assert [p for p in paths if os.path.exists(p)] == [], "A's volumes are still on disk"
+    report = api_ok(lab, "POST", "/api/v1/reconcile")
+    assert report["problems"] == [], report
+    assert not any(A[1] in line for line in report["repaired"]), report
+    # B and C are untouched.
+    for uuid in (B[1], C[1]):
+        assert target_block(lab.tgt_show(), f"{IQN_PREFIX}:{uuid}"), f"{uuid} lost its target"
