@@ -1,0 +1,226 @@
+"""The virtual boot tree: name validation, routing to rendered files, static roots, cache, symlinks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootfiles.render import BUILTIN_PROFILES
+from bootfiles.spec import BootSpec, IscsiRoot
+from bootfiles.tree import BootTree, NotFound, Refused, RenderFailed, pxelinux_config_names, split_name
+
+UUID = "3f1c0000-0000-4000-8000-000000000001"
+MAC = "52:54:00:77:00:10"
+CLIENT = ("127.0.0.1", 40000)
+
+
+def make_spec(uuid: str, lun: int = 1, kernel: str = "templates/tiny/v1/vmlinuz") -> BootSpec:
+    return BootSpec(
+        server_uuid=uuid,
+        profile=BUILTIN_PROFILES["compute"],
+        kernel=kernel,
+        initrd="templates/tiny/v1/initrd.img",
+        root=IscsiRoot(f"iqn.2026-11.io.cello:{uuid}", "10.77.0.2", 3260, lun, f"iqn.2026-11.io.cello:node-{uuid}"),
+        http_base="http://10.77.0.2:8080",
+    )
+
+
+class StorePolicy:
+    """A tiny store-backed BootPolicy, as the appliance implements it (UUID, then MAC, then unknown)."""
+
+    def __init__(self) -> None:
+        self.by_uuid: dict[str, BootSpec] = {}
+        self.macs: dict[str, str] = {}
+        self.unknown: BootSpec | None = None
+        self.calls: list[tuple[str | None, str | None]] = []
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        self.calls.append((uuid, mac))
+        if uuid is not None and uuid in self.by_uuid:
+            return self.by_uuid[uuid]
+        if mac is not None and mac in self.macs:
+            return self.by_uuid[self.macs[mac]]
+        return self.unknown if uuid is None and mac is None else None
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    files = tmp_path / "files"
+    (files / "templates/tiny/v1").mkdir(parents=True)
+    (files / "templates/tiny/v1/vmlinuz").write_bytes(b"K" * 1000)
+    loaders = tmp_path / "loaders"
+    loaders.mkdir()
+    (loaders / "pxelinux.0").write_bytes(b"PXE" * 100)
+    (loaders / "ldlinux.c32").write_bytes(b"LDL")
+    (loaders / "sub").mkdir()
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_bytes(b"root:x:0:0")
+    os.symlink(secret / "passwd", loaders / "escape")
+    os.symlink(secret, loaders / "escapedir")
+    os.symlink(loaders / "pxelinux.0", loaders / "alias.0")
+    os.symlink(files / "templates/tiny/v1/vmlinuz", loaders / "cross-root")
+    return {"files": files, "loaders": loaders, "secret": secret, "tmp": tmp_path}
+
+
+@pytest.fixture
+def policy() -> StorePolicy:
+    p = StorePolicy()
+    p.by_uuid[UUID] = make_spec(UUID)
+    p.macs[MAC] = UUID
+    return p
+
+
+@pytest.fixture
+def tree(layout: dict[str, Path], policy: StorePolicy) -> BootTree:
+    return BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../secret/passwd",
+        "sub/../../secret/passwd",
+        "..",
+        "./pxelinux.0",
+        "pxelinux.cfg/.hidden",
+        "a//b",
+        "//etc/passwd",
+        "..\\secret\\passwd",
+        "pxelinux.0\0.txt",
+        "x\ny",
+        "a" * 256,
+        "",
+        "/",
+    ],
+)
+def test_split_name_refuses(name: str) -> None:
+    with pytest.raises(Refused):
+        split_name(name)
+
+
+def test_split_name_accepts_root_relative_forms() -> None:
+    assert split_name("/templates/tiny/v1/vmlinuz") == ["templates", "tiny", "v1", "vmlinuz"]
+    assert split_name("::pxelinux.0") == ["pxelinux.0"]
+
+
+def test_pxelinux_config_names() -> None:
+    names = pxelinux_config_names(UUID, MAC, "10.77.0.100")
+    assert names[:3] == [f"pxelinux.cfg/{UUID}", "pxelinux.cfg/01-52-54-00-77-00-10", "pxelinux.cfg/0A4D0064"]
+    assert names[-2:] == ["pxelinux.cfg/0", "pxelinux.cfg/default"]
+    assert len(names) == 11
+
+
+async def test_static_files_from_both_roots(tree: BootTree) -> None:
+    f = await tree.open("pxelinux.0", CLIENT)
+    assert f.data == b"PXE" * 100 and f.size == 300 and f.server_uuid is None and f.kind == "static"
+    f = await tree.open("/templates/tiny/v1/vmlinuz", CLIENT)
+    assert f.data == b"K" * 1000
+
+
+async def test_symlinks(tree: BootTree) -> None:
+    assert (await tree.open("alias.0", CLIENT)).data == b"PXE" * 100
+    assert (await tree.open("cross-root", CLIENT)).data == b"K" * 1000
+    with pytest.raises(Refused):
+        await tree.open("escape", CLIENT)
+    with pytest.raises(Refused):
+        await tree.open("escapedir/passwd", CLIENT)
+
+
+async def test_link_targets_allow_packaged_links_only(layout: dict[str, Path], policy: StorePolicy) -> None:
+    tree = BootTree([layout["loaders"]], None, policy, link_targets=[layout["secret"]])
+    assert (await tree.open("escape", CLIENT)).data == b"root:x:0:0"
+    # The link-target folder itself is not a root: nothing in it is served by name.
+    with pytest.raises(NotFound):
+        await tree.open("passwd", CLIENT)
+
+
+@pytest.mark.parametrize("name", ["etc/passwd", "/etc/passwd", "sub", "missing.c32", "templates"])
+async def test_absent_and_directories_not_found(tree: BootTree, name: str) -> None:
+    with pytest.raises(NotFound):
+        await tree.open(name, CLIENT)
+
+
+async def test_rendered_by_uuid_mac_and_prefix(tree: BootTree, policy: StorePolicy) -> None:
+    by_uuid = await tree.open(f"pxelinux.cfg/{UUID}", CLIENT)
+    by_mac = await tree.open("pxelinux.cfg/01-52-54-00-77-00-10", CLIENT)
+    by_prefix = await tree.open(f"{UUID}/pxelinux.cfg/default", CLIENT)
+    assert by_uuid.data == by_mac.data == by_prefix.data
+    assert by_uuid.data is not None and by_uuid.data.startswith(b"DEFAULT cello\n")
+    assert by_uuid.server_uuid == UUID and by_uuid.kind == "rendered"
+    assert policy.calls == [(UUID, None), (None, MAC), (UUID, None)]
+
+
+async def test_prefix_reaches_static_files(tree: BootTree) -> None:
+    f = await tree.open(f"{UUID}/ldlinux.c32", CLIENT)
+    assert f.data == b"LDL" and f.server_uuid == UUID
+
+
+async def test_unknown_node_policy(tree: BootTree, policy: StorePolicy) -> None:
+    for name in ("pxelinux.cfg/default", "pxelinux.cfg/0A4D0064", "grub/grub.cfg", "ipxe/default.ipxe"):
+        with pytest.raises(NotFound):
+            await tree.open(name, CLIENT)
+    with pytest.raises(NotFound):
+        await tree.open("pxelinux.cfg/01-00-00-00-00-00-01", CLIENT)
+    other = "0d2b0000-0000-4000-8000-00000000000f"
+    policy.unknown = make_spec(other)
+    f = await tree.open("pxelinux.cfg/0A4D", CLIENT)
+    assert f.server_uuid == other
+    assert (None, None) in policy.calls
+
+
+async def test_grub_and_ipxe_names(tree: BootTree) -> None:
+    g1 = await tree.open("grub/grub.cfg-01-52-54-00-77-00-10", CLIENT)
+    g2 = await tree.open(f"grub/grub.cfg-{UUID}", CLIENT)
+    assert g1.data == g2.data and g1.data is not None and g1.data.startswith(b"set default=0")
+    i1 = await tree.open(f"ipxe/{UUID}.ipxe", CLIENT)
+    i2 = await tree.open(f"boot/{UUID}.ipxe", CLIENT)
+    i3 = await tree.open("ipxe/01-52-54-00-77-00-10.ipxe", CLIENT)
+    assert i1.data == i2.data == i3.data and i1.data is not None and i1.data.startswith(b"#!ipxe\n")
+
+
+async def test_store_change_shows_in_next_request(tree: BootTree, policy: StorePolicy) -> None:
+    before = await tree.open(f"pxelinux.cfg/{UUID}", CLIENT)
+    policy.by_uuid[UUID] = make_spec(UUID, lun=3, kernel="templates/tiny/v2/vmlinuz")
+    after = await tree.open(f"pxelinux.cfg/{UUID}", CLIENT)
+    assert before.data is not None and after.data is not None
+    assert b"cello.lun=1" in before.data and b"cello.lun=3" in after.data
+    assert b"KERNEL /templates/tiny/v2/vmlinuz" in after.data
+
+
+async def test_render_error_is_reported(tree: BootTree, policy: StorePolicy) -> None:
+    policy.by_uuid[UUID] = make_spec(UUID, kernel="bad path")
+    with pytest.raises(RenderFailed):
+        await tree.open(f"pxelinux.cfg/{UUID}", CLIENT)
+
+
+async def test_cache_hits_and_reload_on_change(tree: BootTree, layout: dict[str, Path]) -> None:
+    a = await tree.open("pxelinux.0", CLIENT)
+    b = await tree.open("pxelinux.0", CLIENT)
+    assert a.data is b.data  # same object: served from memory
+    assert tree.cache.misses == 1 and tree.cache.hits == 1
+    (layout["loaders"] / "pxelinux.0").write_bytes(b"NEW")
+    c = await tree.open("pxelinux.0", CLIENT)
+    assert c.data == b"NEW" and tree.cache.misses == 2
+
+
+async def test_cache_is_bounded(tree: BootTree, layout: dict[str, Path]) -> None:
+    for i in range(20):
+        (layout["loaders"] / f"f{i}").write_bytes(bytes([i]) * 900)
+        await tree.open(f"f{i}", CLIENT)
+    assert tree.cache.used_bytes <= 10_000
+
+
+async def test_large_file_is_read_from_disk(layout: dict[str, Path], tree: BootTree) -> None:
+    big = os.urandom(8000)  # > max_entry_bytes (half of 10_000)
+    (layout["loaders"] / "big").write_bytes(big)
+    f = await tree.open("big", CLIENT)
+    try:
+        assert f.data is None and f.size == 8000
+        assert bytes(f.source.read(1000, 512)) == big[1000:1512]
+        assert bytes(f.source.read(7900, 512)) == big[7900:]
+    finally:
+        f.close()
+    assert tree.cache.used_bytes == 0
