@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from iscsi import names
 from iscsi.model import NameError_, StorageError, TargetSpec
@@ -219,14 +219,13 @@ def render(conf: CtlConf) -> str:
 
 # -- parser --------------------------------------------------------------------------------
 
+# One alternation over the whole text: whitespace+comments | punctuation | "quoted" | word | anything else.
 _TOKEN_RE = re.compile(
-    r'(?P<ws>[ \t\r\n]+)|(?P<comment>#[^\n]*)|(?P<punct>[{};])|"(?P<quoted>[^"\n]*)"'
-    r"|(?P<word>[A-Za-z0-9.\-@_/:\[\]]+)"
+    r'(?:[ \t\r\n]+|#[^\n]*)+|([{};])|"([^"\n]*)"|([A-Za-z0-9.\-@_/:\[\]]+)|(.)', re.DOTALL
 )
 
 
-@dataclass(frozen=True)
-class _Tok:
+class _Tok(NamedTuple):
     kind: Literal["word", "str", "{", "}", ";", "eof"]
     value: str
     offset: int
@@ -234,18 +233,19 @@ class _Tok:
 
 def _tokens(text: str) -> list[_Tok]:
     toks: list[_Tok] = []
-    pos = 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
-        if m is None:
-            raise CtlConfError(f"unexpected character {text[pos]!r}", pos)
-        if m["punct"]:
-            toks.append(_Tok(m["punct"], m["punct"], pos))  # type: ignore[arg-type]
-        elif m["quoted"] is not None:
-            toks.append(_Tok("str", m["quoted"], pos))
-        elif m["word"]:
-            toks.append(_Tok("word", m["word"], pos))
-        pos = m.end()
+    append = toks.append
+    for m in _TOKEN_RE.finditer(text):
+        group = m.lastindex
+        if group is None:
+            continue  # whitespace and comments
+        if group == 1:
+            append(_Tok(m[1], m[1], m.start()))  # type: ignore[arg-type]
+        elif group == 2:
+            append(_Tok("str", m[2], m.start()))
+        elif group == 3:
+            append(_Tok("word", m[3], m.start()))
+        else:
+            raise CtlConfError(f"unexpected character {m[4]!r}", m.start())
     toks.append(_Tok("eof", "", len(text)))
     return toks
 

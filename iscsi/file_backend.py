@@ -51,7 +51,7 @@ def reflink(src: Path, dst: Path) -> bool:
 
 
 def sparse_copy(src: Path, dst: Path) -> None:
-    """Copy only the data regions of `src` (SEEK_DATA/SEEK_HOLE), skipping all-zero chunks."""
+    """Copy only the data regions of `src` (SEEK_DATA/SEEK_HOLE), then fsync: holes stay holes."""
     with open(src, "rb") as s, open(dst, "xb") as d:
         size = os.fstat(s.fileno()).st_size
         sfd, dfd = s.fileno(), d.fileno()
@@ -64,17 +64,32 @@ def sparse_copy(src: Path, dst: Path) -> None:
                     break
                 raise
             end = os.lseek(sfd, start, os.SEEK_HOLE)
-            off = start
-            while off < end:
-                chunk = os.pread(sfd, min(_CHUNK, end - off), off)
-                if not chunk:
-                    break
-                if chunk != _ZEROS[: len(chunk)]:
-                    os.pwrite(dfd, chunk, off)
-                off += len(chunk)
+            _copy_range(sfd, dfd, start, end)
             pos = end
         os.ftruncate(dfd, size)
         os.fsync(dfd)
+
+
+def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
+    """Copy [start, end) in the kernel (copy_file_range); by reads and writes where it can't."""
+    off = start
+    while off < end:
+        try:
+            n = os.copy_file_range(sfd, dfd, end - off, off, off)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            break
+        if n == 0:
+            return
+        off += n
+    while off < end:
+        chunk = os.pread(sfd, min(_CHUNK, end - off), off)
+        if not chunk:
+            return
+        if chunk != _ZEROS[: len(chunk)]:  # keep zero blocks as holes
+            os.pwrite(dfd, chunk, off)
+        off += len(chunk)
 
 
 def clone_file(src: Path, dst: Path) -> CloneMethod:
