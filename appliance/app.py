@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import fcntl
 import logging
 import socket
@@ -54,7 +55,8 @@ class Service(Protocol):
 
 
 def explain_bind_error(what: str, host: str, port: int, e: OSError) -> StartError:
-    reason = e.strerror or str(e)
+    # aiohttp wraps bind errors in its own words; the errno says it plainly.
+    reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
     if e.errno in (errno.EACCES, errno.EPERM) and port < 1024:
         reason += f" (port {port} needs root or CAP_NET_BIND_SERVICE)"
     elif e.errno == errno.EADDRINUSE:
@@ -253,10 +255,22 @@ class Appliance:
                     await slot.service.stop()  # type: ignore[union-attr]
             await self._close_store()
             raise
+        await self._ensure_admin_token()
         report = await self.provisioner.reconcile()
         for line in report.problems:
             log.warning("reconcile: %s", line)
         await self.policy.refresh()
+
+    async def _ensure_admin_token(self) -> None:
+        # Only once everything is bound: a failed start must not consume the one-time token.
+        from web.app import ensure_admin_token
+
+        assert self.store is not None
+        token = await ensure_admin_token(self.store, self.config.api.admin_token)
+        if token is not None:
+            self.admin_token_printed = token
+            # Printed once, on first start: only its hash is stored.
+            print(f"cello: admin token (shown once): {token}", file=sys.stderr, flush=True)
 
     def health(self) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
@@ -343,15 +357,10 @@ class _WebService:
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        from web.app import WebDeps, create_app, ensure_admin_token
+        from web.app import WebDeps, create_app
 
         a = self.appliance
         assert a.provisioner and a.store and a.events and a.policy and a.backend
-        token = await ensure_admin_token(a.store, a.config.api.admin_token)
-        if token is not None:
-            a.admin_token_printed = token
-            # Printed once, on first start: only its hash is stored.
-            print(f"cello: admin token (shown once): {token}", file=sys.stderr, flush=True)
         app = create_app(WebDeps(provisioner=a.provisioner, store=a.store, events=a.events, policy=a.policy,
                                  files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION))
         host, port = split_host_port(a.config.api.listen)
