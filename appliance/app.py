@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import fcntl
 import logging
+import os
 import socket
 import struct
 import sys
