@@ -1,0 +1,475 @@
+"""The TFTP server on loopback against real clients: tftp-hpa, atftp, curl, tftpy (and raw sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bootfiles import tftp_packet as tp
+from bootfiles.render import BUILTIN_PROFILES
+from bootfiles.spec import BootSpec, IscsiRoot
+from bootfiles.tftp_server import TftpServer
+from bootfiles.tftp_transfer import ReceiveTransfer
+from bootfiles.tree import BootTree
+
+UUID = "3f1c0000-0000-4000-8000-000000000001"
+MAC = "52:54:00:77:00:10"
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (Debian package tftp-hpa / atftp / curl)")
+    return path
+
+
+def spec(lun: int = 1, kernel: str = "templates/tiny/v1/vmlinuz") -> BootSpec:
+    return BootSpec(
+        server_uuid=UUID,
+        profile=BUILTIN_PROFILES["compute"],
+        kernel=kernel,
+        initrd="templates/tiny/v1/initrd.img",
+        root=IscsiRoot(f"iqn.2026-11.io.cello:{UUID}", "10.77.0.2", 3260, lun, f"iqn.2026-11.io.cello:node-{UUID}"),
+        http_base="http://10.77.0.2:8080",
+    )
+
+
+class Store:
+    def __init__(self) -> None:
+        self.specs: dict[str, BootSpec] = {UUID: spec()}
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        if uuid in self.specs:
+            return self.specs[uuid]
+        if mac == MAC:
+            return self.specs.get(UUID)
+        return None
+
+
+@dataclass
+class Env:
+    server: TftpServer
+    root: Path
+    store: Store
+    events: list[Mapping[str, object]]
+    switch: dict[str, bool] = field(default_factory=lambda: {"on": True})
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+
+def blob(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def make_env(tmp_path: Path, **server_kw: object) -> Env:
+    files = tmp_path / "files"
+    (files / "templates/tiny/v1").mkdir(parents=True)
+    (files / "templates/tiny/v1/vmlinuz").write_bytes(blob(300_000, 1))
+    loaders = tmp_path / "loaders"
+    loaders.mkdir()
+    (loaders / "pxelinux.0").write_bytes(blob(42_430, 2))
+    (loaders / "rollover.bin").write_bytes(blob(70_000 * 8 + 5, 3))
+    (loaders / "notes.txt").write_bytes(b"line one\nline two\r\nbare\rcr\n")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret/passwd").write_bytes(b"root:x:0:0:SECRET")
+    os.symlink(tmp_path / "secret/passwd", loaders / "escape")
+    store = Store()
+    events: list[Mapping[str, object]] = []
+    env_switch = {"on": True}
+
+    def sink(kind: str, fields: Mapping[str, object]) -> None:
+        assert kind == "tftp"
+        events.append(fields)
+
+    tree = BootTree([loaders], files, store, cache_bytes=64 << 20, max_entry_bytes=200_000)
+    kw: dict[str, object] = {"events": sink, "enabled": lambda: env_switch["on"], "timeout": 0.5}
+    kw.update(server_kw)
+    server = TftpServer("127.0.0.1", 0, tree, **kw)  # type: ignore[arg-type]
+    return Env(server, loaders, store, events, env_switch)
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    e = make_env(tmp_path)
+    await e.server.start()
+    try:
+        yield e
+    finally:
+        await e.server.stop()
+
+
+async def run(*argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def wait_events(env: Env, n: int) -> None:
+    for _ in range(200):
+        if len(env.events) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"expected {n} events, got {env.events}")
+
+
+# --- real clients -------------------------------------------------------------------------------
+
+
+async def test_tftp_hpa_binary_and_netascii(env: Env, tmp_path: Path) -> None:
+    tftp = need("tftp")
+    out = tmp_path / "pxe.out"
+    code, text = await run(tftp, "-m", "binary", "127.0.0.1", str(env.port), "-c", "get", "pxelinux.0", str(out))
+    assert code == 0, text
+    assert sha(out.read_bytes()) == sha((env.root / "pxelinux.0").read_bytes())
+    # tftp-hpa's default mode is netascii: the server converts, the client converts back.
+    txt = tmp_path / "notes.out"
+    code, text = await run(tftp, "127.0.0.1", str(env.port), "-c", "get", "notes.txt", str(txt))
+    assert code == 0, text
+    assert txt.read_bytes() == (env.root / "notes.txt").read_bytes()
+    await wait_events(env, 2)
+    assert [e["outcome"] for e in env.events] == ["ok", "ok"]
+
+
+async def test_atftp_blksize_tsize(env: Env, tmp_path: Path) -> None:
+    atftp = need("atftp")
+    out = tmp_path / "k.out"
+    argv = [atftp, "--option", "blksize 1468", "--option", "tsize 0", "-g", "-r", "/templates/tiny/v1/vmlinuz"]
+    code, text = await run(*argv, "-l", str(out), "127.0.0.1", str(env.port))
+    assert code == 0, text
+    assert "blksize = 1468" in text or out.exists()
+    assert sha(out.read_bytes()) == sha(blob(300_000, 1))
+
+
+async def test_curl(env: Env, tmp_path: Path) -> None:
+    curl = need("curl")
+    for extra in ([], ["--tftp-blksize", "1468"]):
+        out = tmp_path / "c.out"
+        url = f"tftp://127.0.0.1:{env.port}/templates/tiny/v1/vmlinuz"
+        code, text = await run(curl, "-sS", *extra, "-o", str(out), url)
+        assert code == 0, text
+        assert sha(out.read_bytes()) == sha(blob(300_000, 1))
+
+
+async def test_tftpy_client(env: Env, tmp_path: Path) -> None:
+    import tftpy
+
+    out = tmp_path / "py.out"
+
+    def fetch() -> None:
+        client = tftpy.TftpClient("127.0.0.1", env.port, options={"blksize": 1468, "tsize": 0})
+        client.download("pxelinux.0", str(out), timeout=2)
+
+    await asyncio.to_thread(fetch)
+    assert sha(out.read_bytes()) == sha((env.root / "pxelinux.0").read_bytes())
+
+
+async def test_rollover_with_atftp(env: Env, tmp_path: Path) -> None:
+    """70001 blocks of 8 bytes: the block counter wraps past 65535 and the file arrives intact."""
+    atftp = need("atftp")
+    out = tmp_path / "r.out"
+    argv = [atftp, "--option", "blksize 8", "-g", "-r", "rollover.bin", "-l", str(out), "127.0.0.1", str(env.port)]
+    code, text = await run(*argv, timeout=80)
+    assert code == 0, text
+    assert sha(out.read_bytes()) == sha((env.root / "rollover.bin").read_bytes())
+
+
+async def test_large_windowed_file_over_udp(env: Env, tmp_path: Path) -> None:
+    """> 65535 blocks at blksize 1468 with windowsize 64, through the server's real sockets."""
+    big = env.root / "big.img"
+    size = 66_000 * 1468 + 77
+    with big.open("wb") as f:
+        f.truncate(size)
+        f.seek(12345)
+        f.write(b"middle")
+        f.seek(size - 5)
+        f.write(b"tail!")
+    got = await fetch_windowed(env.port, "big.img", {"blksize": "1468", "windowsize": "64", "tsize": "0"})
+    assert got.tsize == size
+    assert sha(bytes(got.data)) == sha(big.read_bytes())
+
+
+async def fetch_windowed(port: int, name: str, options: dict[str, str]) -> ReceiveTransfer:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    client = ReceiveTransfer(name, loop.time(), options=options, timeout=0.5)
+
+    class Proto(asyncio.DatagramProtocol):
+        peer: tuple[str, int] = ("127.0.0.1", port)
+        transport: asyncio.DatagramTransport
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            self.flush()
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.peer = addr
+            client.receive(data, loop.time())
+            self.flush()
+
+        def flush(self) -> None:
+            for d in client.datagrams_to_send():
+                self.transport.sendto(d, self.peer)
+            if client.done and not done.done():
+                done.set_result(None)
+
+    transport, proto = await loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+    try:
+        while not done.done():
+            await asyncio.wait([done], timeout=0.1)
+            client.on_timeout(loop.time())
+            proto.flush()
+    finally:
+        transport.close()
+    assert client.outcome == "ok", client.error
+    return client
+
+
+# --- raw packets: exact codes ---------------------------------------------------------------------
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(2.0)
+
+    def rrq(self, name: bytes, mode: bytes = b"octet", options: bytes = b"") -> None:
+        self.sock.sendto(b"\x00\x01" + name + b"\x00" + mode + b"\x00" + options, ("127.0.0.1", self.port))
+
+    def recv(self, timeout: float = 2.0) -> tuple[tp.Packet, tuple[str, int]]:
+        self.sock.settimeout(timeout)
+        data, addr = self.sock.recvfrom(70000)
+        return tp.decode(data), addr
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def in_thread(fn: Callable[[], object]) -> object:
+    return await asyncio.to_thread(fn)
+
+
+TRAVERSALS = [
+    (b"../secret/passwd", 2),
+    (b"templates/../../secret/passwd", 2),
+    (b"..\\secret\\passwd", 2),
+    (b"/etc/passwd", 1),
+    (b"//etc/passwd", 2),
+    (b"escape", 2),
+    (b"a" * 300, 2),
+    (b".hidden", 2),
+    ("pxe\u00e9".encode("latin-1"), 0),  # non-ASCII name: not a TFTP request at all → no answer
+]
+
+
+@pytest.mark.parametrize(("name", "code"), TRAVERSALS)
+async def test_traversal_refused(env: Env, name: bytes, code: int) -> None:
+    raw = Raw(env.port)
+    try:
+        raw.rrq(name)
+        if code == 0:
+            with pytest.raises(TimeoutError):
+                await in_thread(lambda: raw.recv(0.5))
+            return
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.Error(code, {1: "not found", 2: "refused"}[code])
+    finally:
+        raw.close()
+
+
+async def test_traversal_with_curl_and_tftpy(env: Env, tmp_path: Path) -> None:
+    import tftpy
+
+    curl = need("curl")
+    out = tmp_path / "leak"
+    for name in ("../secret/passwd", "escape", "%2e%2e/secret/passwd", "/etc/passwd"):
+        code, _ = await run(curl, "-sS", "-o", str(out), f"tftp://127.0.0.1:{env.port}/{name}")
+        assert code in (68, 69), name  # CURLE_TFTP_NOTFOUND / CURLE_TFTP_PERM
+        assert not out.exists() or b"SECRET" not in out.read_bytes()
+
+    def fetch() -> None:
+        tftpy.TftpClient("127.0.0.1", env.port).download("../secret/passwd", str(out), timeout=1)
+
+    with pytest.raises(tftpy.TftpException):
+        await asyncio.to_thread(fetch)
+    assert not out.exists() or b"SECRET" not in out.read_bytes()
+
+
+async def test_write_request_refused(env: Env, tmp_path: Path) -> None:
+    raw = Raw(env.port)
+    try:
+        raw.sock.sendto(b"\x00\x02new.bin\x00octet\x00", ("127.0.0.1", env.port))
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(packet, tp.Error) and packet.code == 2
+    finally:
+        raw.close()
+    local = tmp_path / "up.bin"
+    local.write_bytes(b"upload")
+    await run(need("tftp"), "-m", "binary", "127.0.0.1", str(env.port), "-c", "put", str(local), "up.bin", timeout=20)
+    assert not (env.root / "up.bin").exists()
+    await wait_events(env, 2)
+    assert [e["outcome"] for e in env.events] == ["refused-write", "refused-write"]
+
+
+async def test_mail_mode_refused(env: Env) -> None:
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", b"mail")
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(packet, tp.Error) and packet.code == 4
+    finally:
+        raw.close()
+
+
+async def test_uefi_tsize_probe_then_fetch(env: Env) -> None:
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", options=b"tsize\x000\x00blksize\x001468\x00")
+        packet, addr = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.OptionAck({"blksize": "1468", "tsize": "42430"})
+        raw.sock.sendto(tp.encode(tp.Error(8, "User aborted the transfer")), addr)
+        await wait_events(env, 1)
+        got = await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468", "tsize": "0"})
+        assert bytes(got.data) == (env.root / "pxelinux.0").read_bytes()
+    finally:
+        raw.close()
+    await wait_events(env, 2)
+    assert [e["outcome"] for e in env.events] == ["tsize-probe", "ok"]
+
+
+async def test_retransmission_and_wrong_tid(env: Env) -> None:
+    raw, stranger = Raw(env.port), Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0")
+        first, addr = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(first, tp.Data) and first.block == 1
+        # We do not ACK: the same block comes again after the (0.5 s) timeout.
+        again, addr2 = await in_thread(raw.recv)  # type: ignore[misc]
+        assert again == first and addr2 == addr
+        # A packet from another port gets error 5 and does not disturb the transfer.
+        stranger.sock.sendto(tp.encode_ack(1), addr)
+        err, _ = await in_thread(stranger.recv)  # type: ignore[misc]
+        assert isinstance(err, tp.Error) and err.code == 5
+        raw.sock.sendto(tp.encode_ack(1), addr)
+        nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(nxt, tp.Data) and nxt.block == 2
+        # A retransmitted RRQ does not start a second transfer.
+        raw.rrq(b"pxelinux.0")
+        with pytest.raises(TimeoutError):
+            while True:  # only retransmissions of block 2 from the same port may arrive
+                pkt, a = await in_thread(lambda: raw.recv(0.3))  # type: ignore[misc]
+                assert a == addr and pkt == nxt
+    finally:
+        raw.close()
+        stranger.close()
+
+
+async def test_disabled_gives_no_answer(env: Env) -> None:
+    env.switch["on"] = False
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0")
+        with pytest.raises(TimeoutError):
+            await in_thread(lambda: raw.recv(0.5))
+        env.switch["on"] = True
+        raw.rrq(b"pxelinux.0")
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(packet, tp.Data)
+    finally:
+        raw.close()
+    assert env.events[0]["outcome"] == "disabled"
+
+
+async def test_concurrent_transfer_bound(tmp_path: Path) -> None:
+    e = make_env(tmp_path, max_transfers=1)
+    await e.server.start()
+    a, b = Raw(e.port), Raw(e.port)
+    try:
+        a.rrq(b"pxelinux.0")
+        first, _ = await in_thread(a.recv)  # type: ignore[misc]
+        assert isinstance(first, tp.Data)
+        b.rrq(b"pxelinux.0")
+        with pytest.raises(TimeoutError):
+            await in_thread(lambda: b.recv(0.3))
+        assert e.server.active_transfers == 1
+    finally:
+        a.close()
+        b.close()
+        await e.server.stop()
+    assert any(ev["outcome"] == "busy" for ev in e.events)
+
+
+async def test_per_node_config_follows_the_store(env: Env, tmp_path: Path) -> None:
+    curl = need("curl")
+    out = tmp_path / "cfg"
+    for name in (f"pxelinux.cfg/{UUID}", "pxelinux.cfg/01-52-54-00-77-00-10", f"{UUID}/pxelinux.cfg/default"):
+        code, text = await run(curl, "-sS", "-o", str(out), f"tftp://127.0.0.1:{env.port}/{name}")
+        assert code == 0, text
+        assert b"cello.lun=1" in out.read_bytes() and b"KERNEL /templates/tiny/v1/vmlinuz" in out.read_bytes()
+    env.store.specs[UUID] = spec(lun=2, kernel="templates/tiny/v2/vmlinuz")
+    code, text = await run(curl, "-sS", "-o", str(out), f"tftp://127.0.0.1:{env.port}/pxelinux.cfg/{UUID}")
+    assert code == 0, text
+    assert b"cello.lun=2" in out.read_bytes() and b"KERNEL /templates/tiny/v2/vmlinuz" in out.read_bytes()
+    # Unknown node with the "ignore" policy: not found, and pxelinux moves on.
+    code, _ = await run(curl, "-sS", "-o", str(out), f"tftp://127.0.0.1:{env.port}/pxelinux.cfg/default")
+    assert code == 68
+    await wait_events(env, 5)
+    ok = [ev for ev in env.events if ev["outcome"] == "ok"]
+    assert len(ok) == 4 and all(ev["server"] == UUID for ev in ok)
+    assert env.events[-1]["outcome"] == "not-found"
+    assert all({"server", "client", "file", "bytes", "duration_ms", "outcome"} <= set(ev) for ev in env.events)
+    assert isinstance(ok[0]["bytes"], int) and ok[0]["bytes"] > 100
+
+
+async def test_storm_of_clients_shares_one_cached_copy(env: Env, tmp_path: Path) -> None:
+    curl = need("curl")
+    results = await asyncio.gather(
+        *(run(curl, "-sS", "-o", str(tmp_path / f"s{i}"), f"tftp://127.0.0.1:{env.port}/pxelinux.0") for i in range(12))
+    )
+    assert all(code == 0 for code, _ in results)
+    want = sha((env.root / "pxelinux.0").read_bytes())
+    assert all(sha((tmp_path / f"s{i}").read_bytes()) == want for i in range(12))
+    tree = env.server.tree
+    assert isinstance(tree, BootTree) and tree.cache.misses == 1  # one load, eleven served from memory
+
+
+async def test_stop_is_idempotent_and_ends_transfers(tmp_path: Path) -> None:
+    e = make_env(tmp_path)
+    await e.server.start()
+    raw = Raw(e.port)
+    try:
+        raw.rrq(b"pxelinux.0")
+        await in_thread(raw.recv)
+        await e.server.stop()
+        await e.server.stop()
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.Error(0, "server shutting down")
+    finally:
+        raw.close()
