@@ -109,7 +109,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await e.server.stop()
 
 
-async def run(*argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> tuple[int, str]:
+async def run(*argv: str, limit: float = 60.0, stdin: bytes | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
@@ -117,7 +117,7 @@ async def run(*argv: str, timeout: float = 60.0, stdin: bytes | None = None) -> 
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        out, _ = await asyncio.wait_for(proc.communicate(stdin), limit)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -194,7 +194,7 @@ async def test_rollover_with_atftp(env: Env, tmp_path: Path) -> None:
     atftp = need("atftp")
     out = tmp_path / "r.out"
     argv = [atftp, "--option", "blksize 8", "-g", "-r", "rollover.bin", "-l", str(out), "127.0.0.1", str(env.port)]
-    code, text = await run(*argv, timeout=80)
+    code, text = await run(*argv, limit=80)
     assert code == 0, text
     assert sha(out.read_bytes()) == sha((env.root / "rollover.bin").read_bytes())
 
@@ -332,7 +332,7 @@ async def test_write_request_refused(env: Env, tmp_path: Path) -> None:
         raw.close()
     local = tmp_path / "up.bin"
     local.write_bytes(b"upload")
-    await run(need("tftp"), "-m", "binary", "127.0.0.1", str(env.port), "-c", "put", str(local), "up.bin", timeout=20)
+    await run(need("tftp"), "-m", "binary", "127.0.0.1", str(env.port), "-c", "put", str(local), "up.bin", limit=20)
     assert not (env.root / "up.bin").exists()
     await wait_events(env, 2)
     assert [e["outcome"] for e in env.events] == ["refused-write", "refused-write"]
