@@ -7,6 +7,7 @@ OS clone `<os>-OS-<uuid>`, data `<os>-DATA-<uuid>` then `-2`, `-3`, ….
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -202,3 +203,18 @@ def parse_snapshot(name: str) -> tuple[str, str]:
 
 def volume(name: str) -> str:
     return parse_volume(name).name
+
+
+def target_iqn(prefix: str, uuid: str) -> str:
+    """`<iqn_prefix>:<server-uuid>`."""
+    return iqn(f"{iqn_prefix(prefix)}:{server_uuid(uuid)}")
+
+
+def lun_serial(volume_name: str) -> str:
+    """A stable 16-char SCSI serial derived from the volume name (ctl's CTL_SN_LEN is 16)."""
+    return "C" + hashlib.sha256(volume(volume_name).encode()).hexdigest()[:15].upper()
+
+
+def lun_device_id(volume_name: str) -> str:
+    """A stable device-id (≤64 chars; tgt keeps 36) derived from the volume name."""
+    return "cello-" + hashlib.sha256(volume(volume_name).encode()).hexdigest()[:30]

@@ -87,8 +87,8 @@ class ZfsBackend:
         self.pool = names.pool(pool)
         self.kind: ZfsKind = kind
         self._run = runner or default_runner()
-        # libzfs_core only with the real CLI runner: a recording runner means "check the argv".
-        lzc = _load_lzc() if use_lzc is not False and runner is None else None
+        # auto (None): libzfs_core only with the real CLI runner — a recording runner means "check the argv"
+        lzc = _load_lzc() if use_lzc is True or (use_lzc is None and runner is None) else None
         if use_lzc and lzc is None:
             raise StorageError("libzfs_core (pyzfs) was requested but does not import")
         self._lzc = lzc

@@ -115,7 +115,8 @@ async def test_real_initiators_read_and_write_the_clone(backend: FileBackend, dr
     assert rc == 0 and f"Total size:{16 * MB}" in out, out
 
     rc, out = await run("iscsi-test-cu", "--dataloss",
-                        "--test=SCSI.Read10.Simple,SCSI.Write10.Simple,SCSI.ReadCapacity16.Simple",
+                        "--test=SCSI.Read10.Simple,SCSI.Write10.Simple,SCSI.Read16.Simple,SCSI.Write16.Simple,"
+                        "SCSI.ReadCapacity16.Simple,SCSI.TestUnitReady",
                         f"iscsi://{PORTAL}/{iqn}/1")
     assert rc == 0 and "FAILED" not in out, out
     assert await asyncio.to_thread(digest, snap) == before  # writes landed in the clone only

@@ -10,7 +10,7 @@ import pytest
 
 from iscsi.ctld import CtldDriver
 from iscsi.exports import ExportManager, NullDriver, choose_driver
-from iscsi.model import ExportState, InUseError, TargetAuth, TargetSpec
+from iscsi.model import ExportState, InUseError, NameError_, TargetAuth, TargetSpec
 from iscsi.runner import RecordingRunner
 from iscsi.tgt import TgtDriver, TgtShowError, parse_show
 from tests.unit.iscsi_specs import PREFIX, U1, U2, stable_lun
@@ -236,3 +236,21 @@ async def test_tgt_apply_argv_from_an_empty_tgtd() -> None:
         ("new", "--mode", "account", "--user", "node1", "--password", "secretsecret12"),
         ("bind", "--mode", "account", "--tid", "1", "--user", "node1"),
     ]
+
+
+@pytest.mark.parametrize("bad", ["a b", "x\n", 'x"', "x{"])
+async def test_tgt_hostile_names_run_no_command(bad: str) -> None:
+    runner = RecordingRunner()
+    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner)
+    good = TargetSpec(f"{PREFIX}:{U1}", (stable_lun(f"tiny-OS-{U1}", 0, "S1", path="/v/a.img"),))
+    import dataclasses
+    for spec in (
+        dataclasses.replace(good, iqn=f"{PREFIX}:{bad}"),
+        dataclasses.replace(good, luns=(dataclasses.replace(good.luns[0], path=f"/v/{bad}"),)),
+        dataclasses.replace(good, luns=(dataclasses.replace(good.luns[0], volume=bad),)),
+        dataclasses.replace(good, auth=TargetAuth(chap_user=bad, chap_secret="secretsecret12")),
+        dataclasses.replace(good, auth=TargetAuth(initiator_names=(bad,))),
+    ):
+        with pytest.raises(NameError_):
+            await driver.apply([spec])
+    assert runner.calls == []

@@ -98,3 +98,14 @@ def test_pool_names() -> None:
     for bad in ["", "/tank", "tank/", "tank//x", "tank x", "tank@s", "-tank"]:
         with pytest.raises(NameError_):
             names.pool(bad)
+
+
+def test_stable_lun_identities() -> None:
+    vol = f"tiny-OS-{U}"
+    assert names.lun_serial(vol) == names.lun_serial(vol) and len(names.lun_serial(vol)) == 16
+    assert names.serial(names.lun_serial(vol)) and names.device_id(names.lun_device_id(vol))
+    assert len(names.lun_device_id(vol)) <= 36  # survives tgt's truncation unchanged
+    assert names.lun_serial(vol) != names.lun_serial(f"tiny-DATA-{U}")
+    assert names.target_iqn("iqn.2026-11.io.cello", U) == f"iqn.2026-11.io.cello:{U}"
+    with pytest.raises(NameError_):
+        names.lun_serial("a b")

@@ -144,3 +144,40 @@ def test_paths_and_status() -> None:
     assert b.status()["kind"] == "zvol" and b.status()["api"] == "zfs CLI"
     f = ZfsBackend("tank/cello", "file", RecordingRunner(), mountpoint=Path("/tank/cello"))
     assert f.path("tiny-template") == "/tank/cello/tiny-template/disk.img"
+
+
+class FakeLzc:
+    """Stands in for pyzfs's libzfs_core module (not installable here): records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def __getattr__(self, fn: str) -> object:
+        return lambda *args: self.calls.append((fn, *args))
+
+
+async def test_libzfs_core_is_used_when_it_imports(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    fake = FakeLzc()
+    monkeypatch.setitem(sys.modules, "libzfs_core", fake)
+    runner = zfs_fixture_runner()
+    b = ZfsBackend("tank/cello", "zvol", runner, use_lzc=True, device_timeout=0)
+    assert b.status()["api"] == "libzfs_core"
+    await b.create_data("tiny", U1, 2, 1 << 30)
+    await b.snapshot_template("tiny", "v3")
+    await b.clone_os("tiny", "v2", U1)
+    await b.destroy(f"tiny-OS-{U2}")
+    assert fake.calls == [
+        ("lzc_create", f"tank/cello/tiny-DATA-{U1}-2".encode(), "zvol", {b"volsize": 1 << 30}),
+        ("lzc_snapshot", [b"tank/cello/tiny-template@v3"]),
+        ("lzc_clone", f"tank/cello/tiny-OS-{U1}".encode(), b"tank/cello/tiny-template@v2", {}),
+        ("lzc_destroy", f"tank/cello/tiny-OS-{U2}".encode()),
+    ]
+    assert [c for c in runner.calls if c[1] != "get"] == []  # no zfs CLI for those
+
+
+def test_requested_libzfs_core_that_does_not_import_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "libzfs_core", None)  # makes the import fail
+    with pytest.raises(StorageError, match="libzfs_core"):
+        ZfsBackend("tank/cello", "zvol", RecordingRunner(), use_lzc=True)
