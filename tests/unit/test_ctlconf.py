@@ -14,7 +14,7 @@ from iscsi import ctlconf
 from iscsi.ctld import CtldDriver
 from iscsi.model import LunSpec, NameError_, StorageError, TargetAuth, TargetSpec
 from iscsi.runner import RecordingRunner
-from tests.unit.iscsi_specs import PREFIX, U1, sample_targets, stable_lun
+from tests.unit.test_iscsi_specs import PREFIX, U1, sample_targets, stable_lun
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "ctld"
 PORTALS = ["0.0.0.0:3260", "[::]:3260"]

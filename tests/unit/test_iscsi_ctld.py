@@ -17,7 +17,7 @@ from iscsi import ctlconf
 from iscsi.ctld import CtldDriver, parse_devlist, parse_portlist, state_from_ctladm
 from iscsi.model import StorageError
 from iscsi.runner import CommandResult, RecordingRunner
-from tests.unit.iscsi_specs import PREFIX, U1, U2, sample_targets
+from tests.unit.test_iscsi_specs import PREFIX, U1, U2, sample_targets
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "ctld"
 SHOW = (("ctladm", "devlist", "-x"), ("ctladm", "portlist", "-x"))

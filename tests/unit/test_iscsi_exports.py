@@ -13,7 +13,7 @@ from iscsi.exports import ExportManager, NullDriver, choose_driver
 from iscsi.model import ExportState, InUseError, NameError_, TargetAuth, TargetSpec
 from iscsi.runner import RecordingRunner
 from iscsi.tgt import TgtDriver, TgtShowError, parse_show
-from tests.unit.iscsi_specs import PREFIX, U1, U2, stable_lun
+from tests.unit.test_iscsi_specs import PREFIX, U1, U2, stable_lun
 
 
 class SlowDriver:

@@ -9,7 +9,7 @@ import pytest
 from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
 from iscsi.runner import RecordingRunner
 from iscsi.zfs_backend import LIST_PROPS, ZfsBackend, ZfsOutputError, parse_get
-from tests.unit.iscsi_specs import U1, U2
+from tests.unit.test_iscsi_specs import U1, U2
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zfs"
 GET_R = ("zfs", "get", "-Hp", "-r", "-o", "name,property,value", LIST_PROPS, "tank/cello")

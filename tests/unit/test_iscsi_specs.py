@@ -1,4 +1,4 @@
-"""Shared builders for the iscsi unit tests (not a test module)."""
+"""Shared builders for the iscsi unit tests (holds no tests itself; named test_* to stay in the iscsi test files)."""
 
 from __future__ import annotations
 
