@@ -89,6 +89,13 @@ def guid_bytes(uuid: str) -> bytes:
     return uuidlib.UUID(uuid).bytes_le
 
 
+def pxelinux_uuid(uuid: str) -> str:
+    """The UUID text pxelinux uses for `pxelinux.cfg/<uuid>`: pxelinux (6.04, checked with qemu's iPXE ROM)
+    prints option 97's 16 bytes in wire order, so its text is the SMBIOS UUID with the first three fields
+    byte-swapped (`3f1c2a4b-5d6e-4f70-…` → `4b2a1c3f-6e5d-704f-…`). For the TFTP side's lookup."""
+    return str(uuidlib.UUID(bytes=uuidlib.UUID(uuid).bytes_le))
+
+
 def classify(packet: p.DhcpPacket, kind: Kind) -> BootRequest | None:
     """A boot request, or None for anything we must not answer (plain DHCP clients, replies, other
     message types, unsupported architectures). Raises PacketError for malformed options."""

@@ -34,7 +34,7 @@ def check_golden(path: pathlib.Path, text: str) -> None:
 def test_the_golden_set_is_complete() -> None:
     for name in ("ipxe-rom-discover", "ipxe-rom-request", "bios-pxe-discover", "bios-pxe-request-4011",
                  "uefi-x64-discover", "uefi-arm64-discover", "uefi-http-discover", "overload-discover",
-                 "plain-dhcp-discover"):
+                 "plain-dhcp-discover", "cello-proxy-offer"):
         assert name in PACKETS
 
 
