@@ -123,6 +123,7 @@ def validate(conf: CtlConf) -> None:
         for p in ag.initiator_portals:
             if names.initiator_portal(p) != p:
                 raise NameError_(f"initiator portal {p!r} is not in canonical form")
+    known_ags = ags | PREDEFINED_AUTH_GROUPS
     pgs: set[str] = set()
     for pg in conf.portal_groups:
         names.group_name(pg.name)
@@ -131,7 +132,7 @@ def validate(conf: CtlConf) -> None:
         pgs.add(pg.name)
         for portal in pg.listen:
             names.portal(portal)
-        if pg.discovery_auth_group not in ags | PREDEFINED_AUTH_GROUPS:
+        if pg.discovery_auth_group not in known_ags:
             raise NameError_(f"portal-group {pg.name!r}: unknown auth-group {pg.discovery_auth_group!r}")
     luns: set[str] = set()
     for lun in conf.luns:
@@ -152,7 +153,7 @@ def validate(conf: CtlConf) -> None:
         if t.iqn in iqns:
             raise NameError_(f"target {t.iqn!r} defined twice")
         iqns.add(t.iqn)
-        if t.auth_group not in ags | PREDEFINED_AUTH_GROUPS:
+        if t.auth_group not in known_ags:
             raise NameError_(f"target {t.iqn!r}: unknown auth-group {t.auth_group!r}")
         if t.portal_group not in pgs and t.portal_group != "default":
             raise NameError_(f"target {t.iqn!r}: unknown portal-group {t.portal_group!r}")

@@ -167,7 +167,8 @@ class CtldDriver:
         return ctlconf.render(ctlconf.from_specs(targets, self.portals))
 
     async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
-        data = self.render(targets).encode()
+        # validating and rendering 10,000 targets takes ~1 s: not on the event loop
+        data = (await asyncio.to_thread(self.render, list(targets))).encode()
         want = {t.iqn: {lun.volume: lun.index for lun in t.luns} for t in targets}
         paths = {lun.volume: lun.path for t in targets for lun in t.luns}
         async with self._lock:
