@@ -35,10 +35,6 @@ def _fstype(path: Path) -> str:
     return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout
 
 
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
-
-
 async def lifecycle(b: FileBackend, expect: str) -> None:
     tpl = await b.create_template("tiny", 64 * MB)
     assert (tpl.size, tpl.origin) == (64 * MB, None) and tpl.used < MB  # sparse

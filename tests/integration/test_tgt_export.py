@@ -214,3 +214,21 @@ async def test_start_reports_a_taken_control_port(driver: TgtDriver) -> None:
     with pytest.raises(Exception, match="tgtd -C 40"):
         await other.start()
     await other.stop()
+
+
+async def test_a_system_tgtd_is_used_but_not_owned(backend: FileBackend) -> None:
+    system = TgtDriver(42, ["127.0.0.1:13262"])  # stands in for the host's tgtd service
+    await system.start()
+    try:
+        driver = TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False)
+        await driver.start()
+        state = await driver.apply([spec(backend, U1)])
+        assert state.targets == {f"{PREFIX}:{U1}": {f"tiny-OS-{U1}": 1}}
+        await driver.stop()
+        assert system._proc is not None and system._proc.returncode is None  # still running
+        rc, out = await run("iscsi-inq", f"iscsi://127.0.0.1:13262/{PREFIX}:{U1}/1")
+        assert rc == 0, out  # and still exporting: stop() leaves a system tgtd's targets alone
+    finally:
+        await system.stop()
+    with pytest.raises(Exception, match="tgtadm"):
+        await TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False).start()  # nothing serves port 42
