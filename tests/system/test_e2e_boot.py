@@ -8,6 +8,7 @@ Every wait is bounded; the lab's logs are kept when a test fails (the folder is 
 
 from __future__ import annotations
 
+import json
 import os.path
 import re
 import time
@@ -55,6 +56,12 @@ def api_ok(lab: Lab, method: str, path: str, body: object | None = None, *, stat
     return out
 
 
+def cli_ok(lab: Lab, *args: str, timeout: float = 120) -> str:
+    done = lab.cli(*args, timeout=timeout)
+    assert done.returncode == 0, f"cello {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -83,9 +90,11 @@ def create_server(lab: Lab, node: tuple[str, str, str], profile: str, data_gb: t
             "--user", USER]
     for size in data_gb:
         args += ["--data-gb", str(size)]
-    body = {"uuid": uuid, "template": "tiny", "profile": profile, "macs": [mac], "user": USER,
-            "data_volumes": [{"size_gb": n} for n in data_gb]}
-    api_ok(lab, "POST", "/api/v1/servers", body, status=202)
+    args = ["server", "create", uuid, "--template", "tiny", "--profile", profile, "--mac", mac, "--user", USER,
+            "--wait", "--wait-timeout", "60"]
+    for size in data_gb:
+        args += ["--data-gb", str(size)]
+    cli_ok(lab, *args)
     return wait_available(lab, uuid)
 
 
@@ -183,11 +192,9 @@ def last_event_id(lab: Lab) -> int:
 
 
 def test_build_tiny_and_create_server_a(lab: Lab) -> None:
-    api_ok(lab, "POST", "/api/v1/users", {"name": USER, "max_volumes": 16, "max_data_gb": 16}, status=201)
-    build = api_ok(lab, "POST", "/api/v1/templates/tiny/builds", {"source": "tiny"}, status=202)
-    path = f"/api/v1/templates/builds/{build['id']}"
-    wait_until("tiny build", lambda: api_ok(lab, "GET", path)["state"] != "running", 240, every=1)
-    assert api_ok(lab, "GET", path)["state"] == "done", api_ok(lab, "GET", path)
+    cli_ok(lab, "user", "create", USER, "--max-volumes", "16", "--max-data-gb", "16")
+    built = cli_ok(lab, "template", "build", "tiny", "--from", "tiny", timeout=240)
+    print(f"\ncello template build tiny --from tiny:\n{built}")
     templates = api_ok(lab, "GET", "/api/v1/templates")
     assert any(t.get("name") == "tiny" for t in templates), templates
 
@@ -276,7 +283,7 @@ def test_unknown_node_gets_no_boot_answer(lab: Lab) -> None:
 def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
     servers = need("bc")
     uuid = servers["c"]["uuid"]
-    api_ok(lab, "PUT", "/api/v1/services/dhcp", {"enabled": False})
+    cli_ok(lab, "service", "disable", "dhcp")
     try:
         services = {s["name"]: s for s in api_ok(lab, "GET", "/api/v1/services")}
         assert services["dhcp"]["enabled"] is False, services
@@ -295,7 +302,7 @@ def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
         offers = [e for e in lab.events.snapshot() if e.get("id", 0) > since and e["kind"] == "dhcp"]
         assert offers == [], offers
     finally:
-        api_ok(lab, "PUT", "/api/v1/services/dhcp", {"enabled": True})
+        cli_ok(lab, "service", "enable", "dhcp")
 
 
 def test_delete_a_removes_its_target_and_volumes(lab: Lab) -> None:
@@ -303,13 +310,12 @@ def test_delete_a_removes_its_target_and_volumes(lab: Lab) -> None:
     need("a-booted")
     iqn = server["target"]["iqn"]
     paths = [volume_path(lab, v["name"]) for v in server["volumes"]]
-    got, out = lab.api("DELETE", f"/api/v1/servers/{A[1]}")
-    assert got == 204, f"DELETE: {got} {out}"
+    cli_ok(lab, "server", "delete", A[1])
     got, out = lab.api("GET", f"/api/v1/servers/{A[1]}")
     assert got == 404, out
     assert target_block(lab.tgt_show(), iqn) == "", f"tgtd still has {iqn}"
     assert [p for p in paths if os.path.exists(p)] == [], "A's volumes are still on disk"
-    report = api_ok(lab, "POST", "/api/v1/reconcile")
+    report = json.loads(cli_ok(lab, "reconcile", "--json"))
     assert report["problems"] == [], report
     assert not any(A[1] in line for line in report["repaired"]), report
     # B and C are untouched.
