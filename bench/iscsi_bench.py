@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from iscsi import ctlconf  # noqa: E402
-from iscsi.exports import ExportManager  # noqa: E402
-from iscsi.file_backend import FileBackend  # noqa: E402
-from iscsi.model import LunSpec, TargetAuth, TargetSpec  # noqa: E402
-from iscsi.tgt import TgtDriver  # noqa: E402
-from iscsi.zfs_backend import ZfsBackend  # noqa: E402
+from iscsi import ctlconf
+from iscsi.exports import ExportManager
+from iscsi.file_backend import FileBackend
+from iscsi.model import LunSpec, TargetAuth, TargetSpec
+from iscsi.tgt import TgtDriver
+from iscsi.zfs_backend import ZfsBackend
 
 PREFIX = "iqn.2026-11.io.cello"
 MB = 1 << 20
@@ -90,10 +90,7 @@ async def bench_tgt(n: int, tmp: Path) -> None:
     vols.mkdir()
     targets = specs(n, vols, data=0)
     targets = [TargetSpec(t.iqn, t.luns) for t in targets]  # tgt-admin peer: no CHAP
-    for t in targets:
-        for lun in t.luns:
-            with open(lun.path, "wb") as f:
-                f.truncate(16 * MB)
+    await asyncio.to_thread(make_images, [lun.path for t in targets for lun in t.luns])
 
     driver = TgtDriver(46, ["127.0.0.1:13266"])
     await driver.start()
@@ -110,9 +107,7 @@ async def bench_tgt(n: int, tmp: Path) -> None:
         desired = list(targets)
         manager = ExportManager(driver, lambda: _ret(desired))
         extra = specs(n + 100, vols, data=0)[n:]
-        for t in extra:
-            with open(t.luns[0].path, "wb") as f:
-                f.truncate(16 * MB)
+        await asyncio.to_thread(make_images, [t.luns[0].path for t in extra])
 
         async def add(t: TargetSpec) -> None:
             desired.append(TargetSpec(t.iqn, t.luns))
@@ -204,55 +199,73 @@ async def bench_clones(n: int, tmp: Path) -> None:
 
     sparse_dir = tmp / "sparse"
     await run_backend("file backend, host fs", FileBackend(sparse_dir))
-    peer("file backend, host fs", sparse_dir, "--sparse=always")
+    await asyncio.to_thread(peer, "file backend, host fs", sparse_dir, "--sparse=always")
 
-    mnt = tmp / "xfs"
-    img = tmp / "xfs.img"
     if shutil.which("mkfs.xfs") and os.geteuid() == 0:
-        mnt.mkdir()
-        with open(img, "wb") as f:
-            f.truncate(1024 * MB)
-        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+        mnt = await asyncio.to_thread(mount_xfs, tmp)
         try:
             await run_backend("file backend, loop xfs", FileBackend(mnt / "vols"))
-            peer("file backend, loop xfs", mnt, "--reflink=always")
+            await asyncio.to_thread(peer, "file backend, loop xfs", mnt, "--reflink=always")
         finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-        line("reflink vs sparse copy", f"{results['file backend, host fs'] / results['file backend, loop xfs']:8.2f}x"
-                                       " faster")
+            await asyncio.to_thread(subprocess.run, ["umount", str(mnt)], check=True)
+        speedup = results["file backend, host fs"] / results["file backend, loop xfs"]
+        line("reflink vs sparse copy", f"{speedup:8.2f}x faster")
     else:
         print("  (no xfs: needs root and xfsprogs)")
 
     if shutil.which("zfs-fuse") and os.geteuid() == 0:
         pool = "cellotbench"
-        pimg = tmp / "zpool.img"
-        with open(pimg, "wb") as f:
-            f.truncate(512 * MB)
-        if subprocess.run(["zpool", "list"], capture_output=True).returncode != 0:
-            os.makedirs("/var/run/zfs", exist_ok=True)
-            os.makedirs("/var/lock/zfs", exist_ok=True)
-            subprocess.run(["zfs-fuse", "-p", "/run/zfs-fuse.pid", "--no-kstat-mount", "-m", "64"], check=True)
-            time.sleep(1)
-        subprocess.run(["zpool", "create", "-f", "-m", str(tmp / "zmnt"), pool, str(pimg)], check=True)
+        await asyncio.to_thread(create_pool, pool, tmp)
         try:
             await run_backend("zfs-fuse, file kind", ZfsBackend(pool, "file"))
-            line("zfs clone vs reflink", f"{results['zfs-fuse, file kind'] / results.get('file backend, loop xfs', 1):8.2f}"
-                                         "x the time")
+            ratio = results["zfs-fuse, file kind"] / results.get("file backend, loop xfs", 1)
+            line("zfs clone vs reflink", f"{ratio:8.2f}x the time")
         finally:
-            for _ in range(10):
-                if subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.3)
+            await asyncio.to_thread(destroy_pool, pool)
     else:
         print("  (no zfs-fuse: needs root and zfs-fuse)")
+
+
+def make_images(paths: list[str]) -> None:
+    for path in paths:
+        with open(path, "wb") as f:
+            f.truncate(16 * MB)
+
+
+def mount_xfs(tmp: Path) -> Path:
+    mnt, img = tmp / "xfs", tmp / "xfs.img"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(1024 * MB)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(img)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    return mnt
+
+
+def create_pool(pool: str, tmp: Path) -> None:
+    pimg = tmp / "zpool.img"
+    with open(pimg, "wb") as f:
+        f.truncate(512 * MB)
+    if subprocess.run(["zpool", "list"], capture_output=True).returncode != 0:
+        os.makedirs("/var/run/zfs", exist_ok=True)
+        os.makedirs("/var/lock/zfs", exist_ok=True)
+        subprocess.run(["zfs-fuse", "-p", "/run/zfs-fuse.pid", "--no-kstat-mount", "-m", "64"], check=True)
+        time.sleep(1)
+    subprocess.run(["zpool", "create", "-f", "-m", str(tmp / "zmnt"), pool, str(pimg)], check=True)
+
+
+def destroy_pool(pool: str) -> None:
+    for _ in range(10):
+        if subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.3)
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="about 20 seconds instead of about 2 minutes")
     args = ap.parse_args()
-    render_n, tgt_n, clone_n = (2000, 50, 20) if args.quick else (10_000, 200, 100)
+    render_n, tgt_n, clone_n = (2000, 20, 20) if args.quick else (10_000, 200, 100)
     bench_render(render_n)
     with tempfile.TemporaryDirectory(prefix="cello-iscsi-bench-") as d:
         tmp = Path(d)
