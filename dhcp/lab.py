@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import pathlib
 import signal
 import sys
 from collections.abc import Mapping
@@ -70,6 +71,14 @@ async def _run(args: argparse.Namespace) -> None:
         policy.by_uuid[uuid.lower()] = spec
         if mac:
             policy.by_mac[mac.lower()] = spec
+    if args.nodes_file:
+        text = await asyncio.to_thread(pathlib.Path(args.nodes_file).read_text)
+        for line in text.splitlines():
+            if line.strip():
+                uuid, mac = line.split()
+                spec = make_spec(uuid, profile, http_base)
+                policy.by_uuid[uuid] = spec
+                policy.by_mac[mac] = spec
     if args.any:
         policy.unknown = make_spec("00000000-0000-4000-8000-000000000000", profile, http_base)
     proxy = ProxyDHCP(
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="pxelinux")
     ap.add_argument("--http-base", default="")
     ap.add_argument("--node", action="append", default=[], help="UUID[=MAC] of a known node (repeatable)")
+    ap.add_argument("--nodes-file", default="", help="file of 'UUID MAC' lines (known nodes)")
     ap.add_argument("--any", action="store_true", help="answer unknown nodes too")
     ap.add_argument("--events", action="store_true", help="print boot events as JSON lines")
     ap.add_argument("--no-raw", action="store_true", help="no raw-socket fallback when :67 is taken")

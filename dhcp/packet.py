@@ -10,7 +10,7 @@ specification (option 43 sub-options) and iPXE's encapsulated options (175).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -87,11 +87,15 @@ class PacketError(ValueError):
         self.offset = offset
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Options:
     """DHCP options in wire order; a code appears at most once (RFC 3396 instances are joined)."""
 
     items: tuple[tuple[int, bytes], ...] = ()
+    _index: dict[int, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", dict(self.items))
 
     @classmethod
     def of(cls, pairs: Mapping[int, bytes] | Iterable[tuple[int, bytes]]) -> Options:
@@ -100,17 +104,17 @@ class Options:
         for code, value in seq:
             if not 0 < code < 255:
                 raise PacketError(f"option code {code} is reserved", 0)
-            merged[code] = merged.get(code, b"") + bytes(value)
+            if code in merged:
+                merged[code] += bytes(value)
+            else:
+                merged[code] = bytes(value)
         return cls(tuple(merged.items()))
 
     def get(self, code: int) -> bytes | None:
-        for c, v in self.items:
-            if c == code:
-                return v
-        return None
+        return self._index.get(code)
 
     def __contains__(self, code: object) -> bool:
-        return any(c == code for c, _ in self.items)
+        return code in self._index
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         return iter(self.items)
@@ -119,7 +123,7 @@ class Options:
         return tuple(c for c, _ in self.items)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DhcpPacket:
     """One BOOTP/DHCP message (RFC 2131 §2). Addresses are dotted-quad strings."""
 
@@ -144,7 +148,7 @@ class DhcpPacket:
 
     @property
     def mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.chaddr)
+        return self.chaddr.hex(":")
 
     @property
     def message_type(self) -> int | None:
@@ -219,7 +223,7 @@ class DhcpPacket:
 def decode_ip(value: bytes, code: int) -> str:
     if len(value) != 4:
         raise PacketError(f"option {code} must be a 4-byte address", 0)
-    return str(ipaddress.IPv4Address(value))
+    return socket.inet_ntoa(value)
 
 
 def decode_user_class(value: bytes) -> tuple[bytes, ...]:
@@ -251,6 +255,8 @@ def decode_client_arch(value: bytes) -> tuple[int, ...]:
     """RFC 4578 §2.1: a list of 16-bit architecture types."""
     if not value or len(value) % 2:
         raise PacketError("option 93 must be a non-empty list of 16-bit values", 0)
+    if len(value) == 2:
+        return ((value[0] << 8) | value[1],)
     return struct.unpack(f"!{len(value) // 2}H", value)
 
 
@@ -357,10 +363,11 @@ def decode(data: bytes) -> DhcpPacket:
                 _parse_options_area(data, SNAME_OFFSET, SNAME_OFFSET + 64, pairs)
                 sname = b""
             pairs = [(c, v) for c, v in pairs if c != OPT_OVERLOAD]
-    try:
+    # The parser never yields codes 0 or 255. Repeated codes are RFC 3396 instances of one option.
+    if len({c for c, _ in pairs}) == len(pairs):
+        options = Options(tuple(pairs))
+    else:
         options = Options.of(pairs)
-    except PacketError as e:  # pragma: no cover - codes 0/255 never reach here from the parser
-        raise PacketError(e.reason, OPTIONS_OFFSET) from None
     return DhcpPacket(
         op=op,
         xid=xid,
@@ -369,10 +376,10 @@ def decode(data: bytes) -> DhcpPacket:
         hops=hops,
         secs=secs,
         flags=flags,
-        ciaddr=str(ipaddress.IPv4Address(ciaddr)),
-        yiaddr=str(ipaddress.IPv4Address(yiaddr)),
-        siaddr=str(ipaddress.IPv4Address(siaddr)),
-        giaddr=str(ipaddress.IPv4Address(giaddr)),
+        ciaddr=socket.inet_ntoa(ciaddr),
+        yiaddr=socket.inet_ntoa(yiaddr),
+        siaddr=socket.inet_ntoa(siaddr),
+        giaddr=socket.inet_ntoa(giaddr),
         sname=_strip_nul(sname),
         file=_strip_nul(file),
         options=options,
@@ -381,9 +388,10 @@ def decode(data: bytes) -> DhcpPacket:
 
 
 def ip_bytes(value: str, name: str) -> bytes:
+    """Dotted quad → 4 bytes, strictly (inet_pton: no "10.1" shorthand, no octal)."""
     try:
-        return ipaddress.IPv4Address(value).packed
-    except ValueError:
+        return socket.inet_pton(socket.AF_INET, value)
+    except (OSError, TypeError, ValueError):
         raise PacketError(f"{name} {value!r} is not an IPv4 address", 0) from None
 
 
@@ -419,11 +427,15 @@ def encode(packet: DhcpPacket, *, min_size: int = MIN_REPLY_SIZE) -> bytes:
         for code, value in packet.options:
             if not 0 < code < 255:
                 raise PacketError(f"option code {code} is reserved", len(out))
-            if not value:
-                out += bytes([code, 0])
-            for i in range(0, len(value), 255):
+            n = len(value)
+            if n <= 255:
+                out += bytes((code, n))
+                out += value
+                continue
+            for i in range(0, n, 255):  # RFC 3396: split into instances of at most 255 bytes
                 chunk = value[i : i + 255]
-                out += bytes([code, len(chunk)]) + chunk
+                out += bytes((code, len(chunk)))
+                out += chunk
         out.append(OPT_END)
     if len(out) < min_size:
         out += bytes(min_size - len(out))

@@ -32,11 +32,14 @@ _PKTINFO = struct.Struct("@I4s4s")  # struct in_pktinfo
 _CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
 _RECV_BATCH = 256  # datagrams read per wake-up before yielding to the loop
 _BUFSIZE = p.MAX_PACKET_SIZE + 1  # one more, so that an oversized datagram is seen as such
+# A boot storm arrives in bursts (a rack powering on): room for a few thousand requests in the kernel.
+_RCVBUF = 4 * 1024 * 1024
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; beyond net.core.rmem_max, needs CAP_NET_ADMIN
 
 Address = tuple[str, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reply:
     data: bytes
     dest: Address
@@ -148,6 +151,10 @@ class ProxyDHCP:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+            except OSError:  # unprivileged: the kernel caps this at net.core.rmem_max
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             if self.interface:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())

@@ -49,7 +49,7 @@ class Kind(Enum):
     REQUEST = "request"  # port 4011 boot server request: answer with an ACK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BootRequest:
     """A classified PXE / UEFI HTTP boot request."""
 
@@ -62,7 +62,7 @@ class BootRequest:
     guid_option: bytes | None  # option 97 exactly as sent, echoed in the reply
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BootChoice:
     """What the reply tells the firmware to fetch."""
 
@@ -136,7 +136,7 @@ def classify(packet: p.DhcpPacket, kind: Kind) -> BootRequest | None:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PxeConfig:
     """Loader names that do not come from the boot profile."""
 
@@ -172,9 +172,14 @@ def choose_boot(request: BootRequest, spec: BootSpec, config: PxeConfig | None =
     return None
 
 
+_OFFER_OPTION_43 = p.encode_encapsulated(p.Options(((p.PXE_DISCOVERY_CONTROL, bytes([DISCOVERY_USE_BOOTFILE])),)))
+
+
 def pxe_vendor_options(request_packet: p.DhcpPacket, kind: Kind) -> bytes:
     """Option 43 for a BIOS PXE reply: discovery control 8; on :4011 also the boot item the client asked
     for (PXE 2.1 §2.2.5: the boot server echoes option 43.71, layer 0 when the client sent none)."""
+    if kind is Kind.DISCOVER:
+        return _OFFER_OPTION_43
     subs: list[tuple[int, bytes]] = [(p.PXE_DISCOVERY_CONTROL, bytes([DISCOVERY_USE_BOOTFILE]))]
     if kind is Kind.REQUEST:
         item = request_packet.pxe_options.get(p.PXE_BOOT_ITEM)
@@ -210,5 +215,5 @@ def build_reply(
         siaddr=advertise,
         giaddr=request_packet.giaddr,
         file=file_bytes if len(file_bytes) <= 127 else b"",
-        options=p.Options.of(opts),
+        options=p.Options(tuple(opts)),  # codes are distinct by construction
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -197,8 +198,8 @@ def test_handle_disabled_unknown_and_events() -> None:
 def test_destinations() -> None:
     policy = StaticPolicy(unknown=make_spec(UUID, PROFILES["pxelinux"], BASE))
     proxy = ProxyDHCP(policy, "10.78.0.2", reply_port=6868)
-    with_ci = p.encode(p.DhcpPacket(**{**vars(request(0)), "ciaddr": "10.78.0.9"}))
-    relayed = p.encode(p.DhcpPacket(**{**vars(request(0)), "giaddr": "10.78.5.1"}))
+    with_ci = p.encode(dataclasses.replace(request(0), ciaddr="10.78.0.9"))
+    relayed = p.encode(dataclasses.replace(request(0), giaddr="10.78.5.1"))
     pxe_req = p.encode(request(0, mtype=p.DHCPREQUEST))
     r1 = proxy.handle(with_ci, ("10.78.0.9", 68), pxe.Kind.DISCOVER)
     r2 = proxy.handle(relayed, ("10.78.5.1", 67), pxe.Kind.DISCOVER)
