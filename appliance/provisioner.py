@@ -285,8 +285,9 @@ class Provisioner:
                 self.on_change()
 
     async def _compensate_create(self, uuid: str, made: Sequence[str], reason: str) -> None:
-        # Leave the desired exports first, so no LUN points at a volume about to go.
-        await self._db(self.store.sync.set_server_state, uuid, "error", reason)
+        # Leave the desired exports first ("creating" is not exported), so no LUN points at a volume
+        # about to go; the record says `error` only once the cleanup is over.
+        await self._db(self.store.sync.set_server_state, uuid, "creating", f"failed, cleaning up: {reason}")
         problems = []
         try:
             await self.apply_exports(f"undo create {uuid}")
@@ -294,7 +295,7 @@ class Provisioner:
             problems.append(f"unexport: {_reason(e)}")
         for name in reversed(made):
             try:
-                await self.backend.destroy(name)
+                await self._destroy(name)
             except Exception as e:
                 problems.append(f"destroy {name}: {_reason(e)}")
         if not problems:
@@ -322,7 +323,7 @@ class Provisioner:
                     raise StorageError(f"target {self.iqn(uuid)} is still exported")
                 for v in reversed(await self._db(self.store.sync.volumes, uuid)):
                     self._step(uuid, "delete", "destroy", volume=v.name)
-                    await self._destroy_if_present(v.name)
+                    await self._destroy(v.name)
                     await self._db(self.store.sync.delete_volume, v.name)
                 await self._db(self.store.sync.delete_server, uuid)
                 self._step(uuid, "delete", "done", state="deleted")
@@ -335,10 +336,10 @@ class Provisioner:
                 self._locks.pop(uuid, None)
                 self.on_change()
 
-    async def _destroy_if_present(self, name: str) -> None:
-        present = {v.name for v in await self.backend.list()}
-        if name in present:
-            await self.backend.destroy(name)
+    async def _destroy(self, name: str) -> None:
+        # Backends treat a missing volume as done (compensations repeat); the guard refuses a volume
+        # that the last applied export state still serves.
+        await self.backend.destroy(name, exported=self.exports.exported)
 
     # --- data volumes ----------------------------------------------------------------------------
 
@@ -365,7 +366,7 @@ class Provisioner:
                 if made:
                     try:
                         await self.apply_exports(f"undo add volume {name}")
-                        await self.backend.destroy(name)
+                        await self._destroy(name)
                     except Exception as cleanup:
                         raise StorageError(f"{_reason(e)}; cleanup failed: {_reason(cleanup)}") from e
                 await self._db(self.store.sync.delete_volume, name)
@@ -387,7 +388,7 @@ class Provisioner:
             if name in state.targets.get(self.iqn(uuid), {}):
                 await self._db(self.store.sync.set_volume_state, name, "error")
                 raise StorageError(f"LUN for {name} is still exported; not destroying it")
-            await self._destroy_if_present(name)
+            await self._destroy(name)
             await self._db(self.store.sync.delete_volume, name)
             self._step(uuid, "remove-volume", "done", volume=name)
 
@@ -451,7 +452,7 @@ class Provisioner:
             await self.backend.destroy_snapshot(name, version)
             await self._db(self.store.sync.delete_template_version, name, version)
             if versions == {version}:
-                await self._destroy_if_present(names.template_volume(name))
+                await self._destroy(names.template_volume(name))
 
     # --- reconcile -------------------------------------------------------------------------------
 
