@@ -21,6 +21,7 @@ from bootfiles.tree import OpenedFile, TreeError
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+_TRANSFER_RECV_BYTES = 4096
 
 
 class Tree(Protocol):
@@ -60,6 +61,10 @@ class _TransferProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
+        # Selector transports recv() into a 256 KiB buffer per datagram; a transfer socket only gets
+        # ACKs and ERRORs, so a small buffer saves an allocation per packet.
+        if hasattr(transport, "max_size"):
+            transport.max_size = _TRANSFER_RECV_BYTES
 
     def kick(self) -> None:
         self._flush()
@@ -71,7 +76,10 @@ class _TransferProtocol(asyncio.DatagramProtocol):
                     # RFC 1350 §4: a packet from a wrong TID gets error 5; the transfer goes on.
                     self.transport.sendto(tp.encode(tp.Error(tp.ErrorCode.UNKNOWN_TID, "unknown TID")), addr)
                 return
-            self.transfer.receive(data, self.loop.time())
+            if len(data) == 4 and data[1] == tp.OP_ACK and data[0] == 0:  # the hot path
+                self.transfer.on_ack((data[2] << 8) | data[3], self.loop.time())
+            else:
+                self.transfer.receive(data, self.loop.time())
             self._flush()
         except Exception:
             log.exception("tftp: datagram from %s:%s broke its transfer", addr[0], addr[1])
@@ -153,6 +161,7 @@ class TftpServer:
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
         self._protocols: set[_TransferProtocol] = set()
         self._family = socket.AF_INET
+        self._bind_host = host
 
     @property
     def address(self) -> Address:
@@ -178,6 +187,7 @@ class TftpServer:
         self._transport = transport
         sock = transport.get_extra_info("socket")
         self._family = sock.family if sock is not None else socket.AF_INET
+        self._bind_host = self.address[0]
         log.info("tftp: listening on %s:%s", *self.address)
 
     async def stop(self) -> None:
@@ -257,7 +267,7 @@ class TftpServer:
             transfer = SendTransfer(source, request.options, self.limits, loop.time())
             done: asyncio.Future[None] = loop.create_future()
             proto = _TransferProtocol(transfer, addr, done)
-            await loop.create_datagram_endpoint(lambda: proto, local_addr=(self.host, 0), family=self._family)
+            await loop.create_datagram_endpoint(lambda: proto, sock=self._transfer_socket())
             self._protocols.add(proto)
             try:
                 proto.kick()
@@ -280,12 +290,22 @@ class TftpServer:
                 opened.close()
             self._event(server, addr, request.filename, nbytes, (loop.time() - started) * 1000.0, outcome)
 
+    def _transfer_socket(self) -> socket.socket:
+        """A fresh ephemeral port on the listening address (the transfer ID), bound without a resolver
+        round trip: a boot storm opens hundreds of these at once."""
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self._bind_host, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     async def _send_error_once(self, addr: Address, code: int, message: str) -> None:
         """An error answer to an RRQ, from a fresh TID like a transfer would use."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            asyncio.DatagramProtocol, local_addr=(self.host, 0), family=self._family
-        )
+        transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=self._transfer_socket())
         try:
             transport.sendto(tp.encode(tp.Error(code, message)), addr)
         finally:

@@ -102,7 +102,7 @@ def negotiate(requested: dict[str, str], size: int, limits: Limits) -> Negotiate
 
 Outcome = Literal["ok", "tsize-probe", "aborted", "timeout", "error"]
 
-_ACK = struct.Struct("!HH")
+_ACK = struct.Struct("!HH")  # opcode + block: the header of ACK and DATA
 
 
 class SendTransfer:
@@ -219,8 +219,8 @@ class SendTransfer:
     # --- internals -------------------------------------------------------------------------------
     def _current_timeout(self) -> float:
         base = self.params.timeout
-        if self.params.timeout_from_client:
-            return base  # RFC 2349: the client said how long to wait
+        if self._retries == 0 or self.params.timeout_from_client:
+            return base  # no back-off yet, or RFC 2349: the client said how long to wait
         return min(base * (1 << min(self._retries, 16)), max(base, self.limits.backoff_max))
 
     def _send_oack(self, now: float) -> None:
@@ -233,8 +233,9 @@ class SendTransfer:
         blksize = self.blksize
         read = self.source.read
         out = self._outbox
+        pack = _ACK.pack
         for block in range(first, last + 1):
-            out.append(tp.encode_data(block, read((block - 1) * blksize, blksize)))
+            out.append(pack(tp.OP_DATA, block & 0xFFFF) + read((block - 1) * blksize, blksize))
         if last > self._sent_upto:
             self._sent_upto = last
         self._deadline = now + self._current_timeout()

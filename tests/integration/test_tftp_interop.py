@@ -473,3 +473,60 @@ async def test_stop_is_idempotent_and_ends_transfers(tmp_path: Path) -> None:
         assert packet == tp.Error(0, "server shutting down")
     finally:
         raw.close()
+
+
+class LossyRelay(asyncio.DatagramProtocol):
+    """A UDP relay between one client and the server that drops every `nth` datagram server→client.
+
+    The client talks only to the relay's port; the relay follows the server's transfer port (TID)."""
+
+    def __init__(self, server_port: int, nth: int) -> None:
+        self.server_port = server_port
+        self.nth = nth
+        self.count = 0
+        self.dropped = 0
+        self.client: tuple[str, int] | None = None
+        self.server_tid: tuple[str, int] | None = None
+        self.front: asyncio.DatagramTransport | None = None
+        self.back: asyncio.DatagramTransport | None = None
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # front: from the client
+        assert self.back is not None
+        self.client = addr
+        self.back.sendto(data, self.server_tid or ("127.0.0.1", self.server_port))
+
+    def from_server(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.front is not None and self.client is not None
+        self.server_tid = addr
+        self.count += 1
+        if self.count % self.nth == 0:
+            self.dropped += 1
+            return
+        self.front.sendto(data, self.client)
+
+
+async def test_retransmission_through_a_lossy_link_with_tftp_hpa(env: Env, tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    relay = LossyRelay(env.port, nth=25)
+
+    class Back(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            relay.from_server(data, addr)
+
+    front, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
+    back, _ = await loop.create_datagram_endpoint(Back, local_addr=("127.0.0.1", 0))
+    relay.front, relay.back = front, back
+    try:
+        port = front.get_extra_info("sockname")[1]
+        out = tmp_path / "lossy.out"
+        code, text = await run(
+            need("tftp"), "-m", "binary", "127.0.0.1", str(port), "-c", "get", "pxelinux.0", str(out)
+        )
+        assert code == 0, text
+    finally:
+        front.close()
+        back.close()
+    assert relay.dropped >= 3
+    assert sha(out.read_bytes()) == sha((env.root / "pxelinux.0").read_bytes())
+    await wait_events(env, 1)
+    assert env.events[0]["outcome"] == "ok" and env.events[0]["bytes"] == 42_430
