@@ -79,7 +79,10 @@ PXE_BOOT_ITEM = 71
 
 
 class PacketError(ValueError):
-    """A datagram that is not a well-formed DHCP/BOOTP packet (or a packet that cannot be encoded)."""
+    """A datagram that is not a well-formed DHCP/BOOTP packet (or a packet that cannot be encoded).
+
+    `offset` is the byte offset in the datagram; for a malformed option *value* found by one of the typed
+    accessors (`DhcpPacket.client_arches`, …) it is the offset inside that option's value."""
 
     def __init__(self, message: str, offset: int) -> None:
         super().__init__(f"{message} (at byte {offset})")

@@ -126,6 +126,9 @@ class ProxyDHCP:
             await self.stop()
             raise
         log.info("proxyDHCP on %s (advertise %s%s)", self.bound, self.advertise, ", raw :67" * self.raw_mode)
+        if self.listen not in ("0.0.0.0", "") and not self.listen.startswith("127.") and not self.raw_mode:
+            log.warning("listening on %s: broadcast DISCOVERs only reach a socket bound to 0.0.0.0 "
+                        "(use interface= to restrict the responder to one link)", self.listen)
 
     async def _start_raw(self, cause: OSError) -> None:
         from .raw import RawListener  # scapy is heavy: import only when needed

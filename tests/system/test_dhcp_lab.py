@@ -259,3 +259,27 @@ def test_raw_fallback_next_to_a_local_dhcp_server(lab: Lab) -> None:
     start_qemu(lab)
     seen = wait_for_rrq(lab, pcap, "pxelinux.0", timeout=120)
     assert seen[0] == "pxelinux.0"
+
+
+def test_unprivileged_start_names_address_and_reason(lab: Lab) -> None:
+    """Without root, start() fails with a message naming the address and what is missing (inside our own
+    namespace, so the host's port 67 is never touched)."""
+    code = (
+        "import asyncio\n"
+        "from dhcp.lab import StaticPolicy\n"
+        "from dhcp.proxy import ProxyDHCP\n"
+        "async def main():\n"
+        "    proxy = ProxyDHCP(StaticPolicy(), '10.78.0.2', raw_fallback=False)\n"
+        "    try:\n"
+        "        await proxy.start()\n"
+        "    except RuntimeError as e:\n"
+        "        print('RuntimeError:', e)\n"
+        "    assert proxy.bound == {}\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        ns(CELLO, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code),
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeError: cannot bind 0.0.0.0:67: port 67 needs root or CAP_NET_BIND_SERVICE" in out.stdout
