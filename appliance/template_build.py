@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,32 @@ def _stage_boot_files(kernel: Path, initrd: Path, staging: Path) -> None:
         (staging / name).chmod(0o644)
 
 
+def mounts_below(path: Path, mountinfo: str) -> list[str]:
+    """Mount points at or below `path` in /proc/self/mountinfo text, deepest first."""
+    prefix = str(path.resolve()).rstrip("/")
+    points = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            point = fields[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def _unmount_below(path: Path) -> None:
+    """Lazily unmount what an interrupted earlier build left mounted in its scratch folder (e.g. /proc)."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return
+    for point in mounts_below(path, mountinfo):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
+
+
 def _remove_tree(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
+        _unmount_below(path)
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()

@@ -227,14 +227,13 @@ async def make_debian(rootdir: Path, source: TemplateSource, ctx: RootfsContext)
     ctx.progress("rootfs: initramfs-tools set up for an iSCSI root")
     await asyncio.to_thread(_configure_debian, rootdir, ctx.image_build_dir)
     await asyncio.to_thread(_write_template_stamp, rootdir, ctx, source)
-    proc_dir = rootdir / "proc"
-    await run(["mount", "-t", "proc", "proc", str(proc_dir)])
-    try:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
-        await run(["chroot", str(rootdir), "update-initramfs", "-u", "-k", "all"], env=env, timeout=900)
-        await run(["chroot", str(rootdir), "apt-get", "clean"], env=env)
-    finally:
-        await run(["umount", str(proc_dir)])
+    # unshare: /proc for the chroot lives in a private mount namespace, so it is gone when the command
+    # ends, even if this process is killed mid-build (no mount left under the scratch folder).
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
+    in_root = ["unshare", "--mount", "--propagation", "private", f"--mount-proc={rootdir / 'proc'}",
+               "chroot", str(rootdir)]
+    await run([*in_root, "update-initramfs", "-u", "-k", "all"], env=env, timeout=900)
+    await run(["chroot", str(rootdir), "apt-get", "clean"], env=env)
     files = await asyncio.to_thread(tarball_boot_files, rootdir)
     if files is None:
         raise TemplateSourceError("debootstrap made no /boot/vmlinuz-V and initrd.img-V")

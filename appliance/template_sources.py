@@ -64,7 +64,7 @@ _TOOLS_COMMON = {"mkfs.ext4": "e2fsprogs"}
 _TOOLS_INITRAMFS = {"modprobe": "kmod", "depmod": "kmod", "ldd": "libc-bin"}
 _TOOLS_BY_KIND: dict[SourceKind, dict[str, str]] = {
     "tiny": {**_TOOLS_COMMON, **_TOOLS_INITRAMFS},
-    "debian": {**_TOOLS_COMMON, "debootstrap": "debootstrap", "chroot": "coreutils", "mount": "mount"},
+    "debian": {**_TOOLS_COMMON, "debootstrap": "debootstrap", "chroot": "coreutils", "unshare": "util-linux"},
     "tar": {**_TOOLS_COMMON, "tar": "tar"},
 }
 

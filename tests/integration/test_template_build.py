@@ -1,20 +1,17 @@
 """Template builds against real tools: mkfs.ext4 -d, debugfs, tar, modprobe, depmod — and real sparse volumes.
 
-The volumes come from the project's FileBackend when it is in the tree; until then from SparseFileBackend
-below, which really creates sparse files and really copies them for snapshots and clones.
+The volumes come from the project's real FileBackend (sparse image files; snapshots and clones are
+reflink or sparse copies), the backend the appliance uses where there is no ZFS.
 """
 
 from __future__ import annotations
 
-import asyncio
-import builtins
 import gzip
 import io
 import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -26,86 +23,13 @@ from appliance.template_build import (
     next_version,
 )
 from appliance.template_initramfs import decode_newc
-from iscsi.model import PoolCapacity, StorageError, VolumeBackend, VolumeInfo
+from iscsi.file_backend import FileBackend
+from iscsi.model import VolumeBackend
 
 UUID_A = "3f1c2b4e-0000-4000-8000-0000000000a1"
 
 
-class SparseFileBackend:
-    """A minimal VolumeBackend: sparse image files in one folder; snapshots and clones are sparse copies."""
-
-    name = "sparse-test"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def path(self, volume: str) -> str:
-        return str(self.directory / f"{volume}.img")
-
-    def _info(self, volume: str) -> VolumeInfo:
-        st = os.stat(self.path(volume))
-        origin_file = self.directory / f"{volume}.origin"
-        origin = origin_file.read_text() if origin_file.exists() else None
-        return VolumeInfo(volume, st.st_size, st.st_blocks * 512, origin, self.path(volume))
-
-    async def create_template(self, os_name: str, size: int) -> VolumeInfo:
-        return await asyncio.to_thread(self._create_template, os_name, size)
-
-    def _create_template(self, os_name: str, size: int) -> VolumeInfo:
-        volume = f"{os_name}-template"
-        if os.path.exists(self.path(volume)):
-            raise StorageError(f"{volume} exists")
-        with open(self.path(volume), "wb") as f:
-            f.truncate(size)
-        return self._info(volume)
-
-    async def _copy(self, src: str, dst: str) -> None:
-        proc = await asyncio.create_subprocess_exec("cp", "--sparse=always", src, dst)
-        if await proc.wait() != 0:
-            raise StorageError(f"cp {src} {dst} failed")
-
-    async def snapshot_template(self, os_name: str, version: str) -> None:
-        snap = self.path(f"{os_name}-template@{version}")
-        if await asyncio.to_thread(os.path.exists, snap):
-            raise StorageError(f"{os_name}-template@{version} exists")
-        await self._copy(self.path(f"{os_name}-template"), snap)
-
-    async def destroy_snapshot(self, os_name: str, version: str) -> None:
-        os.unlink(self.path(f"{os_name}-template@{version}"))
-
-    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo:
-        volume = f"{os_name}-OS-{server_uuid}"
-        await self._copy(self.path(f"{os_name}-template@{version}"), self.path(volume))
-        (self.directory / f"{volume}.origin").write_text(f"{os_name}-template@{version}")
-        return self._info(volume)
-
-    async def create_data(self, os_name: str, server_uuid: str, index: int, size: int) -> VolumeInfo:
-        raise NotImplementedError
-
-    async def destroy(self, volume: str) -> None:
-        os.unlink(self.path(volume))
-        (self.directory / f"{volume}.origin").unlink(missing_ok=True)
-
-    async def list(self) -> builtins.list[VolumeInfo]:
-        return [self._info(p.name[:-4]) for p in sorted(self.directory.glob("*.img")) if "@" not in p.name]
-
-    async def snapshots(self) -> builtins.list[str]:
-        return [p.name[:-4] for p in sorted(self.directory.glob("*@*.img"))]
-
-    async def capacity(self) -> PoolCapacity:
-        st = os.statvfs(self.directory)
-        return PoolCapacity(st.f_blocks * st.f_frsize, 0, st.f_bavail * st.f_frsize)
-
-    def status(self) -> Mapping[str, object]:
-        return {"directory": str(self.directory)}
-
-
 def make_backend(directory: Path) -> VolumeBackend:
-    try:
-        from iscsi.file_backend import FileBackend  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return SparseFileBackend(directory)
     backend: VolumeBackend = FileBackend(directory)
     return backend
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from appliance.template_build import TemplateBuild, build_template
+from appliance.template_rootfs import host_debian_mirror
+from appliance.template_sources import DEFAULT_DEBIAN_SUITE, TemplateSourceError
 from iscsi.model import VolumeBackend
-from tests.integration.test_template_build import debugfs_cat, make_backend
+from tests.integration.test_template_build import debugfs_cat, debugfs_write, make_backend
 
 pytestmark = pytest.mark.system
 
@@ -34,6 +37,7 @@ IQN_PREFIX = "iqn.2026-11.io.cello"
 UUID_A = "7d3a1f52-9c0e-4b8a-a2f1-0000000000a1"
 UUID_B = "7d3a1f52-9c0e-4b8a-a2f1-0000000000b2"
 BOOT_TIMEOUT = 90.0  # TCG: ~20 s here; bounded so a broken initramfs cannot hang CI
+DEBIAN_BOOT_TIMEOUT = 180.0  # systemd under TCG
 
 
 def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -118,22 +122,27 @@ def daemons(netns: None, tmp_path: Path) -> Iterator[Daemons]:
                 proc.wait()
 
 
-def kernel_cmdline(uuid: str, lun: int) -> str:
+def kernel_cmdline(uuid: str, lun: int, chap: tuple[str, str] | None = None) -> str:
+    """The command line the boot config renderer gives nodes (the key names are fixed)."""
     iqn = f"{IQN_PREFIX}:{uuid}"
     initiator = f"{IQN_PREFIX}:node-{uuid}"
+    auth = f"ISCSI_USERNAME={chap[0]} ISCSI_PASSWORD={chap[1]} " if chap else ""
     return (
         f"console=ttyS0 ISCSI_INITIATOR={initiator} ISCSI_TARGET_NAME={iqn} ISCSI_TARGET_IP={HOST_IP} "
-        f"ISCSI_TARGET_PORT=3260 ISCSI_TARGET_GROUP=1 netroot=iscsi:{HOST_IP}::3260:{lun}:{iqn} "
+        f"ISCSI_TARGET_PORT=3260 ISCSI_TARGET_GROUP=1 {auth}netroot=iscsi:{HOST_IP}::3260:{lun}:{iqn} "
         f"rd.iscsi.initiator={initiator} cello.server={uuid} cello.lun={lun} cello.poweroff panic=-1"
     )
 
 
-async def boot_until_marker(kernel: Path, initrd: Path, uuid: str, serial: Path) -> tuple[bool, float]:
+async def boot_until_marker(
+    kernel: Path, initrd: Path, uuid: str, serial: Path, *, bound: float = BOOT_TIMEOUT, memory: int = 512,
+    lun: int = 1, chap: tuple[str, str] | None = None,
+) -> tuple[bool, float]:
     """Run the VM until it powers off (or the bound passes); True when the marker was printed."""
     argv = [
-        "ip", "netns", "exec", NS, "qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nodefaults",
+        "ip", "netns", "exec", NS, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nodefaults",
         "-display", "none", "-no-reboot", "-serial", f"file:{serial}", "-uuid", uuid,
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(uuid, 1),
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(uuid, lun, chap),
         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
         "-device", "e1000,netdev=n0,mac=52:54:00:79:00:10",
     ]  # fmt: skip
@@ -141,7 +150,7 @@ async def boot_until_marker(kernel: Path, initrd: Path, uuid: str, serial: Path)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.DEVNULL)
     try:
-        await asyncio.wait_for(proc.wait(), BOOT_TIMEOUT)
+        await asyncio.wait_for(proc.wait(), bound)
     except TimeoutError:
         pass
     finally:
@@ -167,24 +176,34 @@ async def built(tmp_path: Path) -> Built:
     return Built(backend, build, files)
 
 
-async def test_tiny_template_boots_from_its_iscsi_clone(daemons: Daemons, built: Built) -> None:
-    backend, build, files = built.backend, built.build, built.files
-    clone_a = await backend.clone_os("tiny", build.version, UUID_A)
-    clone_b = await backend.clone_os("tiny", build.version, UUID_B)
-    daemons.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", f"{IQN_PREFIX}:{UUID_A}")
-    daemons.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", clone_a.path)
+def export_lun1(daemons: Daemons, uuid: str, image: str, *, luns: dict[int, str] | None = None) -> None:
+    """Target <prefix>:<uuid> (tid 1) with `image` as LUN 1, or with the given {lun: image} map."""
+    daemons.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", f"{IQN_PREFIX}:{uuid}")
+    for lun, path in sorted((luns or {1: image}).items()):
+        daemons.tgtadm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", str(lun), "-b", path)
     daemons.tgtadm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
     for name in ("nop_interval", "nop_count"):
         daemons.tgtadm("--op", "update", "--mode", "target", "--tid", "1", "-n", name, "-v", "2")
 
+
+def boot_failure(uuid: str, took: float, daemons: Daemons, serial: Path) -> str:
+    return (
+        f"no 'cello-root-ok {uuid}' after {took:.0f} s; logs kept in {daemons.logs}\n--- serial (tail)\n"
+        + _read(serial)[-4000:] + "\n--- dnsmasq\n" + _read(daemons.logs / "dnsmasq.log")[-1500:]
+        + "\n--- tgtd\n" + _read(daemons.logs / "tgtd.log")[-1500:]
+    )
+
+
+async def test_tiny_template_boots_from_its_iscsi_clone(daemons: Daemons, built: Built) -> None:
+    backend, build, files = built.backend, built.build, built.files
+    clone_a = await backend.clone_os("tiny", build.version, UUID_A)
+    clone_b = await backend.clone_os("tiny", build.version, UUID_B)
+    export_lun1(daemons, UUID_A, clone_a.path)
+
     serial = daemons.logs / "serial.log"
     ok, took = await boot_until_marker(files / build.kernel, files / build.initrd, UUID_A, serial)
     text = _read(serial)
-    assert ok, (
-        f"no 'cello-root-ok {UUID_A}' after {took:.0f} s; logs in {daemons.logs}\n--- serial (tail)\n"
-        + text[-4000:] + "\n--- dnsmasq\n" + _read(daemons.logs / "dnsmasq.log")[-1500:]
-        + "\n--- tgtd\n" + _read(daemons.logs / "tgtd.log")[-1500:]
-    )
+    assert ok, boot_failure(UUID_A, took, daemons, serial)
     assert "cello-initramfs-failed" not in text
     assert "cello-initramfs: address 10.79.0." in text  # the address came from the site DHCP (dnsmasq)
     print(f"tiny boot to marker: {took:.1f} s")
@@ -197,3 +216,82 @@ async def test_tiny_template_boots_from_its_iscsi_clone(daemons: Daemons, built:
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else "(missing)"
+
+
+async def test_tiny_boot_with_chap_picks_the_os_lun_among_data_luns(
+    daemons: Daemons, built: Built, tmp_path: Path
+) -> None:
+    """CHAP from ISCSI_USERNAME/PASSWORD; the OS is LUN 2 behind a blank data LUN 1, so only the
+    cello.lun selection finds it; the boot counter goes on from what the clone already holds."""
+    backend, build, files = built.backend, built.build, built.files
+    clone = await backend.clone_os("tiny", build.version, UUID_B)
+    data = await backend.create_data("tiny", UUID_B, 1, 16 * 1024 * 1024)
+    seed = tmp_path / "seed"
+    seed.write_text(f"uuid={UUID_B}\nboots=4\n")
+    debugfs_write(clone.path, seed, "/cello-booted")
+    export_lun1(daemons, UUID_B, clone.path, luns={1: data.path, 2: clone.path})
+    user, secret = "node-b", "s3cret-chap-42"
+    daemons.tgtadm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+    daemons.tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", user)
+
+    serial = daemons.logs / "serial-chap.log"
+    ok, took = await boot_until_marker(files / build.kernel, files / build.initrd, UUID_B, serial, lun=2,
+                                       chap=(user, secret))
+    assert ok, boot_failure(UUID_B, took, daemons, serial)
+    assert "root disk /dev/sdb (LUN 2)" in _read(serial)
+    assert debugfs_cat(clone.path, "/cello-booted") == f"uuid={UUID_B}\nboots=5\n"
+    with open(data.path, "rb") as f:  # noqa: ASYNC230
+        assert f.read(1024 * 1024) == bytes(1024 * 1024)  # the data LUN was not touched
+
+
+async def test_tiny_initramfs_reports_a_failed_login(daemons: Daemons, built: Built) -> None:
+    """Wrong CHAP secret: the initramfs says why (`cello-initramfs-failed ...`) and powers off."""
+    backend, build, files = built.backend, built.build, built.files
+    clone = await backend.clone_os("tiny", build.version, UUID_B)
+    export_lun1(daemons, UUID_B, clone.path)
+    daemons.tgtadm("--op", "new", "--mode", "account", "--user", "node-b", "--password", "right-secret-1")
+    daemons.tgtadm("--op", "bind", "--mode", "account", "--tid", "1", "--user", "node-b")
+
+    serial = daemons.logs / "serial-fail.log"
+    ok, took = await boot_until_marker(files / build.kernel, files / build.initrd, UUID_B, serial,
+                                       chap=("node-b", "wrong-secret-2"))
+    text = _read(serial)
+    assert not ok
+    assert "cello-initramfs-failed iscsi-login" in text, text[-3000:]
+    assert took < BOOT_TIMEOUT  # it powered off by itself (cello.poweroff) rather than hanging
+
+
+def debian_archive_reachable() -> tuple[bool, str]:
+    """Whether this host's Debian archive answers within a few seconds (the debian source needs it)."""
+    try:
+        mirror = host_debian_mirror()
+    except TemplateSourceError as exc:
+        return False, str(exc)
+    url = f"{mirror}/dists/{DEFAULT_DEBIAN_SUITE}/Release"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5) as reply:
+            return reply.status == 200, f"{url}: HTTP {reply.status}"
+    except OSError as exc:
+        return False, f"{url}: {exc}"
+
+
+async def test_debian_template_boots_with_its_own_initramfs(daemons: Daemons, tmp_path: Path) -> None:
+    """debootstrap (minutes) → Debian's initramfs-tools logs in with the same kernel command line."""
+    reachable, why = await asyncio.to_thread(debian_archive_reachable)
+    if not reachable:
+        pytest.skip(f"the Debian archive is not reachable, so the debian source cannot be built: {why}")
+    files = tmp_path / "files"
+    backend = make_backend(tmp_path / "volumes")
+    lines: list[str] = []
+    build = await build_template(backend, "debian", None, "debian", files, tmp_path / "work", lines.append)
+    print("\n".join(lines))
+    clone = await backend.clone_os("debian", build.version, UUID_A)
+    export_lun1(daemons, UUID_A, clone.path)
+
+    serial = daemons.logs / "serial.log"
+    ok, took = await boot_until_marker(files / build.kernel, files / build.initrd, UUID_A, serial,
+                                       bound=DEBIAN_BOOT_TIMEOUT, memory=1024)
+    assert ok, boot_failure(UUID_A, took, daemons, serial)
+    print(f"debian boot to marker: {took:.1f} s")
+    assert debugfs_cat(clone.path, "/cello-booted") == f"uuid={UUID_A}\nboots=1\n"
+    assert debugfs_cat(backend.path("debian-template"), "/cello-booted") == ""

@@ -246,3 +246,16 @@ def test_tarball_boot_files_pairs_kernel_and_initrd(tmp_path: Path) -> None:
     (boot / "initrd.img-6.1.0-1").write_bytes(gzip.compress(b""))
     found = tarball_boot_files(tmp_path)
     assert found is not None and found.initrd.name == "initrd.img-6.1.0-1"
+
+
+def test_mounts_below_finds_leftover_mounts_deepest_first(tmp_path: Path) -> None:
+    from appliance.template_build import mounts_below
+
+    root = tmp_path / "build-x"
+    mountinfo = (
+        "22 1 0:21 / /proc rw - proc proc rw\n"
+        f"90 22 0:50 / {root}/root/proc rw - proc proc rw\n"
+        f"91 90 0:51 / {root}/root/proc/sys/fs/binfmt_misc rw - binfmt_misc x rw\n"
+        f"92 1 0:52 / {root}-other rw - tmpfs t rw\n"
+    )
+    assert mounts_below(root, mountinfo) == [f"{root}/root/proc/sys/fs/binfmt_misc", f"{root}/root/proc"]
