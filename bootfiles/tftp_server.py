@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import socket
+import threading
 from collections.abc import Awaitable, Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 from bootfiles import tftp_packet as tp
 from bootfiles.spec import EventSink
@@ -47,48 +49,151 @@ class _Listener(asyncio.DatagramProtocol):
         log.debug("tftp: listener socket error: %s", exc)
 
 
-class _TransferProtocol(asyncio.DatagramProtocol):
-    """One transfer's ephemeral socket: feeds the state machine, sends what it yields, runs its timer."""
+class _Sender:
+    """Sends datagrams for all transfers; large bursts go to a helper thread.
 
-    def __init__(self, transfer: SendTransfer, peer: Address, done: asyncio.Future[None]) -> None:
+    A UDP send costs more in the kernel than the Python that produces it, and sendto releases the GIL.
+    So when one loop iteration produced a burst (many transfers ACKed at once: a boot storm), the burst
+    is handed to one sender thread, whose syscalls run on another core while the loop decodes the next
+    ACKs. A lone datagram is sent inline: a thread hand-off would only add latency. Order per socket is
+    kept (one thread, FIFO), and a transfer socket is closed by whoever sends last on it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, burst: int) -> None:
+        self.loop = loop
+        self.burst = burst
+        self._pending: list[tuple[socket.socket, bytes, Address | None]] = []
+        self._scheduled = False
+        self._queue: queue.SimpleQueue[list[tuple[socket.socket, bytes, Address | None]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._in_thread = 0  # batches handed to the thread and not yet sent
+        self._lock = threading.Lock()
+
+    def send(self, sock: socket.socket, datagram: bytes, addr: Address) -> None:
+        self._pending.append((sock, datagram, addr))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._dispatch)
+
+    def close_socket(self, sock: socket.socket) -> None:
+        """Close after every datagram queued for it so far has gone out."""
+        if self._pending or self._in_thread:
+            self._pending.append((sock, b"", None))
+            if not self._scheduled:
+                self._scheduled = True
+                self.loop.call_soon(self._dispatch)
+        else:
+            sock.close()
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        if len(batch) < self.burst and not self._in_thread:
+            _send_batch(batch)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tftp-sender", daemon=True)
+            self._thread.start()
+        with self._lock:
+            self._in_thread += 1
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            _send_batch(batch)
+            with self._lock:
+                self._in_thread -= 1
+
+    def finish(self) -> None:
+        """On the loop: send what is pending and tell the thread to end after its queue."""
+        self._dispatch()
+        self._queue.put(None)
+
+    def join(self) -> None:
+        """Blocking (run in a thread): wait for the sender thread to drain."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _send_batch(batch: list[tuple[socket.socket, bytes, Address | None]]) -> None:
+    for sock, datagram, addr in batch:
+        if addr is None:
+            sock.close()
+            continue
+        try:
+            sock.sendto(datagram, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # socket buffer full: as good as lost on the wire; the retransmission timer recovers
+        except OSError as exc:
+            log.debug("tftp: send to %s failed: %s", addr, exc)
+
+
+class _TransferSocket:
+    """One transfer's ephemeral socket: feeds the state machine, sends what it yields, runs its timer.
+
+    The listener is a DatagramProtocol; transfer sockets use add_reader on the raw non-blocking socket
+    instead, because this is the per-block hot path of every boot: draining all queued datagrams per
+    wake-up and sending without the transport's buffering layer roughly halves the per-block cost.
+    UDP gives no delivery promise anyway: a send that would block is dropped and the state machine's
+    retransmission covers it, exactly as for a datagram lost on the wire.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        transfer: SendTransfer,
+        peer: Address,
+        done: asyncio.Future[None],
+        sender: _Sender,
+    ) -> None:
+        self.sock = sock
+        self.sender = sender
         self.transfer = transfer
         self.peer = peer
         self.done = done
-        self.transport: asyncio.DatagramTransport | None = None
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        # Selector transports recv() into a 256 KiB buffer per datagram; a transfer socket only gets
-        # ACKs and ERRORs, so a small buffer saves an allocation per packet.
-        if hasattr(transport, "max_size"):
-            transport.max_size = _TRANSFER_RECV_BYTES
+        self._closed = False
+        self.loop.add_reader(sock.fileno(), self._readable)
 
     def kick(self) -> None:
         self._flush()
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def _readable(self) -> None:
+        sock = self.sock
+        transfer = self.transfer
+        peer = self.peer
         try:
-            if addr != self.peer:
-                if len(data) >= 2 and data[1] != tp.OP_ERROR and self.transport is not None:
-                    # RFC 1350 §4: a packet from a wrong TID gets error 5; the transfer goes on.
-                    self.transport.sendto(tp.encode(tp.Error(tp.ErrorCode.UNKNOWN_TID, "unknown TID")), addr)
-                return
-            if len(data) == 4 and data[1] == tp.OP_ACK and data[0] == 0:  # the hot path
-                self.transfer.on_ack((data[2] << 8) | data[3], self.loop.time())
-            else:
-                self.transfer.receive(data, self.loop.time())
-            self._flush()
-        except Exception:
-            log.exception("tftp: datagram from %s:%s broke its transfer", addr[0], addr[1])
-            self.transfer.abort(self.loop.time(), "internal error")
-            self._flush()
+            while not self._closed:
+                try:
+                    data, addr = sock.recvfrom(_TRANSFER_RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. an ICMP error queued on the socket
+                    log.debug("tftp: transfer socket for %s: %s", peer, exc)
+                    break
+                if addr != peer:
+                    if len(data) >= 2 and data[1] != tp.OP_ERROR:
+                        # RFC 1350 §4: a packet from a wrong TID gets error 5; the transfer goes on.
+                        self._send(tp.encode(tp.Error(tp.ErrorCode.UNKNOWN_TID, "unknown TID")), addr)
+                    continue
+                if len(data) == 4 and data[1] == tp.OP_ACK and data[0] == 0:  # the hot path
+                    transfer.on_ack((data[2] << 8) | data[3], self.loop.time())
+                else:
+                    transfer.receive(data, self.loop.time())
+        except Exception:  # the error boundary of this transfer
+            log.exception("tftp: datagram from %s:%s broke its transfer", peer[0], peer[1])
+            transfer.abort(self.loop.time(), "internal error")
+        self._flush()
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable: the client went away. The retry limit ends the transfer.
-        log.debug("tftp: transfer socket error for %s: %s", self.peer, exc)
+    def _send(self, datagram: bytes, addr: Address) -> None:
+        self.sender.send(self.sock, datagram, addr)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -100,12 +205,12 @@ class _TransferProtocol(asyncio.DatagramProtocol):
         self._flush()
 
     def _flush(self) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            peer = self.peer
-            for datagram in self.transfer.datagrams_to_send():
-                transport.sendto(datagram, peer)
-        if self.transfer.done:
+        if self._closed:
+            return
+        transfer = self.transfer
+        for datagram in transfer.datagrams_to_send():
+            self._send(datagram, self.peer)
+        if transfer.done:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -114,7 +219,7 @@ class _TransferProtocol(asyncio.DatagramProtocol):
             return
         # Lazy timer: ACKs only move the deadline inside the state machine; the timer re-arms itself
         # when it fires early, so the hot path schedules nothing.
-        deadline = self.transfer.next_timeout()
+        deadline = transfer.next_timeout()
         if deadline is not None and (self._timer is None or self._timer_at > deadline):
             if self._timer is not None:
                 self._timer.cancel()
@@ -122,11 +227,14 @@ class _TransferProtocol(asyncio.DatagramProtocol):
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.transport is not None:
-            self.transport.close()
+        self.loop.remove_reader(self.sock.fileno())
+        self.sender.close_socket(self.sock)
 
 
 class TftpServer:
@@ -143,6 +251,7 @@ class TftpServer:
         retries: int = 5,
         events: EventSink | None = None,
         enabled: Callable[[], bool] = lambda: True,
+        send_burst: int = 8,
     ) -> None:
         if not tp.MIN_BLKSIZE <= blksize_max <= tp.MAX_BLKSIZE:
             raise ValueError(f"tftp blksize_max must be within {tp.MIN_BLKSIZE}..{tp.MAX_BLKSIZE}")
@@ -159,7 +268,9 @@ class TftpServer:
         self.enabled = enabled
         self._transport: asyncio.DatagramTransport | None = None
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
-        self._protocols: set[_TransferProtocol] = set()
+        self._transfers: set[_TransferSocket] = set()
+        self._sender: _Sender | None = None
+        self.send_burst = send_burst
         self._family = socket.AF_INET
         self._bind_host = host
 
@@ -195,15 +306,19 @@ class TftpServer:
             self._transport.close()
             self._transport = None
         now = asyncio.get_running_loop().time()
-        for proto in list(self._protocols):
-            proto.transfer.abort(now, "server shutting down")
-            proto.kick()
+        for conn in list(self._transfers):
+            conn.transfer.abort(now, "server shutting down")
+            conn.kick()
         tasks = list(self._active.values())
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._active.clear()
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.finish()
+            await asyncio.to_thread(sender.join)
 
     # --- pipeline --------------------------------------------------------------------------------
     def _on_request(self, data: bytes, addr: Address) -> None:
@@ -266,15 +381,14 @@ class TftpServer:
                 source = BytesSource(to_netascii(opened.data))
             transfer = SendTransfer(source, request.options, self.limits, loop.time())
             done: asyncio.Future[None] = loop.create_future()
-            proto = _TransferProtocol(transfer, addr, done)
-            await loop.create_datagram_endpoint(lambda: proto, sock=self._transfer_socket())
-            self._protocols.add(proto)
+            conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._sender_for(loop))
+            self._transfers.add(conn)
             try:
-                proto.kick()
+                conn.kick()
                 await done
             finally:
-                self._protocols.discard(proto)
-                proto.close()
+                self._transfers.discard(conn)
+                conn.close()
             outcome = transfer.outcome or "error"
             nbytes = transfer.bytes_sent
             if outcome not in ("ok", "tsize-probe"):
@@ -289,6 +403,11 @@ class TftpServer:
             if opened is not None:
                 opened.close()
             self._event(server, addr, request.filename, nbytes, (loop.time() - started) * 1000.0, outcome)
+
+    def _sender_for(self, loop: asyncio.AbstractEventLoop) -> _Sender:
+        if self._sender is None:
+            self._sender = _Sender(loop, self.send_burst)
+        return self._sender
 
     def _transfer_socket(self) -> socket.socket:
         """A fresh ephemeral port on the listening address (the transfer ID), bound without a resolver
