@@ -34,6 +34,8 @@ UUID = "3f1c2a4b-5d6e-4f70-8192-a3b4c5d6e7f8"
 MAC = "52:54:00:78:00:10"
 PXELINUX = pathlib.Path("/usr/lib/PXELINUX/pxelinux.0")
 LDLINUX = pathlib.Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+IPXE_EFI = pathlib.Path("/usr/lib/ipxe/ipxe.efi")
+OVMF = pathlib.Path("/usr/share/ovmf/OVMF.fd")
 TOOLS = ("ip", "dnsmasq", "qemu-system-x86_64", "tcpdump", "in.tftpd")
 
 
@@ -143,13 +145,16 @@ def start_proxy(lab: Lab, *args: str, netns: str = CELLO, log: str = "proxy.out"
     raise AssertionError("proxy did not start: " + (lab.work / log).read_text())
 
 
-def start_qemu(lab: Lab, netns: str = SITE) -> None:
+def start_qemu(lab: Lab, netns: str = SITE, *, uefi: bool = False) -> None:
+    """BIOS: SeaBIOS + qemu's iPXE ROM. UEFI: OVMF, whose own PXE client (EDK2 PxeBcDxe, arch 7) runs on
+    the NIC's EFI driver."""
     sercon = lab.work / "sercon.bin"
     sercon.write_bytes(b"\xf8\x03")
-    lab.spawn(ns(netns, "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none",
-                 "-no-reboot", "-serial", f"file:{lab.work / 'serial.log'}", "-boot", "n", "-uuid", UUID,
+    firmware = ["-bios", str(OVMF), "-m", "512"] if uefi else ["-m", "256", "-boot", "n"]
+    lab.spawn(ns(netns, "qemu-system-x86_64", "-accel", "tcg", *firmware, "-nodefaults", "-display", "none",
+                 "-no-reboot", "-serial", f"file:{lab.work / 'serial.log'}", "-uuid", UUID,
                  "-netdev", "tap,id=n0,ifname=dhtap0,script=no,downscript=no",
-                 "-device", f"e1000,netdev=n0,mac={MAC}",
+                 "-device", f"e1000,netdev=n0,mac={MAC},bootindex=1",
                  "-fw_cfg", f"name=opt/org.cello/sercon,file={sercon}",
                  "-fw_cfg", f"name=etc/sercon-port,file={sercon}"), "qemu.out")
 
@@ -283,3 +288,42 @@ def test_unprivileged_start_names_address_and_reason(lab: Lab) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "RuntimeError: cannot bind 0.0.0.0:67: port 67 needs root or CAP_NET_BIND_SERVICE" in out.stdout
+
+
+def test_uefi_pxe_gets_ipxe_efi_then_its_script(lab: Lab) -> None:
+    """OVMF's UEFI PXE client (arch 7) is offered ipxe.efi over TFTP; the iPXE it loads asks again with
+    user class "iPXE" and is given its per-node script URL (so chainloading cannot loop)."""
+    root = lab.work / "tftproot"
+    root.mkdir()
+    shutil.copy(IPXE_EFI, root / "ipxe.efi")
+    start_site_dhcp(lab)
+    start_tftp(lab, root)
+    pcap = lab.work / "cello.pcap"
+    lab.spawn(ns(CELLO, "tcpdump", "-i", "dhc0", "-U", "-n", "-w", str(pcap),
+                 "udp port 69 or udp port 67 or udp port 68 or udp port 4011"), "tcpdump.out")
+    start_proxy(lab, "--advertise", "10.78.0.2", "--interface", "dhc0", "--profile", "ipxe",
+                "--http-base", "http://10.78.0.2:8080", "--node", f"{UUID}={MAC}")
+    time.sleep(1)
+    start_qemu(lab, uefi=True)
+    wait_for_rrq(lab, pcap, "ipxe.efi", timeout=150)
+    script = f"http://10.78.0.2:8080/boot/{UUID}.ipxe"
+    deadline = time.monotonic() + 90
+    offers: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        events = [json.loads(line) for line in (lab.work / "proxy.out").read_text().splitlines()
+                  if line.startswith('{"kind": "dhcp"')]
+        offers = [e for e in events if e["reply"] == "offer"]
+        files = [(e["arch"], e["file"]) for e in offers]
+        if (7, "ipxe.efi") in files and (7, script) in files[files.index((7, "ipxe.efi")) + 1 :]:
+            break
+        time.sleep(1)
+    files = [(e["arch"], e["file"]) for e in offers]
+    assert (7, "ipxe.efi") in files, files
+    # After EDK2 fetched ipxe.efi, the iPXE it loaded asked again and got the script, not ipxe.efi again.
+    # (The NIC's own iPXE EFI ROM may have asked before EDK2 did, hence "after".)
+    first_efi = files.index((7, "ipxe.efi"))
+    assert (7, script) in files[first_efi + 1 :], files
+    assert all(e["server"] == UUID for e in offers)
+    if os.environ.get("CELLO_CAPTURE_DIR"):
+        time.sleep(1)
+        shutil.copy(pcap, pathlib.Path(os.environ["CELLO_CAPTURE_DIR"]) / "ovmf-cello.pcap")

@@ -34,7 +34,8 @@ def check_golden(path: pathlib.Path, text: str) -> None:
 def test_the_golden_set_is_complete() -> None:
     for name in ("ipxe-rom-discover", "ipxe-rom-request", "bios-pxe-discover", "bios-pxe-request-4011",
                  "uefi-x64-discover", "uefi-arm64-discover", "uefi-http-discover", "overload-discover",
-                 "plain-dhcp-discover", "cello-proxy-offer"):
+                 "plain-dhcp-discover", "cello-proxy-offer",
+                 "ovmf-edk2-discover", "ovmf-edk2-pxe-request-4011", "ovmf-ipxe-rom-discover"):
         assert name in PACKETS
 
 
@@ -52,7 +53,7 @@ def test_reencode_is_stable(name: str) -> None:
 
 def _reply_text(name: str, profile: str) -> str:
     packet = p.decode(load(name))
-    kind = pxe.Kind.REQUEST if "request-4011" in name or "pxe-request" in name else pxe.Kind.DISCOVER
+    kind = pxe.Kind.REQUEST if "request-4011" in name else pxe.Kind.DISCOVER
     request = pxe.classify(packet, kind)
     if request is None:
         return "no reply: not a boot request\n"
@@ -107,3 +108,14 @@ def test_site_offer_is_not_a_boot_request() -> None:
     assert pxe.classify(p.decode(load("site-dnsmasq-offer")), pxe.Kind.DISCOVER) is None
     assert pxe.classify(p.decode(load("plain-dhcp-discover")), pxe.Kind.DISCOVER) is None
     assert p.decode(load("plain-dhcp-discover")).user_classes == (b"corp", b"lab")  # RFC 3004 form
+
+
+def test_reply_to_captured_edk2_request_matches_captured_ack() -> None:
+    """The ACK Cello sent to OVMF's real :4011 request (captured) is what the pipeline builds today."""
+    request_packet = p.decode(load("ovmf-edk2-pxe-request-4011"))
+    request = pxe.classify(request_packet, pxe.Kind.REQUEST)
+    assert request is not None and request.arch == 7 and request.uuid == QEMU_UUID
+    choice = pxe.choose_boot(request, make_spec(QEMU_UUID, PROFILES["ipxe"], "http://10.78.0.2:8080"))
+    assert choice is not None
+    built = p.encode(pxe.build_reply(request_packet, request, choice, ADVERTISE, pxe.Kind.REQUEST))
+    assert built == load("ovmf-cello-pxe-ack")

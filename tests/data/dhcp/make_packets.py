@@ -65,6 +65,29 @@ def from_pcaps() -> None:
             write(name, data)
 
 
+def from_ovmf_pcap() -> None:
+    """OVMF (UEFI x64) against Cello: the NIC's iPXE EFI ROM, then EDK2's own PXE client and its :4011
+    boot server request (EDK2 asks even when the offer names the file)."""
+    path = HERE / "ovmf-cello.pcap"
+    if not path.exists():
+        return
+    wanted: dict[str, bytes] = {}
+    for p in rdpcap(str(path)):
+        if UDP not in p:
+            continue
+        u, data = p[UDP], bytes(p[UDP].payload)
+        if u.sport == 4011 and p["IP"].src == "10.78.0.2":  # EDK2 asks from port 4011 too
+            wanted.setdefault("ovmf-cello-pxe-ack", data)
+        elif u.dport == 4011:
+            wanted.setdefault("ovmf-edk2-pxe-request-4011", data)
+        elif u.dport == 67 and b"iPXE" in data[240:]:
+            wanted.setdefault("ovmf-ipxe-rom-discover", data)
+        elif u.dport == 67 and data[242] == 1:  # option 53 first: DISCOVER
+            wanted.setdefault("ovmf-edk2-discover", data)
+    for name, data in wanted.items():
+        write(name, data)
+
+
 def scapy_built() -> None:
     guid = ("pxe_client_machine_identifier", b"\x00" + UUID_LE)
     # An Intel/ PXE 2.1 BIOS ROM (no iPXE user class): DISCOVER, then the :4011 boot server request with
@@ -122,4 +145,5 @@ def scapy_built() -> None:
 
 if __name__ == "__main__":
     from_pcaps()
+    from_ovmf_pcap()
     scapy_built()
