@@ -216,3 +216,20 @@ async def test_raw_fallback_when_port_is_taken() -> None:
         holder.close()
         client.sock.close()
     assert not proxy.raw_mode
+
+
+async def test_bound_to_an_interface() -> None:
+    """interface= pins both sockets to one link (SO_BINDTODEVICE); replies leave through it."""
+    client = Client()
+    policy = StaticPolicy(unknown=make_spec(uuid_for(1), PROFILES["ipxe"], BASE))
+    proxy = ProxyDHCP(policy, "127.0.0.1", listen="0.0.0.0", port=0, pxe_port=0, interface="lo",
+                      reply_port=client.port, broadcast="127.0.0.1", raw_fallback=False)
+    await proxy.start()
+    try:
+        for sock in proxy._sockets:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0") == b"lo"
+        reply = await client.ask(discover(1, 7, b"PXEClient:Arch:00007:UNDI:003016"), proxy.bound["dhcp"][1])
+        assert reply.bootfile == "ipxe.efi"
+    finally:
+        await proxy.stop()
+        client.sock.close()
