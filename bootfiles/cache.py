@@ -42,6 +42,11 @@ class FileSource:
             self._fd = -1
 
 
+def _ignore_result(task: asyncio.Task[bytes]) -> None:
+    if not task.cancelled():
+        task.exception()  # a failed prefetch is retried by the next request
+
+
 class FileCache:
     def __init__(self, max_bytes: int = 512 * 1024 * 1024, max_entry_bytes: int | None = None) -> None:
         if max_bytes < 0:
@@ -53,6 +58,23 @@ class FileCache:
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
+
+    def peek(self, st: os.stat_result) -> bytes | None:
+        """The cached bytes if loaded, without waiting."""
+        key = cache_key(st)
+        data = self._entries.get(key)
+        if data is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return data
+
+    def prefetch(self, path: Path, st: os.stat_result) -> None:
+        """Start loading in the background (single flight); errors are only logged by get()'s caller."""
+        key = cache_key(st)
+        if key in self._entries or key in self._loading:
+            return
+        task = asyncio.get_running_loop().create_task(self.get(path, st))
+        task.add_done_callback(_ignore_result)
 
     def cacheable(self, size: int) -> bool:
         return size <= self.max_entry_bytes and size <= self.max_bytes

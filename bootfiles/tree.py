@@ -26,6 +26,7 @@ import asyncio
 import os
 import re
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from bootfiles.spec import BootPolicy, BootSpec
 from bootfiles.tftp_transfer import BlockSource, BytesSource
 
 MAX_NAME_BYTES = 255
+RESOLVE_TTL = 1.0  # seconds a name → file resolution is reused
+_SMALL_FILE = 1 << 20  # below this a cache miss just waits for the load
 
 # The usual loader folders of the OSes Cello runs on (Debian: pxelinux, syslinux-common, ipxe;
 # FreeBSD: the syslinux and ipxe ports).
@@ -183,30 +186,55 @@ class BootTree:
         *,
         max_entry_bytes: int | None = None,
         link_targets: Sequence[Path] = (),
+        resolve_ttl: float = RESOLVE_TTL,
     ) -> None:
         self.policy = policy
         roots = ([files_root] if files_root is not None else []) + list(static_roots)
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.link_targets = [Path(os.path.realpath(p)) for p in link_targets]
         self.cache = FileCache(cache_bytes, max_entry_bytes)
+        self.resolve_ttl = resolve_ttl
+        self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
 
     async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:
         parts = split_name(name)
         route = _route(parts)
         if route is not None:
             return self._render(*route)
-        found = await asyncio.to_thread(self._resolve_static, parts)
+        found = await self._lookup(parts)
         if found is None and len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
-            found = await asyncio.to_thread(self._resolve_static, parts[1:])
+            found = await self._lookup(parts[1:])
         if found is None:
             raise NotFound(name)
         real, st = found
         server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else None
         if self.cache.cacheable(st.st_size):
-            data = await self.cache.get(real, st)
-            return OpenedFile(BytesSource(data), len(data), server, "static", data)
+            data = self.cache.peek(st)
+            if data is not None:
+                return OpenedFile(BytesSource(data), len(data), server, "static", data)
+            if st.st_size <= _SMALL_FILE:
+                data = await self.cache.get(real, st)
+                return OpenedFile(BytesSource(data), len(data), server, "static", data)
+            # A big file not in memory yet (a kernel at the start of a boot storm): load it in the
+            # background and serve this request from disk, so the first byte does not wait for the load.
+            self.cache.prefetch(real, st)
         reader = await asyncio.to_thread(FileSource, real, st.st_size)
         return OpenedFile(reader, st.st_size, server, "static", None, reader)
+
+    async def _lookup(self, parts: list[str]) -> tuple[Path, os.stat_result] | None:
+        """Resolve in a worker thread, remembering answers for a second: a boot storm asks for the
+        same few names hundreds of times, and a replaced file shows after at most resolve_ttl."""
+        key = "/".join(parts)
+        now = time.monotonic()
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        found = await asyncio.to_thread(self._resolve_static, parts)
+        if len(self._resolved) >= 4096:
+            self._resolved.clear()
+        if self.resolve_ttl > 0:
+            self._resolved[key] = (now + self.resolve_ttl, found)
+        return found
 
     def _render(self, kind: _Kind, uuid: str | None, mac: str | None) -> OpenedFile:
         spec: BootSpec | None = self.policy.boot_spec(uuid=uuid, mac=mac)

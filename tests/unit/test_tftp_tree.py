@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def policy() -> StorePolicy:
 
 @pytest.fixture
 def tree(layout: dict[str, Path], policy: StorePolicy) -> BootTree:
-    return BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000)
+    return BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000, resolve_ttl=0)
 
 
 @pytest.mark.parametrize(
@@ -224,3 +225,29 @@ async def test_large_file_is_read_from_disk(layout: dict[str, Path], tree: BootT
     finally:
         f.close()
     assert tree.cache.used_bytes == 0
+
+
+async def test_resolution_is_reused_for_a_short_while(layout: dict[str, Path], policy: StorePolicy) -> None:
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2)
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"
+    (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"  # within the TTL: no stat at all
+    await asyncio.sleep(0.25)
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
+
+
+async def test_big_cold_file_served_from_disk_while_it_loads(layout: dict[str, Path], policy: StorePolicy) -> None:
+    big = os.urandom(3 << 20)
+    (layout["loaders"] / "kernel").write_bytes(big)
+    tree = BootTree([layout["loaders"]], None, policy, cache_bytes=16 << 20, resolve_ttl=0)
+    first = await tree.open("kernel", CLIENT)
+    try:
+        assert first.data is None and bytes(first.source.read(0, 100)) == big[:100]
+    finally:
+        first.close()
+    for _ in range(100):
+        if tree.cache.used_bytes:
+            break
+        await asyncio.sleep(0.01)
+    second = await tree.open("kernel", CLIENT)
+    assert second.data == big and tree.cache.misses == 1
