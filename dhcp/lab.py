@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import pathlib
@@ -81,6 +82,10 @@ async def _run(args: argparse.Namespace) -> None:
                 policy.by_mac[mac] = spec
     if args.any:
         policy.unknown = make_spec("00000000-0000-4000-8000-000000000000", profile, http_base)
+    # Long-lived objects (the policy index) out of the cyclic GC's way: a full collection over a large
+    # index is a multi-millisecond pause in the reply path. The appliance's composition root should do
+    # the same once its boot index is loaded.
+    gc.freeze()
     proxy = ProxyDHCP(
         policy, args.advertise, interface=args.interface, port=args.port, pxe_port=args.pxe_port,
         events=_event_printer if args.events else None, raw_fallback=not args.no_raw,
