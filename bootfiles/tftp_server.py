@@ -268,6 +268,7 @@ class TftpServer:
         self.enabled = enabled
         self._transport: asyncio.DatagramTransport | None = None
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
+        self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
         self._transfers: set[_TransferSocket] = set()
         self._sender: _Sender | None = None
         self.send_burst = send_burst
@@ -315,6 +316,7 @@ class TftpServer:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._active.clear()
+        self._conn_by_key.clear()
         if self._sender is not None:
             sender, self._sender = self._sender, None
             sender.finish()
@@ -337,8 +339,15 @@ class TftpServer:
             self._event(None, addr, packet.filename, 0, 0.0, "disabled")
             return
         key = (addr, packet.filename)
-        if key in self._active:
-            return  # the client re-sent its RRQ; the running transfer retransmits on its own timer
+        running = self._active.get(key)
+        if running is not None:
+            conn = self._conn_by_key.get(key)
+            if conn is None or not conn.transfer.done:
+                return  # the client re-sent its RRQ; the running transfer retransmits on its own timer
+            # The old transfer is over (a UEFI tsize probe answered with ERROR 8 just before this
+            # RRQ from the same port) but its task has not cleaned up yet: this is a new request.
+            self._active.pop(key, None)
+            self._conn_by_key.pop(key, None)
         if len(self._active) >= self.max_transfers:
             # No answer: the client re-sends its RRQ later, which is the back-pressure we want.
             log.warning("tftp: %d transfers running, dropping RRQ from %s:%s", len(self._active), *addr)
@@ -346,7 +355,12 @@ class TftpServer:
             return
         task = asyncio.get_running_loop().create_task(self._serve(packet, addr))
         self._active[key] = task
-        task.add_done_callback(lambda _t: self._active.pop(key, None))
+        task.add_done_callback(lambda t: self._forget(key, t))
+
+    def _forget(self, key: tuple[Address, str], task: asyncio.Task[None]) -> None:
+        if self._active.get(key) is task:
+            del self._active[key]
+            self._conn_by_key.pop(key, None)
 
     def _reply_error(self, addr: Address, code: int, message: str) -> None:
         if self._transport is not None:
@@ -383,6 +397,9 @@ class TftpServer:
             done: asyncio.Future[None] = loop.create_future()
             conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._sender_for(loop))
             self._transfers.add(conn)
+            key = (addr, request.filename)
+            if self._active.get(key) is asyncio.current_task():
+                self._conn_by_key[key] = conn
             try:
                 conn.kick()
                 await done

@@ -530,3 +530,19 @@ async def test_retransmission_through_a_lossy_link_with_tftp_hpa(env: Env, tmp_p
     assert sha(out.read_bytes()) == sha((env.root / "pxelinux.0").read_bytes())
     await wait_events(env, 1)
     assert env.events[0]["outcome"] == "ok" and env.events[0]["bytes"] == 42_430
+
+
+async def test_tsize_probe_then_rrq_from_the_same_port_at_once(env: Env) -> None:
+    """EDK2 may re-ask from the same port right after its ERROR 8: that RRQ must not be taken for a
+    retransmission of the finished probe."""
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", options=b"tsize\x000\x00")
+        packet, addr = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.OptionAck({"tsize": "42430"})
+        raw.sock.sendto(tp.encode(tp.Error(8, "User aborted the transfer")), addr)
+        raw.rrq(b"pxelinux.0")
+        packet, addr2 = await in_thread(lambda: raw.recv(0.3))  # type: ignore[misc]
+        assert isinstance(packet, tp.Data) and packet.block == 1 and addr2 != addr
+    finally:
+        raw.close()
