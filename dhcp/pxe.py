@@ -105,11 +105,11 @@ def classify(packet: p.DhcpPacket, kind: Kind) -> BootRequest | None:
         return None
     mtype = packet.message_type
     if kind is Kind.DISCOVER:
-        # A proxyDHCP server answers DISCOVERs on :67; it must ignore the client's REQUEST to the site
-        # server (PXE 2.1 §2.2.4 — the proxy's reply comes on :4011). Some ROMs send an INFORM.
-        if mtype not in (p.DHCPDISCOVER,):
+        # On :67 a proxyDHCP answers DISCOVERs only; the client's REQUEST there is for the site server
+        # (PXE 2.1 §2.2.4 — the proxy's part of the exchange continues on :4011).
+        if mtype != p.DHCPDISCOVER:
             return None
-    elif mtype not in (p.DHCPREQUEST, p.DHCPINFORM):
+    elif mtype not in (p.DHCPREQUEST, p.DHCPINFORM):  # :4011 boot server request (some ROMs: INFORM)
         return None
     vendor_class = packet.vendor_class or b""
     if vendor_class.startswith(VENDOR_PXE):
@@ -123,8 +123,11 @@ def classify(packet: p.DhcpPacket, kind: Kind) -> BootRequest | None:
     arch = arches[0] if arches else ARCH_BIOS
     if arch not in SUPPORTED_ARCHES:
         return None
-    guid = packet.client_guid
-    raw97 = packet.options.get(p.OPT_CLIENT_GUID)
+    try:
+        guid = packet.client_guid
+        raw97 = packet.options.get(p.OPT_CLIENT_GUID)
+    except p.PacketError:  # a malformed GUID identifies nothing: fall back to the MAC, echo nothing
+        guid = raw97 = None
     return BootRequest(
         mac=packet.mac,
         uuid=None if guid is None else smbios_uuid(guid),

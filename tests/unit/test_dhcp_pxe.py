@@ -114,6 +114,13 @@ def test_guid_identity(guid: bytes, expected: str | None) -> None:
     assert req is not None and req.uuid == expected and req.mac == "52:54:00:78:02:01"
 
 
+def test_malformed_guid_is_ignored_not_fatal() -> None:
+    packet = dataclasses.replace(request(0), options=p.Options.of({53: b"\x01", 60: b"PXEClient",
+                                                                   97: b"\x01" + bytes(8)}))
+    req = pxe.classify(packet, pxe.Kind.DISCOVER)
+    assert req is not None and req.uuid is None and req.guid_option is None
+
+
 def test_policy_falls_back_to_mac_for_broken_guid() -> None:
     spec = make_spec("11111111-2222-4333-8444-555555555555", PROFILES["pxelinux"], BASE)
     policy = StaticPolicy(by_mac={"52:54:00:78:02:01": spec})
