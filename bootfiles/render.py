@@ -17,15 +17,10 @@ import ipaddress
 import re
 import uuid as uuidlib
 
-from bootfiles.spec import BootSpec, IscsiRoot, Profile
+from bootfiles.profiles import BUILTIN_PROFILES  # re-exported: the built-in profiles live there
+from bootfiles.spec import BootSpec, IscsiRoot
 
-BUILTIN_PROFILES: dict[str, Profile] = {
-    # hcc-cello's defaultLeader / defaultCompute: both boot the template's kernel with pxelinux.
-    "leader": Profile(name="leader", loader="pxelinux", kernel_args="console=ttyS0 cello.role=leader"),
-    "compute": Profile(name="compute", loader="pxelinux", kernel_args="console=ttyS0 cello.role=compute"),
-    "pxelinux": Profile(name="pxelinux", loader="pxelinux", kernel_args="console=ttyS0"),
-    "ipxe": Profile(name="ipxe", loader="ipxe", kernel_args="console=ttyS0", bios_loader="undionly.kpxe"),
-}
+__all__ = ["BUILTIN_PROFILES", "RenderError", "kernel_cmdline", "render_grub", "render_ipxe", "render_pxelinux"]
 
 
 class RenderError(ValueError):
@@ -43,7 +38,8 @@ _IQN = re.compile(r"(iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.\-]*(:[A-Za-z0-9.:\
 _CHAP = re.compile(r"[A-Za-z0-9._\-+=]{1,255}")  # no ':' or '@': they delimit dracut's netroot
 _PATH = re.compile(r"[A-Za-z0-9._\-+][A-Za-z0-9._\-+/]*")
 _HTTP_BASE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._\-/]*)?")
-MAX_LUN = 16383  # SAM flat addressing; ctld allows 1024 per target
+MAX_LUN = 16383
+IPXE_INITRD_NAME = "initrd.img"  # SAM flat addressing; ctld allows 1024 per target
 
 
 def _require(field: str, value: object) -> None:
@@ -190,16 +186,20 @@ def _check_http_base(value: str) -> str:
 
 
 def render_ipxe(spec: BootSpec) -> str:
-    """iPXE script: SAN-hook the root LUN (so the kernel finds it in the iBFT) and boot the kernel over HTTP."""
+    """iPXE script: SAN-hook the root LUN (so the kernel finds it in the iBFT) and boot the kernel over HTTP.
+
+    Also served over HTTP by `web` at /boot/<uuid>.ipxe."""
     c = _Checked(spec)
     base = _check_http_base(spec.http_base)
     lines = ["#!ipxe", f"set initiator-iqn {c.initiator}"]
     if c.chap is not None:
         lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
+    # The initrd is named, and named on the command line, because a kernel started through its EFI
+    # stub (UEFI iPXE) finds its initrd only that way; under BIOS the extra word is ignored.
     lines += [
         f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}",
-        f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)}",
-        f"initrd {base}/boot/files/{c.initrd}",
+        f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} initrd={IPXE_INITRD_NAME}",
+        f"initrd --name {IPXE_INITRD_NAME} {base}/boot/files/{c.initrd}",
         "boot",
     ]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ def spec(**root_changes: object) -> BootSpec:
 
 
 CMDLINE = (
-    f"console=ttyS0 cello.role=compute ISCSI_INITIATOR={INIT} ISCSI_TARGET_NAME={IQN} "
+    f"console=ttyS0 quiet ISCSI_INITIATOR={INIT} ISCSI_TARGET_NAME={IQN} "
     "ISCSI_TARGET_IP=10.77.0.2 ISCSI_TARGET_PORT=3260 ISCSI_TARGET_GROUP=1 "
     f"netroot=iscsi:10.77.0.2::3260:1:{IQN} rd.iscsi.initiator={INIT} cello.server={UUID} cello.lun=1"
 )
@@ -71,8 +71,8 @@ def test_ipxe() -> None:
         f"kernel http://10.77.0.2:8080/boot/files/templates/tiny/v1/vmlinuz {CMDLINE.replace(':1:', ':26:')}".replace(
             "cello.lun=1", "cello.lun=26"
         )
-        + "\n"
-        "initrd http://10.77.0.2:8080/boot/files/templates/tiny/v1/initrd.img\n"
+        + " initrd=initrd.img\n"
+        "initrd --name initrd.img http://10.77.0.2:8080/boot/files/templates/tiny/v1/initrd.img\n"
         "boot\n"
     )
 
