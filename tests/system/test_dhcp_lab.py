@@ -324,6 +324,10 @@ def test_uefi_pxe_gets_ipxe_efi_then_its_script(lab: Lab) -> None:
     first_efi = files.index((7, "ipxe.efi"))
     assert (7, script) in files[first_efi + 1 :], files
     assert all(e["server"] == UUID for e in offers)
+    # EDK2 makes the :4011 boot server request even though the offer named the file; it was answered
+    # (and the RRQ for ipxe.efi above shows the ACK was taken).
+    acks = [e for e in events if e["reply"] == "ack"]
+    assert acks and acks[0]["file"] == "ipxe.efi" and acks[0]["arch"] == 7 and acks[0]["client"] != "0.0.0.0"
     if os.environ.get("CELLO_CAPTURE_DIR"):
         time.sleep(1)
         shutil.copy(pcap, pathlib.Path(os.environ["CELLO_CAPTURE_DIR"]) / "ovmf-cello.pcap")
