@@ -185,7 +185,7 @@ class BootTree:
         cache_bytes: int = 512 * 1024 * 1024,
         *,
         max_entry_bytes: int | None = None,
-        link_targets: Sequence[Path] = (),
+        link_targets: Sequence[Path] = OS_LINK_TARGETS,
         resolve_ttl: float = RESOLVE_TTL,
     ) -> None:
         self.policy = policy

@@ -10,7 +10,15 @@ import pytest
 
 from bootfiles.render import BUILTIN_PROFILES
 from bootfiles.spec import BootSpec, IscsiRoot
-from bootfiles.tree import BootTree, NotFound, Refused, RenderFailed, pxelinux_config_names, split_name
+from bootfiles.tree import (
+    BootTree,
+    NotFound,
+    Refused,
+    RenderFailed,
+    default_static_roots,
+    pxelinux_config_names,
+    split_name,
+)
 
 UUID = "3f1c0000-0000-4000-8000-000000000001"
 MAC = "52:54:00:77:00:10"
@@ -76,7 +84,7 @@ def policy() -> StorePolicy:
 
 @pytest.fixture
 def tree(layout: dict[str, Path], policy: StorePolicy) -> BootTree:
-    return BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000, resolve_ttl=0)
+    return BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000, resolve_ttl=0, link_targets=())
 
 
 @pytest.mark.parametrize(
@@ -251,3 +259,21 @@ async def test_big_cold_file_served_from_disk_while_it_loads(layout: dict[str, P
         await asyncio.sleep(0.01)
     second = await tree.open("kernel", CLIENT)
     assert second.data == big and tree.cache.misses == 1
+
+
+async def test_debian_loader_folders(policy: StorePolicy) -> None:
+    """The OS folders as installed: pxelinux.0, ldlinux.c32, undionly.kpxe, and Debian's packaged link
+    /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi (allowed as a link target, while /boot is never a root)."""
+    roots = default_static_roots()
+    if not roots:
+        pytest.fail("no OS loader folders: install pxelinux, syslinux-common and ipxe")
+    tree = BootTree(roots, None, policy)
+    for name, path in [
+        ("pxelinux.0", "/usr/lib/PXELINUX/pxelinux.0"),
+        ("ldlinux.c32", "/usr/lib/syslinux/modules/bios/ldlinux.c32"),
+        ("undionly.kpxe", "/usr/lib/ipxe/undionly.kpxe"),
+        ("ipxe.efi", "/usr/lib/ipxe/ipxe.efi"),
+    ]:
+        assert (await tree.open(name, CLIENT)).data == await asyncio.to_thread(Path(path).read_bytes), name
+    with pytest.raises(NotFound):
+        await tree.open("vmlinuz", CLIENT)
