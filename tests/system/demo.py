@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from tests.system.lab import Lab, LabError, require_root
 UUID = "3f1c2b4e-0000-4000-8000-00000000d001"
 MAC = "52:54:00:77:00:d1"
 USER = "demo"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 BOOT_TIMEOUT = 120.0
 
 _print_lock = threading.Lock()
@@ -84,7 +86,7 @@ def tail_console(path: Path, stop: threading.Event) -> None:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                text = raw.decode(errors="replace").strip()
+                text = ANSI.sub("", raw.decode(errors="replace")).strip()
                 if text.startswith(("cello-", "iscsistart: Connection", "iPXE ", "Next server", "Filename")) \
                         or "Linux version" in text:
                     say("node console | " + text[:150])
@@ -114,7 +116,10 @@ def run(profile: str, stay: bool) -> int:
               "--user", USER, "--data-gb", "1", "--wait", "--wait-timeout", "60", timeout=90)
 
         step("power on the node (qemu, TCG, iPXE ROM) — live from `cello events --follow` and its console")
-        events = lab.cli_popen("events", "--follow", "--since", "0", "--server", UUID)
+        # Not filtered by --server: the static loader files (pxelinux.0, ldlinux.c32) belong to no server.
+        assert lab.events is not None
+        since = max((int(e.get("id", 0)) for e in lab.events.snapshot()), default=0)
+        events = lab.cli_popen("events", "--follow", "--since", str(since))
         threading.Thread(target=follow, args=(events, "event | "), daemon=True).start()
         node = lab.node("demo", UUID, MAC)
         time.sleep(0.5)  # the follower is connected before the first DHCP packet

@@ -254,8 +254,15 @@ class Node:
     tap: str
     logs: Path
     firmware: str = "bios"  # bios | uefi
+    # "uefi" boots with the iPXE EFI driver of qemu's NIC ROM; "uefi-pxe" drops that ROM, so OVMF's own PXE
+    # client asks the proxyDHCP and is handed ipxe.efi over TFTP.
+    nic: str = "e1000"
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+
+    @property
+    def nic_rom(self) -> str:
+        return ",romfile=" if self.firmware == "uefi-pxe" else ""
 
     @property
     def serial(self) -> Path:
@@ -270,10 +277,10 @@ class Node:
             "-nodefaults", "-display", "none", "-no-reboot", "-serial", f"file:{self.serial}",
             "-boot", "n", "-uuid", self.uuid, "-name", self.name,
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
-            "-device", f"e1000,netdev=n0,mac={self.mac}",
+            "-device", f"{self.nic},netdev=n0,mac={self.mac}{self.nic_rom}",
             "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
         ]  # fmt: skip
-        if self.firmware == "uefi":
+        if self.firmware in ("uefi", "uefi-pxe"):
             vars_copy = self.logs / f"ovmf-vars-{self.name}.fd"
             shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
             argv += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
@@ -419,7 +426,19 @@ class Lab:
 
     # --- Cello ------------------------------------------------------------------------------------
 
+    def loader_roots(self) -> list[str]:
+        """The OS's loader folders, after one of copies of the loaders Debian installs as symlinks out of
+        them (/usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi), which Cello's TFTP rightly refuses to follow."""
+        own = self.workdir / "loaders"
+        own.mkdir(exist_ok=True)
+        for loader in (Path("/usr/lib/ipxe/ipxe.efi"), Path("/usr/lib/ipxe/snponly.efi")):
+            if loader.is_symlink() and loader.exists():
+                shutil.copyfile(loader.resolve(), own / loader.name)
+        dirs = ["/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios", "/usr/lib/ipxe"]
+        return [str(own), *(d for d in dirs if Path(d).is_dir())]
+
     def cello_config(self) -> str:
+        roots = ", ".join(f'"{r}"' for r in self.loader_roots())
         return (
             "[appliance]\n"
             f'state_dir = "{self.state_dir}"\n'
@@ -429,6 +448,7 @@ class Lab:
             f'admin_token = "{ADMIN_TOKEN}"\n'
             "[tftp]\n"
             'listen = "0.0.0.0:69"\n'
+            f"roots = [{roots}]\n"
             "[dhcp]\n"
             'listen = "0.0.0.0"\n'
             f'interface = "{VETH_CELLO}"\n'
@@ -512,10 +532,10 @@ class Lab:
 
     # --- nodes --------------------------------------------------------------------------------------
 
-    def node(self, name: str, uuid: str, mac: str, *, firmware: str = "bios") -> Node:
+    def node(self, name: str, uuid: str, mac: str, *, firmware: str = "bios", nic: str = "e1000") -> Node:
         if not self._free_taps:
             raise LabError(f"no free tap for node {name} (the lab has {TAPS})")
-        node = Node(name, uuid, mac, self._free_taps.pop(0), self.logs, firmware)
+        node = Node(name, uuid, mac, self._free_taps.pop(0), self.logs, firmware, nic)
         self.nodes.append(node)
         return node
 
