@@ -48,8 +48,10 @@ __all__ = [
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-# Sparse volumes: the size is a ceiling, not an allocation. The tiny root needs a few MiB.
-DEFAULT_SIZES = {"tiny": 256 * MiB, "debian": 4 * GiB, "tar": 2 * GiB}
+# DESIGN.md: template volumes are 100G sparse by default — the size is a ceiling, not an allocation.
+# mkfs runs with lazy inode-table init (the template stays a few MiB) and the nodes mount with
+# noinit_itable, so no clone's kernel zeroes gigabytes of inode tables into its own volume.
+DEFAULT_SIZE = 100 * GiB
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 
@@ -93,10 +95,10 @@ async def next_version(backend: VolumeBackend, os_name: str) -> str:
     return f"v{max(numbers, default=0) + 1}"
 
 
-def default_size(source: TemplateSource, rootdir_bytes: int = 0) -> int:
-    """The default volume size for a source, at least twice what the root tree holds plus headroom."""
+def default_size(rootdir_bytes: int = 0) -> int:
+    """The default template volume size: 100G, or twice what the root tree holds plus headroom."""
     wanted = 2 * rootdir_bytes + 256 * MiB
-    return max(DEFAULT_SIZES[source.kind], -(-wanted // MiB) * MiB)
+    return max(DEFAULT_SIZE, -(-wanted // MiB) * MiB)
 
 
 def boot_dir(files_root: Path, os_name: str, version: str) -> Path:
@@ -192,7 +194,7 @@ async def build_template(
         existing = {v.name: v for v in await backend.list()}
         created = volume not in existing
         if created:
-            want = size or default_size(parsed, await asyncio.to_thread(tree_size, rootdir))
+            want = size or default_size(await asyncio.to_thread(tree_size, rootdir))
             progress(f"volume: creating {volume} ({want // MiB} MiB, sparse)")
             info = await backend.create_template(os_name, want)
             undo.append((f"volume {volume}", lambda: backend.destroy(volume)))

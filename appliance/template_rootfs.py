@@ -191,7 +191,8 @@ def _configure_debian(rootdir: Path, scripts: Path) -> None:
         f.write("".join(m + "\n" for m in DEBIAN_INITRAMFS_MODULES))
     (etc / "initramfs-tools/conf.d").mkdir(parents=True, exist_ok=True)
     (etc / "initramfs-tools/conf.d/cello").write_text(f"ROOT=LABEL={ROOT_LABEL}\n")
-    (etc / "fstab").write_text(f"LABEL={ROOT_LABEL} / ext4 defaults,_netdev 0 1\n")
+    # noinit_itable: see template_build (lazy inode tables must not be zeroed into each clone).
+    (etc / "fstab").write_text(f"LABEL={ROOT_LABEL} / ext4 defaults,_netdev,noinit_itable 0 1\n")
     (etc / "hostname").write_text("cello-node\n")
     sbin = rootdir / "usr/local/sbin"
     sbin.mkdir(parents=True, exist_ok=True)
@@ -213,10 +214,14 @@ async def make_debian(rootdir: Path, source: TemplateSource, ctx: RootfsContext)
     if mirror is None:
         mirror = await asyncio.to_thread(host_debian_mirror)
     ctx.progress(f"rootfs: debootstrap {source.suite} (minbase + kernel + open-iscsi); this takes minutes")
+    # The .debs are kept beside the scratch folders (in the build workdir) so a rebuild downloads less.
+    cache = ctx.scratch.parent / "debootstrap-cache"
+    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
     await run(
         [
             "debootstrap",
             "--variant=minbase",
+            f"--cache-dir={cache.resolve()}",
             "--include=" + ",".join(DEBIAN_PACKAGES),
             source.suite,
             str(rootdir),

@@ -58,6 +58,9 @@ async def test_tiny_builds_v1_with_marker_init_and_boot_files(lab: dict[str, Pat
     build = await build_template(backend, "tiny", None, "tiny", lab["files"], lab["work"], lines.append)
 
     assert (build.version, build.snapshot, build.created_volume) == ("v1", "tiny-template@v1", True)
+    assert build.size == 100 * 1024**3  # DESIGN.md's default, and sparse: only a few MiB really used
+    (template,) = [v for v in await backend.list() if v.name == "tiny-template"]
+    assert template.size == build.size and template.used < 64 * 1024 * 1024
     assert build.kernel == "templates/tiny/v1/vmlinuz" and build.initrd == "templates/tiny/v1/initrd.img"
     assert "tiny-template@v1" in await backend.snapshots()
     image = backend.path("tiny-template")

@@ -212,6 +212,9 @@ async def test_tiny_template_boots_from_its_iscsi_clone(daemons: Daemons, built:
     assert debugfs_cat(clone_a.path, "/cello-booted") == f"uuid={UUID_A}\nboots=1\n"
     assert debugfs_cat(backend.path("tiny-template"), "/cello-booted") == ""
     assert debugfs_cat(clone_b.path, "/cello-booted") == ""
+    # Sparse stays sparse: the booted 100G clone holds only what the node wrote (no inode-table zeroing).
+    (booted,) = [v for v in await backend.list() if v.name == f"tiny-OS-{UUID_A}"]
+    assert booted.size == 100 * 1024**3 and booted.used < 64 * 1024 * 1024, booted
 
 
 def _read(path: Path) -> str:

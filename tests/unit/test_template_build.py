@@ -102,9 +102,9 @@ def test_names_and_sizes() -> None:
     for os_name, version in (("Tiny", "v1"), ("a/b", "v1"), ("tiny", "1"), ("tiny", "v0"), ("tiny", "v1;x")):
         with pytest.raises(TemplateBuildError):
             validate_names(os_name, version)
-    assert default_size(TemplateSource("tiny")) == 256 * 1024 * 1024
-    big = default_size(TemplateSource("tar", Path("/x")), 3 * 1024**3 + 5)
-    assert big >= 6 * 1024**3 and big % (1024 * 1024) == 0
+    assert default_size() == 100 * 1024**3  # DESIGN.md: 100G sparse templates
+    big = default_size(60 * 1024**3 + 5)
+    assert big >= 120 * 1024**3 and big % (1024 * 1024) == 0
 
 
 # --- newc cpio codec ---------------------------------------------------------------------------------
