@@ -131,6 +131,7 @@ def check_boot_path(events: list[dict[str, Any]], node: Node, since: int, profil
     ip = node_address(node)
     from_node: Callable[[dict[str, Any]], bool] = lambda e: str(e.get("client", "")).split(":")[0] == ip  # noqa: E731
     steps: list[str] = []
+    done: tuple[str, object]
     at = first(events, since, f"dhcp offer to {node.mac}",
                lambda e: e["kind"] == "dhcp" and e.get("mac") == node.mac and e.get("reply") == "offer"
                and e.get("server") == node.uuid)
@@ -145,7 +146,7 @@ def check_boot_path(events: list[dict[str, Any]], node: Node, since: int, profil
                    and str(e.get("file")).startswith("pxelinux.cfg/") and e.get("server") == node.uuid
                    and e.get("outcome") == "ok")
         steps.append(f"{at} tftp {next(e['file'] for e in events if e.get('id') == at)} (per-node config)")
-        kind, ok = "tftp", (lambda e: e.get("outcome") == "ok")
+        kind, done = "tftp", ("outcome", "ok")
     else:
         offer = next(e for e in events if e.get("id") == at)
         if str(offer.get("file")).endswith(f"/boot/{node.uuid}.ipxe"):
@@ -159,12 +160,12 @@ def check_boot_path(events: list[dict[str, Any]], node: Node, since: int, profil
                    and node.uuid in str(e.get("file")) and str(e.get("file")).endswith(".ipxe")
                    and e.get("status") == 200)
         steps.append(f"{at} http /boot/<uuid>.ipxe (per-node script)")
-        kind, ok = "http", (lambda e: e.get("status") == 200)
+        kind, done = "http", ("status", 200)
     at = first(events, at, f"{kind} kernel", lambda e: e["kind"] == kind and from_node(e)
-               and str(e.get("file")).endswith("vmlinuz") and ok(e))
+               and str(e.get("file")).endswith("vmlinuz") and e.get(done[0]) == done[1])
     steps.append(f"{at} {kind} kernel")
     at = first(events, at, f"{kind} initrd", lambda e: e["kind"] == kind and from_node(e)
-               and "initrd" in str(e.get("file")) and ok(e))
+               and "initrd" in str(e.get("file")) and e.get(done[0]) == done[1])
     steps.append(f"{at} {kind} initrd")
     return steps
 
