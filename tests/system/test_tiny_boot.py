@@ -1,8 +1,11 @@
 """The tiny template really boots: qemu (TCG) → Cello's initramfs → DHCP (dnsmasq) → iSCSI login (tgtd)
 → the node's own clone as root → `cello-root-ok <uuid>` on the serial console.
 
+Also: CHAP + the OS LUN behind a data LUN, a failed login's report, the iBFT path (iPXE `sanhook`, no
+ISCSI_* keys), and the `debian` template booting with Debian's own initramfs (minutes: debootstrap).
+
 Topology, all inside network namespace `imgt-boot` (removed afterwards):
-    imbr0 10.79.0.1/24  — dnsmasq as the site DHCP, tgtd portal 10.79.0.1:3260
+    imbr0 10.79.0.1/24  — dnsmasq as the site DHCP (+ TFTP for iPXE), tgtd portal 10.79.0.1:3260
     imtap0 on imbr0     — the VM's NIC (e1000)
 Logs (serial, dnsmasq, tgtd) are kept in the pytest tmp folder and printed on failure.
 """
@@ -86,10 +89,13 @@ class Daemons:
 def daemons(netns: None, tmp_path: Path) -> Iterator[Daemons]:
     logs = tmp_path / "logs"
     logs.mkdir()
+    tftp_root = tmp_path / "files"  # the boot tree the `built` fixture fills (for the iPXE/iBFT test)
+    tftp_root.mkdir(exist_ok=True)
     conf = logs / "dnsmasq.conf"
     conf.write_text(
         "port=0\n"
         f"interface={BRIDGE}\nbind-interfaces\nno-resolv\nno-hosts\n"
+        f"enable-tftp\ntftp-root={tftp_root}\n"
         "dhcp-range=10.79.0.100,10.79.0.150,255.255.255.0,1h\n"
         f"dhcp-leasefile={logs}/dnsmasq.leases\nlog-dhcp\nlog-facility={logs}/dnsmasq.log\n"
     )
@@ -136,13 +142,14 @@ def kernel_cmdline(uuid: str, lun: int, chap: tuple[str, str] | None = None) -> 
 
 async def boot_until_marker(
     kernel: Path, initrd: Path, uuid: str, serial: Path, *, bound: float = BOOT_TIMEOUT, memory: int = 512,
-    lun: int = 1, chap: tuple[str, str] | None = None,
+    lun: int = 1, chap: tuple[str, str] | None = None, cmdline: str | None = None,
 ) -> tuple[bool, float]:
     """Run the VM until it powers off (or the bound passes); True when the marker was printed."""
+    append = kernel_cmdline(uuid, lun, chap) if cmdline is None else cmdline
     argv = [
         "ip", "netns", "exec", NS, "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory), "-nodefaults",
         "-display", "none", "-no-reboot", "-serial", f"file:{serial}", "-uuid", uuid,
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", kernel_cmdline(uuid, lun, chap),
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
         "-device", "e1000,netdev=n0,mac=52:54:00:79:00:10",
     ]  # fmt: skip
@@ -262,6 +269,39 @@ async def test_tiny_initramfs_reports_a_failed_login(daemons: Daemons, built: Bu
     assert not ok
     assert "cello-initramfs-failed iscsi-login" in text, text[-3000:]
     assert took < BOOT_TIMEOUT  # it powered off by itself (cello.poweroff) rather than hanging
+
+
+def ipxe_lkrn() -> Path:
+    path = Path("/usr/lib/ipxe/ipxe.lkrn")
+    assert path.exists(), "the ipxe package is not installed"
+    return path
+
+
+async def test_tiny_initramfs_logs_in_from_the_ibft_of_ipxe_sanhook(
+    daemons: Daemons, built: Built, tmp_path: Path
+) -> None:
+    """No ISCSI_* keys on the command line: iPXE's `sanhook` leaves an iBFT, `iscsistart -b` uses it."""
+    lkrn = ipxe_lkrn()
+    backend, build = built.backend, built.build
+    clone = await backend.clone_os("tiny", build.version, UUID_A)
+    export_lun1(daemons, UUID_A, clone.path)
+    iqn = f"{IQN_PREFIX}:{UUID_A}"
+    script = tmp_path / "boot.ipxe"
+    script.write_text(
+        "#!ipxe\n"
+        "dhcp\n"
+        f"set initiator-iqn {IQN_PREFIX}:node-{UUID_A}\n"
+        f"sanhook --drive 0x80 iscsi:{HOST_IP}::3260:1:{iqn}\n"
+        f"kernel tftp://{HOST_IP}/{build.kernel} console=ttyS0 cello.server={UUID_A} cello.lun=1 "
+        "cello.poweroff panic=-1\n"
+        f"initrd tftp://{HOST_IP}/{build.initrd}\n"
+        "boot\n"
+    )
+    serial = daemons.logs / "serial-ibft.log"
+    ok, took = await boot_until_marker(lkrn, script, UUID_A, serial, cmdline="", bound=120)
+    assert ok, boot_failure(UUID_A, took, daemons, serial)
+    assert "cello-initramfs: iSCSI login from the iBFT" in _read(serial)
+    assert debugfs_cat(clone.path, "/cello-booted") == f"uuid={UUID_A}\nboots=1\n"
 
 
 def debian_archive_reachable() -> tuple[bool, str]:
