@@ -44,6 +44,7 @@ __all__ = [
     "default_size",
     "next_version",
     "parse_source",
+    "validate_source",
 ]
 
 MiB = 1024 * 1024
@@ -71,6 +72,11 @@ class TemplateBuild:
     kernel: str  # relative to files_root, e.g. "templates/tiny/v1/vmlinuz"
     initrd: str  # relative to files_root, e.g. "templates/tiny/v1/initrd.img"
     created_volume: bool  # this build made the template volume (first version)
+
+
+async def validate_source(source: str, host: HostPaths | None = None) -> TemplateSource:
+    """check_source off the event loop: for the API to refuse a bad source (400) before starting a build."""
+    return await asyncio.to_thread(check_source, source, host)
 
 
 def template_volume(os_name: str) -> str:
@@ -166,7 +172,7 @@ async def build_template(
     when a step fails; in both cases no part of the new version is left (see the module docstring).
     """
     host = host or HostPaths()
-    parsed = await asyncio.to_thread(check_source, source, host)
+    parsed = await validate_source(source, host)
     version = version or await next_version(backend, os_name)
     validate_names(os_name, version)
     volume = template_volume(os_name)

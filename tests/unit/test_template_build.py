@@ -93,8 +93,12 @@ def test_check_source_wants_a_static_busybox() -> None:
         check_source("tiny", dynamic)
 
 
-def test_check_source_passes_on_this_host() -> None:
-    assert check_source("tiny") == TemplateSource("tiny")
+async def test_check_source_passes_on_this_host() -> None:
+    from appliance.template_build import validate_source
+
+    assert await validate_source("tiny") == TemplateSource("tiny")
+    with pytest.raises(TemplateSourceError, match="unknown template source"):
+        await validate_source("windows")
 
 
 def test_names_and_sizes() -> None:
