@@ -35,14 +35,6 @@ log = logging.getLogger("cello")
 
 VERSION = "0.1.0"
 
-# Where Debian and FreeBSD put loader files; the first that exist are the TFTP's static roots.
-DEFAULT_LOADER_DIRS = (
-    "/usr/lib/PXELINUX",
-    "/usr/lib/syslinux/modules/bios",
-    "/usr/lib/ipxe",
-    "/usr/local/share/syslinux",
-    "/usr/local/share/ipxe",
-)
 
 
 class StartError(RuntimeError):
@@ -203,11 +195,11 @@ class Appliance:
 
     def _make_tftp(self) -> Service:
         from bootfiles.tftp_server import TftpServer
-        from bootfiles.tree import BootTree
+        from bootfiles.tree import BootTree, default_static_roots
 
         assert self.policy is not None
         cfg = self.config.tftp
-        roots = [Path(r) for r in cfg.roots] or [Path(d) for d in DEFAULT_LOADER_DIRS if Path(d).is_dir()]
+        roots = [Path(r) for r in cfg.roots] or default_static_roots()
         tree = BootTree(roots, self.files_root, self.policy)
         host, port = split_host_port(cfg.listen)
         return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,

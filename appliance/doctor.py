@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.app import DEFAULT_LOADER_DIRS
 from appliance.config import Config, split_host_port
+from bootfiles.tree import OS_LOADER_ROOTS
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def checks(config: Config) -> list[Check]:
     if config.tftp.enabled:
         host, port = split_host_port(config.tftp.listen)
         out.append(_port_check("tftp", socket.SOCK_DGRAM, host, port, True))
-        roots = [Path(r) for r in config.tftp.roots] or [Path(d) for d in DEFAULT_LOADER_DIRS]
+        roots = [Path(r) for r in config.tftp.roots] or list(OS_LOADER_ROOTS)
         syslinux = "syslinux" if freebsd else "pxelinux and syslinux-common"
         out.append(_loader("pxelinux.0", roots, syslinux, True))
         out.append(_loader("ldlinux.c32", roots, syslinux, True))

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance", "doctor", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_doctor_names_each_missing_piece_with_its_fix(tmp_path: Path) -> None:
+    (tmp_path / "loaders").mkdir()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[tftp]\nlisten = "127.0.0.1:{port}"\nroots = ["{tmp_path / "loaders"}"]\n'
+                       '[dhcp]\nenabled = false\n[iscsi]\ndriver = "ctld"\n')
+        r = _doctor(cfg)
+    assert r.returncode == 1, r.stdout
+    rows = {tuple(line.split()[:2]): line for line in r.stdout.splitlines()}
+    assert "MISSING" in rows[("tftp", "pxelinux.0")] and "install pxelinux" in rows[("tftp", "pxelinux.0")]
+    assert "MISSING" in rows[("tftp", "udp")] and "Address already in use" in rows[("tftp", "udp")]
+    assert "MISSING" in rows[("export", "ctladm")]  # ctld was asked for, and this is Linux
+    assert not any(k[0] == "dhcp" for k in rows)  # a disabled service needs nothing
+    assert r.stdout.strip().endswith("needed piece(s) missing")
+
+
+def test_doctor_passes_when_everything_needed_is_there(tmp_path: Path) -> None:
+    loaders = tmp_path / "loaders"
+    loaders.mkdir()
+    for name in ("pxelinux.0", "ldlinux.c32"):
+        (loaders / name).write_bytes(b"x")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[tftp]\nlisten = "127.0.0.1:0"\nroots = ["{loaders}"]\n[api]\nlisten = "127.0.0.1:0"\n'
+                   '[dhcp]\nenabled = false\n[iscsi]\ndriver = "none"\n')
+    r = _doctor(cfg)
+    assert r.returncode == 0, r.stdout
+    assert "all needed pieces are there" in r.stdout
