@@ -27,6 +27,7 @@ import os
 import re
 import stat
 import time
+import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,11 @@ OS_LINK_TARGETS: tuple[Path, ...] = (Path("/boot"),)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAC_NAME = re.compile(r"01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})")
 _IP_HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
+
+
+def pxelinux_uuid_to_smbios(text: str) -> str:
+    """Swap the first three UUID fields' byte order (the swap is its own inverse)."""
+    return str(uuidlib.UUID(bytes=uuidlib.UUID(text).bytes_le))
 
 
 def default_static_roots() -> list[Path]:
@@ -238,6 +244,10 @@ class BootTree:
 
     def _render(self, kind: _Kind, uuid: str | None, mac: str | None) -> OpenedFile:
         spec: BootSpec | None = self.policy.boot_spec(uuid=uuid, mac=mac)
+        if spec is None and kind == "pxelinux" and uuid is not None:
+            # pxelinux prints option 97's bytes in wire order: its pxelinux.cfg/<uuid> is the SMBIOS UUID
+            # with the first three fields byte-swapped (seen with qemu's ROM). Answer that name too.
+            spec = self.policy.boot_spec(uuid=pxelinux_uuid_to_smbios(uuid), mac=mac)
         if spec is None:
             raise NotFound(f"no boot spec for uuid={uuid} mac={mac}")
         try:

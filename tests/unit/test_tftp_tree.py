@@ -162,6 +162,17 @@ async def test_rendered_by_uuid_mac_and_prefix(tree: BootTree, policy: StorePoli
     assert policy.calls == [(UUID, None), (None, MAC), (UUID, None)]
 
 
+async def test_pxelinux_byte_swapped_uuid_finds_the_server(tree: BootTree, policy: StorePolicy) -> None:
+    # pxelinux 6.04 names its config after option 97's wire bytes: the SMBIOS UUID's first three
+    # fields byte-swapped (captured from qemu's ROM in tests/system/test_dhcp_lab.py).
+    smbios = "3f1c2a4b-5d6e-4f70-8192-a3b4c5d6e7f8"
+    policy.by_uuid[smbios] = make_spec(smbios)
+    f = await tree.open("pxelinux.cfg/4b2a1c3f-6e5d-704f-8192-a3b4c5d6e7f8", CLIENT)
+    assert f.server_uuid == smbios
+    with pytest.raises(NotFound):  # grub and iPXE print the UUID as SMBIOS does: no swapped lookup
+        await tree.open("grub/grub.cfg-4b2a1c3f-6e5d-704f-8192-a3b4c5d6e7f8", CLIENT)
+
+
 async def test_prefix_reaches_static_files(tree: BootTree) -> None:
     f = await tree.open(f"{UUID}/ldlinux.c32", CLIENT)
     assert f.data == b"LDL" and f.server_uuid == UUID
