@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import socket
@@ -252,6 +253,10 @@ class Appliance:
         for line in report.problems:
             log.warning("reconcile: %s", line)
         await self.policy.refresh()
+        # The boot index and everything loaded so far live for the process: moving them out of the
+        # collector's generations keeps full collections from stalling DHCP replies in a boot storm.
+        gc.collect()
+        gc.freeze()
 
     async def _ensure_admin_token(self) -> None:
         # Only once everything is bound: a failed start must not consume the one-time token.

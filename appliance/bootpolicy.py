@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from appliance.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
 from bootfiles.spec import BootSpec, IscsiRoot, Profile
@@ -22,6 +22,7 @@ log = logging.getLogger("cello.boot")
 class BootIndex:
     by_uuid: Mapping[str, BootSpec]
     by_mac: Mapping[str, BootSpec]
+    names: Mapping[str, str] = field(default_factory=dict)  # hostname -> IPv4, for the DNS responder
 
 
 def build_index(
@@ -41,6 +42,8 @@ def build_index(
     os_volume = {v.server: v for v in volumes if v.kind == "os" and v.state == "available"}
     by_uuid: dict[str, BootSpec] = {}
     by_mac: dict[str, BootSpec] = {}
+    names = {s.hostname: s.address for s in servers
+             if s.hostname and s.address and s.state in ("available", "exporting")}
     for s in servers:
         tv = files.get((s.template, s.version))
         vol = os_volume.get(s.uuid)
@@ -63,7 +66,7 @@ def build_index(
         by_uuid[s.uuid] = spec
         for mac in s.macs:
             by_mac[mac] = spec
-    return BootIndex(by_uuid, by_mac)
+    return BootIndex(by_uuid, by_mac, names)
 
 
 class ApplianceBootPolicy:
@@ -103,9 +106,9 @@ class ApplianceBootPolicy:
         # server record there is no root disk to render a config for.
         return None
 
-    def names(self) -> dict[str, str]:
+    def names(self) -> Mapping[str, str]:
         """hostname -> address, for the DNS responder."""
-        return {}
+        return self.index.names
 
     async def refresh(self) -> None:
         servers, volumes, versions = await self._store.call(_read_all, self._store.sync)

@@ -35,6 +35,13 @@ def test_index_uses_the_lun_the_driver_really_used_and_falls_back_to_its_rule() 
     assert idx.by_uuid[U2].root.lun == 1  # type: ignore[attr-defined]  # not in the export state: tgt's rule
 
 
+def test_dns_names_come_from_servers_with_a_name_and_an_address() -> None:
+    named = _server(U1)
+    named = ServerRow(**{**named.__dict__, "address": "10.77.0.101"})
+    idx = _index([named, _server(U2)], None)
+    assert idx.names == {"n1": "10.77.0.101"}  # type: ignore[attr-defined]
+
+
 def test_only_available_servers_boot() -> None:
     idx = _index([_server(U1, state="creating"), _server(U2, state="error")], None)
     assert idx.by_uuid == {}  # type: ignore[attr-defined]
