@@ -13,6 +13,7 @@ Logs (serial, dnsmasq, tgtd) are kept in the pytest tmp folder and printed on fa
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import subprocess
@@ -32,10 +33,11 @@ from tests.integration.test_template_build import debugfs_cat, debugfs_write, ma
 
 pytestmark = pytest.mark.system
 
-NS = "imgt-boot"
+# Per process: two runs of this suite at once (a developer's and CI's) must not share a namespace or tgtd.
+NS = f"imgt-boot-{os.getpid()}"
 BRIDGE, TAP = "imbr0", "imtap0"
 HOST_IP = "10.79.0.1"
-TGT_CONTROL_PORT = 50
+TGT_CONTROL_PORTS = range(50, 55)  # this area's tgtd control ports; the first free one is used
 IQN_PREFIX = "iqn.2026-11.io.cello"
 UUID_A = "7d3a1f52-9c0e-4b8a-a2f1-0000000000a1"
 UUID_B = "7d3a1f52-9c0e-4b8a-a2f1-0000000000b2"
@@ -80,9 +82,50 @@ def netns() -> Iterator[None]:
 class Daemons:
     logs: Path
     procs: list[subprocess.Popen[bytes]]
+    tgt_port: int
 
     def tgtadm(self, *args: str) -> str:
-        return _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", *args).stdout
+        return _sh("tgtadm", "-C", str(self.tgt_port), "--lld", "iscsi", *args).stdout
+
+
+def _tgtd_port_held(port: int) -> bool:
+    """Whether a running tgtd holds this control port (tgtd keeps a lockf lock on socket.N.lock)."""
+    path = Path(f"/var/run/tgtd/socket.{port}.lock")
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1)
+    except OSError:
+        return True
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _start_tgtd(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """tgtd in the namespace on the first control port of this area that no other tgtd holds."""
+    for port in TGT_CONTROL_PORTS:
+        if _tgtd_port_held(port):
+            continue
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", NS, "tgtd", "-f", "-C", str(port),
+                                     "--iscsi", f"portal={HOST_IP}:3260"], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            show = _sh("tgtadm", "-C", str(port), "--op", "show", "--mode", "target", check=False)
+            if show.returncode == 0:
+                time.sleep(0.3)
+                if proc.poll() is None:  # still alive: it holds the port's lock, so tgtadm talked to it
+                    return proc, port
+                break
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    raise AssertionError(f"no free tgtd control port in {list(TGT_CONTROL_PORTS)}: " + _read(log))
 
 
 @pytest.fixture
@@ -104,20 +147,15 @@ def daemons(netns: None, tmp_path: Path) -> Iterator[Daemons]:
         procs.append(subprocess.Popen(
             ["ip", "netns", "exec", NS, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
              f"--pid-file={logs}/dnsmasq.pid", "--user=root"], stdout=tgt_log, stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", NS, "tgtd", "-f", "-C", str(TGT_CONTROL_PORT),
-             "--iscsi", f"portal={HOST_IP}:3260"], stdout=tgt_log, stderr=subprocess.STDOUT))
-    d = Daemons(logs, procs)
-    deadline = time.monotonic() + 10
-    while _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--op", "show", "--mode", "sys", check=False).returncode:
-        assert time.monotonic() < deadline, "tgtd did not start: " + (logs / "tgtd.log").read_text()
-        time.sleep(0.2)
+    tgtd, port = _start_tgtd(logs / "tgtd.log")
+    procs.append(tgtd)
+    d = Daemons(logs, procs, port)
     try:
         yield d
     finally:
-        _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", "--op", "delete", "--force",
+        _sh("tgtadm", "-C", str(port), "--lld", "iscsi", "--op", "delete", "--force",
             "--mode", "target", "--tid", "1", check=False)
-        _sh("tgtadm", "-C", str(TGT_CONTROL_PORT), "--op", "delete", "--mode", "system", check=False)
+        _sh("tgtadm", "-C", str(port), "--op", "delete", "--mode", "system", check=False)
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
