@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import http.client
 import json
 import os
@@ -33,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -53,6 +54,7 @@ TAPS = 4  # ctap0..ctap3: A, B + C in parallel, the unknown node
 API = f"http://{CELLO_IP}:{API_PORT}"
 
 CLONE_NEWNET = 0x40000000
+LOCK_PATH = "/run/lock/cello-e2e-lab.lock"
 
 
 class LabError(RuntimeError):
@@ -342,6 +344,7 @@ class Lab:
     nodes: list[Node] = field(default_factory=list)
     _free_taps: list[str] = field(default_factory=list)
     _pool: ThreadPoolExecutor | None = None
+    _lock: IO[str] | None = None
 
     @property
     def logs(self) -> Path:
@@ -414,10 +417,28 @@ class Lab:
         if self.dnsmasq.poll() is not None:
             raise LabError(f"dnsmasq exited at start: {(self.logs / 'dnsmasq.stderr').read_text()}")
 
-    def up(self) -> None:
+    def _take_lock(self, timeout: float) -> None:
+        """One lab at a time on this host: its names are fixed, and building one removes the leftovers of
+        another. The kernel drops the lock when its holder dies, so leftovers found under it are a crash's."""
+        self._lock = open(LOCK_PATH, "w")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._lock.close()
+                    self._lock = None
+                    raise LabError(f"another Cello lab (system tests or `make demo`) holds {LOCK_PATH} "
+                                   f"for more than {timeout:.0f} s") from None
+                time.sleep(1)
+
+    def up(self, lock_timeout: float = 600) -> None:
         """Network + site DHCP. Cello comes next with start_cello()."""
         require_root()
         self.logs.mkdir(parents=True, exist_ok=True)
+        self._take_lock(lock_timeout)
         self.remove_leftovers()
         self._network()
         self._site_dhcp()
@@ -567,7 +588,10 @@ class Lab:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-        self.remove_leftovers()
+        if self._lock is not None:
+            self.remove_leftovers()
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def log_tail(self, limit: int = 2500) -> str:
         """The end of every log, for a failure message."""

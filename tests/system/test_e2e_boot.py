@@ -307,30 +307,23 @@ def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
         cli_ok(lab, "service", "enable", "dhcp")
 
 
-def test_uefi_node_gets_ipxe_efi_then_its_script_kernel_and_initrd(lab: Lab) -> None:
+def test_uefi_node_boots_through_ipxe_efi_from_its_own_clone(lab: Lab) -> None:
     """OVMF's own PXE client (no iPXE ROM on the NIC): proxyDHCP offer for arch 7 → port 4011 ack → ipxe.efi
-    over TFTP → iPXE asks again and gets its per-node script → kernel + initrd over HTTP.
-
-    It stops short of the marker: on EFI the kernel's stub finds the initrd only when the script names it
-    (`initrd --name initrd.img …` plus `initrd=initrd.img` on the kernel line), which bootfiles/render.py's
-    iPXE script does not do yet — the kernel panics with "Unable to mount root fs". With those two words
-    added the same node reaches `cello-root-ok` (checked by hand, ~35 s); then this test should wait for it.
-    """
+    over TFTP → iPXE asks again and gets its per-node script → kernel + initrd over HTTP (the script names
+    the initrd, which the EFI stub needs) → iSCSI root → the marker."""
     need("a")
     create_server(lab, UEFI, "ipxe")
     node = lab.node(*UEFI, firmware="uefi-pxe", nic="virtio-net-pci")
     since = last_event_id(lab)
-    node.power_on()
-    assert lab.events is not None
     try:
-        lab.events.wait_for(lambda e: e.get("id", 0) > since and e["kind"] == "http" and e.get("server") == UEFI[1]
-                            and "initrd" in str(e.get("file")) and e.get("status") == 200, BOOT_TIMEOUT,
-                            "http initrd for the UEFI node")
-        node.wait_console("Linux version", 30)
+        took = boot(lab, node)
+        check_logged_in(lab, UEFI[1])
     except LabError as e:
         fail_with_logs(lab, str(e))
     finally:
         lab.release(node)
+    print(f"\nUEFI: power-on → root in {took:.1f} s")
+    assert lab.events is not None
     events = lab.events.snapshot()
     at = first(events, since, "dhcp offer ipxe.efi (arch 7)", lambda e: e["kind"] == "dhcp"
                and e.get("mac") == UEFI[2] and e.get("arch") == 7 and e.get("file") == "ipxe.efi"
