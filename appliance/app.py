@@ -194,14 +194,18 @@ class Appliance:
 
         return sink
 
+    def loader_roots(self) -> list[Path]:
+        from bootfiles.tree import default_static_roots
+
+        return [Path(r) for r in self.config.tftp.roots] or default_static_roots()
+
     def _make_tftp(self) -> Service:
         from bootfiles.tftp_server import TftpServer
-        from bootfiles.tree import BootTree, default_static_roots
+        from bootfiles.tree import BootTree
 
         assert self.policy is not None
         cfg = self.config.tftp
-        roots = [Path(r) for r in cfg.roots] or default_static_roots()
-        tree = BootTree(roots, self.files_root, self.policy)
+        tree = BootTree(self.loader_roots(), self.files_root, self.policy)
         host, port = split_host_port(cfg.listen)
         return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,
                           max_transfers=cfg.max_transfers, events=self._event_sink(),
@@ -359,7 +363,8 @@ class _WebService:
         a = self.appliance
         assert a.provisioner and a.store and a.events and a.policy and a.backend
         app = create_app(WebDeps(provisioner=a.provisioner, store=a.store, events=a.events, policy=a.policy,
-                                 files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION))
+                                 files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION,
+                                 loader_roots=a.loader_roots()))
         host, port = split_host_port(a.config.api.listen)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()

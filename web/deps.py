@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +27,4 @@ class WebDeps:
     version: str
     client_max_size: int = 1 << 20  # request bodies above this get 413
     sse_heartbeat: float = 15.0  # seconds between keep-alive comments on /events
+    loader_roots: Sequence[Path] = ()  # static loader folders, also under /boot/files/ (UEFI HTTP boot)

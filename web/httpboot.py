@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from bootfiles.render import RenderError, render_ipxe
+from bootfiles.tree import OS_LINK_TARGETS
 from web.errors import ApiError
 from web.keys import BOOT_CLIENTS, DEPS, METRICS
 from web.routes import Param, Route
@@ -60,8 +61,9 @@ async def ipxe_script(request: web.Request) -> web.StreamResponse:
                         headers={"Cache-Control": "no-store"})
 
 
-def resolve_inside(root: Path, rel: str) -> Path | None:
-    """The regular file `rel` names inside `root`, or None when it would leave the root or is no file."""
+def resolve_inside(root: Path, rel: str, link_targets: Sequence[Path] = ()) -> Path | None:
+    """The regular file `rel` names inside `root`, or None when it would leave the root or is no file.
+    A packaged link may lead into one of `link_targets` (Debian's ipxe.efi → /boot/ipxe.efi)."""
     if not rel or len(rel) > MAX_PATH or "\0" in rel or "\\" in rel or rel.startswith("/"):
         return None
     parts = rel.split("/")
@@ -69,9 +71,21 @@ def resolve_inside(root: Path, rel: str) -> Path | None:
         return None
     real_root = Path(os.path.realpath(root))
     target = Path(os.path.realpath(real_root / rel))
-    if not target.is_relative_to(real_root) or not target.is_file():
+    allowed = [real_root, *(Path(os.path.realpath(t)) for t in link_targets)]
+    if not any(target.is_relative_to(a) for a in allowed) or not target.is_file():
         return None
     return target
+
+
+def resolve_boot_file(files_root: Path, loader_roots: Sequence[Path], rel: str) -> Path | None:
+    """Kernels and initrds from the boot files root first, then loader files (ipxe.efi for UEFI HTTP
+    boot) from the static loader folders the TFTP server serves too."""
+    found = resolve_inside(files_root, rel)
+    for root in loader_roots:
+        if found is not None:
+            break
+        found = resolve_inside(root, rel, OS_LINK_TARGETS)
+    return found
 
 
 async def boot_file(request: web.Request) -> web.StreamResponse:
@@ -82,7 +96,7 @@ async def boot_file(request: web.Request) -> web.StreamResponse:
     if not _http_boot_enabled(request):
         _publish(request, server, rel, 0, 503)
         raise ApiError(503, "service_disabled", "the http-boot service is disabled")
-    target = await asyncio.to_thread(resolve_inside, deps.files_root, rel)
+    target = await asyncio.to_thread(resolve_boot_file, deps.files_root, deps.loader_roots, rel)
     if target is None:
         _publish(request, server, rel, 0, 404)
         raise ApiError(404, "not_found", f"no boot file {rel[:200]!r}")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,17 @@ async def test_boot_files_sendfile_ranges_and_events(api_stack: Stack) -> None:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_loader_files_for_uefi_http_boot(api_stack: Stack) -> None:
+    # The proxyDHCP offers UEFI HTTP-boot clients <http_base>/boot/files/ipxe.efi; Debian's file is a
+    # packaged link into /boot, which is followed for loader folders but never served by name.
+    async with api_stack.client.get("/boot/files/ipxe.efi") as resp:
+        assert resp.status == 200
+        assert await resp.read() == await asyncio.to_thread(Path("/usr/lib/ipxe/ipxe.efi").read_bytes)
+    for name in ("vmlinuz", "../../boot/ipxe.efi", "config-6.1.0-57-amd64"):
+        async with api_stack.client.get(f"/boot/files/{name}") as resp:
+            assert resp.status == 404, name
+
+
 async def test_path_traversal_refused(api_stack: Stack) -> None:
     s = api_stack
     secret = s.root / "secret.txt"

@@ -168,7 +168,7 @@ async def open_stack(
                                          "api": {"state": "running", "detail": "test"}}
     deps = WebDeps(provisioner=prov, store=store, events=events, policy=policy, files_root=files_root,
                    backend=backend, health=lambda: health, version="test", client_max_size=client_max_size,
-                   sse_heartbeat=0.5)
+                   sse_heartbeat=0.5, loader_roots=[Path("/usr/lib/ipxe")])
     client = TestClient(TestServer(create_app(deps), host="127.0.0.1"))
     await client.start_server()
     stack = Stack(tmp, store, events, backend, driver, policy, prov, client, files_root, admin,
