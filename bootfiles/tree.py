@@ -40,6 +40,8 @@ from bootfiles.tftp_transfer import BlockSource, BytesSource
 
 MAX_NAME_BYTES = 255
 RESOLVE_TTL = 1.0  # seconds a name → file resolution is reused
+CLIENT_TTL = 600.0  # seconds a client address stays attributed to the server whose config it fetched
+CLIENT_MEMORY = 4096  # client addresses remembered at most
 _SMALL_FILE = 1 << 20  # below this a cache miss just waits for the load
 
 # The usual loader folders of the OSes Cello runs on (Debian: pxelinux, syslinux-common, ipxe;
@@ -201,19 +203,22 @@ class BootTree:
         self.cache = FileCache(cache_bytes, max_entry_bytes)
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
+        self._clients: dict[str, tuple[str, float]] = {}  # client address -> (server, until)
 
     async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:
         parts = split_name(name)
         route = _route(parts)
         if route is not None:
-            return self._render(*route)
+            opened = self._render(*route)
+            self._remember_client(client[0], opened.server_uuid)
+            return opened
         found = await self._lookup(parts)
         if found is None and len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
             found = await self._lookup(parts[1:])
         if found is None:
             raise NotFound(name)
         real, st = found
-        server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else None
+        server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else self.server_of(client[0])
         if self.cache.cacheable(st.st_size):
             data = self.cache.peek(st)
             if data is not None:
@@ -226,6 +231,20 @@ class BootTree:
             self.cache.prefetch(real, st)
         reader = await asyncio.to_thread(FileSource, real, st.st_size)
         return OpenedFile(reader, st.st_size, server, "static", None, reader)
+
+    def _remember_client(self, address: str, server: str | None) -> None:
+        if server is None:
+            return
+        if len(self._clients) >= CLIENT_MEMORY and address not in self._clients:
+            self._clients.pop(next(iter(self._clients)))  # the oldest: dicts keep insertion order
+        self._clients.pop(address, None)
+        self._clients[address] = (server, time.monotonic() + CLIENT_TTL)
+
+    def server_of(self, address: str) -> str | None:
+        """The server whose config this client address fetched last: a kernel or initrd request names
+        no server, but boot events should (the web's HTTP boot does the same for its fetches)."""
+        hit = self._clients.get(address)
+        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
     async def _lookup(self, parts: list[str]) -> tuple[Path, os.stat_result] | None:
         """Resolve in a worker thread, remembering answers for a second: a boot storm asks for the

@@ -173,6 +173,14 @@ async def test_pxelinux_byte_swapped_uuid_finds_the_server(tree: BootTree, polic
         await tree.open("grub/grub.cfg-4b2a1c3f-6e5d-704f-8192-a3b4c5d6e7f8", CLIENT)
 
 
+async def test_kernel_fetches_are_attributed_to_the_server_whose_config_the_client_fetched(
+        tree: BootTree) -> None:
+    assert (await tree.open("templates/tiny/v1/vmlinuz", ("10.77.0.104", 2000))).server_uuid is None
+    await tree.open("pxelinux.cfg/01-52-54-00-77-00-10", ("10.77.0.104", 2001))
+    assert (await tree.open("/templates/tiny/v1/vmlinuz", ("10.77.0.104", 2002))).server_uuid == UUID
+    assert (await tree.open("templates/tiny/v1/vmlinuz", ("10.77.0.105", 2003))).server_uuid is None
+
+
 async def test_prefix_reaches_static_files(tree: BootTree) -> None:
     f = await tree.open(f"{UUID}/ldlinux.c32", CLIENT)
     assert f.data == b"LDL" and f.server_uuid == UUID
