@@ -161,6 +161,9 @@ class Appliance:
             on_change=self.policy.changed,
         )
         self.provisioner.template_builder = self._build_template
+        from appliance.template_build import validate_source
+
+        self.provisioner.source_check = validate_source
         self.slots = [
             ServiceSlot("export", self.driver, f"iSCSI export via {self.driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),

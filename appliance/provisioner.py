@@ -115,6 +115,7 @@ class Provisioner:
         self._locks: dict[str, asyncio.Lock] = {}
         self._template_locks: dict[str, asyncio.Lock] = {}
         self.template_builder: TemplateBuilder | None = None
+        self.source_check: Callable[[str], Awaitable[object]] | None = None
         self.builds: dict[str, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -413,6 +414,11 @@ class Provisioner:
             raise InvalidRequest("template builds are not available in this appliance")
         if self._template_lock(name).locked():
             raise Conflict(f"template {name} is already being built")
+        if self.source_check is not None:
+            try:
+                await self.source_check(source)
+            except ValueError as e:  # a bad source is the caller's error, said before any work starts
+                raise InvalidRequest(f"source: {e}") from None
         build_id = f"{name}-{int(time.time() * 1000)}"
         job: dict[str, Any] = {"id": build_id, "template": name, "source": source, "state": "running",
                                "progress": [], "version": None, "error": None}

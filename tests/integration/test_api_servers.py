@@ -128,6 +128,12 @@ async def test_template_build_runs_the_builder(api_stack: Stack) -> None:
     assert status == 403
     status, body = await s.req("POST", "/api/v1/templates/mini2/builds", json={"source": "floppy"})
     assert status == 422 and "unknown template source" in body["detail"]
+    from appliance.template_build import validate_source
+
+    s.prov.source_check = validate_source  # as the appliance wires it: the host is checked before any work
+    status, body = await s.req("POST", "/api/v1/templates/mini3/builds", json={"source": "tar:/nonexistent.tar"})
+    assert status == 422 and "/nonexistent.tar" in body["detail"], body
+    assert "mini3" not in {b["template"] for b in s.prov.builds.values()}
     for _ in range(200):
         status, job = await s.req("GET", f"/api/v1/templates/builds/{job['id']}")
         if job["state"] != "running":
