@@ -152,6 +152,7 @@ class Appliance:
         self.policy = ApplianceBootPolicy(
             store, profiles=profiles, iqn_prefix=self.config.iscsi.iqn_prefix, portal=self.portal(),
             http_base=self.http_base(), unknown=self.config.dhcp.unknown,
+            unknown_template=self.config.dhcp.unknown_template,
             exports=lambda: self.provisioner.exports.last_state if self.provisioner else None,
             lun_number=self.driver.lun_number,
         )

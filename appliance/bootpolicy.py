@@ -17,6 +17,9 @@ from iscsi.model import ExportState
 
 log = logging.getLogger("cello.boot")
 
+# The server UUID an unknown node's diskless boot is rendered for when it sent no usable GUID.
+UNKNOWN_NODE = "00000000-0000-0000-0000-000000000000"
+
 
 @dataclass(frozen=True)
 class BootIndex:
@@ -69,6 +72,18 @@ def build_index(
     return BootIndex(by_uuid, by_mac, names)
 
 
+def unknown_node_files(versions: list[TemplateVersion], template: str) -> tuple[str, str] | None:
+    """Kernel and initrd of the named template's newest version ('' = the most recently built one)."""
+    candidates = [v for v in versions if not template or v.template == template]
+    if not candidates:
+        return None
+    if template:
+        newest = max(candidates, key=lambda v: int(v.version[1:]))
+    else:
+        newest = max(candidates, key=lambda v: v.created_at)
+    return newest.kernel, newest.initrd
+
+
 class ApplianceBootPolicy:
     """Implements bootfiles.spec.BootPolicy from the store."""
 
@@ -83,6 +98,7 @@ class ApplianceBootPolicy:
         unknown: str,
         exports: Callable[[], ExportState | None],
         lun_number: Callable[[int], int],
+        unknown_template: str = "",
     ) -> None:
         self._store = store
         self.profiles = dict(profiles)
@@ -90,6 +106,8 @@ class ApplianceBootPolicy:
         self.portal = portal
         self.http_base = http_base
         self.unknown = unknown
+        self.unknown_template = unknown_template
+        self.unknown_files: tuple[str, str] | None = None  # (kernel, initrd) unknown nodes boot
         self._exports = exports
         self._lun_number = lun_number
         self.index = BootIndex({}, {})
@@ -102,9 +120,12 @@ class ApplianceBootPolicy:
         if mac is not None and (spec := self.index.by_mac.get(mac.lower())) is not None:
             return spec
         # Unknown node: 'ignore' sends nothing, so the firmware falls through to its next boot device.
-        # A named unknown-node profile is honoured by the DHCP answer only (see README): without a
-        # server record there is no root disk to render a config for.
-        return None
+        # A named profile boots the unknown-node template diskless: no server record, so no root disk.
+        if self.unknown == "ignore" or self.unknown_files is None or self.unknown not in self.profiles:
+            return None
+        kernel, initrd = self.unknown_files
+        return BootSpec(server_uuid=(uuid or UNKNOWN_NODE).lower(), profile=self.profiles[self.unknown],
+                        kernel=kernel, initrd=initrd, root=None, http_base=self.http_base)
 
     def names(self) -> Mapping[str, str]:
         """hostname -> address, for the DNS responder."""
@@ -117,6 +138,7 @@ class ApplianceBootPolicy:
             portal=self.portal, http_base=self.http_base, exports=self._exports(),
             lun_number=self._lun_number,
         )
+        self.unknown_files = unknown_node_files(versions, self.unknown_template)
 
     def changed(self) -> None:
         """Called after every store change; coalesces into one refresh at a time."""

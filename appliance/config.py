@@ -120,6 +120,8 @@ class DhcpConfig:
     interface: str = _opt("", "interface to answer on; '' = all",
                           lambda v: None if re.fullmatch(r"[A-Za-z0-9_.:-]{0,15}", v) else "not an interface name")
     unknown: str = _opt("ignore", "unknown nodes: 'ignore' (no answer) or the name of a boot profile")
+    unknown_template: str = _opt("", "what unknown nodes on a profile boot, diskless: that template's newest "
+                                     "kernel and initrd; '' = the most recently built template")
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,8 @@ def _cross_check(config: Config) -> Config:
         raise ConfigError(f"boot.default_profile: no profile named {config.boot.default_profile!r}")
     if config.dhcp.unknown != "ignore" and config.dhcp.unknown not in profiles:
         raise ConfigError(f"dhcp.unknown: must be 'ignore' or a profile name ({', '.join(sorted(profiles))})")
+    if config.dhcp.unknown_template and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", config.dhcp.unknown_template):
+        raise ConfigError("dhcp.unknown_template: not a template name")
     if config.storage.backend == "zfs" and not config.storage.pool:
         raise ConfigError("storage.pool: the zfs backend needs a pool or parent dataset")
     return config

@@ -9,6 +9,9 @@ The kernel command line always carries both initramfs conventions and Cello's ow
     <profile.kernel_args> ISCSI_INITIATOR=… ISCSI_TARGET_NAME=… ISCSI_TARGET_IP=… ISCSI_TARGET_PORT=…
     ISCSI_TARGET_GROUP=1 [ISCSI_USERNAME=… ISCSI_PASSWORD=…]
     netroot=iscsi:[user:pass@]<ip>::<port>:<lun>:<iqn> rd.iscsi.initiator=… cello.server=… cello.lun=…
+
+A diskless spec (root None: an unknown node on the unknown-node profile) carries only
+`<profile.kernel_args> cello.server=<uuid>` and no SAN hook.
 """
 
 from __future__ import annotations
@@ -107,13 +110,14 @@ class _Checked:
     """The validated fields of a BootSpec, computed once per render."""
 
     def __init__(self, spec: BootSpec) -> None:
-        root: IscsiRoot = spec.root
-        if root is None:
-            raise RenderError("root", "missing")
         self.uuid = _check_uuid(spec.server_uuid)
         self.kernel_args = _check_kernel_args(spec.profile.kernel_args)
         self.kernel = _check_path("kernel", spec.kernel)
         self.initrd = _check_path("initrd", spec.initrd)
+        self.diskless = spec.root is None
+        # A diskless spec renders with a placeholder root that nothing below reads.
+        root: IscsiRoot = spec.root or IscsiRoot("iqn.2026-01.invalid:none", "127.0.0.1", 1, 0,
+                                                 "iqn.2026-01.invalid:none")
         self.initiator = _check_iqn("root.initiator_iqn", root.initiator_iqn)
         self.iqn = _check_iqn("root.target_iqn", root.target_iqn)
         self.ip = _check_ip("root.portal_ip", root.portal_ip)
@@ -144,6 +148,8 @@ def kernel_cmdline(spec: BootSpec) -> str:
 
 def _cmdline(c: _Checked) -> str:
     parts: list[str] = [c.kernel_args] if c.kernel_args else []
+    if c.diskless:
+        return " ".join([*parts, f"cello.server={c.uuid}"])
     parts += [
         f"ISCSI_INITIATOR={c.initiator}",
         f"ISCSI_TARGET_NAME={c.iqn}",
@@ -191,13 +197,15 @@ def render_ipxe(spec: BootSpec) -> str:
     Also served over HTTP by `web` at /boot/<uuid>.ipxe."""
     c = _Checked(spec)
     base = _check_http_base(spec.http_base)
-    lines = ["#!ipxe", f"set initiator-iqn {c.initiator}"]
-    if c.chap is not None:
-        lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
+    lines = ["#!ipxe"]
+    if not c.diskless:
+        lines.append(f"set initiator-iqn {c.initiator}")
+        if c.chap is not None:
+            lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
+        lines.append(f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}")
     # The initrd is named, and named on the command line, because a kernel started through its EFI
     # stub (UEFI iPXE) finds its initrd only that way; under BIOS the extra word is ignored.
     lines += [
-        f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}",
         f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} initrd={IPXE_INITRD_NAME}",
         f"initrd --name {IPXE_INITRD_NAME} {base}/boot/files/{c.initrd}",
         "boot",

@@ -48,7 +48,7 @@ class BootSpec:
     profile: Profile
     kernel: str  # path inside the boot tree, e.g. "templates/tiny/v1/vmlinuz"
     initrd: str
-    root: IscsiRoot
+    root: IscsiRoot | None  # None: a diskless boot (an unknown node booting the unknown-node profile)
     http_base: str  # e.g. "http://10.77.0.2:8080" — where iPXE fetches scripts, kernels and initrds
     hostname: str | None = None
 

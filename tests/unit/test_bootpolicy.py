@@ -1,8 +1,12 @@
 from __future__ import annotations
 
-from appliance.bootpolicy import build_index
+from pathlib import Path
+
+from appliance.bootpolicy import ApplianceBootPolicy, build_index, unknown_node_files
 from appliance.store import ServerRow, TemplateVersion, VolumeRow
 from bootfiles.profiles import BUILTIN_PROFILES
+from bootfiles.render import render_ipxe
+from bootfiles.tree import BootTree
 from iscsi.model import ExportState
 
 U1 = "3f1c2b4e-0000-4000-8000-000000000001"
@@ -45,3 +49,43 @@ def test_dns_names_come_from_servers_with_a_name_and_an_address() -> None:
 def test_only_available_servers_boot() -> None:
     idx = _index([_server(U1, state="creating"), _server(U2, state="error")], None)
     assert idx.by_uuid == {}  # type: ignore[attr-defined]
+
+
+def _policy(unknown: str, versions: list[TemplateVersion], template: str = "") -> ApplianceBootPolicy:
+    policy = ApplianceBootPolicy(
+        None,  # type: ignore[arg-type]  # the store is only read by refresh(), not used here
+        profiles=BUILTIN_PROFILES, iqn_prefix="iqn.2026-11.io.cello", portal=("10.77.0.2", 3260),
+        http_base="http://10.77.0.2:8080", unknown=unknown, exports=lambda: None, lun_number=lambda i: i + 1,
+        unknown_template=template)
+    policy.unknown_files = unknown_node_files(versions, template)
+    return policy
+
+
+V1 = TemplateVersion("tiny", "v1", "tiny", 1, "templates/tiny/v1/vmlinuz", "templates/tiny/v1/initrd.img", 1.0)
+V2 = TemplateVersion("tiny", "v2", "tiny", 1, "templates/tiny/v2/vmlinuz", "templates/tiny/v2/initrd.img", 2.0)
+D1 = TemplateVersion("deb", "v1", "debian", 1, "templates/deb/v1/vmlinuz", "templates/deb/v1/initrd.img", 3.0)
+
+
+def test_unknown_nodes_get_nothing_by_default() -> None:
+    assert _policy("ignore", [V1]).boot_spec(uuid=U1, mac="52:54:00:00:00:99") is None
+
+
+def test_an_unknown_node_profile_boots_the_unknown_template_diskless() -> None:
+    spec = _policy("ipxe", [V1, V2, D1], template="tiny").boot_spec(uuid=U1.upper(), mac=None)
+    assert spec is not None and spec.root is None and spec.server_uuid == U1
+    assert (spec.kernel, spec.profile.name) == ("templates/tiny/v2/vmlinuz", "ipxe")
+    by_mac = _policy("compute", [V1, V2, D1]).boot_spec(uuid=None, mac="52:54:00:00:00:99")
+    assert by_mac is not None and by_mac.kernel == "templates/deb/v1/vmlinuz"  # '' = the newest built
+    assert by_mac.server_uuid == "00000000-0000-0000-0000-000000000000"
+    assert _policy("compute", []).boot_spec(uuid=U1, mac=None) is None  # nothing built: nothing to boot
+
+
+async def test_the_tree_renders_a_diskless_config_for_an_unknown_node(tmp_path: Path) -> None:
+    tree = BootTree([], tmp_path, _policy("compute", [V1]))
+    opened = await tree.open("pxelinux.cfg/default", ("10.77.0.120", 2000))
+    assert opened.data is not None
+    text = opened.data.decode()
+    assert "KERNEL /templates/tiny/v1/vmlinuz" in text
+    assert "APPEND console=ttyS0 quiet cello.server=00000000-0000-0000-0000-000000000000\n" in text
+    assert "ISCSI" not in text and "netroot" not in text
+    assert "sanhook" not in render_ipxe(_policy("ipxe", [V1]).boot_spec(uuid=U1, mac=None))  # type: ignore[arg-type]
