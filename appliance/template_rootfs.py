@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,11 @@ from appliance.template_run import CommandError, run
 from appliance.template_sources import HostPaths, TemplateSource, TemplateSourceError, missing_initramfs_inputs
 
 # The repository's image-build/ folder (scripts installed into images). Overridable for installed copies.
-IMAGE_BUILD_DIR = Path(__file__).resolve().parent.parent / "image-build"
+# A checkout keeps the build scripts beside the packages; an installed appliance (the FreeBSD image)
+# has them under share/cello.
+_CHECKOUT_IMAGE_BUILD = Path(__file__).resolve().parent.parent / "image-build"
+IMAGE_BUILD_DIR = (_CHECKOUT_IMAGE_BUILD if _CHECKOUT_IMAGE_BUILD.is_dir()
+                   else Path(sys.prefix) / "share" / "cello" / "image-build")
 
 # Modules the Debian initramfs must carry for an iSCSI root (initramfs-tools adds their dependencies).
 DEBIAN_INITRAMFS_MODULES = ("e1000", "e1000e", "igb", "virtio_pci", "virtio_net", "crc32c_generic",
