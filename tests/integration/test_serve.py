@@ -147,3 +147,24 @@ def test_serve_runs_on_embedded_defaults(tmp_path: Path, empty_netns: str) -> No
     assert services["dhcp"]["state"] == "running" and services["tftp"]["state"] == "running", services
     assert (tmp_path / "var" / "cello" / "cello.db").is_file()  # state in ./var/cello
     assert proc.returncode == 0 and elapsed < 5, err
+
+
+def test_sighup_reloads_boot_profiles_and_refuses_a_broken_file(tmp_path: Path) -> None:
+    config, api = write_config(tmp_path)
+    proc = _serve("--config", str(config))
+    try:
+        wait_for_health(f"http://{api}/api/v1/health", proc)
+        with config.open("a") as f:
+            f.write('[boot.profiles.gpu]\nloader = "ipxe"\nkernel_args = "console=ttyS1"\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        config.write_text(config.read_text() + "[tftp.bogus]\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        health = wait_for_health(f"http://{api}/api/v1/health", proc)  # still serving after both
+    finally:
+        _, err = stop(proc)
+    assert "reloaded boot profiles: compute, gpu, ipxe, leader, pxelinux" in err, err
+    assert "reload refused: tftp.bogus:" in err, err
+    assert health["services"]["api"]["state"] == "running"  # type: ignore[index]
+    assert proc.returncode == 0
