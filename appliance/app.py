@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -275,7 +274,7 @@ class Appliance:
         if token is not None:
             self.admin_token_printed = token
             # Printed once, on first start: only its hash is stored.
-            print(f"cello: admin token (shown once): {token}", file=sys.stderr, flush=True)
+            log.warning("admin token (shown once): %s", token)
 
     def health(self) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}

@@ -151,7 +151,7 @@ def test_serve_runs_on_embedded_defaults(tmp_path: Path, empty_netns: str) -> No
 
 def test_sighup_reloads_boot_profiles_and_refuses_a_broken_file(tmp_path: Path) -> None:
     config, api = write_config(tmp_path)
-    proc = _serve("--config", str(config))
+    proc = _serve("--config", str(config), "--log-format", "json")
     try:
         wait_for_health(f"http://{api}/api/v1/health", proc)
         with config.open("a") as f:
@@ -164,7 +164,10 @@ def test_sighup_reloads_boot_profiles_and_refuses_a_broken_file(tmp_path: Path) 
         health = wait_for_health(f"http://{api}/api/v1/health", proc)  # still serving after both
     finally:
         _, err = stop(proc)
-    assert "reloaded boot profiles: compute, gpu, ipxe, leader, pxelinux" in err, err
-    assert "reload refused: tftp.bogus:" in err, err
+    entries = [json.loads(line) for line in err.splitlines()]  # --log-format json: every line is JSON
+    messages = [e["msg"] for e in entries]
+    assert "reloaded boot profiles: compute, gpu, ipxe, leader, pxelinux" in messages, messages
+    assert any(m.startswith("reload refused: tftp.bogus:") for m in messages), messages
+    assert any(m.startswith("admin token (shown once): ") for m in messages)
     assert health["services"]["api"]["state"] == "running"  # type: ignore[index]
     assert proc.returncode == 0
