@@ -279,14 +279,21 @@ class Appliance:
     def health(self) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
         prov = self.provisioner
+        switches = prov.services if prov is not None else {}
         for slot in self.slots:
             state = slot.health.state
-            service_name = "http-boot" if slot.name == "api" else slot.name
-            if state == "running" and prov is not None and not prov.services.get(service_name, True):
-                state = "disabled"
+            if state == "running" and not switches.get(slot.name, True):
+                state = "disabled"  # switched off at run time; its sockets stay bound
             out[slot.name] = {"state": state, "detail": slot.health.detail}
-        if prov is not None and prov.exports.last_state is not None and not prov.exports.last_state.available:
-            out["export"] = {"state": "unavailable", "detail": prov.exports.last_state.detail}
+            if slot.name == "api":
+                out["http-boot"] = {"state": "disabled" if not switches.get("http-boot", True) else state,
+                                    "detail": "/boot on the API listener"}
+        last = prov.exports.last_state if prov is not None else None
+        if self.driver is not None and self.driver.name == "none":
+            # Known from the start, before the first apply has reported it.
+            out["export"] = {"state": "unavailable", "detail": str(getattr(self.driver, "reason", "no driver"))}
+        elif last is not None and not last.available and out["export"]["state"] == "running":
+            out["export"] = {"state": "unavailable", "detail": last.detail}
         if self.backend is not None:
             out["storage"] = {"state": "running", "detail": self.backend.name}
         return out
@@ -388,10 +395,18 @@ async def run_until_signalled(appliance: Appliance, on_ready: Callable[[], Await
     import signal
 
     loop = asyncio.get_running_loop()
-    await appliance.start()
+    # Handlers before start: the API answers before start() returns, and a SIGHUP or SIGTERM in that
+    # window must not kill the process with the default action.
+    appliance.build()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, appliance._stopped.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(appliance.reload()))
+    try:
+        await appliance.start()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        raise
     if on_ready is not None:
         await on_ready()
     try:

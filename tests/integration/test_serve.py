@@ -84,7 +84,7 @@ def test_serve_starts_reports_health_and_stops_on_sigterm(tmp_path: Path) -> Non
         elapsed, err = stop(proc)
     services = health["services"]
     assert isinstance(services, dict)
-    for name in ("tftp", "dhcp", "api"):
+    for name in ("tftp", "dhcp", "api", "http-boot"):
         assert services[name]["state"] == "running", services
     assert services["export"]["state"] == "unavailable"  # driver none says so, the appliance still runs
     assert proc.returncode == 0, err
