@@ -265,8 +265,9 @@ def test_b_and_c_boot_at_once_each_from_its_own_clone(lab: Lab) -> None:
     seen["bc"] = servers
 
 
-def test_unknown_node_gets_no_boot_answer(lab: Lab) -> None:
-    node = lab.node(*STRANGER)
+def boot_expecting_no_answer(lab: Lab, who: tuple[str, str, str]) -> tuple[str, int]:
+    """Power a node on and wait for its ROM to give up; returns its console and the event id before."""
+    node = lab.node(*who)
     since = last_event_id(lab)
     node.power_on()
     try:
@@ -276,6 +277,11 @@ def test_unknown_node_gets_no_boot_answer(lab: Lab) -> None:
     console = node.console()
     lab.release(node)
     node_address(node)  # the site DHCP did answer: the silence is Cello's
+    return console, since
+
+
+def test_unknown_node_gets_no_boot_answer(lab: Lab) -> None:
+    console, since = boot_expecting_no_answer(lab, STRANGER)
     assert "Filename:" not in console and "Next server: 10.77.0.2" not in console, console[-1500:]
     assert lab.events is not None
     answered = [e for e in lab.events.snapshot() if e.get("id", 0) > since and e.get("mac") == STRANGER[2]]
@@ -289,16 +295,7 @@ def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
     try:
         services = {s["name"]: s for s in api_ok(lab, "GET", "/api/v1/services")}
         assert services["dhcp"]["enabled"] is False, services
-        node = lab.node(*C)
-        since = last_event_id(lab)
-        node.power_on()
-        try:
-            node.wait_console("No more network devices", NO_ANSWER_TIMEOUT)
-        except LabError as e:
-            fail_with_logs(lab, str(e))
-        console = node.console()
-        lab.release(node)
-        node_address(node)
+        console, since = boot_expecting_no_answer(lab, C)
         assert marker(uuid) not in console and "Filename:" not in console, console[-1500:]
         assert lab.events is not None
         offers = [e for e in lab.events.snapshot() if e.get("id", 0) > since and e["kind"] == "dhcp"]
