@@ -114,6 +114,8 @@ def server_create(c: Client, args: argparse.Namespace, out: TextIO) -> int:
         body["data_volumes"] = [{"size_gb": n} for n in args.data_gb]
     if args.hostname:
         body["hostname"] = args.hostname
+    if args.address:
+        body["address"] = args.address
     server = c.call("POST", "/api/v1/servers", body)
     if args.wait:
         deadline = time.monotonic() + args.wait_timeout
@@ -361,7 +363,8 @@ def add_client_commands(subparsers: Any) -> None:
     p.add_argument("--mac", action="append", help="a MAC address of the node (repeatable)")
     p.add_argument("--data-gb", type=int, action="append", help="a data volume of N GB (repeatable)")
     p.add_argument("--user", help="owner (required with an admin token)")
-    p.add_argument("--hostname")
+    p.add_argument("--hostname", help="DNS name (the DNS responder answers it with --address)")
+    p.add_argument("--address", help="the node's IPv4 address, for DNS")
     p.add_argument("--wait", action="store_true", help="wait until available (exit 1 on error)")
     p.add_argument("--wait-timeout", type=float, default=300.0)
     p = _common(server.add_parser("list", help="list servers"), server_list)

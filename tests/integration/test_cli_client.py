@@ -47,9 +47,12 @@ async def test_server_lifecycle_tables_and_json(api_stack: Stack) -> None:
     s = api_stack
     uuid = uuid_n(50)
     code, out, err = await cello(s, "server", "create", uuid, "--template", "tiny", "--data-gb", "2",
-                                 "--mac", "52:54:00:77:00:50", "--wait", who="alice", real=True)
+                                 "--mac", "52:54:00:77:00:50", "--hostname", "node50", "--address", "10.77.0.150",
+                                 "--wait", who="alice", real=True)
     assert code == 0, err
     assert "state:     available" in out and "tiny-DATA-" + uuid in out
+    await s.policy.settled()
+    assert s.policy.names() == {"node50": "10.77.0.150"}  # what the DNS responder answers
     code, out, err = await cello(s, "server", "list")
     header, row = out.splitlines()
     assert header.split() == ["UUID", "USER", "TEMPLATE", "STATE", "VOLUMES", "LUNS", "REASON"]
