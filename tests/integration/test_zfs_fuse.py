@@ -33,17 +33,38 @@ def zfs_fuse_running() -> bool:
     return subprocess.run(["zpool", "list"], capture_output=True).returncode == 0
 
 
+PIDFILE = Path("/run/zfs-fuse.pid")
+
+
+def remove_stale_pidfile() -> None:
+    """zfs-fuse refuses to start (exit 1, reason only to syslog) while its pid file exists, even when
+    the pid in it is long dead: a killed session leaves exactly that behind for the next run."""
+    try:
+        pid = int(PIDFILE.read_text().strip() or "0")
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    try:
+        alive = pid > 0 and Path(f"/proc/{pid}/comm").read_text().strip() == "zfs-fuse"
+    except OSError:
+        alive = False
+    if not alive:
+        PIDFILE.unlink(missing_ok=True)
+
+
 def ensure_zfs_fuse() -> None:
     """Only one zfs-fuse daemon per machine: start it if none answers, and leave it running."""
     if zfs_fuse_running():
         return
     for d in ("/var/run/zfs", "/var/lock/zfs"):
         os.makedirs(d, exist_ok=True)
-    subprocess.run(["zfs-fuse", "-p", "/run/zfs-fuse.pid", "--no-kstat-mount", "-m", "64"], check=True)
+    remove_stale_pidfile()
+    started = subprocess.run(
+        ["zfs-fuse", "-p", str(PIDFILE), "--no-kstat-mount", "-m", "64"], capture_output=True, text=True
+    )
     deadline = time.monotonic() + 10
     while not zfs_fuse_running():
         if time.monotonic() > deadline:
-            pytest.fail("zfs-fuse did not come up within 10 s")
+            pytest.fail(f"zfs-fuse did not come up within 10 s (exit {started.returncode}: {started.stderr.strip()})")
         time.sleep(0.1)
 
 
