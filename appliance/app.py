@@ -41,6 +41,10 @@ class StartError(RuntimeError):
     """A service could not start; the message names what and why, in one line."""
 
 
+class FatalError(RuntimeError):
+    """A running service failed for good, so the appliance stopped; the message names the service."""
+
+
 class Service(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -129,6 +133,7 @@ class Appliance:
             ctl_conf=Path(cfg.ctld_conf),
             tgt_control_port=cfg.tgt_control_port,
             tgt_manage_daemon=cfg.tgt_manage_daemon,
+            on_fatal=self._fatal_for("export"),
         )
 
     def portal(self) -> tuple[str, int]:
@@ -212,7 +217,7 @@ class Appliance:
         host, port = split_host_port(cfg.listen)
         return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,
                           max_transfers=cfg.max_transfers, events=self._event_sink(),
-                          enabled=self._enabled("tftp"))
+                          enabled=self._enabled("tftp"), on_fatal=self._fatal_for("tftp"))
 
     def _make_dhcp(self) -> Service:
         from dhcp.proxy import ProxyDHCP
@@ -227,7 +232,8 @@ class Appliance:
 
         assert self.policy is not None
         host, port = split_host_port(self.config.dns.listen)
-        return DnsResponder(self.policy.names, self.config.dns.zone, listen=host, port=port)
+        return DnsResponder(self.policy.names, self.config.dns.zone, listen=host, port=port,
+                            on_fatal=self._fatal_for("dns"))
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -301,7 +307,7 @@ class Appliance:
     async def stop(self) -> None:
         """Idempotent; stops the services in reverse order of start."""
         for slot in reversed(self.slots):
-            if slot.service is not None and slot.health.state == "running":
+            if slot.service is not None and slot.health.state in ("running", "failed"):
                 try:
                     await asyncio.wait_for(slot.service.stop(), timeout=4)
                 except Exception as e:
@@ -320,10 +326,17 @@ class Appliance:
             store, self.store = self.store, None
             await asyncio.to_thread(store.close)
 
-    def fail(self, error: BaseException) -> None:
-        """A service's fatal error: everything stops."""
-        log.error("fatal: %s", error)
-        self._fatal = error
+    def _fatal_for(self, name: str) -> Callable[[BaseException], None]:
+        return lambda error: self.fail(name, error)
+
+    def fail(self, name: str, error: BaseException) -> None:
+        """A service's fatal error: everything stops, and `wait()` raises FatalError naming it."""
+        for slot in self.slots:
+            if slot.name == name:
+                slot.health = Health("failed", str(error))
+        if self._fatal is None:  # the first one is the cause; later ones are its consequences
+            log.error("fatal: %s: %s", name, error)
+            self._fatal = FatalError(f"{name}: {error}")
         self._stopped.set()
 
     async def reload(self) -> None:

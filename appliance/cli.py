@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from appliance.app import Appliance, StartError, run_until_signalled
+    from appliance.app import Appliance, FatalError, StartError, run_until_signalled
     from appliance.logs import setup_logging
 
     setup_logging(args.log_format, getattr(logging, args.log_level.upper()))
@@ -48,6 +48,9 @@ def _serve(args: argparse.Namespace) -> int:
     except StartError as e:
         print(f"cello: {e}", file=sys.stderr)
         return 2
+    except FatalError as e:
+        print(f"cello: fatal: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     log.info("stopped")

@@ -48,6 +48,9 @@ class _Listener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         log.debug("tftp: listener socket error: %s", exc)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._listener_lost(exc)
+
 
 class _Sender:
     """Sends datagrams for all transfers; large bursts go to a helper thread.
@@ -252,6 +255,7 @@ class TftpServer:
         events: EventSink | None = None,
         enabled: Callable[[], bool] = lambda: True,
         send_burst: int = 8,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if not tp.MIN_BLKSIZE <= blksize_max <= tp.MAX_BLKSIZE:
             raise ValueError(f"tftp blksize_max must be within {tp.MIN_BLKSIZE}..{tp.MAX_BLKSIZE}")
@@ -266,6 +270,7 @@ class TftpServer:
         self.max_transfers = max_transfers
         self.events = events
         self.enabled = enabled
+        self.on_fatal = on_fatal
         self._transport: asyncio.DatagramTransport | None = None
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
         self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
@@ -302,10 +307,21 @@ class TftpServer:
         self._bind_host = self.address[0]
         log.info("tftp: listening on %s:%s", *self.address)
 
+    def _listener_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return  # stop() closed it
+        # The transport closes itself only on an error it cannot go on from: no more requests can
+        # arrive, so this is the service's end, not one transfer's.
+        self._transport = None
+        error = RuntimeError(f"listening socket closed: {exc or 'closed'}")
+        log.error("%s: %s", __name__, error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
     async def stop(self) -> None:
         if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+            transport, self._transport = self._transport, None
+            transport.close()
         now = asyncio.get_running_loop().time()
         for conn in list(self._transfers):
             conn.transfer.abort(now, "server shutting down")

@@ -124,6 +124,9 @@ class _Protocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.owner._log.warning("recv", "DNS socket error: %s", exc)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._listener_lost(exc)
+
 
 class DnsResponder:
     """Authoritative A/PTR responder for `zone`. Off by default in the appliance; `start()` binds."""
@@ -136,6 +139,7 @@ class DnsResponder:
         listen: str = "127.0.0.1",
         port: int = 53,
         clock: Callable[[], float] = time.monotonic,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         _label(zone)  # refuse an unusable zone name early
         if not zone.strip("."):
@@ -148,6 +152,7 @@ class DnsResponder:
         self.malformed = 0
         self.errors = 0
         self._log = RateLimitedLog(log, clock=clock)
+        self.on_fatal = on_fatal
         self._transport: asyncio.DatagramTransport | None = None
         self.bound: tuple[str, int] | None = None
 
@@ -167,6 +172,16 @@ class DnsResponder:
             raise OSError(e.errno, f"cannot bind DNS {self.listen}:{self.port}: {e.strerror}") from e
         self._transport = transport
         self.bound = transport.get_extra_info("sockname")[:2]
+
+    def _listener_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return  # stop() closed it
+        # asyncio closes a datagram transport only on an error it cannot go on from.
+        self._transport, self.bound = None, None
+        error = RuntimeError(f"listening socket closed: {exc or 'closed'}")
+        log.error("%s: %s", __name__, error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     async def stop(self) -> None:
         transport, self._transport = self._transport, None

@@ -60,6 +60,7 @@ def choose_driver(
     runner: CommandRunner | None = None,
     platform: str = sys.platform,
     which: Callable[[str], str | None] = shutil.which,
+    on_fatal: Callable[[BaseException], None] | None = None,
 ) -> ExportDriver:
     """auto = ctld on FreeBSD, tgt where `tgtadm` is on PATH, else none."""
     if kind == "auto":
@@ -72,7 +73,8 @@ def choose_driver(
     if kind == "ctld":
         return CtldDriver(ctl_conf, portals, runner)
     if kind == "tgt":
-        return TgtDriver(tgt_control_port, portals, manage_daemon=tgt_manage_daemon, runner=runner)
+        return TgtDriver(tgt_control_port, portals, manage_daemon=tgt_manage_daemon, runner=runner,
+                         on_fatal=on_fatal)
     if kind == "none":
         return NullDriver("iSCSI driver is configured as none")
     raise ValueError(f"unknown iSCSI driver {kind!r} (auto, ctld, tgt or none)")

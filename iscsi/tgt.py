@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +169,8 @@ class TgtDriver:
         tgtd: str = "tgtd",
         tgtadm: str = "tgtadm",
         start_timeout: float = 10.0,
+        restart_attempts: int = 5,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if not 0 <= control_port < 65536:
             raise NameError_(f"invalid tgtd control port {control_port!r}")
@@ -183,6 +185,8 @@ class TgtDriver:
         self._tgtd = tgtd
         self._tgtadm = tgtadm
         self._start_timeout = start_timeout
+        self.restart_attempts = restart_attempts
+        self.on_fatal = on_fatal
         self._lock = asyncio.Lock()
         self._proc: asyncio.subprocess.Process | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -261,26 +265,45 @@ class TgtDriver:
 
     async def _supervise(self) -> None:
         backoff = 0.2
+        failures = 0  # restarts failed in a row
         while not self._stopping:
             proc = self._proc
             assert proc is not None
-            rc = await proc.wait()
-            if self._stopping:
-                return
-            log.warning("tgtd -C %s died (exit %s); restarting and re-applying the exports",
-                        self.control_port, rc)
+            if failures == 0:
+                rc = await proc.wait()
+                if self._stopping:
+                    return
+                log.warning("tgtd -C %s died (exit %s); restarting and re-applying the exports",
+                            self.control_port, rc)
             await asyncio.sleep(backoff)
             try:
                 await self._spawn()
-                self.restarts += 1
-                backoff = 0.2
-                if self._desired is not None:
-                    await self.apply(self._desired)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("restarting tgtd -C %s failed", self.control_port)
+            except Exception as exc:
+                failures += 1
+                log.warning("restarting tgtd -C %s failed (%d of %d): %s", self.control_port, failures,
+                            self.restart_attempts, exc)
+                if failures >= self.restart_attempts:
+                    # No tgtd means no node can log in to its root disk: the export service is over.
+                    error = StorageError(f"tgtd -C {self.control_port} died and could not be restarted "
+                                         f"({failures} attempts): {exc}")
+                    if self.on_fatal is not None:
+                        self.on_fatal(error)
+                    return
                 backoff = min(backoff * 2, 5.0)
+                continue
+            self.restarts += 1
+            backoff, failures = 0.2, 0
+            if self._desired is not None:
+                try:
+                    await self.apply(self._desired)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # tgtd runs; the next apply (any change, or reconcile) brings the targets back
+                    log.exception("re-applying the exports after restarting tgtd -C %s failed",
+                                  self.control_port)
 
     async def _kill(self) -> None:
         proc = self._proc
