@@ -389,10 +389,10 @@ class _WebService:
                                  files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION,
                                  loader_roots=a.loader_roots()))
         host, port = split_host_port(a.config.api.listen)
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         try:
-            await web.TCPSite(self.runner, host, port, shutdown_timeout=1.0).start()
+            await web.TCPSite(self.runner, host, port).start()
         except OSError as e:
             await self.runner.cleanup()
             self.runner = None

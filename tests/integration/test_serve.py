@@ -67,11 +67,12 @@ driver = "none"
     return cfg, api
 
 
-def _serve(*args: str, netns: str | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
+def _serve(*args: str, netns: str | None = None, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "appliance", "serve", *args]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
 
 
