@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.template_rootfs import IMAGE_BUILD_DIR, ROOT_LABEL, Progress, RootfsContext, make_rootfs, tree_size
-from appliance.template_run import CommandError, run
 from appliance.template_sources import (
     HostPaths,
     TemplateSource,
@@ -33,6 +32,7 @@ from appliance.template_sources import (
     parse_source,
 )
 from iscsi.model import StorageError, VolumeBackend
+from iscsi.runner import CommandError, run_output
 
 __all__ = [
     "TemplateBuild",
@@ -209,7 +209,7 @@ async def build_template(
             if size is not None and size != info.size:
                 progress(f"volume: {volume} exists with {info.size // MiB} MiB; keeping that size")
         progress(f"filesystem: mkfs.ext4 -L {ROOT_LABEL} -d <root> on {volume}")
-        await run(
+        await run_output(
             [
                 "mkfs.ext4", "-F", "-q", "-L", ROOT_LABEL,
                 "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.template_run import run
+from iscsi.runner import run_output
 
 # Modules the initramfs loads, in this order (their dependencies come first, from `modprobe --show-depends`).
 # NICs: e1000 is qemu's default and the lab's; virtio for VMs; e1000e/igb for common bare-metal boards.
@@ -224,7 +224,7 @@ async def module_files(kernel: HostKernel, names: Sequence[str]) -> list[str]:
     base = kernel.modules.parents[2]  # modprobe's -d: the folder holding lib/modules/<version>
     for name in names:
         base_args = [] if base == Path("/") else ["-d", str(base)]
-        out = await run(["modprobe", *base_args, "-S", kernel.version, "--show-depends", name])
+        out = await run_output(["modprobe", *base_args, "-S", kernel.version, "--show-depends", name])
         ordered.extend("/" + p.lstrip("/") for p in parse_show_depends(out))
     return dedupe(ordered)
 
@@ -322,9 +322,9 @@ def _pack(stage: Path, out: Path) -> int:
 async def build_initramfs(inputs: InitramfsInputs, out: Path, scratch: Path) -> int:
     """Write the gzip'd newc initramfs to `out`; return its size. `scratch` is an empty work folder."""
     modules = await module_files(inputs.kernel, inputs.modules)
-    libs = parse_ldd(await run(["ldd", str(inputs.iscsistart)]))
-    applets = busybox_applets_from_list(await run([str(inputs.busybox), "--list-full"]))
+    libs = parse_ldd(await run_output(["ldd", str(inputs.iscsistart)]))
+    applets = busybox_applets_from_list(await run_output([str(inputs.busybox), "--list-full"]))
     stage = scratch / "initramfs"
     await asyncio.to_thread(_stage, stage, inputs, modules, libs, applets)
-    await run(["depmod", "-b", str(stage), inputs.kernel.version])
+    await run_output(["depmod", "-b", str(stage), inputs.kernel.version])
     return await asyncio.to_thread(_pack, stage, out)

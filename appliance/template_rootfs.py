@@ -20,8 +20,8 @@ from appliance.template_initramfs import (
     busybox_applets_from_list,
     find_host_kernel,
 )
-from appliance.template_run import CommandError, run
 from appliance.template_sources import HostPaths, TemplateSource, TemplateSourceError, missing_initramfs_inputs
+from iscsi.runner import CommandError, run_output
 
 # The repository's image-build/ folder (scripts installed into images). Overridable for installed copies.
 # A checkout keeps the build scripts beside the packages; an installed appliance (the FreeBSD image)
@@ -110,7 +110,7 @@ def _fill_tiny(rootdir: Path, busybox: Path, applets: list[str], rootinit: Path)
 
 async def make_tiny(rootdir: Path, source: TemplateSource, ctx: RootfsContext) -> BootFiles:
     ctx.progress("rootfs: busybox root with the Cello marker init")
-    applets = busybox_applets_from_list(await run([str(ctx.host.busybox), "--list-full"]))
+    applets = busybox_applets_from_list(await run_output([str(ctx.host.busybox), "--list-full"]))
     await asyncio.to_thread(_fill_tiny, rootdir, ctx.host.busybox, applets, ctx.image_build_dir / "tiny/rootinit")
     await asyncio.to_thread(_write_template_stamp, rootdir, ctx, source)
     return await _cello_initramfs(ctx)
@@ -138,7 +138,7 @@ async def make_tar(rootdir: Path, source: TemplateSource, ctx: RootfsContext) ->
     assert source.tar_path is not None
     ctx.progress(f"rootfs: unpacking {source.tar_path}")
     try:
-        await run(["tar", "-x", "--numeric-owner", "-p", "-f", str(source.tar_path), "-C", str(rootdir)])
+        await run_output(["tar", "-x", "--numeric-owner", "-p", "-f", str(source.tar_path), "-C", str(rootdir)])
     except CommandError as exc:
         raise TemplateSourceError(f"template source {source}: cannot unpack it: {exc}") from None
     if not await asyncio.to_thread(lambda: any(rootdir.iterdir())):
@@ -222,7 +222,7 @@ async def make_debian(rootdir: Path, source: TemplateSource, ctx: RootfsContext)
     # The .debs are kept beside the scratch folders (in the build workdir) so a rebuild downloads less.
     cache = ctx.scratch.parent / "debootstrap-cache"
     await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
-    await run(
+    await run_output(
         [
             "debootstrap",
             "--variant=minbase",
@@ -242,8 +242,8 @@ async def make_debian(rootdir: Path, source: TemplateSource, ctx: RootfsContext)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C"}
     in_root = ["unshare", "--mount", "--propagation", "private", f"--mount-proc={rootdir / 'proc'}",
                "chroot", str(rootdir)]
-    await run([*in_root, "update-initramfs", "-u", "-k", "all"], env=env, timeout=900)
-    await run(["chroot", str(rootdir), "apt-get", "clean"], env=env)
+    await run_output([*in_root, "update-initramfs", "-u", "-k", "all"], env=env, timeout=900)
+    await run_output(["chroot", str(rootdir), "apt-get", "clean"], env=env)
     files = await asyncio.to_thread(tarball_boot_files, rootdir)
     if files is None:
         raise TemplateSourceError("debootstrap made no /boot/vmlinuz-V and initrd.img-V")
