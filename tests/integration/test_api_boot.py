@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from bootfiles.render import render_ipxe
 from tests.integration.test_api_stack import INITRD, KERNEL, Stack, api_stack, needs_tgt, uuid_n
+from tests.tools import require
 from web.app import routes
 from web.openapi import openapi_path
 
@@ -79,8 +77,8 @@ async def test_boot_files_sendfile_ranges_and_events(api_stack: Stack) -> None:
         uuid=uuid, mac=None)))) in text  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 async def test_loader_files_for_uefi_http_boot(api_stack: Stack) -> None:
+    require("curl", packages="curl")
     # The proxyDHCP offers UEFI HTTP-boot clients <http_base>/boot/files/ipxe.efi; Debian's file is a
     # packaged link into /boot, which is followed for loader folders but never served by name.
     async with api_stack.client.get("/boot/files/ipxe.efi") as resp:

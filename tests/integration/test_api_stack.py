@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -36,8 +35,7 @@ INITRD = "templates/tiny/v1/initrd.img"
 TGT_CONTROL_PORTS = (60, 61, 62, 63, 64)
 PORTALS = tuple(f"127.0.0.1:{p}" for p in range(13270, 13280))
 
-needs_tgt = pytest.mark.skipif(shutil.which("tgtd") is None or shutil.which("tgtadm") is None,
-                               reason="tgtd/tgtadm not installed (apt install tgt)")
+needs_tgt = pytest.mark.usefixtures("tgt_installed")  # fails, naming the fix, where tgt is missing
 
 
 def uuid_n(n: int) -> str:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +11,7 @@ import pytest
 
 from iscsi.file_backend import FileBackend
 from iscsi.model import InUseError, StorageError
+from tests.tools import require
 
 U1 = "3f1c2b4e-9d8a-4c6b-8e2f-1a2b3c4d5e6f"
 U2 = "0a1b2c3d-4e5f-4a6b-9c8d-7e6f5a4b3c2d"
@@ -88,8 +87,7 @@ async def test_sparse_copy_where_there_is_no_reflink(tmp_path: Path) -> None:
 
 @pytest.fixture
 def xfs_mount(tmp_path: Path) -> Iterator[Path]:
-    if shutil.which("mkfs.xfs") is None or os.geteuid() != 0:
-        pytest.skip("needs root and xfsprogs (apt install xfsprogs) for a loop-mounted xfs")
+    require("mkfs.xfs", root=True, packages="xfsprogs")  # root: a loop-mounted xfs
     img, mnt = tmp_path / "xfs.img", tmp_path / "mnt"
     mnt.mkdir()
     with open(img, "wb") as f:

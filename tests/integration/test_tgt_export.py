@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import shutil
 import signal
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from iscsi.file_backend import FileBackend
 from iscsi.model import LunSpec, TargetAuth, TargetSpec
 from iscsi.runner import CommandResult, SubprocessRunner
 from iscsi.tgt import TgtDriver
+from tests.tools import require
 
 PORT = 13260
 PORTAL = f"127.0.0.1:{PORT}"
@@ -28,12 +27,9 @@ U1 = "3f1c2b4e-9d8a-4c6b-8e2f-1a2b3c4d5e6f"
 U2 = "0a1b2c3d-4e5f-4a6b-9c8d-7e6f5a4b3c2d"
 MB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("tgtd") is None or shutil.which("iscsi-inq") is None,
-    reason="needs tgt (tgtd, tgtadm) and libiscsi-bin (iscsi-inq, iscsi-test-cu) — apt install tgt libiscsi-bin",
-)
-if os.geteuid() != 0:
-    pytestmark = pytest.mark.skip(reason="tgtd needs root")
+@pytest.fixture(autouse=True)
+def _tgt_installed() -> None:
+    require("tgtd", "tgtadm", "iscsi-inq", "iscsi-test-cu", root=True, packages="tgt libiscsi-bin")
 
 
 class TeeRunner(SubprocessRunner):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -18,15 +17,15 @@ import pytest
 
 from iscsi.model import InUseError
 from iscsi.zfs_backend import ZfsBackend
+from tests.tools import require
 
 U1 = "3f1c2b4e-9d8a-4c6b-8e2f-1a2b3c4d5e6f"
 U2 = "0a1b2c3d-4e5f-4a6b-9c8d-7e6f5a4b3c2d"
 MB = 1 << 20
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("zfs-fuse") is None or os.geteuid() != 0,
-    reason="needs root and zfs-fuse (apt install zfs-fuse)",
-)
+@pytest.fixture(autouse=True)
+def _zfs_fuse_installed() -> None:
+    require("zfs-fuse", "zpool", "zfs", root=True, packages="zfs-fuse")
 
 
 def zfs_fuse_running() -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from dhcp import pxe
+from tests.tools import require
 
 pytestmark = pytest.mark.system
 
@@ -78,8 +79,7 @@ def _delete_namespaces() -> None:
 
 @pytest.fixture
 def lab(tmp_path: pathlib.Path) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root (CI runs as root)")
+    require(root=True)  # network namespaces
     missing = [t for t in TOOLS if shutil.which(t) is None]
     assert not missing, f"install {missing} (Debian: iproute2 dnsmasq qemu-system-x86 ipxe-qemu tcpdump tftpd-hpa)"
     _delete_namespaces()
