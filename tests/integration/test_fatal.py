@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance.app import Appliance, FatalError
-from appliance.config import load_config
-from tests.integration.test_serve import _serve, free_port, wait_for_health
+from appliance.config import load_config, split_host_port
+from tests.integration.test_serve import _serve, free_port, wait_for_health, write_config
 
 TGT_CONTROL_PORT = 65  # tgtd control ports: iscsi tests 40-49, API tests 60-64, this file 65
 
@@ -53,26 +53,10 @@ def tgtd_pid(control_port: int) -> int:
 
 def test_a_tgtd_that_cannot_be_restarted_stops_the_appliance(tmp_path: Path) -> None:
     bindir = tgtd_wrapper(tmp_path)
-    api = f"127.0.0.1:{free_port()}"
-    tftp_port = free_port(socket.SOCK_DGRAM)
-    config = tmp_path / "cello.toml"
-    config.write_text(f"""
-[appliance]
-state_dir = "{tmp_path / 'state'}"
-advertise = "127.0.0.1"
-[api]
-listen = "{api}"
-[tftp]
-listen = "127.0.0.1:{tftp_port}"
-[dhcp]
-listen = "127.0.0.1"
-port = {free_port(socket.SOCK_DGRAM)}
-pxe_port = {free_port(socket.SOCK_DGRAM)}
-[iscsi]
-driver = "tgt"
+    config, api = write_config(tmp_path, iscsi=f"""driver = "tgt"
 tgt_control_port = {TGT_CONTROL_PORT}
-portals = ["127.0.0.1:{free_port()}"]
-""")
+portals = ["127.0.0.1:{free_port()}"]""")
+    tftp_port = split_host_port(load_config(config).tftp.listen)[1]
     env_path = f"{bindir}:{os.environ['PATH']}"
     proc = _serve("--config", str(config), env={"PATH": env_path})
     try:
@@ -107,24 +91,11 @@ portals = ["127.0.0.1:{free_port()}"]
 
 
 async def test_a_lost_tftp_listener_stops_every_service_and_frees_its_ports(tmp_path: Path) -> None:
-    api_port, tftp_port = free_port(), free_port(socket.SOCK_DGRAM)
-    dhcp_port, pxe_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
-    config = tmp_path / "cello.toml"
-    config.write_text(f"""
-[appliance]
-state_dir = "{tmp_path / 'state'}"
-advertise = "127.0.0.1"
-[api]
-listen = "127.0.0.1:{api_port}"
-[tftp]
-listen = "127.0.0.1:{tftp_port}"
-[dhcp]
-listen = "127.0.0.1"
-port = {dhcp_port}
-pxe_port = {pxe_port}
-[iscsi]
-driver = "none"
-""")
+    config, api = write_config(tmp_path)
+    cfg = load_config(config)
+    api_port = split_host_port(api)[1]
+    tftp_port = split_host_port(cfg.tftp.listen)[1]
+    dhcp_port, pxe_port = cfg.dhcp.port, cfg.dhcp.pxe_port
     appliance = Appliance(load_config(config), config_path=config)
     await appliance.start()
     try:

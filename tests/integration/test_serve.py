@@ -46,7 +46,8 @@ def stop(proc: subprocess.Popen[str]) -> tuple[float, str]:
     return time.monotonic() - started, err
 
 
-def write_config(tmp_path: Path, api_port: int | None = None) -> tuple[Path, str]:
+def write_config(tmp_path: Path, api_port: int | None = None, iscsi: str = 'driver = "none"') -> tuple[Path, str]:
+    """A config on free loopback ports (the file and the API's host:port); `iscsi` is that section's body."""
     api = f"127.0.0.1:{api_port or free_port()}"
     cfg = tmp_path / "cello.toml"
     cfg.write_text(f"""
@@ -62,7 +63,7 @@ listen = "127.0.0.1"
 port = {free_port(socket.SOCK_DGRAM)}
 pxe_port = {free_port(socket.SOCK_DGRAM)}
 [iscsi]
-driver = "none"
+{iscsi}
 """)
     return cfg, api
 
