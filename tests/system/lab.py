@@ -255,16 +255,17 @@ class Node:
     mac: str
     tap: str
     logs: Path
-    firmware: str = "bios"  # bios | uefi
+    firmware: str = "bios"  # bios | uefi | uefi-pxe | uefi-http
     # "uefi" boots with the iPXE EFI driver of qemu's NIC ROM; "uefi-pxe" drops that ROM, so OVMF's own PXE
-    # client asks the proxyDHCP and is handed ipxe.efi over TFTP.
+    # client asks the proxyDHCP and is handed ipxe.efi over TFTP; "uefi-http" also turns OVMF's PXE off
+    # (its fw_cfg knobs), so its UEFI HTTP Boot client asks instead and fetches ipxe.efi by URL.
     nic: str = "e1000"
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
 
     @property
     def nic_rom(self) -> str:
-        return ",romfile=" if self.firmware == "uefi-pxe" else ""
+        return ",romfile=" if self.firmware in ("uefi-pxe", "uefi-http") else ""
 
     @property
     def serial(self) -> Path:
@@ -282,7 +283,10 @@ class Node:
             "-device", f"{self.nic},netdev=n0,mac={self.mac}{self.nic_rom}",
             "-fw_cfg", f"name=etc/sercon-port,file={sercon}",
         ]  # fmt: skip
-        if self.firmware in ("uefi", "uefi-pxe"):
+        if self.firmware == "uefi-http":
+            argv += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                     "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no"]
+        if self.firmware.startswith("uefi"):
             vars_copy = self.logs / f"ovmf-vars-{self.name}.fd"
             shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
             argv += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",

@@ -31,6 +31,7 @@ A = ("a", "3f1c2b4e-0000-4000-8000-0000000000a1", "52:54:00:77:00:a1")
 B = ("b", "3f1c2b4e-0000-4000-8000-0000000000b2", "52:54:00:77:00:b2")
 C = ("c", "3f1c2b4e-0000-4000-8000-0000000000c3", "52:54:00:77:00:c3")
 UEFI = ("uefi", "3f1c2b4e-0000-4000-8000-0000000000f1", "52:54:00:77:00:f1")
+UEFI_HTTP = ("uefihttp", "3f1c2b4e-0000-4000-8000-0000000000f2", "52:54:00:77:00:f2")
 STRANGER = ("stranger", "3f1c2b4e-0000-4000-8000-0000000000ee", "52:54:00:77:00:ee")
 
 # What the tests learn and later tests need (A's volume names, the last event id of a boot, ...).
@@ -334,6 +335,37 @@ def test_uefi_node_boots_through_ipxe_efi_from_its_own_clone(lab: Lab) -> None:
     at = first(events, at, "http script", lambda e: e["kind"] == "http" and e.get("server") == UEFI[1]
                and str(e.get("file")).endswith(".ipxe") and e.get("status") == 200)
     first(events, at, "http kernel", lambda e: e["kind"] == "http" and e.get("server") == UEFI[1]
+          and str(e.get("file")).endswith("vmlinuz") and e.get("status") == 200)
+
+
+def test_uefi_http_boot_node_fetches_ipxe_efi_by_url_and_boots_its_own_clone(lab: Lab) -> None:
+    """OVMF with its PXE turned off: its UEFI HTTP Boot client (arch 16, vendor class HTTPClient) takes
+    the site's address and Cello's proxy offer naming http://…/boot/files/ipxe.efi, fetches it over
+    HTTP and starts it; from there iPXE boots as on the PXE path."""
+    need("a")
+    create_server(lab, UEFI_HTTP, "ipxe")
+    node = lab.node(*UEFI_HTTP, firmware="uefi-http", nic="virtio-net-pci")
+    since = last_event_id(lab)
+    try:
+        took = boot(lab, node)
+        check_logged_in(lab, UEFI_HTTP[1])
+    except LabError as e:
+        fail_with_logs(lab, str(e))
+    finally:
+        lab.release(node)
+    print(f"\nUEFI HTTP Boot: power-on → root in {took:.1f} s")
+    assert lab.events is not None
+    events = lab.events.snapshot()
+    at = first(events, since, "dhcp offer of ipxe.efi by URL (arch 16)", lambda e: e["kind"] == "dhcp"
+               and e.get("mac") == UEFI_HTTP[2] and e.get("arch") == 16 and e.get("reply") == "offer"
+               and str(e.get("file")).startswith("http://") and str(e.get("file")).endswith("/boot/files/ipxe.efi"))
+    at = first(events, at, "http ipxe.efi", lambda e: e["kind"] == "http" and str(e.get("file")).endswith("ipxe.efi")
+               and e.get("status") == 200)
+    assert not [e for e in events if e.get("id", 0) > since and e["kind"] == "tftp"
+                and e.get("client", "").startswith(node_address(node) + ":")], "HTTP Boot used TFTP"
+    at = first(events, at, "dhcp offer of the script to iPXE", lambda e: e["kind"] == "dhcp"
+               and e.get("mac") == UEFI_HTTP[2] and str(e.get("file")).endswith(f"/boot/{UEFI_HTTP[1]}.ipxe"))
+    first(events, at, "http kernel", lambda e: e["kind"] == "http" and e.get("server") == UEFI_HTTP[1]
           and str(e.get("file")).endswith("vmlinuz") and e.get("status") == 200)
 
 
