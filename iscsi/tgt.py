@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 SOCKET_DIR = Path("/var/run/tgtd")
 TGT_ID_LEN = 36  # tgt keeps the first 36 chars of scsi_sn and scsi_id (SCSI_SN_LEN, SCSI_ID_LEN)
+DELETE_PARALLEL = 4  # tgtadm processes in flight while an apply deletes targets
+# An apply this soon after the last one starts from that one's closing show (see TgtDriver.apply);
+# later, it reads tgtd afresh, so a change made behind the driver is repaired by the next apply.
+REUSE_SHOW_FOR = 2.0
 
 
 class TgtShowError(ValueError):
@@ -119,6 +123,15 @@ def _is_address(entry: str) -> bool:
 
 
 @dataclass(frozen=True)
+class _Known:
+    """What an apply's closing show read: the start of the next apply's diff."""
+
+    proc: asyncio.subprocess.Process | None  # the tgtd it was read from
+    at: float  # loop time
+    targets: dict[int, TgtTarget]
+
+
+@dataclass(frozen=True)
 class _Want:
     iqn: str
     luns: dict[int, tuple[str, str, str]]  # tgt LUN -> (path, serial, scsi_id)
@@ -196,6 +209,7 @@ class TgtDriver:
         self._desired: list[TargetSpec] | None = None
         self._tids: dict[str, int] = {}
         self._secrets: dict[str, str] = {}  # CHAP secrets this driver set (tgt never shows them)
+        self._known: _Known | None = None  # what the closing show of the last apply read
         self.restarts = 0
         self.commands = 0
 
@@ -356,7 +370,8 @@ class TgtDriver:
         res = await self._run([self._tgtadm, "-C", str(self.control_port), "--lld", "iscsi",
                                "--op", "show", "--mode", "target"])
         try:
-            return parse_show(res.stdout)
+            # ~40 lines a target: parsing 1,000 of them is too long a stall for the event loop
+            return await asyncio.to_thread(parse_show, res.stdout)
         except TgtShowError as exc:
             raise StorageError(f"tgtadm show: {exc}") from None
 
@@ -374,31 +389,93 @@ class TgtDriver:
         return {(t.iqn, lun.index + 1): lun.volume for t in self._desired or () for lun in t.luns}
 
     async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
+        """Make tgtd's targets equal `targets`; returns what a show read after the last command.
+
+        An apply that follows another within REUSE_SHOW_FOR seconds diffs against what that one's
+        closing show read, if nothing else can have changed it: this driver's own tgtd, the same
+        process, and that apply ran to its end. A show of 1,000 targets costs tens of ms (tgtd's and
+        ours), and a burst of deletes is a run of applies back to back. Had someone changed tgtd
+        behind the driver anyway, a command fails or the closing show differs from the desired
+        targets and LUNs, and the apply runs again from what tgtd shows. The closing show is never
+        skipped: it is how a caller learns that a removed LUN is really gone before it destroys the
+        volume.
+        """
         want = _desired(targets)
         async with self._lock:
             self._desired = list(targets)
-            have = await self._show()
-            accounts = await self._accounts()
-            by_iqn = {t.iqn: t for t in have.values()}
-            for t in sorted(have.values(), key=lambda t: t.tid):
-                if t.iqn not in want:
-                    await self._adm("--op", "delete", "--force", "--mode", "target", "--tid", str(t.tid))
-                    del have[t.tid]
-                    self._tids.pop(t.iqn, None)
-            for iqn, w in sorted(want.items()):
-                cur = by_iqn.get(iqn)
-                if cur is None or cur.tid not in have:
-                    cur = await self._create(w, have)
-                await self._sync(cur, w, accounts)
-            # Accounts this driver made that no target wants any more.
-            wanted_users = {w.chap[0] for w in want.values() if w.chap}
-            for user in sorted(set(self._secrets) - wanted_users):
-                if user in accounts:
-                    await self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
-                del self._secrets[user]
-            shown = await self._show()
-        return ExportState(_state(shown, self._names_by_lun()), True,
-                           f"tgt: {len(shown)} targets on control port {self.control_port}")
+            names_by_lun = self._names_by_lun()
+            expected = {t.iqn: {lun.volume: lun.index + 1 for lun in t.luns} for t in targets}
+            known = self._take_known()
+            try:
+                shown = await self._converge(want, known if known is not None else await self._show())
+                real = _state(shown, names_by_lun)
+                stale = known is not None and real != expected
+            except CommandError as exc:
+                if known is None:
+                    raise
+                log.info("tgtd -C %s: a command failed on the reused show (%s)", self.control_port, exc)
+                shown, stale = await self._show(), True
+            if stale:
+                log.warning("tgtd -C %s was changed behind this driver; applying again from what it shows",
+                            self.control_port)
+                shown = await self._converge(want, shown)
+                real = _state(shown, names_by_lun)
+            state = ExportState(real, True, f"tgt: {len(shown)} targets on control port {self.control_port}")
+            if self.manage_daemon:
+                # the next apply changes this reading in place, so it must be no one else's
+                self._known = _Known(self._proc, asyncio.get_running_loop().time(), shown)
+        return state
+
+    def _take_known(self) -> dict[int, TgtTarget] | None:
+        """The last closing show, if an apply may start from it (see `apply`); taken, so used once."""
+        known, self._known = self._known, None
+        proc = self._proc
+        if (known is None or not self.manage_daemon  # a system tgtd is the host's too: always read it
+                or proc is None or known.proc is not proc or proc.returncode is not None
+                or asyncio.get_running_loop().time() - known.at > REUSE_SHOW_FOR):
+            return None
+        return known.targets
+
+    async def _converge(self, want: dict[str, _Want], have: dict[int, TgtTarget]) -> dict[int, TgtTarget]:
+        """Run the commands that turn `have` (changed in place) into `want`; then show what is there."""
+        # tgt never shows CHAP secrets, so the account list matters only where CHAP is in play.
+        chap = any(w.chap for w in want.values()) or bool(self._secrets)
+        accounts = await self._accounts() if chap else set()
+        by_iqn = {t.iqn: t for t in have.values()}
+        gone = sorted((t for t in have.values() if t.iqn not in want), key=lambda t: t.tid)
+        await self._delete_targets(gone)
+        for t in gone:
+            del have[t.tid]
+            self._tids.pop(t.iqn, None)
+        for iqn, w in sorted(want.items()):
+            cur = by_iqn.get(iqn)
+            if cur is None or cur.tid not in have:
+                cur = await self._create(w, have)
+            await self._sync(cur, w, accounts)
+        # Accounts this driver made that no target wants any more.
+        wanted_users = {w.chap[0] for w in want.values() if w.chap}
+        for user in sorted(set(self._secrets) - wanted_users):
+            if user in accounts:
+                await self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
+            del self._secrets[user]
+        return await self._show()
+
+    async def _delete_targets(self, gone: Sequence[TgtTarget]) -> None:
+        """`--force`: the server is going, so its node's session goes too (else tgt refuses the delete).
+
+        tgtd runs one management request at a time, but starting the next tgtadm while tgtd works on
+        the previous one hides the process start; every delete is tried, then the first failure raised.
+        """
+        sem = asyncio.Semaphore(DELETE_PARALLEL)
+
+        async def delete(t: TgtTarget) -> None:
+            async with sem:
+                await self._adm("--op", "delete", "--force", "--mode", "target", "--tid", str(t.tid))
+
+        results = await asyncio.gather(*(delete(t) for t in gone), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _create(self, w: _Want, have: dict[int, TgtTarget]) -> TgtTarget:
         tid = self._tids.get(w.iqn)
