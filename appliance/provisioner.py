@@ -309,33 +309,44 @@ class Provisioner:
     # --- delete ----------------------------------------------------------------------------------
 
     async def delete_server(self, uuid: str) -> None:
+        """Unexport, destroy the volumes, forget the server; `error_deleting` (and raise) on failure.
+
+        Deletes coalesce like creates: each waits for the shared export apply that starts after it
+        marked its server `deleting`, and that apply's closing show is what says its target is gone
+        before any volume is destroyed.
+        """
         self._need_export_service()
         async with self._lock(uuid):
-            server = await self._db(self.store.sync.server, uuid)
+            server, volumes = await self._db(_begin_delete, self.store.sync, uuid)
             if server is None:
                 raise NotFound(f"no server {uuid}")
             if server.state in ("creating", "exporting"):
                 raise Conflict(f"server {uuid} is being created; retry when it is available or error")
-            await self._db(self.store.sync.set_server_state, uuid, "deleting")
             self._step(uuid, "delete", "unexport", state="deleting")
+            destroyed: list[str] = []
             try:
+                # The boot index hears of this delete only from apply_exports, when every delete that
+                # shared the apply resumes at once (one refresh for the batch, not one per delete
+                # finishing): a `deleting` server boots nothing, so the rows going later change no answer.
                 state = await self.apply_exports(f"delete {uuid}")
                 if self.iqn(uuid) in state.targets:
                     raise StorageError(f"target {self.iqn(uuid)} is still exported")
-                for v in reversed(await self._db(self.store.sync.volumes, uuid)):
+                for v in reversed(volumes):
                     self._step(uuid, "delete", "destroy", volume=v.name)
                     await self._destroy(v.name)
-                    await self._db(self.store.sync.delete_volume, v.name)
-                await self._db(self.store.sync.delete_server, uuid)
+                    destroyed.append(v.name)
+                await self._db(_forget_server, self.store.sync, uuid, destroyed)
                 self._step(uuid, "delete", "done", state="deleted")
             except Exception as e:
                 reason = _reason(e)
-                await self._db(self.store.sync.set_server_state, uuid, "error_deleting", reason)
+                # The rows of the volumes already destroyed go (their quota with them); the rest stay,
+                # so a retry or reconcile destroys exactly what is left.
+                await self._db(_fail_delete, self.store.sync, uuid, destroyed, reason)
                 self._step(uuid, "delete", "failed", state="error_deleting", reason=reason)
+                self.on_change()
                 raise StorageError(f"delete {uuid} failed: {reason}") from e
             finally:
                 self._locks.pop(uuid, None)
-                self.on_change()
 
     async def _destroy(self, name: str) -> None:
         # Backends treat a missing volume as done (compensations repeat); the guard refuses a volume
@@ -509,6 +520,30 @@ class Provisioner:
 
 def _snapshot(store: Any) -> tuple[list[ServerRow], list[VolumeRow]]:
     return store.servers(), store.volumes()
+
+
+# The delete workflow's store steps, each one call on the store's thread (one trip through its
+# queue, however many rows): a burst of deletes is otherwise a long queue of small writes.
+
+def _begin_delete(store: Any, uuid: str) -> tuple[ServerRow | None, list[VolumeRow]]:
+    """The server and its volumes; marked `deleting` unless it is missing or still being created."""
+    server = store.server(uuid)
+    if server is None or server.state in ("creating", "exporting"):
+        return server, []
+    store.set_server_state(uuid, "deleting")
+    return server, store.volumes(uuid)
+
+
+def _forget_server(store: Any, uuid: str, volumes: Sequence[str]) -> None:
+    for name in volumes:
+        store.delete_volume(name)
+    store.delete_server(uuid)
+
+
+def _fail_delete(store: Any, uuid: str, destroyed: Sequence[str], reason: str) -> None:
+    for name in destroyed:
+        store.delete_volume(name)
+    store.set_server_state(uuid, "error_deleting", reason)
 
 
 def _quota_check(user: User) -> Callable[[int, int], str | None]:
