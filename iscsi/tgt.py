@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,32 +139,47 @@ class _Want:
     acl: tuple[str, ...]
 
 
-def _desired(targets: Sequence[TargetSpec]) -> dict[str, _Want]:
+def _want(spec: TargetSpec) -> _Want:
+    """One target, every name checked against its whitelist (NameError_ before any command)."""
+    names.iqn(spec.iqn)
+    luns: dict[int, tuple[str, str, str]] = {}
+    for lun in spec.luns:
+        names.volume(lun.volume)
+        number = lun.index + 1
+        if number in luns or not 0 <= lun.index <= names.MAX_LUN_INDEX:
+            raise NameError_(f"target {spec.iqn!r}: LUN index {lun.index} invalid or used twice")
+        luns[number] = (names.path(lun.path), names.serial(lun.serial), names.device_id(lun.device_id))
+    a = spec.auth
+    chap = None
+    if a.chap_user is not None or a.chap_secret is not None:
+        if a.chap_user is None or a.chap_secret is None:
+            raise NameError_(f"target {spec.iqn!r}: CHAP needs both a user and a secret")
+        chap = (names.chap_user(a.chap_user), names.chap_secret(a.chap_secret))
+    acl = tuple(names.initiator_portal(p) for p in a.initiator_portals)
+    acl += tuple(names.iqn(n) for n in a.initiator_names)
+    return _Want(spec.iqn, luns, chap, acl or ("ALL",))
+
+
+def _desired(targets: Sequence[TargetSpec],
+             checked: Mapping[TargetSpec, _Want]) -> tuple[dict[str, _Want], dict[TargetSpec, _Want]]:
+    """IQN -> what it should be, and every spec's check for the next call.
+
+    `checked` holds the specs of the previous apply, already checked: TargetSpec is frozen, so an
+    equal spec needs no second look, and a burst of applies over 1,000 unchanged targets costs a
+    hash each instead of a dozen whitelist matches.
+    """
     out: dict[str, _Want] = {}
+    now: dict[TargetSpec, _Want] = {}
     secrets: dict[str, str] = {}
     for spec in targets:
-        names.iqn(spec.iqn)
+        w = checked.get(spec) or _want(spec)
+        now[spec] = w
         if spec.iqn in out:
             raise NameError_(f"target {spec.iqn!r} given twice")
-        luns: dict[int, tuple[str, str, str]] = {}
-        for lun in spec.luns:
-            names.volume(lun.volume)
-            number = lun.index + 1
-            if number in luns or not 0 <= lun.index <= names.MAX_LUN_INDEX:
-                raise NameError_(f"target {spec.iqn!r}: LUN index {lun.index} invalid or used twice")
-            luns[number] = (names.path(lun.path), names.serial(lun.serial), names.device_id(lun.device_id))
-        a = spec.auth
-        chap = None
-        if a.chap_user is not None or a.chap_secret is not None:
-            if a.chap_user is None or a.chap_secret is None:
-                raise NameError_(f"target {spec.iqn!r}: CHAP needs both a user and a secret")
-            chap = (names.chap_user(a.chap_user), names.chap_secret(a.chap_secret))
-            if secrets.setdefault(chap[0], chap[1]) != chap[1]:
-                raise NameError_(f"CHAP user {chap[0]!r} has different secrets on two targets")
-        acl = tuple(names.initiator_portal(p) for p in a.initiator_portals)
-        acl += tuple(names.iqn(n) for n in a.initiator_names)
-        out[spec.iqn] = _Want(spec.iqn, luns, chap, acl or ("ALL",))
-    return out
+        if w.chap is not None and secrets.setdefault(w.chap[0], w.chap[1]) != w.chap[1]:
+            raise NameError_(f"CHAP user {w.chap[0]!r} has different secrets on two targets")
+        out[spec.iqn] = w
+    return out, now
 
 
 class TgtDriver:
@@ -210,6 +225,7 @@ class TgtDriver:
         self._tids: dict[str, int] = {}
         self._secrets: dict[str, str] = {}  # CHAP secrets this driver set (tgt never shows them)
         self._known: _Known | None = None  # what the closing show of the last apply read
+        self._checked: dict[TargetSpec, _Want] = {}  # the last apply's specs, names checked
         self.restarts = 0
         self.commands = 0
 
@@ -400,7 +416,7 @@ class TgtDriver:
         skipped: it is how a caller learns that a removed LUN is really gone before it destroys the
         volume.
         """
-        want = _desired(targets)
+        want, self._checked = _desired(targets, self._checked)
         async with self._lock:
             self._desired = list(targets)
             names_by_lun = self._names_by_lun()
