@@ -308,16 +308,17 @@ class Provisioner:
 
     # --- delete ----------------------------------------------------------------------------------
 
-    async def delete_server(self, uuid: str) -> None:
+    async def delete_server(self, uuid: str, *, may_act_for: Callable[[str], bool] = lambda owner: True) -> None:
         """Unexport, destroy the volumes, forget the server; `error_deleting` (and raise) on failure.
 
-        Deletes coalesce like creates: each waits for the shared export apply that starts after it
-        marked its server `deleting`, and that apply's closing show is what says its target is gone
-        before any volume is destroyed.
+        A server whose owner `may_act_for` refuses is not found, exactly as a missing one. Deletes
+        coalesce like creates: each waits for the shared export apply that starts after it marked
+        its server `deleting`, and that apply's closing show is what says its target is gone before
+        any volume is destroyed.
         """
         self._need_export_service()
         async with self._lock(uuid):
-            server, volumes = await self._db(_begin_delete, self.store.sync, uuid)
+            server, volumes = await self._db(_begin_delete, self.store.sync, uuid, may_act_for)
             if server is None:
                 raise NotFound(f"no server {uuid}")
             if server.state in ("creating", "exporting"):
@@ -525,9 +526,12 @@ def _snapshot(store: Any) -> tuple[list[ServerRow], list[VolumeRow]]:
 # The delete workflow's store steps, each one call on the store's thread (one trip through its
 # queue, however many rows): a burst of deletes is otherwise a long queue of small writes.
 
-def _begin_delete(store: Any, uuid: str) -> tuple[ServerRow | None, list[VolumeRow]]:
-    """The server and its volumes; marked `deleting` unless it is missing or still being created."""
+def _begin_delete(store: Any, uuid: str,
+                  may_act_for: Callable[[str], bool]) -> tuple[ServerRow | None, list[VolumeRow]]:
+    """The server and its volumes; marked `deleting` unless missing, not the caller's, or still being made."""
     server = store.server(uuid)
+    if server is not None and not may_act_for(server.owner):
+        return None, []
     if server is None or server.state in ("creating", "exporting"):
         return server, []
     store.set_server_state(uuid, "deleting")

@@ -102,3 +102,25 @@ async def test_a_delete_failing_mid_burst_keeps_what_it_did_not_destroy(tmp_path
         assert status == 204
         assert (await s.driver.actual()).targets == {}
         await s.assert_clean()
+
+
+async def test_a_user_cannot_delete_another_users_server(tmp_path: Path) -> None:
+    async with open_stack(tmp_path, control_port=TGT_CONTROL_PORTS[4], portal=PORTALS[4]) as s:
+        await s.add_user("alice")
+        await s.add_user("bob")
+        mine, nobodys = uuid_n(0xB01), uuid_n(0xB02)
+        await create_available(s, [mine])
+
+        theirs = await s.req("DELETE", f"/api/v1/servers/{mine}", "bob")
+        missing = await s.req("DELETE", f"/api/v1/servers/{nobodys}", "bob")
+        # bob learns nothing: another user's server answers exactly as one that does not exist
+        assert theirs[0] == missing[0] == 404
+        assert theirs[1]["error"] == missing[1]["error"] == "not_found"
+        assert theirs[1]["detail"].replace(mine, "U") == missing[1]["detail"].replace(nobodys, "U")
+        status, server = await s.req("GET", f"/api/v1/servers/{mine}")
+        assert server["state"] == "available" and server["target"]["exported"] is True
+        assert list((await s.driver.actual()).targets) == [server["target"]["iqn"]]
+
+        status, _ = await s.req("DELETE", f"/api/v1/servers/{mine.upper()}", "alice")
+        assert status == 204
+        await s.assert_clean()
