@@ -1,7 +1,8 @@
 """Linux tgt export driver: a supervised `tgtd` (or the system's) driven with `tgtadm`.
 
 `apply()` diffs the real state (`tgtadm --op show --mode target`, parsed) against the desired one and
-runs only the difference. LUN 0 is tgt's controller, so a volume of index i is LUN i + 1 (OS = 1).
+runs only the difference, then reads tgtd again; back-to-back applies start from the previous one's
+closing read (see `TgtDriver.apply`). LUN 0 is tgt's controller, so a volume of index i is LUN i + 1.
 A restarted tgtd has no targets: the supervisor re-applies the last desired state.
 """
 
