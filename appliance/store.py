@@ -351,21 +351,26 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM servers WHERE uuid = ?", (uuid,))
 
-    def _server_from(self, row: sqlite3.Row) -> ServerRow:
-        macs = tuple(r[0] for r in self._all("SELECT mac FROM server_macs WHERE server = ? ORDER BY mac",
-                                             (row["uuid"],)))
-        return ServerRow(macs=macs, **dict(row))
+    def _servers_where(self, where: str, params: tuple[object, ...]) -> list[ServerRow]:
+        # Two queries however many servers (not one more per server for its MACs): the boot index and
+        # every export apply read all of them.
+        with self._lock:  # both reads see the same rows
+            rows = self._db.execute(f"SELECT * FROM servers {where} ORDER BY created_at, uuid", params).fetchall()
+            pairs = self._db.execute(f"SELECT mac, server FROM server_macs WHERE server IN "
+                                     f"(SELECT uuid FROM servers {where}) ORDER BY mac", params).fetchall()
+        macs: dict[str, list[str]] = {}
+        for mac, server in pairs:
+            macs.setdefault(server, []).append(mac)
+        return [ServerRow(macs=tuple(macs.get(r["uuid"], ())), **dict(r)) for r in rows]
 
     def server(self, uuid: str) -> ServerRow | None:
-        rows = self._all("SELECT * FROM servers WHERE uuid = ?", (uuid,))
-        return self._server_from(rows[0]) if rows else None
+        rows = self._servers_where("WHERE uuid = ?", (uuid,))
+        return rows[0] if rows else None
 
     def servers(self, owner: str | None = None) -> list[ServerRow]:
         if owner is None:
-            rows = self._all("SELECT * FROM servers ORDER BY created_at, uuid")
-        else:
-            rows = self._all("SELECT * FROM servers WHERE owner = ? ORDER BY created_at, uuid", (owner,))
-        return [self._server_from(r) for r in rows]
+            return self._servers_where("", ())
+        return self._servers_where("WHERE owner = ?", (owner,))
 
     def volumes(self, server: str | None = None) -> list[VolumeRow]:
         if server is None:

@@ -88,3 +88,18 @@ def test_events_are_bounded_and_filtered(tmp_path: Path) -> None:
     s.add_events([(1.0, "tftp", "u1", {"file": "pxelinux.0"}), (2.0, "dhcp", None, {"mac": "x"})])
     assert [e["kind"] for e in s.events()] == ["tftp", "dhcp"]
     assert s.events(server="u1") == [{"id": 1, "at": 1.0, "kind": "tftp", "server": "u1", "file": "pxelinux.0"}]
+
+
+def test_each_server_lists_its_own_macs_whoever_asks(tmp_path: Path) -> None:
+    s = Store(tmp_path / "c.db")
+    s.create_server(_server("u1", macs=("52:54:00:00:00:02", "52:54:00:00:00:01")), [])
+    s.create_server(_server("u2", owner="bob"), [])
+    s.create_server(_server("u3", owner="bob", macs=("52:54:00:00:00:03",)), [])
+    assert [(r.uuid, r.macs) for r in s.servers()] == [
+        ("u1", ("52:54:00:00:00:01", "52:54:00:00:00:02")), ("u2", ()), ("u3", ("52:54:00:00:00:03",))]
+    assert [(r.uuid, r.macs) for r in s.servers("bob")] == [("u2", ()), ("u3", ("52:54:00:00:00:03",))]
+    one = s.server("u1")
+    assert one is not None and one.macs == ("52:54:00:00:00:01", "52:54:00:00:00:02")
+    assert s.server("nope") is None
+    s.delete_server("u1")
+    assert [r.uuid for r in s.servers()] == ["u2", "u3"]
