@@ -103,6 +103,7 @@ def negotiate(requested: dict[str, str], size: int, limits: Limits) -> Negotiate
 Outcome = Literal["ok", "tsize-probe", "aborted", "timeout", "error"]
 
 _ACK = struct.Struct("!HH")  # opcode + block: the header of ACK and DATA
+_OP_DATA = tp.OP_DATA
 
 
 class SendTransfer:
@@ -133,6 +134,8 @@ class SendTransfer:
         self._acked = 0  # absolute number of the last block the client acknowledged
         self._sent_upto = 0
         self._retries = 0
+        self._timeout = self.params.timeout  # of the current attempt: _current_timeout(), kept at hand
+        self._read = source.read
         self._outbox: list[bytes] = []
         self._deadline: float | None = None
         if self.params.accepted:
@@ -179,15 +182,18 @@ class SendTransfer:
         if self._state == "oack":
             if block == 0:
                 self._state = "data"
-                self._retries = 0
+                self._reset_retries()
                 self._send_window(now)
             return
-        advance = (block - self._acked) % tp.BLOCK_MODULO
-        if advance == 0 or advance > self._sent_upto - self._acked:
+        acked = self._acked
+        advance = (block - acked) % tp.BLOCK_MODULO
+        if advance == 0 or advance > self._sent_upto - acked:
             return  # duplicate or late ACK (or one from far away): never triggers a retransmission
-        self._acked += advance
-        self._retries = 0
-        if self._acked >= self.total_blocks:
+        acked += advance
+        self._acked = acked
+        if self._retries:
+            self._reset_retries()
+        if acked >= self.total_blocks:
             self._finish("ok", now)
             return
         self._send_window(now)
@@ -202,6 +208,7 @@ class SendTransfer:
             self._finish("timeout", now)
             return
         self._retries += 1
+        self._timeout = self._current_timeout()
         self.retransmissions += 1
         if self._state == "oack":
             self._send_oack(now)
@@ -223,22 +230,31 @@ class SendTransfer:
             return base  # no back-off yet, or RFC 2349: the client said how long to wait
         return min(base * (1 << min(self._retries, 16)), max(base, self.limits.backoff_max))
 
+    def _reset_retries(self) -> None:
+        self._retries = 0
+        self._timeout = self.params.timeout
+
     def _send_oack(self, now: float) -> None:
         self._outbox.append(tp.encode(tp.OptionAck(self.params.accepted)))
-        self._deadline = now + self._current_timeout()
+        self._deadline = now + self._timeout
 
     def _send_window(self, now: float) -> None:
-        first = self._acked + 1
-        last = min(self._acked + self.windowsize, self.total_blocks)
+        # Once per block in lock-step: locals and one running offset instead of attribute lookups.
+        acked = self._acked
+        last = acked + self.windowsize
+        if last > self.total_blocks:
+            last = self.total_blocks
         blksize = self.blksize
-        read = self.source.read
-        out = self._outbox
+        read = self._read
+        append = self._outbox.append
         pack = _ACK.pack
-        for block in range(first, last + 1):
-            out.append(pack(tp.OP_DATA, block & 0xFFFF) + read((block - 1) * blksize, blksize))
+        offset = acked * blksize
+        for block in range(acked + 1, last + 1):
+            append(pack(_OP_DATA, block & 0xFFFF) + read(offset, blksize))
+            offset += blksize
         if last > self._sent_upto:
             self._sent_upto = last
-        self._deadline = now + self._current_timeout()
+        self._deadline = now + self._timeout
 
     def _finish_on_client_error(self, packet: tp.Error, now: float) -> None:
         self.error = f"client error {packet.code}: {packet.message}"

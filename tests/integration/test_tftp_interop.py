@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bootfiles import tftp_packet as tp
+from bootfiles import tftp_server
 from bootfiles.render import BUILTIN_PROFILES
 from bootfiles.spec import BootSpec, IscsiRoot
 from bootfiles.tftp_server import TftpServer
@@ -389,6 +390,38 @@ async def test_retransmission_and_wrong_tid(env: Env) -> None:
     finally:
         raw.close()
         stranger.close()
+
+
+@pytest.mark.parametrize(("use_epoll", "twin"), [(True, True), (False, True), (True, False), (False, False)])
+async def test_every_socket_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_epoll: bool, twin: bool) -> None:
+    """Each way a transfer can hold its port: behind the server's epoll or as a reader on the loop (no
+    epoll: FreeBSD), with or without the connected twin socket (no SO_REUSEPORT, no descriptor to spare).
+    Each serves a windowed fetch, retransmits, and answers a stranger with error 5."""
+    monkeypatch.setattr(TftpServer, "_use_epoll", use_epoll)
+    if not twin:
+        monkeypatch.setattr(tftp_server, "_connected_twin", lambda sock, peer: None)
+    e = make_env(tmp_path)
+    await e.server.start()
+    raw, stranger = Raw(e.port), Raw(e.port)
+    try:
+        got = await fetch_windowed(e.port, "pxelinux.0", {"blksize": "1468", "windowsize": "8"})
+        assert bytes(got.data) == (e.root / "pxelinux.0").read_bytes()
+        raw.rrq(b"pxelinux.0")
+        first, addr = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(first, tp.Data) and first.block == 1
+        assert [c.twin is not None for c in e.server._transfers] == [twin]
+        again, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert again == first  # no ACK: the (0.5 s) timer sends it again
+        stranger.sock.sendto(tp.encode_ack(1), addr)
+        err, _ = await in_thread(stranger.recv)  # type: ignore[misc]
+        assert isinstance(err, tp.Error) and err.code == 5
+        raw.sock.sendto(tp.encode_ack(1), addr)
+        nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(nxt, tp.Data) and nxt.block == 2
+    finally:
+        raw.close()
+        stranger.close()
+        await e.server.stop()
 
 
 async def test_disabled_gives_no_answer(env: Env) -> None:
