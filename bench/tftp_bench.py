@@ -1,18 +1,28 @@
 """TFTP benchmark: Cello's server against tftp-hpa's in.tftpd, dnsmasq's TFTP and tftpy's server.
 
 For 1, 8, 32 and 128 concurrent clients fetching the same 32 MiB file at blksize 1468 (lock-step,
-windowsize 1, since in.tftpd and dnsmasq have no RFC 7440), prints aggregate throughput and
-time-to-first-byte (RRQ sent → first DATA received) per server, and the Cello/peer ratios, all measured
-in the same run on the same file.
+windowsize 1, since in.tftpd and dnsmasq have no RFC 7440), prints aggregate throughput,
+time-to-first-byte (RRQ sent → first DATA received) and server CPU time per block, per server, and the
+Cello/peer ratios, all measured in the same run on the same file.
 
-Each (server, clients) cell runs for at most --window seconds; clients still running then are stopped
-with an ERROR packet, and throughput is the bytes received in the window divided by its length. The
-client is a lean epoll loop in its own process (it only counts bytes, so it costs less per packet than
-any server). dnsmasq's TFTP always listens on port 69, so it and its client run inside a network
-namespace made (and removed) by this script; everything else is on 127.0.0.1 with free ports.
+The servers are measured interleaved, in rounds: each round runs every (clients, server) cell once, with
+the order of the servers rotated from round to round and count to count, so that a burst of other work
+on the machine lands on different servers in different rounds. Each round's figures are printed, then
+per cell the median over the rounds, and per client count the median of the per-round Cello/peer ratios
+(each taken between cells run seconds apart), so that one noisy cell cannot decide the verdict. Every
+server serves one short uncounted fetch before the rounds (Cello loads the file into its cache on the
+first request; the others read it from the page cache, where writing it left it), so the rounds measure
+serving, not the first read.
 
-    .venv/bin/python bench/tftp_bench.py            # full run (~2 minutes)
-    .venv/bin/python bench/tftp_bench.py --quick    # ~20 seconds
+Each cell runs for at most --window seconds; clients still running then are stopped with an ERROR
+packet, and throughput is the bytes received in the window divided by its length. The client is a lean
+epoll loop in its own process (it only counts bytes). dnsmasq's TFTP always listens on port 69, so it
+and its client run inside a network namespace made (and removed) by this script; everything else is on
+127.0.0.1 with free ports. Server CPU per block is read from /proc for the servers that are one process
+(in.tftpd forks per transfer and its children's times cannot be added up there).
+
+    .venv/bin/python bench/tftp_bench.py            # full run: 3 rounds of 2.5 s cells (~2.5 minutes)
+    .venv/bin/python bench/tftp_bench.py --quick    # 3 rounds of 0.3 s cells (~35 seconds)
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 NETNS = "cello-tftpb"
@@ -56,20 +67,17 @@ def client_main(host: str, port: int, name: str, n: int, window: float, blksize:
 
     rrq = b"\x00\x01" + name.encode() + b"\x00octet\x00blksize\x00" + str(blksize).encode() + b"\x00"
     ep = select.epoll()
-    socks: dict[int, socket.socket] = {}
-    # per fd: [peer, next_block16, bytes, t_first, last_sent, last_activity, done, tries]
-    st: dict[int, list[object]] = {}
+    fetches: dict[int, _Fetch] = {}
     start = time.monotonic()
     for _ in range(n):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         s.setblocking(False)
         s.bind(("127.0.0.1", 0))
-        socks[s.fileno()] = s
-        st[s.fileno()] = [(host, port), 1, 0, None, rrq, start, False, 0]
+        fetches[s.fileno()] = _Fetch(s, (host, port), rrq, start)
         ep.register(s.fileno(), select.EPOLLIN)
-    for s in socks.values():
-        s.sendto(rrq, (host, port))
+    for f in fetches.values():
+        f.sock.sendto(rrq, (host, port))
     sent_at = time.monotonic()
     end = start + window
     active = n
@@ -81,10 +89,10 @@ def client_main(host: str, port: int, name: str, n: int, window: float, blksize:
         if now >= end:
             break
         for fd, _ in ep.poll(min(0.1, end - now)):
-            s = socks[fd]
-            state = st[fd]
-            if state[6]:
+            f = fetches[fd]
+            if f.done:
                 continue
+            s = f.sock
             while True:
                 try:
                     data, addr = s.recvfrom(65536)
@@ -93,61 +101,77 @@ def client_main(host: str, port: int, name: str, n: int, window: float, blksize:
                 op = data[1]
                 if op == 3:
                     block = (data[2] << 8) | data[3]
-                    if block != state[1]:
-                        if block == (state[1] - 1) & 0xFFFF:
-                            s.sendto(state[4], addr)  # type: ignore[arg-type]
+                    if block != f.next_block:
+                        if block == (f.next_block - 1) & 0xFFFF:
+                            s.sendto(f.last_sent, addr)
                         continue
-                    if state[3] is None:
-                        state[3] = time.monotonic()
-                    state[0] = addr
-                    state[2] = state[2] + len(data) - 4  # type: ignore[operator]
+                    if f.first_data is None:
+                        f.first_data = time.monotonic()
+                    f.peer = addr
+                    f.bytes += len(data) - 4
                     pkt = ack.pack(4, block)
                     s.sendto(pkt, addr)
-                    state[4] = pkt
-                    state[1] = (block + 1) & 0xFFFF
-                    state[7] = 0
+                    f.last_sent = pkt
+                    f.next_block = (block + 1) & 0xFFFF
+                    f.tries = 0
                     if len(data) - 4 < blksize:
-                        state[6] = True
+                        f.done = True
                         active -= 1
                         completed += 1
                         break
                 elif op == 6:  # OACK
-                    state[0] = addr
+                    f.peer = addr
                     pkt = ack.pack(4, 0)
                     s.sendto(pkt, addr)
-                    state[4] = pkt
+                    f.last_sent = pkt
                 elif op == 5:
-                    state[6] = True
+                    f.done = True
                     active -= 1
                     failed += 1
                     break
-            state[5] = time.monotonic()
+            f.last_activity = time.monotonic()
         now = time.monotonic()
-        for fd, state in st.items():  # retransmit after 1 s of silence, give up after 5 tries
-            if not state[6] and now - state[5] > 1.0:  # type: ignore[operator]
-                state[7] = state[7] + 1  # type: ignore[operator]
-                state[5] = now
-                if state[7] > 5:  # type: ignore[operator]
-                    state[6] = True
+        for f in fetches.values():  # retransmit after 1 s of silence, give up after 5 tries
+            if not f.done and now - f.last_activity > 1.0:
+                f.tries += 1
+                f.last_activity = now
+                if f.tries > 5:
+                    f.done = True
                     active -= 1
                     failed += 1
                 else:
-                    socks[fd].sendto(state[4], state[0])  # type: ignore[arg-type]
+                    f.sock.sendto(f.last_sent, f.peer)
     elapsed = min(time.monotonic(), end) - start
-    for fd, state in st.items():
-        if not state[6]:
-            socks[fd].sendto(b"\x00\x05\x00\x00benchmark window over\x00", state[0])  # type: ignore[arg-type]
-        socks[fd].close()
-    total = sum(state[2] for state in st.values())  # type: ignore[misc]
-    ttfb = [state[3] - sent_at for state in st.values() if state[3] is not None]  # type: ignore[operator]
+    for f in fetches.values():
+        if not f.done:
+            f.sock.sendto(b"\x00\x05\x00\x00benchmark window over\x00", f.peer)
+        f.sock.close()
+    ttfb = [f.first_data - sent_at for f in fetches.values() if f.first_data is not None]
     return {
-        "bytes": total,
+        "bytes": sum(f.bytes for f in fetches.values()),
         "elapsed": elapsed,
         "completed": completed,
         "failed": failed,
         "ttfb": sorted(ttfb),
         "started": len(ttfb),
     }
+
+
+class _Fetch:
+    """One client transfer's state (slots: the client's per-packet cost must stay below any server's)."""
+
+    __slots__ = ("bytes", "done", "first_data", "last_activity", "last_sent", "next_block", "peer", "sock", "tries")
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], rrq: bytes, now: float) -> None:
+        self.sock = sock
+        self.peer = peer  # the request port until the server's first answer names its TID
+        self.next_block = 1  # 16-bit
+        self.bytes = 0
+        self.first_data: float | None = None
+        self.last_sent = rrq
+        self.last_activity = now
+        self.done = False
+        self.tries = 0
 
 
 # --- the servers ------------------------------------------------------------------------------------
@@ -184,11 +208,16 @@ def free_port() -> int:
 
 
 class Peer:
-    def __init__(self, label: str, argv: list[str], port: int, netns: str | None = None) -> None:
+    def __init__(
+        self, label: str, argv: list[str], port: int, netns: str | None = None, *, cpu_counted: bool = True
+    ) -> None:
         self.label = label
         self.argv = argv
         self.port = port
         self.netns = netns
+        # False for in.tftpd: it forks one process per transfer and its children are reaped without
+        # their times reaching the parent's, so /proc cannot add them up.
+        self.cpu_counted = cpu_counted
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -206,12 +235,23 @@ class Peer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def measure(self, n: int, window: float) -> dict[str, object]:
+    def cpu_seconds(self) -> float | None:
+        """utime + stime of the server process (and of children it waited for)."""
+        if self.proc is None or not self.cpu_counted:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+    def measure(self, n: int, window: float) -> dict[str, Any]:
         argv = [sys.executable, __file__, "--client", "127.0.0.1", str(self.port), FILE_NAME, str(n), str(window)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         out = subprocess.run(argv, capture_output=True, check=True, timeout=window + 60)
-        result: dict[str, object] = json.loads(out.stdout)
+        result: dict[str, Any] = json.loads(out.stdout)
         return result
 
 
@@ -237,7 +277,7 @@ def make_peers(root: Path, have_netns: bool) -> tuple[list[Peer], list[str]]:
         argv = [tftpd, "--listen", "--foreground", "--address", f"127.0.0.1:{p}", "--blocksize", str(BLKSIZE)]
         if os.geteuid() == 0:
             argv += ["--user", "root"]
-        peers.append(Peer("in.tftpd", [*argv, "--secure", str(root)], p))
+        peers.append(Peer("in.tftpd", [*argv, "--secure", str(root)], p, cpu_counted=False))
     else:
         missing.append("in.tftpd (Debian tftpd-hpa)")
     dnsmasq = shutil.which("dnsmasq")
@@ -276,10 +316,65 @@ def fmt_ms(values: list[float], q: float) -> str:
     return f"{values[idx] * 1000:.1f}"
 
 
+class Cell:
+    """One (server, clients) measurement of one round."""
+
+    def __init__(self, result: dict[str, Any], cpu: float | None) -> None:
+        self.error = str(result["error"]) if "error" in result else None
+        self.bytes = int(result.get("bytes", 0))
+        self.elapsed = float(result.get("elapsed", 1.0))
+        self.ttfb = [float(t) for t in result.get("ttfb", [])]
+        self.started = int(result.get("started", 0))
+        self.completed = int(result.get("completed", 0))
+        self.failed = int(result.get("failed", 0))
+        blocks = self.bytes / BLKSIZE
+        self.cpu_us_per_block = cpu / blocks * 1e6 if cpu is not None and blocks else None
+        # of one core, over the window: near 100 % the server, not the client or the machine, sets the pace
+        self.cpu_share = cpu / self.elapsed if cpu is not None and self.elapsed > 0 else None
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes / self.elapsed / 1e6
+
+    @property
+    def ttfb_p50(self) -> float | None:
+        return statistics.median(self.ttfb) if self.ttfb else None
+
+    def line(self) -> str:
+        if self.error:
+            return self.error
+        cpu = "     -          "
+        if self.cpu_us_per_block is not None and self.cpu_share is not None:
+            cpu = f"{self.cpu_us_per_block:6.1f} us/blk {self.cpu_share:4.0%}"
+        return (
+            f"{self.mbps:8.1f} MB/s  ttfb p50 {fmt_ms(self.ttfb, 0.5):>7s} ms  p95 {fmt_ms(self.ttfb, 0.95):>7s} ms"
+            f"  cpu {cpu}  started {self.started}  done {self.completed}  failed {self.failed}"
+        )
+
+
+def run_cell(peer: Peer, n: int, window: float) -> Cell:
+    before = peer.cpu_seconds()
+    result = peer.measure(n, window)
+    time.sleep(0.2)  # let aborted transfers die down before the next cell
+    after = peer.cpu_seconds()
+    cpu = after - before if before is not None and after is not None else None
+    return Cell(result, cpu)
+
+
+def rotated(peers: list[Peer], shift: int) -> list[Peer]:
+    k = shift % len(peers)
+    return peers[k:] + peers[:k]
+
+
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="shorter windows (about 20 s in all)")
+    ap.add_argument("--quick", action="store_true", help="short cells (about 35 s in all)")
     ap.add_argument("--window", type=float, default=None, help="seconds per (server, clients) cell")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved cells (the median is reported)")
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--client", nargs=5, metavar=("HOST", "PORT", "FILE", "N", "WINDOW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -287,7 +382,8 @@ def main() -> int:
         host, port, name, n, window = args.client
         print(json.dumps(client_main(host, int(port), name, int(n), float(window), BLKSIZE)))
         return 0
-    window = args.window or (0.9 if args.quick else 5.0)
+    window = args.window or (0.3 if args.quick else 2.5)
+    rounds = max(1, args.rounds)
     counts = [int(c) for c in args.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="cello-tftpbench-"))
     tmp.chmod(0o755)
@@ -297,25 +393,19 @@ def main() -> int:
     data.chmod(0o644)
     have_netns = netns_up()
     peers, missing = make_peers(tmp, have_netns)
-    results: dict[tuple[str, int], dict[str, object]] = {}
+    cells: dict[tuple[str, int], list[Cell]] = {}
     try:
         for peer in peers:
             peer.start()
-        for n in counts:
-            for peer in peers:
-                results[(peer.label, n)] = r = peer.measure(n, window)
-                time.sleep(0.3)  # let aborted transfers die down before the next cell
-                if "error" in r:
-                    print(f"{peer.label:9s} n={n:<4d} {r['error']}", flush=True)
-                    continue
-                mbps = float(r["bytes"]) / float(r["elapsed"]) / 1e6  # type: ignore[arg-type]
-                ttfb = list(r["ttfb"])  # type: ignore[call-overload]
-                print(
-                    f"{peer.label:9s} n={n:<4d} {mbps:8.1f} MB/s  ttfb p50 {fmt_ms(ttfb, 0.5):>7s} ms"
-                    f"  p95 {fmt_ms(ttfb, 0.95):>7s} ms  started {r['started']}/{n}"
-                    f"  done {r['completed']}  failed {r['failed']}",
-                    flush=True,
-                )
+        for peer in peers:  # warm-up, not counted: Cello loads the file into its cache on first request
+            peer.measure(1, 0.5)
+        for r in range(rounds):
+            print(f"round {r + 1}/{rounds}", flush=True)
+            for i, n in enumerate(counts):
+                for peer in rotated(peers, r + i):
+                    cell = run_cell(peer, n, window)
+                    cells.setdefault((peer.label, n), []).append(cell)
+                    print(f"  {peer.label:9s} n={n:<4d} {cell.line()}", flush=True)
     finally:
         for peer in peers:
             peer.stop()
@@ -323,24 +413,56 @@ def main() -> int:
             netns_down()
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(f"Cello/peer ratios (throughput; ttfb p50 as peer/Cello, > 1 means Cello answers sooner), window {window}s")
+    print(f"Median of {rounds} rounds, window {window}s (MB/s per round in brackets)")
     for n in counts:
-        c = results.get(("cello", n))
-        if not c or "error" in c:
-            continue
-        c_tp = float(c["bytes"]) / float(c["elapsed"])  # type: ignore[arg-type]
-        c_ttfb = statistics.median(c["ttfb"]) if c["ttfb"] else None  # type: ignore[arg-type]
-        cells = []
-        for peer in peers[1:]:
-            r = results.get((peer.label, n))
-            if not r or "error" in r or not r["bytes"]:
-                cells.append(f"{peer.label} -")
+        for peer in peers:
+            runs = [c for c in cells.get((peer.label, n), []) if not c.error]
+            if not runs:
+                print(f"  {peer.label:9s} n={n:<4d} no result")
                 continue
-            p_tp = float(r["bytes"]) / float(r["elapsed"])  # type: ignore[arg-type]
-            p_ttfb = statistics.median(r["ttfb"]) if r["ttfb"] else None  # type: ignore[arg-type]
-            ttfb_ratio = f"{p_ttfb / c_ttfb:.2f}" if c_ttfb and p_ttfb else "-"
-            cells.append(f"{peer.label} x{c_tp / p_tp:.2f} (ttfb {ttfb_ratio})")
-        print(f"n={n:<4d} " + "   ".join(cells))
+            mbps = statistics.median(c.mbps for c in runs)
+            per_round = " ".join(f"{c.mbps:.1f}" for c in runs)
+            ttfb = median_or_none([t for c in runs if (t := c.ttfb_p50) is not None])
+            cpu = median_or_none([u for c in runs if (u := c.cpu_us_per_block) is not None])
+            ttfb_s = f"{ttfb * 1000:7.1f}" if ttfb is not None else "      -"
+            cpu_s = f"{cpu:6.1f}" if cpu is not None else "     -"
+            print(
+                f"  {peer.label:9s} n={n:<4d} {mbps:8.1f} MB/s [{per_round}]  ttfb p50 {ttfb_s} ms  cpu {cpu_s} us/blk"
+            )
+    print()
+    print("Cello/peer ratios: median of the per-round ratios [per round]; throughput, and ttfb p50 as peer/Cello")
+    print("(> 1 means Cello is faster / answers sooner)")
+    verdict: dict[int, float] = {}
+    for n in counts:
+        mine = cells.get(("cello", n), [])
+        parts = []
+        for peer in peers[1:]:
+            theirs = cells.get((peer.label, n), [])
+            tp_ratios = [
+                c.mbps / p.mbps for c, p in zip(mine, theirs, strict=False) if not c.error and not p.error and p.bytes
+            ]
+            ttfb_ratios = [
+                pt / ct
+                for c, p in zip(mine, theirs, strict=False)
+                if (ct := c.ttfb_p50) and (pt := p.ttfb_p50) and not c.error and not p.error
+            ]
+            if not tp_ratios:
+                parts.append(f"{peer.label} -")
+                continue
+            med = statistics.median(tp_ratios)
+            if peer.label == "in.tftpd":
+                verdict[n] = med
+            ttfb_med = f"{statistics.median(ttfb_ratios):.2f}" if ttfb_ratios else "-"
+            rounds_s = " ".join(f"{x:.2f}" for x in tp_ratios)
+            parts.append(f"{peer.label} x{med:.2f} [{rounds_s}] (ttfb {ttfb_med})")
+        print(f"n={n:<4d} " + "   ".join(parts))
+    checks = []  # the issue's target: at least parity at 32 clients, ahead at 128
+    if 32 in verdict:
+        checks.append(f"n=32 parity: {'met' if verdict[32] >= 1.0 else 'NOT met'} (x{verdict[32]:.2f})")
+    if 128 in verdict:
+        checks.append(f"n=128 ahead: {'met' if verdict[128] > 1.0 else 'NOT met'} (x{verdict[128]:.2f})")
+    if checks:
+        print("target vs in.tftpd (median ratio): " + "; ".join(checks))
     for m in missing:
         print(f"not measured: {m}")
     return 0
