@@ -9,7 +9,9 @@ The servers are measured interleaved, in rounds: each round runs every (clients,
 the order of the servers rotated from round to round and count to count, so that a burst of other work
 on the machine lands on different servers in different rounds. Each round's figures are printed, then
 per cell the median over the rounds, and per client count the median of the per-round Cello/peer ratios
-(each taken between cells run seconds apart), so that one noisy cell cannot decide the verdict. Every
+(each taken between cells run seconds apart), so that one noisy cell cannot decide the verdict. Each
+round also says how busy other work kept the machine (sampled in the pause after each cell, while this
+script is idle), so that a quiet round can be told from a contended one. Every
 server serves one short uncounted fetch before the rounds (Cello loads the file into its cache on the
 first request; the others read it from the page cache, where writing it left it), so the rounds measure
 serving, not the first read.
@@ -352,13 +354,26 @@ class Cell:
         )
 
 
-def run_cell(peer: Peer, n: int, window: float) -> Cell:
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def run_cell(peer: Peer, n: int, window: float) -> tuple[Cell, float]:
+    """The cell, and the machine's busy share in the pause after it, when this benchmark is idle:
+    what other work was doing to the figures."""
     before = peer.cpu_seconds()
     result = peer.measure(n, window)
-    time.sleep(0.2)  # let aborted transfers die down before the next cell
+    time.sleep(0.05)  # let aborted transfers die down before the next cell
+    busy0, total0 = cpu_ticks()
+    time.sleep(0.2)
+    busy1, total1 = cpu_ticks()
     after = peer.cpu_seconds()
     cpu = after - before if before is not None and after is not None else None
-    return Cell(result, cpu)
+    return Cell(result, cpu), (busy1 - busy0) / max(1, total1 - total0)
 
 
 def rotated(peers: list[Peer], shift: int) -> list[Peer]:
@@ -401,11 +416,18 @@ def main() -> int:
             peer.measure(1, 0.5)
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
+            outside: list[float] = []
             for i, n in enumerate(counts):
                 for peer in rotated(peers, r + i):
-                    cell = run_cell(peer, n, window)
+                    cell, busy = run_cell(peer, n, window)
+                    outside.append(busy)
                     cells.setdefault((peer.label, n), []).append(cell)
                     print(f"  {peer.label:9s} n={n:<4d} {cell.line()}", flush=True)
+            print(
+                f"  other work between cells: median {statistics.median(outside):.0%}, max {max(outside):.0%}"
+                " of the machine's CPU",
+                flush=True,
+            )
     finally:
         for peer in peers:
             peer.stop()
