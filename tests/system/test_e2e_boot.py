@@ -305,24 +305,30 @@ def test_disabled_dhcp_answers_no_one(lab: Lab) -> None:
         cli_ok(lab, "service", "enable", "dhcp")
 
 
-def test_uefi_node_boots_through_ipxe_efi_from_its_own_clone(lab: Lab) -> None:
-    """OVMF's own PXE client (no iPXE ROM on the NIC): proxyDHCP offer for arch 7 → port 4011 ack → ipxe.efi
-    over TFTP → iPXE asks again and gets its per-node script → kernel + initrd over HTTP (the script names
-    the initrd, which the EFI stub needs) → iSCSI root → the marker."""
+def boot_uefi_node(lab: Lab, who: tuple[str, str, str], firmware: str) -> tuple[Node, int, list[dict[str, Any]]]:
+    """Create `who` on the ipxe profile and boot it to its marker: (the node, the last event id before its
+    power-on, every event so far)."""
     need("a")
-    create_server(lab, UEFI, "ipxe")
-    node = lab.node(*UEFI, firmware="uefi-pxe", nic="virtio-net-pci")
+    create_server(lab, who, "ipxe")
+    node = lab.node(*who, firmware=firmware, nic="virtio-net-pci")
     since = last_event_id(lab)
     try:
         took = boot(lab, node)
-        check_logged_in(lab, UEFI[1])
+        check_logged_in(lab, who[1])
     except LabError as e:
         fail_with_logs(lab, str(e))
     finally:
         lab.release(node)
-    print(f"\nUEFI: power-on → root in {took:.1f} s")
+    print(f"\n{firmware}: power-on → root in {took:.1f} s")
     assert lab.events is not None
-    events = lab.events.snapshot()
+    return node, since, lab.events.snapshot()
+
+
+def test_uefi_node_boots_through_ipxe_efi_from_its_own_clone(lab: Lab) -> None:
+    """OVMF's own PXE client (no iPXE ROM on the NIC): proxyDHCP offer for arch 7 → port 4011 ack → ipxe.efi
+    over TFTP → iPXE asks again and gets its per-node script → kernel + initrd over HTTP (the script names
+    the initrd, which the EFI stub needs) → iSCSI root → the marker."""
+    _, since, events = boot_uefi_node(lab, UEFI, "uefi-pxe")
     at = first(events, since, "dhcp offer ipxe.efi (arch 7)", lambda e: e["kind"] == "dhcp"
                and e.get("mac") == UEFI[2] and e.get("arch") == 7 and e.get("file") == "ipxe.efi"
                and e.get("reply") == "offer")
@@ -342,20 +348,7 @@ def test_uefi_http_boot_node_fetches_ipxe_efi_by_url_and_boots_its_own_clone(lab
     """OVMF with its PXE turned off: its UEFI HTTP Boot client (arch 16, vendor class HTTPClient) takes
     the site's address and Cello's proxy offer naming http://…/boot/files/ipxe.efi, fetches it over
     HTTP and starts it; from there iPXE boots as on the PXE path."""
-    need("a")
-    create_server(lab, UEFI_HTTP, "ipxe")
-    node = lab.node(*UEFI_HTTP, firmware="uefi-http", nic="virtio-net-pci")
-    since = last_event_id(lab)
-    try:
-        took = boot(lab, node)
-        check_logged_in(lab, UEFI_HTTP[1])
-    except LabError as e:
-        fail_with_logs(lab, str(e))
-    finally:
-        lab.release(node)
-    print(f"\nUEFI HTTP Boot: power-on → root in {took:.1f} s")
-    assert lab.events is not None
-    events = lab.events.snapshot()
+    node, since, events = boot_uefi_node(lab, UEFI_HTTP, "uefi-http")
     at = first(events, since, "dhcp offer of ipxe.efi by URL (arch 16)", lambda e: e["kind"] == "dhcp"
                and e.get("mac") == UEFI_HTTP[2] and e.get("arch") == 16 and e.get("reply") == "offer"
                and str(e.get("file")).startswith("http://") and str(e.get("file")).endswith("/boot/files/ipxe.efi"))
