@@ -62,6 +62,26 @@ def explain_bind_error(what: str, host: str, port: int, e: OSError) -> StartErro
     return StartError(f"{what}: cannot listen on {host}:{port}: {reason}")
 
 
+def raise_open_file_limit(needed: int) -> int:
+    """Lift the soft limit on open files towards the hard one, to at least `needed`; returns the new one.
+
+    A TFTP transfer holds two descriptors (its port and a twin connected to the client), so 512
+    transfers alone outgrow the usual soft limit of 1024; the hard limit is the operator's to set.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return int(soft)
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning("open files: hard limit %d is below the %d that %s need", hard, needed,
+                    "the configured TFTP transfers and services")
+    return int(target)
+
+
 def first_ipv4() -> str:
     """The first non-loopback IPv4 address of this host (read from the interfaces, no traffic sent)."""
     siocgifaddr = 0x8915
@@ -145,6 +165,8 @@ class Appliance:
         return f"http://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
 
     def build(self) -> None:
+        # two per TFTP transfer, plus the store, sockets of the other services and API clients
+        raise_open_file_limit(2 * self.config.tftp.max_transfers + 512)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
         store = AsyncStore(Store(self.state_dir / "cello.db"))

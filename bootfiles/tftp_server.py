@@ -322,7 +322,6 @@ class TftpServer:
         retries: int = 5,
         events: EventSink | None = None,
         enabled: Callable[[], bool] = lambda: True,
-        send_burst: int = 8,  # unused, kept for callers: sends are inline (a send thread cost more than it saved)
         on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         if not tp.MIN_BLKSIZE <= blksize_max <= tp.MAX_BLKSIZE:
@@ -344,7 +343,6 @@ class TftpServer:
         self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
         self._transfers: set[_TransferSocket] = set()
         self._poller: _TransferPoller | None = None
-        self.send_burst = send_burst
         self._family = socket.AF_INET
         self._bind_host = host
 

@@ -98,3 +98,24 @@ def test_cli_refuses_a_bad_config_with_one_line_and_status_2(tmp_path: Path) -> 
 def test_cli_version() -> None:
     r = _cello("--version")
     assert r.returncode == 0 and r.stdout.startswith("cello ")
+
+
+def test_serve_lifts_a_low_open_file_limit() -> None:
+    """In a child process: from a soft limit of 256 to what 512 TFTP transfers need, within the hard limit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from appliance.app import raise_open_file_limit\n"
+        "got = raise_open_file_limit(1536)\n"
+        "now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "want = 1536 if hard == resource.RLIM_INFINITY else min(1536, hard)\n"
+        "assert got == now == want, (got, now, want)\n"
+        "assert raise_open_file_limit(100) == now  # never lowered\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "ok", out.stderr
