@@ -365,22 +365,27 @@ async def test_uefi_tsize_probe_then_fetch(env: Env) -> None:
     assert [e["outcome"] for e in env.events] == ["tsize-probe", "ok"]
 
 
+async def retransmits_and_refuses_a_stranger(raw: Raw, stranger: Raw) -> tuple[tp.Data, tuple[str, int]]:
+    """RRQ, no ACK: block 1 comes again after the (0.5 s) timeout; a packet from another port gets error 5
+    and does not disturb the transfer, which goes on to block 2 once ACKed. Returns block 2 and its port."""
+    raw.rrq(b"pxelinux.0")
+    first, addr = await in_thread(raw.recv)  # type: ignore[misc]
+    assert isinstance(first, tp.Data) and first.block == 1
+    again, addr2 = await in_thread(raw.recv)  # type: ignore[misc]
+    assert again == first and addr2 == addr
+    stranger.sock.sendto(tp.encode_ack(1), addr)
+    err, _ = await in_thread(stranger.recv)  # type: ignore[misc]
+    assert isinstance(err, tp.Error) and err.code == 5
+    raw.sock.sendto(tp.encode_ack(1), addr)
+    nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
+    assert isinstance(nxt, tp.Data) and nxt.block == 2
+    return nxt, addr
+
+
 async def test_retransmission_and_wrong_tid(env: Env) -> None:
     raw, stranger = Raw(env.port), Raw(env.port)
     try:
-        raw.rrq(b"pxelinux.0")
-        first, addr = await in_thread(raw.recv)  # type: ignore[misc]
-        assert isinstance(first, tp.Data) and first.block == 1
-        # We do not ACK: the same block comes again after the (0.5 s) timeout.
-        again, addr2 = await in_thread(raw.recv)  # type: ignore[misc]
-        assert again == first and addr2 == addr
-        # A packet from another port gets error 5 and does not disturb the transfer.
-        stranger.sock.sendto(tp.encode_ack(1), addr)
-        err, _ = await in_thread(stranger.recv)  # type: ignore[misc]
-        assert isinstance(err, tp.Error) and err.code == 5
-        raw.sock.sendto(tp.encode_ack(1), addr)
-        nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
-        assert isinstance(nxt, tp.Data) and nxt.block == 2
+        nxt, addr = await retransmits_and_refuses_a_stranger(raw, stranger)
         # A retransmitted RRQ does not start a second transfer.
         raw.rrq(b"pxelinux.0")
         with pytest.raises(TimeoutError):
@@ -406,18 +411,9 @@ async def test_every_socket_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     try:
         got = await fetch_windowed(e.port, "pxelinux.0", {"blksize": "1468", "windowsize": "8"})
         assert bytes(got.data) == (e.root / "pxelinux.0").read_bytes()
-        raw.rrq(b"pxelinux.0")
-        first, addr = await in_thread(raw.recv)  # type: ignore[misc]
-        assert isinstance(first, tp.Data) and first.block == 1
+        # the transfer is still running here, so its sockets can be looked at
+        await retransmits_and_refuses_a_stranger(raw, stranger)
         assert [c.twin is not None for c in e.server._transfers] == [twin]
-        again, _ = await in_thread(raw.recv)  # type: ignore[misc]
-        assert again == first  # no ACK: the (0.5 s) timer sends it again
-        stranger.sock.sendto(tp.encode_ack(1), addr)
-        err, _ = await in_thread(stranger.recv)  # type: ignore[misc]
-        assert isinstance(err, tp.Error) and err.code == 5
-        raw.sock.sendto(tp.encode_ack(1), addr)
-        nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
-        assert isinstance(nxt, tp.Data) and nxt.block == 2
     finally:
         raw.close()
         stranger.close()

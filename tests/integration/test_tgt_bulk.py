@@ -9,15 +9,15 @@ that follows it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 import iscsi.tgt
 from iscsi.model import LunSpec, TargetAuth, TargetSpec
-from iscsi.runner import CommandResult, SubprocessRunner
 from iscsi.tgt import TgtDriver
+from tests.integration.test_tgt_export import TeeRunner, _flag
 from tests.tools import require
 
 CONTROL_PORT = 43
@@ -29,25 +29,6 @@ MB = 1 << 20
 @pytest.fixture(autouse=True)
 def _tgt_installed() -> None:
     require("tgtd", "tgtadm", root=True, packages="tgt")
-
-
-class TeeRunner(SubprocessRunner):
-    """Runs for real and records the argv, so a test can count what an apply issued."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, ...]] = []
-
-    async def __call__(self, argv: Sequence[str], *, check: bool = True) -> CommandResult:
-        self.calls.append(tuple(argv))
-        return await super().__call__(argv, check=check)
-
-    def ops(self, op: str, mode: str) -> list[tuple[str, ...]]:
-        return [c for c in self.calls if _arg(c, "--op") == op and _arg(c, "--mode") == mode]
-
-
-def _arg(argv: tuple[str, ...], flag: str) -> str | None:
-    return argv[argv.index(flag) + 1] if flag in argv else None
 
 
 def uuid_n(n: int) -> str:
@@ -100,7 +81,7 @@ async def test_back_to_back_applies_read_tgtd_once_each(tmp_path: Path, driver: 
     runner.calls.clear()
     state = await driver.apply(all40)
     assert len(runner.ops("show", "target")) == 1  # the closing show only
-    assert [c for c in runner.calls if _arg(c, "--op") != "show"] == []
+    assert [c for c in runner.calls if _flag(c, "--op") != "show"] == []
     assert len(state.targets) == 40
 
     runner.calls.clear()

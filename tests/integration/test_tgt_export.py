@@ -46,6 +46,13 @@ class TeeRunner(SubprocessRunner):
     def mutations(self) -> list[tuple[str, ...]]:
         return [c for c in self.calls if "--op" in c and c[c.index("--op") + 1] != "show"]
 
+    def ops(self, op: str, mode: str) -> list[tuple[str, ...]]:
+        return [c for c in self.calls if _flag(c, "--op") == op and _flag(c, "--mode") == mode]
+
+
+def _flag(argv: tuple[str, ...], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv and argv.index(flag) + 1 < len(argv) else None
+
 
 async def run(*argv: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
