@@ -97,6 +97,41 @@ def first_ipv4() -> str:
     return "127.0.0.1"
 
 
+def make_driver(config: Config, on_fatal: Callable[[BaseException], None] | None = None) -> ExportDriver:
+    """The export driver the config names (`cello serve`, and `cello teardown`)."""
+    from iscsi.exports import choose_driver
+
+    cfg = config.iscsi
+    return choose_driver(
+        cfg.driver,  # type: ignore[arg-type]
+        cfg.portals,
+        ctl_conf=Path(cfg.ctld_conf),
+        tgt_control_port=cfg.tgt_control_port,
+        tgt_manage_daemon=cfg.tgt_manage_daemon,
+        state_dir=config.appliance.state_dir,
+        on_fatal=on_fatal,
+    )
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold `<state_dir>/cello.lock` (flock) for this process's life; StartError if another holds it.
+
+    One appliance per state dir: two would fight over one store, one tgtd and its state file, and a
+    teardown must not run under a serving appliance that would put the exports straight back.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "cello.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartError(f"state dir {state_dir} is in use by another cello process (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 @dataclass
 class Health:
     state: str  # running | disabled | off | unavailable | failed
@@ -128,6 +163,7 @@ class Appliance:
         self.admin_token_printed: str | None = None
         self._stopped = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._lock_fd: int | None = None
 
     # --- building --------------------------------------------------------------------------------
 
@@ -144,17 +180,7 @@ class Appliance:
         return FileBackend(directory)
 
     def _make_driver(self) -> ExportDriver:
-        from iscsi.exports import choose_driver
-
-        cfg = self.config.iscsi
-        return choose_driver(
-            cfg.driver,  # type: ignore[arg-type]
-            cfg.portals,
-            ctl_conf=Path(cfg.ctld_conf),
-            tgt_control_port=cfg.tgt_control_port,
-            tgt_manage_daemon=cfg.tgt_manage_daemon,
-            on_fatal=self._fatal_for("export"),
-        )
+        return make_driver(self.config, on_fatal=self._fatal_for("export"))
 
     def portal(self) -> tuple[str, int]:
         host, port = split_host_port(self.config.iscsi.portals[0])
@@ -264,6 +290,8 @@ class Appliance:
         if self.provisioner is None:
             self.build()
         assert self.provisioner is not None and self.events is not None and self.policy is not None
+        if self._lock_fd is None:
+            self._lock_fd = lock_state_dir(self.state_dir)
         await self.events.start()
         await self.provisioner.load_services()
         started: list[ServiceSlot] = []
@@ -282,6 +310,7 @@ class Appliance:
                 with contextlib.suppress(Exception):
                     await slot.service.stop()  # type: ignore[union-attr]
             await self._close_store()
+            self._unlock()
             raise
         await self._ensure_admin_token()
         report = await self.provisioner.reconcile()
@@ -341,7 +370,13 @@ class Appliance:
         if self.events is not None:
             await self.events.stop()
         await self._close_store()
+        self._unlock()
         self._stopped.set()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)  # releases the flock
 
     async def _close_store(self) -> None:
         if self.store is not None:

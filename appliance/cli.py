@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", type=Path)
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", type=Path)
+    teardown = sub.add_parser(
+        "teardown", help="remove every iSCSI export of this appliance and stop its tgtd (nodes lose their disks)",
+        description="cello serve leaves the exports running when it stops, so that nodes keep their root "
+                    "disks. This removes them on purpose: run it with cello serve stopped.")
+    teardown.add_argument("--config", type=Path)
+    teardown.add_argument("--yes", action="store_true", help="really do it")
     try:
         from appliance.cli_client import add_client_commands
     except ImportError:  # pragma: no cover - the client commands ship with the web package
@@ -57,6 +64,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teardown(args: argparse.Namespace) -> int:
+    from appliance.app import StartError, lock_state_dir, make_driver
+    from iscsi.model import StorageError
+
+    config = load_config(args.config)
+    if not args.yes:
+        print("cello teardown removes every iSCSI export of this appliance: each running node loses its "
+              "root disk. Run it again with --yes to do it.", file=sys.stderr)
+        return 2
+    try:
+        lock = lock_state_dir(config.appliance.state_dir)
+    except StartError as e:
+        print(f"cello: {e}: stop cello serve first", file=sys.stderr)
+        return 1
+    try:
+        driver = make_driver(config)
+        removed = asyncio.run(driver.teardown(config.iscsi.iqn_prefix))
+    except StorageError as e:
+        print(f"cello: teardown: {e}", file=sys.stderr)
+        return 1
+    finally:
+        os.close(lock)
+    print(f"cello: teardown: {removed} target(s) removed ({driver.name})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -69,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             text, status = report(checks(load_config(args.config)))
             print(text)
             return status
+        if args.command == "teardown":
+            return _teardown(args)
         if args.command == "check-config":
             load_config(args.config)
             print(f"{args.config}: ok")

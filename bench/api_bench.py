@@ -103,7 +103,8 @@ async def appliance(root: Path, use_tgt: bool) -> AsyncIterator[tuple[str, str, 
     await store.call(store.sync.add_template_version,
                      TemplateVersion("tiny", "v1", "tiny", TEMPLATE_SIZE, "k/vmlinuz", "k/initrd", time.time()))
     await store.call(store.sync.put_user, User("bench", 1_000_000, 1_000_000))
-    driver: ExportDriver = TgtDriver(TGT_CONTROL_PORT, [PORTAL]) if use_tgt else NullDriver("bench: no tgtd")
+    driver: ExportDriver = (TgtDriver(TGT_CONTROL_PORT, [PORTAL], state_dir=root / "state") if use_tgt
+                            else NullDriver("bench: no tgtd"))
     await driver.start()
     holder: list[Provisioner] = []
     host, port = PORTAL.rsplit(":", 1)
@@ -127,7 +128,7 @@ async def appliance(root: Path, use_tgt: bool) -> AsyncIterator[tuple[str, str, 
     finally:
         await runner.cleanup()
         await prov.drain()
-        await driver.stop()
+        await driver.teardown()
         await events.stop()
         await asyncio.to_thread(store.close)
         print(f"clone method: {backend.status()['clone_method']}")

@@ -92,7 +92,7 @@ async def bench_tgt(n: int, tmp: Path) -> None:
     targets = [TargetSpec(t.iqn, t.luns) for t in targets]  # tgt-admin peer: no CHAP
     await asyncio.to_thread(make_images, [lun.path for t in targets for lun in t.luns])
 
-    driver = TgtDriver(46, ["127.0.0.1:13266"])
+    driver = TgtDriver(46, ["127.0.0.1:13266"], state_dir=tmp / "state")
     await driver.start()
     try:
         t0 = time.perf_counter()
@@ -118,7 +118,7 @@ async def bench_tgt(n: int, tmp: Path) -> None:
         t4 = time.perf_counter()
         assert len(manager.last_state.targets if manager.last_state else ()) == n + 100
     finally:
-        await driver.stop()
+        await driver.teardown()
 
     conf = tmp / "targets.conf"
     conf.write_text("default-driver iscsi\n" + "".join(

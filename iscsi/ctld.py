@@ -152,7 +152,13 @@ class CtldDriver:
                 self.max_ports = int(res.stdout.strip())
 
     async def stop(self) -> None:
-        """Nothing to do: the exports keep serving the nodes' root disks while Cello is down."""
+        """Nothing to do: ctl.conf and ctld stay, and keep serving the nodes' root disks while Cello is down."""
+
+    async def teardown(self, iqn_prefix: str | None = None) -> int:
+        """An operator's explicit act: ctl.conf (Cello's whole file) rendered with no target, reloaded."""
+        before = len((await self.actual()).targets)
+        await self.apply([])
+        return before
 
     def lun_number(self, index: int) -> int:
         return index

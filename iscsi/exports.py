@@ -37,6 +37,9 @@ class NullDriver:
     async def stop(self) -> None:
         pass
 
+    async def teardown(self, iqn_prefix: str | None = None) -> int:
+        return 0
+
     async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
         return ExportState({}, available=False, detail=self.reason)
 
@@ -57,6 +60,7 @@ def choose_driver(
     ctl_conf: Path = Path("/etc/ctl.conf"),
     tgt_control_port: int = 7,
     tgt_manage_daemon: bool = True,
+    state_dir: Path = Path("."),
     runner: CommandRunner | None = None,
     platform: str = sys.platform,
     which: Callable[[str], str | None] = shutil.which,
@@ -74,7 +78,7 @@ def choose_driver(
         return CtldDriver(ctl_conf, portals, runner)
     if kind == "tgt":
         return TgtDriver(tgt_control_port, portals, manage_daemon=tgt_manage_daemon, runner=runner,
-                         on_fatal=on_fatal)
+                         state_dir=state_dir, on_fatal=on_fatal)
     if kind == "none":
         return NullDriver("iSCSI driver is configured as none")
     raise ValueError(f"unknown iSCSI driver {kind!r} (auto, ctld, tgt or none)")

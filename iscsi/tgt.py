@@ -4,12 +4,16 @@
 runs only the difference, then reads tgtd again; back-to-back applies start from the previous one's
 closing read (see `TgtDriver.apply`). LUN 0 is tgt's controller, so a volume of index i is LUN i + 1.
 A restarted tgtd has no targets: the supervisor re-applies the last desired state.
+
+The appliance's own tgtd outlives Cello (iscsi/tgtd.py): `stop()` leaves it and every session running,
+the next `start()` adopts it and the first apply changes only what differs; `teardown()` removes it all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import re
@@ -20,6 +24,7 @@ from pathlib import Path
 from iscsi import names
 from iscsi.model import ExportState, NameError_, StorageError, TargetSpec
 from iscsi.runner import CommandError, CommandResult, CommandRunner, default_runner
+from iscsi.tgtd import TgtdProcess
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +132,7 @@ def _is_address(entry: str) -> bool:
 class _Known:
     """What an apply's closing show read: the start of the next apply's diff."""
 
-    proc: asyncio.subprocess.Process | None  # the tgtd it was read from
+    generation: int  # of the tgtd it was read from (TgtdProcess.generation)
     at: float  # loop time
     targets: dict[int, TgtTarget]
 
@@ -197,6 +202,7 @@ class TgtDriver:
         nop_count: int = 2,
         tgtd: str = "tgtd",
         tgtadm: str = "tgtadm",
+        state_dir: Path,
         start_timeout: float = 10.0,
         restart_attempts: int = 5,
         on_fatal: Callable[[BaseException], None] | None = None,
@@ -213,18 +219,16 @@ class TgtDriver:
         self.nop_count = nop_count
         self._tgtd = tgtd
         self._tgtadm = tgtadm
-        self._start_timeout = start_timeout
         self.restart_attempts = restart_attempts
         self.on_fatal = on_fatal
         self._lock = asyncio.Lock()
-        self._proc: asyncio.subprocess.Process | None = None
+        self.daemon = TgtdProcess(self.daemon_argv(), control_port, state_dir, self._answers,
+                                  start_timeout=start_timeout)
+        self.adopted = False  # this driver took over a tgtd an earlier Cello started
         self._monitor: asyncio.Task[None] | None = None
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._stderr_tail: list[str] = []
         self._stopping = False
         self._desired: list[TargetSpec] | None = None
         self._tids: dict[str, int] = {}
-        self._secrets: dict[str, str] = {}  # CHAP secrets this driver set (tgt never shows them)
         self._known: _Known | None = None  # what the closing show of the last apply read
         self._checked: dict[TargetSpec, _Want] = {}  # the last apply's specs, names checked
         self.restarts = 0
@@ -245,67 +249,42 @@ class TgtDriver:
         return index + 1
 
     async def start(self) -> None:
+        """Adopt the tgtd an earlier Cello left running (same state file), else start one of our own."""
         self._stopping = False
         if not self.manage_daemon:
             await self._adm("--op", "show", "--mode", "system")
             return
-        if self._proc is not None and self._proc.returncode is None:
+        if self.daemon.running:
             return
-        await self._spawn()
+        if await self.daemon.adopt():
+            self.adopted = True
+            log.info("tgtd -C %s: adopted the running tgtd (pid %s); its targets and sessions stay as they are",
+                     self.control_port, self.daemon.pid)
+        else:
+            await self._spawn()
         self._monitor = asyncio.create_task(self._supervise(), name=f"tgtd-{self.control_port}")
 
+    async def _answers(self) -> bool:
+        return (await self._adm("--op", "show", "--mode", "system", check=False)).returncode == 0
+
     async def _spawn(self) -> None:
-        if (await self._adm("--op", "show", "--mode", "system", check=False)).returncode == 0:
+        if await self._answers():
             # the socket answers before our tgtd could have bound it: another tgtd owns this port
             raise StorageError(f"tgtd -C {self.control_port}: control port already served by another "
-                               f"tgtd ({self.socket_path}); stop it or configure another control port")
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.daemon_argv(), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            )
-        except FileNotFoundError:
-            raise StorageError(f"{self._tgtd}: command not found (install tgt)") from None
-        self._stderr_tail = []
-        self._stderr_task = asyncio.create_task(self._drain(self._proc))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._start_timeout
-        while True:
-            if self._proc.returncode is not None:
-                await asyncio.wait([self._stderr_task], timeout=1)
-                raise StorageError(
-                    f"tgtd -C {self.control_port} exited with {self._proc.returncode} at start: "
-                    + " | ".join(self._stderr_tail[-5:])
-                )
-            if self.socket_path.exists():
-                res = await self._adm("--op", "show", "--mode", "system", check=False)
-                if res.returncode == 0 and self._proc.returncode is None:
-                    return
-            if loop.time() > deadline:
-                await self._kill()
-                raise StorageError(f"tgtd -C {self.control_port}: control socket not ready after "
-                                   f"{self._start_timeout:g}s: " + " | ".join(self._stderr_tail[-5:]))
-            await asyncio.sleep(0.05)
-
-    async def _drain(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._stderr_tail = [*self._stderr_tail[-19:], line]
-            log.debug("tgtd[%s]: %s", self.control_port, line)
+                               f"tgtd ({self.socket_path}), not one this appliance's state dir names; "
+                               f"stop it or configure another control port")
+        await self.daemon.spawn()
 
     async def _supervise(self) -> None:
         backoff = 0.2
         failures = 0  # restarts failed in a row
         while not self._stopping:
-            proc = self._proc
-            assert proc is not None
             if failures == 0:
-                rc = await proc.wait()
+                rc = await self.daemon.wait()
                 if self._stopping:
                     return
                 log.warning("tgtd -C %s died (exit %s); restarting and re-applying the exports",
-                            self.control_port, rc)
+                            self.control_port, "unknown" if rc is None else rc)
             await asyncio.sleep(backoff)
             try:
                 await self._spawn()
@@ -336,44 +315,53 @@ class TgtDriver:
                     log.exception("re-applying the exports after restarting tgtd -C %s failed",
                                   self.control_port)
 
-    async def _kill(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 3)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-    async def stop(self) -> None:
-        """Force-delete the targets, `--op delete --mode system`, reap tgtd. Idempotent."""
+    async def _stop_watching(self) -> None:
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
             self._monitor = None
-        if not self.manage_daemon:
-            return
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(StorageError):
-                async with self._lock:
-                    for tid in sorted(await self._show()):
+
+    async def stop(self) -> None:
+        """Cello stops; tgtd, its targets and every node's session keep running. Idempotent.
+
+        The next start adopts this tgtd. Removing the exports is `teardown()`, an operator's act.
+        """
+        await self._stop_watching()
+        if self.manage_daemon and self.daemon.running:
+            log.info("tgtd -C %s (pid %s) keeps serving the exports", self.control_port, self.daemon.pid)
+        self.daemon.release()
+
+    async def teardown(self, iqn_prefix: str | None = None) -> int:
+        """Remove the exports on purpose: force-delete the targets (every node loses its disk), then stop
+        the appliance's own tgtd. `iqn_prefix` limits it to Cello's targets on a system tgtd, which
+        keeps running. Returns how many targets went."""
+        await self._stop_watching()
+        if self.manage_daemon and not self.daemon.running and not await self.daemon.adopt():
+            if await self._answers():
+                raise StorageError(f"tgtd -C {self.control_port} is not one this appliance started "
+                                   f"(no live tgtd in {self.daemon.record_path}); not touching it")
+            await self.daemon.forget()
+            return 0
+        removed = 0
+        with contextlib.suppress(StorageError):
+            async with self._lock:
+                for tid, t in sorted((await self._show()).items()):
+                    if iqn_prefix is None or t.iqn.startswith(iqn_prefix + ":"):
                         await self._adm("--op", "delete", "--force", "--mode", "target", "--tid", str(tid),
                                         check=False)
-                await self._adm("--op", "delete", "--mode", "system", check=False)
+                        removed += 1
+                self._desired, self._known = None, None
+                self._tids.clear()
+        if self.manage_daemon:
+            await self._adm("--op", "delete", "--mode", "system", check=False)
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(self.daemon.wait(), 5)
             except TimeoutError:
-                await self._kill()
-        if self._stderr_task is not None:
-            await asyncio.wait([self._stderr_task], timeout=1)
-            self._stderr_task.cancel()
-            self._stderr_task = None
-        self._proc = None
+                await self.daemon.terminate()
+            await self.daemon.forget()
+        return removed
 
     # -- tgtadm --------------------------------------------------------------------------
 
@@ -440,15 +428,14 @@ class TgtDriver:
             state = ExportState(real, True, f"tgt: {len(shown)} targets on control port {self.control_port}")
             if self.manage_daemon:
                 # the next apply changes this reading in place, so it must be no one else's
-                self._known = _Known(self._proc, asyncio.get_running_loop().time(), shown)
+                self._known = _Known(self.daemon.generation, asyncio.get_running_loop().time(), shown)
         return state
 
     def _take_known(self) -> dict[int, TgtTarget] | None:
         """The last closing show, if an apply may start from it (see `apply`); taken, so used once."""
         known, self._known = self._known, None
-        proc = self._proc
         if (known is None or not self.manage_daemon  # a system tgtd is the host's too: always read it
-                or proc is None or known.proc is not proc or proc.returncode is not None
+                or known.generation != self.daemon.generation or not self.daemon.running
                 or asyncio.get_running_loop().time() - known.at > REUSE_SHOW_FOR):
             return None
         return known.targets
@@ -456,7 +443,9 @@ class TgtDriver:
     async def _converge(self, want: dict[str, _Want], have: dict[int, TgtTarget]) -> dict[int, TgtTarget]:
         """Run the commands that turn `have` (changed in place) into `want`; then show what is there."""
         # tgt never shows CHAP secrets, so the account list matters only where CHAP is in play.
-        chap = any(w.chap for w in want.values()) or bool(self._secrets)
+        secrets = self.daemon.secrets  # CHAP user -> hash of the secret this driver set
+        before = dict(secrets)
+        chap = any(w.chap for w in want.values()) or bool(secrets)
         accounts = await self._accounts() if chap else set()
         by_iqn = {t.iqn: t for t in have.values()}
         gone = sorted((t for t in have.values() if t.iqn not in want), key=lambda t: t.tid)
@@ -471,10 +460,12 @@ class TgtDriver:
             await self._sync(cur, w, accounts)
         # Accounts this driver made that no target wants any more.
         wanted_users = {w.chap[0] for w in want.values() if w.chap}
-        for user in sorted(set(self._secrets) - wanted_users):
+        for user in sorted(set(secrets) - wanted_users):
             if user in accounts:
                 await self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
-            del self._secrets[user]
+            del secrets[user]
+        if secrets != before and self.manage_daemon:
+            await self.daemon.save()  # so that the Cello adopting this tgtd knows which accounts are right
         return await self._show()
 
     async def _delete_targets(self, gone: Sequence[TgtTarget]) -> None:
@@ -540,14 +531,14 @@ class TgtDriver:
                 await self._adm("--op", "unbind", "--mode", "account", "--tid", tid, "--user", user)
         if w.chap is not None:
             user, secret = w.chap
-            if self._secrets.get(user) != secret:
+            if self.daemon.secrets.get(user) != _secret_hash(user, secret):
                 # tgt never shows a secret: an account not made (with this secret) by us is remade.
                 if user in accounts:
                     await self._adm("--op", "delete", "--mode", "account", "--user", user)
                     accounts.discard(user)
                 await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
                 accounts.add(user)
-                self._secrets[user] = secret
+                self.daemon.secrets[user] = _secret_hash(user, secret)
                 cur.accounts = [a for a in cur.accounts if a != user]
             if user not in accounts:
                 await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
@@ -560,6 +551,10 @@ class TgtDriver:
                     shown = await self._show()
                     if user not in shown.get(cur.tid, cur).accounts:
                         raise
+
+
+def _secret_hash(user: str, secret: str) -> str:
+    return hashlib.sha256(f"{user}\0{secret}".encode()).hexdigest()
 
 
 def _state(shown: dict[int, TgtTarget], names_by_lun: dict[tuple[str, int], str]) -> dict[str, dict[str, int]]:

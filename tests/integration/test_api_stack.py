@@ -147,7 +147,7 @@ async def open_stack(
     events = EventBus(store)
     real_backend = FileBackend(tmp / "volumes")
     await add_template(store, real_backend, files_root)
-    real_driver = TgtDriver(control_port, [portal])
+    real_driver = TgtDriver(control_port, [portal], state_dir=tmp / "state")
     await real_driver.start()
     backend, driver = wrap_backend(real_backend), wrap_driver(real_driver)
     holder: list[Provisioner] = []
@@ -176,7 +176,7 @@ async def open_stack(
     finally:
         await client.close()
         await prov.drain()
-        await real_driver.stop()
+        await real_driver.teardown()
         await events.stop()
         await asyncio.to_thread(store.close)
 

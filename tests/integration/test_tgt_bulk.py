@@ -57,13 +57,13 @@ async def tgtadm(*args: str) -> None:
 
 
 @pytest.fixture
-async def driver() -> AsyncIterator[TgtDriver]:
-    d = TgtDriver(CONTROL_PORT, [PORTAL], runner=TeeRunner())
+async def driver(tmp_path: Path) -> AsyncIterator[TgtDriver]:
+    d = TgtDriver(CONTROL_PORT, [PORTAL], runner=TeeRunner(), state_dir=tmp_path / "state")
     await d.start()
     try:
         yield d
     finally:
-        await d.stop()
+        await d.teardown()
 
 
 def tee(driver: TgtDriver) -> TeeRunner:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from iscsi.file_backend import FileBackend
 from iscsi.model import LunSpec, TargetAuth, TargetSpec
 from iscsi.runner import CommandResult, SubprocessRunner
 from iscsi.tgt import TgtDriver
+from iscsi.tgtd import process_start_time, read_record
 from tests.tools import require
 
 PORT = 13260
@@ -83,13 +85,13 @@ def _write_pattern(path: Path) -> None:
 
 
 @pytest.fixture
-async def driver() -> AsyncIterator[TgtDriver]:
-    d = TgtDriver(40, [PORTAL], runner=TeeRunner())
+async def driver(tmp_path: Path) -> AsyncIterator[TgtDriver]:
+    d = TgtDriver(40, [PORTAL], runner=TeeRunner(), state_dir=tmp_path / "state")
     await d.start()
     try:
         yield d
     finally:
-        await d.stop()
+        await d.teardown()
 
 
 def spec(backend: FileBackend, uuid: str, *, data: bool = False, auth: TargetAuth | None = None) -> TargetSpec:
@@ -184,54 +186,69 @@ async def test_initiator_acls(backend: FileBackend, driver: TgtDriver) -> None:
     assert rc == 0, out
 
 
-async def test_a_dead_tgtd_is_restarted_with_the_exports(backend: FileBackend) -> None:
-    driver = TgtDriver(41, ["127.0.0.1:13261"])
+async def test_a_dead_tgtd_is_restarted_with_the_exports(backend: FileBackend, tmp_path: Path) -> None:
+    driver = TgtDriver(41, ["127.0.0.1:13261"], state_dir=tmp_path / "state")
     await driver.start()
     try:
         await driver.apply([spec(backend, U1)])
-        assert driver._proc is not None
-        driver._proc.send_signal(signal.SIGKILL)
+        first = driver.daemon.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
         for _ in range(100):
             await asyncio.sleep(0.1)
-            if driver.restarts >= 1 and driver._proc.returncode is None:
+            if driver.restarts >= 1 and driver.daemon.running:
                 try:
                     if (await driver.actual()).targets:
                         break
                 except Exception:
                     continue
-        assert driver.restarts >= 1, driver._stderr_tail
+        assert driver.restarts >= 1, driver.daemon.log_tail()
+        assert driver.daemon.pid != first
         assert (await driver.actual()).targets == {f"{PREFIX}:{U1}": {f"tiny-OS-{U1}": 1}}
         rc, out = await run("iscsi-inq", f"iscsi://127.0.0.1:13261/{PREFIX}:{U1}/1")
         assert rc == 0, out
     finally:
-        proc = driver._proc
-        await driver.stop()
-        await driver.stop()  # idempotent
-    assert proc is not None and proc.returncode is not None
+        pid = driver.daemon.pid
+        assert await driver.teardown() == 1
+        assert await driver.teardown() == 0  # idempotent
+    assert pid is not None and process_start_time(pid) is None
+    assert read_record(driver.daemon.record_path) is None
     rc, _ = await run("iscsi-ls", "-s", "iscsi://127.0.0.1:13261")
     assert rc != 0  # nothing listens any more
 
 
-async def test_start_reports_a_taken_control_port(driver: TgtDriver) -> None:
-    other = TgtDriver(40, ["127.0.0.1:13262"], start_timeout=3)
-    with pytest.raises(Exception, match="tgtd -C 40"):
+async def test_start_reports_a_taken_control_port(driver: TgtDriver, tmp_path: Path) -> None:
+    # another state dir: this tgtd is not one the other appliance started, so it is not adopted
+    other = TgtDriver(40, ["127.0.0.1:13262"], start_timeout=3, state_dir=tmp_path / "other")
+    with pytest.raises(Exception, match="tgtd -C 40: control port already served"):
         await other.start()
     await other.stop()
+    with pytest.raises(Exception, match="not one this appliance started"):
+        await other.teardown()  # and no teardown of someone else's tgtd either
+    assert driver.daemon.running
 
 
-async def test_a_system_tgtd_is_used_but_not_owned(backend: FileBackend) -> None:
-    system = TgtDriver(42, ["127.0.0.1:13262"])  # stands in for the host's tgtd service
+async def test_a_system_tgtd_is_used_but_not_owned(backend: FileBackend, tmp_path: Path) -> None:
+    # stands in for the host's tgtd service
+    system = TgtDriver(42, ["127.0.0.1:13262"], state_dir=tmp_path / "system")
     await system.start()
     try:
-        driver = TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False)
+        driver = TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False, state_dir=tmp_path / "state")
         await driver.start()
         state = await driver.apply([spec(backend, U1)])
         assert state.targets == {f"{PREFIX}:{U1}": {f"tiny-OS-{U1}": 1}}
         await driver.stop()
-        assert system._proc is not None and system._proc.returncode is None  # still running
+        assert system.daemon.running
         rc, out = await run("iscsi-inq", f"iscsi://127.0.0.1:13262/{PREFIX}:{U1}/1")
         assert rc == 0, out  # and still exporting: stop() leaves a system tgtd's targets alone
+        # a teardown on a system tgtd removes only Cello's targets, and leaves the daemon running
+        await run("tgtadm", "-C", "42", "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "9",
+                  "-T", "iqn.2001-04.com.example:not-cello")
+        assert await driver.teardown(PREFIX) == 1
+        assert set((await driver.actual()).targets) == {"iqn.2001-04.com.example:not-cello"}
+        assert system.daemon.running
     finally:
-        await system.stop()
+        await system.teardown()
     with pytest.raises(Exception, match="tgtadm"):
-        await TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False).start()  # nothing serves port 42
+        # nothing serves port 42
+        await TgtDriver(42, ["127.0.0.1:13262"], manage_daemon=False, state_dir=tmp_path).start()

@@ -218,7 +218,8 @@ async def test_tgt_apply_argv_from_an_empty_tgtd() -> None:
         return "Account list:\n" if argv[-2:] == ("--mode", "account") else None
 
     runner = RecordingRunner(respond)
-    driver = TgtDriver(40, ["127.0.0.1:13260", "[::1]:13260"], manage_daemon=False, runner=runner)
+    driver = TgtDriver(40, ["127.0.0.1:13260", "[::1]:13260"], manage_daemon=False, runner=runner,
+                       state_dir=Path("/nonexistent"))
     assert driver.daemon_argv() == ["tgtd", "-f", "-C", "40", "--iscsi",
                                     "portal=127.0.0.1:13260,portal=[::1]:13260"]
     assert driver.lun_number(0) == 1
@@ -241,7 +242,8 @@ async def test_tgt_apply_argv_from_an_empty_tgtd() -> None:
 @pytest.mark.parametrize("bad", ["a b", "x\n", 'x"', "x{"])
 async def test_tgt_hostile_names_run_no_command(bad: str) -> None:
     runner = RecordingRunner()
-    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner)
+    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner,
+                       state_dir=Path("/nonexistent"))
     good = TargetSpec(f"{PREFIX}:{U1}", (stable_lun(f"tiny-OS-{U1}", 0, "S1", path="/v/a.img"),))
     import dataclasses
     for spec in (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -35,7 +36,8 @@ GOOD = TargetSpec(f"{PREFIX}:{U1}", (stable_lun(f"tiny-OS-{U1}", 0, "S1", path="
 ])
 async def test_a_changed_spec_is_checked_again(change: Callable[[TargetSpec], TargetSpec]) -> None:
     runner = RecordingRunner(respond)
-    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner)
+    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner,
+                       state_dir=Path("/nonexistent"))
     await driver.apply([GOOD])
     runner.calls.clear()
     bad = change(GOOD)
@@ -47,7 +49,8 @@ async def test_a_changed_spec_is_checked_again(change: Callable[[TargetSpec], Ta
 
 async def test_a_system_tgtd_is_read_afresh_by_every_apply() -> None:
     runner = RecordingRunner(respond)
-    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner)
+    driver = TgtDriver(40, ["127.0.0.1:13260"], manage_daemon=False, runner=runner,
+                       state_dir=Path("/nonexistent"))
     await driver.apply([GOOD])
     runner.calls.clear()
     await driver.apply([GOOD])
