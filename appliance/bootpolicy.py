@@ -1,4 +1,6 @@
-"""The appliance's boot policy: answers `boot_spec(uuid=, mac=)` for the DHCP and TFTP services.
+"""The appliance's boot policy: answers `boot_spec(uuid=, mac=)` for the DHCP and TFTP services, and
+who may fetch a node's config (`may_fetch`, from the DHCP bindings `client_seen` feeds and the
+server's configured address; see appliance/bindings.py).
 
 Those answer from their datagram handlers, so lookups are dictionary reads on an in-memory index;
 the index is rebuilt from the store (on the store's thread) whenever the provisioner changes something.
@@ -11,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from appliance.bindings import BindingTable, ipv4_of
 from appliance.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
 from bootfiles.spec import BootSpec, IscsiRoot, Profile
 from iscsi.model import ExportState
@@ -72,6 +75,19 @@ def build_index(
     return BootIndex(by_uuid, by_mac, names)
 
 
+@dataclass(frozen=True)
+class NodeAccess:
+    """What says where a server's node is: its MACs (for the DHCP bindings) and its configured address."""
+
+    macs: tuple[str, ...]
+    address: str  # "" = none configured
+
+
+def node_access(servers: list[ServerRow]) -> dict[str, NodeAccess]:
+    """Pure: server uuid -> its NodeAccess."""
+    return {s.uuid: NodeAccess(tuple(m.lower() for m in s.macs), ipv4_of(s.address) or "") for s in servers}
+
+
 def unknown_node_files(versions: list[TemplateVersion], template: str) -> tuple[str, str] | None:
     """Kernel and initrd of the named template's newest version ('' = the most recently built one)."""
     candidates = [v for v in versions if not template or v.template == template]
@@ -99,6 +115,7 @@ class ApplianceBootPolicy:
         exports: Callable[[], ExportState | None],
         lun_number: Callable[[int], int],
         unknown_template: str = "",
+        bindings: BindingTable | None = None,
     ) -> None:
         self._store = store
         self.profiles = dict(profiles)
@@ -111,6 +128,8 @@ class ApplianceBootPolicy:
         self._exports = exports
         self._lun_number = lun_number
         self.index = BootIndex({}, {})
+        self.bindings = bindings if bindings is not None else BindingTable()
+        self.nodes: Mapping[str, NodeAccess] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._dirty = False
 
@@ -127,6 +146,34 @@ class ApplianceBootPolicy:
         return BootSpec(server_uuid=(uuid or UNKNOWN_NODE).lower(), profile=self.profiles[self.unknown],
                         kernel=kernel, initrd=initrd, root=None, http_base=self.http_base)
 
+    def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
+        """Bind a known server's MAC / UUID to the address its DHCP packet named; strangers are not kept."""
+        mac = mac.lower()
+        known_mac = mac in self.index.by_mac
+        known_uuid = uuid is not None and uuid.lower() in self.index.by_uuid
+        if not (known_mac or known_uuid):
+            return
+        before = self.bindings.address_of_mac(mac) if known_mac else None
+        if known_uuid and before is None:
+            before = self.bindings.address_of_uuid(uuid or "")
+        self.bindings.learn(address, mac=mac if known_mac else None, uuid=uuid if known_uuid else None)
+        if before != address:
+            log.info("binding: %s (uuid %s) is at %s%s", mac, uuid, address, f" (was {before})" if before else "")
+
+    def may_fetch(self, spec: BootSpec, address: str) -> bool:
+        """A config without a root disk (an unknown node's diskless boot) is anyone's; one with a root
+        disk goes only to the server's configured address or the address its DHCP last named (while
+        that binding lasts). No binding and no configured address: nobody."""
+        if spec.root is None:
+            return True
+        ip = ipv4_of(address)
+        node = self.nodes.get(spec.server_uuid)
+        if ip is None or node is None:
+            return False
+        if ip == node.address or self.bindings.address_of_uuid(spec.server_uuid) == ip:
+            return True
+        return any(self.bindings.address_of_mac(mac) == ip for mac in node.macs)
+
     def names(self) -> Mapping[str, str]:
         """hostname -> address, for the DNS responder."""
         return self.index.names
@@ -139,6 +186,7 @@ class ApplianceBootPolicy:
             lun_number=self._lun_number,
         )
         self.unknown_files = unknown_node_files(versions, self.unknown_template)
+        self.nodes = node_access(servers)
 
     def changed(self) -> None:
         """Called after every store change; coalesces into one refresh at a time."""

@@ -60,3 +60,14 @@ class BootPolicy(Protocol):
         """The boot spec of a known server (by SMBIOS UUID, falling back to MAC), or the unknown-node
         profile's spec, or None when the node must get no answer."""
         ...
+
+    def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
+        """The proxyDHCP saw a DHCP packet of this client say it holds `address` (see
+        `dhcp.binding`); called for packets it answers and for those it does not. Cheap and
+        synchronous; the policy keeps it only for known servers."""
+        ...
+
+    def may_fetch(self, spec: BootSpec, address: str) -> bool:
+        """May the host at `address` (the TFTP/HTTP peer) be sent the config rendered from `spec`?
+        A spec with a root disk carries the node's secret: only its node's address may have it."""
+        ...

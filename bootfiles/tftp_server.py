@@ -18,7 +18,7 @@ from typing import Protocol
 from bootfiles import tftp_packet as tp
 from bootfiles.spec import EventSink
 from bootfiles.tftp_transfer import BytesSource, Limits, SendTransfer
-from bootfiles.tree import OpenedFile, TreeError
+from bootfiles.tree import Denied, OpenedFile, TreeError
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,10 @@ class TftpServer:
                 opened = await self.tree.open(request.filename, addr)
             except TreeError as exc:
                 log.info("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
-                await self._send_error_once(addr, exc.code, exc.outcome.replace("-", " "))
+                if isinstance(exc, Denied):
+                    server = exc.server_uuid
+                    self._denied_event(exc, request.filename)
+                await self._send_error_once(addr, exc.code, exc.reply_text())
                 outcome = exc.outcome
                 return
             server = opened.server_uuid
@@ -527,6 +530,15 @@ class TftpServer:
             transport.sendto(tp.encode(tp.Error(code, message)), addr)
         finally:
             transport.close()
+
+    def _denied_event(self, exc: Denied, name: str) -> None:
+        if self.events is None:
+            return
+        try:
+            self.events("denied", {"server": exc.server_uuid, "client": exc.client, "file": name, "via": "tftp",
+                                   "reason": str(exc)})
+        except Exception:
+            log.exception("tftp: event sink failed")
 
     def _event(self, server: str | None, addr: Address, name: str, nbytes: int, ms: float, outcome: str) -> None:
         if self.events is None:

@@ -13,6 +13,10 @@ Rendered names (nothing is copied per node; each request asks the policy again):
 Any other name is looked up in files_root (e.g. templates/tiny/v1/vmlinuz), then in each static root.
 Under a `<uuid>/` prefix the rest of the path is looked up the same way (pxelinux prefixes ldlinux.c32).
 
+Access: a rendered config whose spec has a root disk is served only to an address the policy's
+`may_fetch` allows (its node's, learned from DHCP or configured); others get Denied (TFTP access
+violation). Unknown-node configs (no root disk) stay public.
+
 Safety: a name is refused (AccessViolation) when it has a NUL or control byte, a backslash, a `.` or
 `..` component or any component starting with a dot, an empty component, or is longer than
 MAX_NAME_BYTES. One leading `/` means the root of the tree (as pxelinux sends absolute names and
@@ -79,6 +83,10 @@ class TreeError(Exception):
     code = 0
     outcome = "error"
 
+    def reply_text(self) -> str:
+        """The message of the TFTP ERROR packet (the client sees this, so it stays short)."""
+        return self.outcome.replace("-", " ")
+
 
 class NotFound(TreeError):
     code = 1
@@ -88,6 +96,22 @@ class NotFound(TreeError):
 class Refused(TreeError):
     code = 2
     outcome = "refused"
+
+
+class Denied(Refused):
+    """A config that carries a root disk (and its secret), asked for from an address that is not its
+    node's (BootPolicy.may_fetch said no)."""
+
+    outcome = "denied"
+
+    def __init__(self, server_uuid: str, client: str) -> None:
+        super().__init__(f"the boot config of server {server_uuid} goes only to its node's address, "
+                         f"not to {client}")
+        self.server_uuid = server_uuid
+        self.client = client
+
+    def reply_text(self) -> str:
+        return "access denied: this boot config is served only to its node's own address"
 
 
 class RenderFailed(TreeError):
@@ -209,7 +233,7 @@ class BootTree:
         parts = split_name(name)
         route = _route(parts)
         if route is not None:
-            opened = self._render(*route)
+            opened = self._render(*route, client=client[0])
             self._remember_client(client[0], opened.server_uuid)
             return opened
         found = await self._lookup(parts)
@@ -261,7 +285,7 @@ class BootTree:
             self._resolved[key] = (now + self.resolve_ttl, found)
         return found
 
-    def _render(self, kind: _Kind, uuid: str | None, mac: str | None) -> OpenedFile:
+    def _render(self, kind: _Kind, uuid: str | None, mac: str | None, *, client: str) -> OpenedFile:
         spec: BootSpec | None = self.policy.boot_spec(uuid=uuid, mac=mac)
         if spec is None and kind == "pxelinux" and uuid is not None:
             # pxelinux prints option 97's bytes in wire order: its pxelinux.cfg/<uuid> is the SMBIOS UUID
@@ -269,6 +293,8 @@ class BootTree:
             spec = self.policy.boot_spec(uuid=pxelinux_uuid_to_smbios(uuid), mac=mac)
         if spec is None:
             raise NotFound(f"no boot spec for uuid={uuid} mac={mac}")
+        if not self.policy.may_fetch(spec, client):
+            raise Denied(spec.server_uuid, client)
         try:
             if kind == "pxelinux":
                 text = render_pxelinux(spec)

@@ -31,6 +31,7 @@ class StaticPolicy:
     by_uuid: dict[str, BootSpec] = field(default_factory=dict)
     by_mac: dict[str, BootSpec] = field(default_factory=dict)
     unknown: BootSpec | None = None
+    seen: dict[str, str] = field(default_factory=dict)  # server uuid -> address its DHCP said it holds
 
     def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
         if uuid is not None and uuid in self.by_uuid:
@@ -38,6 +39,15 @@ class StaticPolicy:
         if mac is not None and mac in self.by_mac:
             return self.by_mac[mac]
         return self.unknown
+
+    def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
+        spec = self.by_uuid.get(uuid) if uuid is not None else None
+        spec = spec or self.by_mac.get(mac)
+        if spec is not None:
+            self.seen[spec.server_uuid] = address
+
+    def may_fetch(self, spec: BootSpec, address: str) -> bool:
+        return spec.root is None or self.seen.get(spec.server_uuid) == address
 
 
 PROFILES = {

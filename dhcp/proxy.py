@@ -1,10 +1,13 @@
 """The proxyDHCP responder: boot server and boot file for PXE / iPXE / UEFI HTTP clients, never an address.
 
-Mechanism only: `handle()` runs the pipeline decode → classify → enabled? → policy → choose → build →
-encode (pure apart from the policy call, which is synchronous and cheap by contract), and the socket code
-around it stays small. Port 67 gets DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011 gets the boot
-server DHCPREQUEST (ACK, PXE 2.1 §2.2.5). When port 67 is already bound on the host (a local DHCP
-server), the responder can listen on a raw socket instead (scapy; see `dhcp/raw.py`).
+Mechanism only: `handle()` runs the pipeline decode → learn → enabled? → classify → policy → choose →
+build → encode (pure apart from the policy calls, which are synchronous and cheap by contract), and the
+socket code around it stays small. Port 67 gets DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011
+gets the boot server DHCPREQUEST (ACK, PXE 2.1 §2.2.5). "learn" tells the policy which address a
+client's packet says it holds (`dhcp/binding.py`), for every packet, answered or not — the REQUEST to
+the site server on :67 too, which the raw listener's filter and the :67 socket both receive. When port
+67 is already bound on the host (a local DHCP server), the responder can listen on a raw socket instead
+(scapy; see `dhcp/raw.py`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from dataclasses import dataclass, field
 
 from bootfiles.spec import BootPolicy, EventSink
 
+from . import binding, pxe
 from . import packet as p
-from . import pxe
 from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("cello.dhcp")
@@ -201,9 +204,12 @@ class ProxyDHCP:
     def handle(self, data: bytes, source: Address, kind: pxe.Kind, ifindex: int = 0) -> Reply | None:
         """Answer one datagram, or None. Raises PacketError for a malformed packet."""
         self.stats.received += 1
+        request_packet = p.decode(data)
+        # Before anything decides not to answer: the client's REQUEST to the site server on :67 is never
+        # answered, yet it is what says which address the node got (dhcp/binding.py).
+        self._learn(request_packet, source, kind)
         if not self.enabled():
             return self._ignore("service disabled")
-        request_packet = p.decode(data)
         request = pxe.classify(request_packet, kind)
         if request is None:
             return self._ignore("not a boot request")
@@ -221,6 +227,11 @@ class ProxyDHCP:
             self.stats.acks += 1
         self._emit(spec.server_uuid, request, choice, source, kind)
         return Reply(out, self._destination(request_packet, source, kind), ifindex, request_packet.chaddr)
+
+    def _learn(self, packet: p.DhcpPacket, source: Address, kind: pxe.Kind) -> None:
+        seen = binding.seen_client(packet, source, kind)
+        if seen is not None:
+            self.policy.client_seen(mac=seen.mac, uuid=seen.uuid, address=seen.address)
 
     def _destination(self, request: p.DhcpPacket, source: Address, kind: pxe.Kind) -> Address:
         if kind is pxe.Kind.REQUEST:

@@ -1,9 +1,11 @@
 """HTTP boot: per-node iPXE scripts and the kernels/initrds of the templates.
 
 `GET /boot/<uuid>.ipxe` renders the node's script from the boot policy (404 unknown node, 503 while
-the `http-boot` service is disabled). `GET /boot/files/<path>` serves a file of the boot files root
-with sendfile (web.FileResponse: ranges, conditional requests); a path that would leave the root —
-`..`, absolute, NUL, or a symlink pointing out — is refused. Every fetch is published as an `http` event.
+the `http-boot` service is disabled, 403 and a `denied` event when the script carries a root disk and
+the client is not at its node's address — `BootPolicy.may_fetch`). `GET /boot/files/<path>` serves a
+file of the boot files root with sendfile (web.FileResponse: ranges, conditional requests); a path
+that would leave the root — `..`, absolute, NUL, or a symlink pointing out — is refused. Every fetch
+is published as an `http` event.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ async def ipxe_script(request: web.Request) -> web.StreamResponse:
     if spec is None:
         _publish(request, None, file, 0, 404)
         raise ApiError(404, "not_found", f"no bootable server {uuid}")
+    client = request.remote or ""
+    if not deps.policy.may_fetch(spec, client):
+        reason = (f"the boot script of server {spec.server_uuid} goes only to its node's address, not to "
+                  f"{client} (no recent DHCP of that node from there, and not its configured address)")
+        deps.events.publish("denied", {"server": spec.server_uuid, "client": client, "file": file, "via": "http",
+                                       "reason": reason})
+        _publish(request, spec.server_uuid, file, 0, 403)
+        raise ApiError(403, "denied", reason)
     try:
         body = render_ipxe(spec).encode()
     except RenderError as e:
@@ -134,7 +144,9 @@ _FILE = {"type": "string", "format": "binary"}
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/boot/{uuid}.ipxe", ipxe_script, "A node's iPXE script", "public", "boot",
           path_params=_UUID, params=(_MAC,), content="text/plain",
-          responses={200: ("the script", {"type": "string"}), 503: ("http-boot is disabled", None)}),
+          responses={200: ("the script", {"type": "string"}),
+                     403: ("the client is not at the node's address", None),
+                     503: ("http-boot is disabled", None)}),
     Route("GET", "/boot/files/{path:.+}", boot_file, "A kernel or initrd from the boot files root", "public",
           "boot", path_params=_PATH, content="application/octet-stream",
           responses={200: ("the file", _FILE), 206: ("a range of the file", _FILE),

@@ -19,7 +19,8 @@ pytestmark = needs_tgt
 
 async def booted_server(s: Stack, n: int = 20) -> str:
     uuid = uuid_n(n)
-    status, _ = await s.create(uuid, macs=["52:54:00:77:00:20"], profile="ipxe")
+    # its node's address is the test client's: a script with a root disk goes only there
+    status, _ = await s.create(uuid, macs=["52:54:00:77:00:20"], profile="ipxe", address="127.0.0.1")
     assert status == 202
     assert (await s.wait_state(uuid))["state"] == "available"
     await s.policy.settled()

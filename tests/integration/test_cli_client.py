@@ -138,7 +138,7 @@ async def test_events_follow_is_a_live_boot_log(api_stack: Stack) -> None:
     try:
         await asyncio.sleep(1.0)  # let it connect
         uuid = uuid_n(52)
-        await s.create(uuid, profile="ipxe")
+        await s.create(uuid, profile="ipxe", address="127.0.0.1")  # the node's address: this client's
         await s.wait_state(uuid)
         await s.policy.settled()
         async with s.client.get(f"/boot/{uuid}.ipxe") as resp:

@@ -47,6 +47,7 @@ def spec(lun: int = 1, kernel: str = "templates/tiny/v1/vmlinuz") -> BootSpec:
 class Store:
     def __init__(self) -> None:
         self.specs: dict[str, BootSpec] = {UUID: spec()}
+        self.node_address = "127.0.0.1"  # where the node's DHCP came from: the clients here
 
     def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
         if uuid in self.specs:
@@ -54,6 +55,12 @@ class Store:
         if mac == MAC:
             return self.specs.get(UUID)
         return None
+
+    def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
+        raise AssertionError("no DHCP here")
+
+    def may_fetch(self, spec: BootSpec, address: str) -> bool:
+        return spec.root is None or address == self.node_address
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from bootfiles.render import BUILTIN_PROFILES
 from bootfiles.spec import BootSpec, IscsiRoot
 from bootfiles.tree import (
     BootTree,
+    Denied,
     NotFound,
     Refused,
     RenderFailed,
@@ -44,6 +46,7 @@ class StorePolicy:
         self.macs: dict[str, str] = {}
         self.unknown: BootSpec | None = None
         self.calls: list[tuple[str | None, str | None]] = []
+        self.at: dict[str, str] = {}  # server uuid -> its node's address (what DHCP told the appliance)
 
     def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
         self.calls.append((uuid, mac))
@@ -52,6 +55,12 @@ class StorePolicy:
         if mac is not None and mac in self.macs:
             return self.by_uuid[self.macs[mac]]
         return self.unknown if uuid is None and mac is None else None
+
+    def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
+        raise AssertionError("the tree never reports DHCP clients")
+
+    def may_fetch(self, spec: BootSpec, address: str) -> bool:
+        return spec.root is None or self.at.get(spec.server_uuid) == address
 
 
 @pytest.fixture
@@ -79,6 +88,7 @@ def policy() -> StorePolicy:
     p = StorePolicy()
     p.by_uuid[UUID] = make_spec(UUID)
     p.macs[MAC] = UUID
+    p.at[UUID] = CLIENT[0]
     return p
 
 
@@ -167,6 +177,7 @@ async def test_pxelinux_byte_swapped_uuid_finds_the_server(tree: BootTree, polic
     # fields byte-swapped (captured from qemu's ROM in tests/system/test_dhcp_lab.py).
     smbios = "3f1c2a4b-5d6e-4f70-8192-a3b4c5d6e7f8"
     policy.by_uuid[smbios] = make_spec(smbios)
+    policy.at[smbios] = CLIENT[0]
     f = await tree.open("pxelinux.cfg/4b2a1c3f-6e5d-704f-8192-a3b4c5d6e7f8", CLIENT)
     assert f.server_uuid == smbios
     with pytest.raises(NotFound):  # grub and iPXE print the UUID as SMBIOS does: no swapped lookup
@@ -174,7 +185,8 @@ async def test_pxelinux_byte_swapped_uuid_finds_the_server(tree: BootTree, polic
 
 
 async def test_kernel_fetches_are_attributed_to_the_server_whose_config_the_client_fetched(
-        tree: BootTree) -> None:
+        tree: BootTree, policy: StorePolicy) -> None:
+    policy.at[UUID] = "10.77.0.104"  # the node's address
     assert (await tree.open("templates/tiny/v1/vmlinuz", ("10.77.0.104", 2000))).server_uuid is None
     await tree.open("pxelinux.cfg/01-52-54-00-77-00-10", ("10.77.0.104", 2001))
     assert (await tree.open("/templates/tiny/v1/vmlinuz", ("10.77.0.104", 2002))).server_uuid == UUID
@@ -193,8 +205,8 @@ async def test_unknown_node_policy(tree: BootTree, policy: StorePolicy) -> None:
     with pytest.raises(NotFound):
         await tree.open("pxelinux.cfg/01-00-00-00-00-00-01", CLIENT)
     other = "0d2b0000-0000-4000-8000-00000000000f"
-    policy.unknown = make_spec(other)
-    f = await tree.open("pxelinux.cfg/0A4D", CLIENT)
+    policy.unknown = dataclasses.replace(make_spec(other), root=None)  # diskless: no secret, anyone's
+    f = await tree.open("pxelinux.cfg/0A4D", ("10.77.0.200", 2000))
     assert f.server_uuid == other
     assert (None, None) in policy.calls
 
@@ -296,3 +308,20 @@ async def test_debian_loader_folders(policy: StorePolicy) -> None:
         assert (await tree.open(name, CLIENT)).data == await asyncio.to_thread(Path(path).read_bytes), name
     with pytest.raises(NotFound):
         await tree.open("vmlinuz", CLIENT)
+
+
+async def test_a_config_with_a_root_disk_goes_only_to_its_node(tree: BootTree, policy: StorePolicy) -> None:
+    names = [f"pxelinux.cfg/{UUID}", "pxelinux.cfg/01-52-54-00-77-00-10", f"{UUID}/pxelinux.cfg/default",
+             "pxelinux.cfg/4b2a1c3f-6e5d-704f-8192-a3b4c5d6e7f8", f"grub/grub.cfg-{UUID}",
+             "grub/grub.cfg-01-52-54-00-77-00-10", f"ipxe/{UUID}.ipxe", "ipxe/01-52-54-00-77-00-10.ipxe",
+             f"boot/{UUID}.ipxe"]
+    policy.by_uuid["3f1c2a4b-5d6e-4f70-8192-a3b4c5d6e7f8"] = make_spec(UUID)  # pxelinux's byte-swapped name
+    for name in names:
+        assert (await tree.open(name, CLIENT)).server_uuid == UUID, name
+        with pytest.raises(Denied) as denied:
+            await tree.open(name, ("127.0.0.2", 40000))
+        assert denied.value.code == 2 and denied.value.outcome == "denied", name
+        assert (denied.value.server_uuid, denied.value.client) == (UUID, "127.0.0.2")
+        assert "only to its node's own address" in denied.value.reply_text()
+    # a stranger is not remembered as the node: its kernel fetch names no server
+    assert (await tree.open("templates/tiny/v1/vmlinuz", ("127.0.0.2", 40001))).server_uuid is None
