@@ -211,7 +211,7 @@ class Appliance:
         self.provisioner = Provisioner(
             store, self.backend, self.driver, self.events, iqn_prefix=self.config.iscsi.iqn_prefix,
             profiles=list(profiles), default_profile=self.config.boot.default_profile,
-            on_change=self.policy.changed,
+            on_change=self.policy.changed, chap=self.config.iscsi.chap,  # type: ignore[arg-type]
         )
         self.provisioner.template_builder = self._build_template
         from appliance.template_build import validate_source

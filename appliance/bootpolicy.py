@@ -65,7 +65,10 @@ def build_index(
             kernel=tv.kernel,
             initrd=tv.initrd,
             root=IscsiRoot(target_iqn=iqn, portal_ip=portal[0], portal_port=portal[1], lun=lun,
-                           initiator_iqn=f"{iqn_prefix}:node-{s.uuid}"),
+                           initiator_iqn=f"{iqn_prefix}:node-{s.uuid}",
+                           chap_user=s.chap_user or None, chap_secret=s.chap_secret or None,
+                           chap_mutual_user=s.chap_mutual_user or None,
+                           chap_mutual_secret=s.chap_mutual_secret or None),
             http_base=http_base,
             hostname=s.hostname or None,
         )

@@ -148,6 +148,8 @@ class IscsiConfig:
     tgt_control_port: int = _opt(7, "tgt: control port of the appliance's own tgtd", _range(0, 1023))
     tgt_manage_daemon: bool = _opt(True, "tgt: run our own supervised tgtd (false = use the system tgtd)")
     ctld_conf: str = _opt("/etc/ctl.conf", "ctld: the file the appliance renders")
+    chap: str = _opt("on", "per-server CHAP for new servers: on | mutual (the target proves itself too) | off",
+                     _one_of("on", "mutual", "off"))
 
 
 @dataclass(frozen=True)

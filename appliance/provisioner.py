@@ -12,10 +12,12 @@ import asyncio
 import hashlib
 import logging
 import re
+import secrets
+import string
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from appliance.events import EventBus
 from appliance.store import AsyncStore, Conflict, ServerRow, TemplateVersion, User, VolumeRow
@@ -25,6 +27,7 @@ from iscsi.model import (
     ExportDriver,
     ExportState,
     InUseError,
+    LimitedDriver,
     LunSpec,
     StorageError,
     TargetAuth,
@@ -46,6 +49,34 @@ DEFAULT_QUOTA = User(name="", max_volumes=32, max_data_gb=1024)
 
 # Server states in which the server's target is part of the desired export configuration.
 EXPORTED_STATES = ("exporting", "available")
+ChapMode = Literal["on", "mutual", "off"]
+# 16 letters and digits (~95 bits): inside every whitelist a secret meets on its way (ctld's 12..16
+# chars, tgt's accounts, dracut's netroot, pxelinux and iPXE command lines).
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+SECRET_LENGTH = 16
+
+
+def new_secret() -> str:
+    return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(SECRET_LENGTH))
+
+
+def chap_for(uuid: str, mode: ChapMode) -> dict[str, str]:
+    """The CHAP fields of a new server's record: a random secret per server (and one for the target)."""
+    if mode == "off":
+        return {}
+    out = {"chap_user": f"node-{uuid}", "chap_secret": new_secret()}
+    if mode == "mutual":
+        out |= {"chap_mutual_user": f"target-{uuid}", "chap_mutual_secret": new_secret()}
+    return out
+
+
+def target_auth(server: ServerRow, initiator: str) -> TargetAuth:
+    """The target's ACL: the server's CHAP account when it has one, and its node's initiator name."""
+    if not server.chap_secret:
+        return TargetAuth(initiator_names=(initiator,))
+    return TargetAuth(chap_user=server.chap_user, chap_secret=server.chap_secret,
+                      chap_mutual_user=server.chap_mutual_user or None,
+                      chap_mutual_secret=server.chap_mutual_secret or None, initiator_names=(initiator,))
 
 
 class InvalidRequest(ValueError):
@@ -101,6 +132,7 @@ class Provisioner:
         profiles: Sequence[str],
         default_profile: str,
         on_change: Callable[[], None] = lambda: None,
+        chap: ChapMode = "on",
     ) -> None:
         self.store = store
         self.backend = backend
@@ -109,6 +141,7 @@ class Provisioner:
         self.iqn_prefix = iqn_prefix
         self.profiles = tuple(profiles)
         self.default_profile = default_profile
+        self.chap: ChapMode = chap
         self.on_change = on_change  # the boot index refreshes from the store when told
         self.exports = ExportManager(driver, self.desired_targets)
         self.services: dict[str, bool] = dict.fromkeys(SERVICES, True)
@@ -180,7 +213,7 @@ class Provisioner:
             )
             if luns:
                 targets.append(TargetSpec(iqn=self.iqn(s.uuid), luns=luns,
-                                          auth=TargetAuth(initiator_names=(self.initiator(s.uuid),))))
+                                          auth=target_auth(s, self.initiator(s.uuid))))
         return targets
 
     async def apply_exports(self, reason: str) -> ExportState:
@@ -245,12 +278,18 @@ class Provisioner:
         now = time.time()
         row = ServerRow(uuid=req.uuid, template=req.template, version=tv.version, profile=req.profile,
                         owner=req.owner, state="creating", reason="", macs=req.macs, hostname=req.hostname,
-                        address=req.address, created_at=now, updated_at=now)
+                        address=req.address, created_at=now, updated_at=now, **chap_for(req.uuid, self.chap))
         vols = [VolumeRow(names.os_volume(req.template, req.uuid), req.uuid, "os", 0, tv.size, "creating",
                           server_serial(names.os_volume(req.template, req.uuid)))]
         for i, gb in enumerate(req.data_gb, start=1):
             name = names.data_volume(req.template, req.uuid, i)
             vols.append(VolumeRow(name, req.uuid, "data", i, gb * GiB, "creating", server_serial(name)))
+        if isinstance(self.driver, LimitedDriver):  # ctld: CTL's port and LUN tables are fixed at boot
+            servers, volumes = await self._db(_snapshot, self.store.sync)
+            live = {s.uuid for s in servers if s.state in ("creating", *EXPORTED_STATES)}
+            luns = sum(1 for v in volumes if v.server in live) + len(vols)
+            if (problem := self.driver.refusal(len(live) + 1, luns)) is not None:
+                raise Conflict(f"server {req.uuid} does not fit the iSCSI target: {problem}")
         await self._db(self.store.sync.create_server, row, vols, _quota_check(user))
         self._step(req.uuid, "create", "recorded", state="creating")
         return row
@@ -452,6 +491,7 @@ class Provisioner:
             try:
                 tv = await self.template_builder(name, version, job["source"], progress)
                 await self._db(self.store.sync.add_template_version, tv)
+                self.on_change()  # unknown nodes boot the newest version: the boot index must hear of it
             except Exception as e:
                 job.update(state="failed", error=_reason(e))
                 progress(f"build failed: {_reason(e)}")
@@ -469,6 +509,7 @@ class Provisioner:
                 raise InUseError(f"{name}@{version} has {len(clones)} clone(s): {', '.join(clones[:5])}")
             await self.backend.destroy_snapshot(name, version)
             await self._db(self.store.sync.delete_template_version, name, version)
+            self.on_change()
             if versions == {version}:
                 await self._destroy(names.template_volume(name))
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,6 +95,14 @@ MIGRATIONS: tuple[str, ...] = (
         enabled INTEGER NOT NULL
     );
     """,
+    # 2 → 3: per-server CHAP. Servers made before it keep none ('') until they are rebuilt: a secret
+    # set under a running node would refuse its next login (a session recovery after a target restart).
+    """
+    ALTER TABLE servers ADD COLUMN chap_user TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN chap_secret TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN chap_mutual_user TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN chap_mutual_secret TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,6 +158,11 @@ class ServerRow:
     address: str
     created_at: float
     updated_at: float
+    # CHAP for the server's target ('' = none); mutual: the target's own name and secret to the node
+    chap_user: str = ""
+    chap_secret: str = field(default="", repr=False)
+    chap_mutual_user: str = ""
+    chap_mutual_secret: str = field(default="", repr=False)
 
 
 def hash_token(token: str) -> str:
@@ -308,9 +321,11 @@ class Store:
                     raise QuotaExceeded(problem)
             db.execute(
                 "INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, "
-                "updated_at, hostname, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, hostname, address, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (server.uuid, server.template, server.version, server.profile, server.owner, server.state,
-                 server.reason, server.created_at, server.updated_at, server.hostname, server.address),
+                 server.reason, server.created_at, server.updated_at, server.hostname, server.address,
+                 server.chap_user, server.chap_secret, server.chap_mutual_user, server.chap_mutual_secret),
             )
             db.executemany("INSERT INTO server_macs VALUES (?, ?)", [(m, server.uuid) for m in server.macs])
             self._insert_volumes(db, volumes)

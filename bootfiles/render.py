@@ -127,18 +127,26 @@ class _Checked:
         if not isinstance(root.lun, int) or not 0 <= root.lun <= MAX_LUN:
             raise RenderError("root.lun", f"not a LUN number: {root.lun!r}")
         self.lun = root.lun
-        if (root.chap_user is None) != (root.chap_secret is None):
-            raise RenderError("root.chap_user", "CHAP needs both a user and a secret")
-        self.chap: tuple[str, str] | None = None
-        if root.chap_user is not None and root.chap_secret is not None:
-            for name, value in (("root.chap_user", root.chap_user), ("root.chap_secret", root.chap_secret)):
-                _check_token(name, value)
-                if not _CHAP.fullmatch(value):
-                    raise RenderError(name, "CHAP values allow only letters, digits and ._-+=")
-            self.chap = (root.chap_user, root.chap_secret)
+        self.chap = _chap_pair("root.chap", root.chap_user, root.chap_secret)
+        self.mutual = _chap_pair("root.chap_mutual", root.chap_mutual_user, root.chap_mutual_secret)
+        if self.mutual is not None and self.chap is None:
+            raise RenderError("root.chap_mutual_user", "mutual CHAP needs CHAP too")
         # dracut and iPXE want an IPv6 portal in brackets; open-iscsi's ISCSI_TARGET_IP wants it bare.
         self.ip_bare = str(self.ip)
         self.ip_uri = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+
+
+def _chap_pair(field: str, user: str | None, secret: str | None) -> tuple[str, str] | None:
+    """A CHAP user and secret, both or neither, each fit for a command line and dracut's netroot."""
+    if user is None and secret is None:
+        return None
+    if user is None or secret is None:
+        raise RenderError(f"{field}_user", "CHAP needs both a user and a secret")
+    for name, value in ((f"{field}_user", user), (f"{field}_secret", secret)):
+        _check_token(name, value)
+        if not _CHAP.fullmatch(value):
+            raise RenderError(name, "CHAP values allow only letters, digits and ._-+=")
+    return user, secret
 
 
 def kernel_cmdline(spec: BootSpec) -> str:
@@ -161,6 +169,10 @@ def _cmdline(c: _Checked) -> str:
     if c.chap is not None:
         parts += [f"ISCSI_USERNAME={c.chap[0]}", f"ISCSI_PASSWORD={c.chap[1]}"]
         auth = f"{c.chap[0]}:{c.chap[1]}@"
+    if c.mutual is not None:
+        # open-iscsi's initramfs (and Cello's) read ISCSI_IN_*; dracut reads rd.iscsi.in.*
+        parts += [f"ISCSI_IN_USERNAME={c.mutual[0]}", f"ISCSI_IN_PASSWORD={c.mutual[1]}",
+                  f"rd.iscsi.in.username={c.mutual[0]}", f"rd.iscsi.in.password={c.mutual[1]}"]
     parts += [
         f"netroot=iscsi:{auth}{c.ip_uri}::{c.port}:{c.lun}:{c.iqn}",
         f"rd.iscsi.initiator={c.initiator}",
@@ -202,6 +214,8 @@ def render_ipxe(spec: BootSpec) -> str:
         lines.append(f"set initiator-iqn {c.initiator}")
         if c.chap is not None:
             lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
+        if c.mutual is not None:
+            lines += [f"set reverse-username {c.mutual[0]}", f"set reverse-password {c.mutual[1]}"]
         lines.append(f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}")
     # The initrd is named, and named on the command line, because a kernel started through its EFI
     # stub (UEFI iPXE) finds its initrd only that way; under BIOS the extra word is ignored.

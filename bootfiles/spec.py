@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Loader = Literal["pxelinux", "ipxe"]
@@ -37,7 +37,9 @@ class IscsiRoot:
     lun: int
     initiator_iqn: str
     chap_user: str | None = None
-    chap_secret: str | None = None
+    chap_secret: str | None = field(default=None, repr=False)
+    chap_mutual_user: str | None = None  # mutual CHAP: the target's name and secret
+    chap_mutual_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class StorageError(Exception):
@@ -57,7 +57,10 @@ class VolumeBackend(Protocol):
 @dataclass(frozen=True)
 class TargetAuth:
     chap_user: str | None = None
-    chap_secret: str | None = None  # 12..16 chars
+    chap_secret: str | None = field(default=None, repr=False)  # 12..16 chars
+    # mutual CHAP: the name and secret the target answers the initiator's challenge with
+    chap_mutual_user: str | None = None
+    chap_mutual_secret: str | None = field(default=None, repr=False)
     initiator_names: tuple[str, ...] = ()
     initiator_portals: tuple[str, ...] = ()  # "10.77.0.0/24" or an address
 
@@ -105,3 +108,19 @@ class ExportDriver(Protocol):
     def lun_number(self, index: int) -> int:
         """The LUN number this driver gives a volume of this index (ctld: index, tgt: index + 1)."""
         ...
+
+
+@runtime_checkable
+class LimitedDriver(Protocol):
+    """An export driver whose target layer holds a fixed number of targets and LUNs (ctld: CTL's
+    `kern.cam.ctl.max_ports` and `max_luns`), so a create can be refused before it fails at apply."""
+
+    def refusal(self, targets: int, luns: int) -> str | None:
+        """Why `targets` targets with `luns` LUNs in all would not fit (naming the limit), or None."""
+        ...
+
+    def limits(self) -> LimitsReport: ...
+
+
+class LimitsReport(Protocol):
+    def as_json(self) -> Mapping[str, int | None]: ...

@@ -57,7 +57,8 @@ class TgtTarget:
     tid: int
     iqn: str
     luns: dict[int, TgtLun] = field(default_factory=dict)  # LUN 0 (controller) excluded
-    accounts: list[str] = field(default_factory=list)
+    accounts: list[str] = field(default_factory=list)  # incoming: the initiators' CHAP names
+    outgoing: list[str] = field(default_factory=list)  # the target's own name (mutual CHAP)
     acl: list[str] = field(default_factory=list)  # addresses/networks, initiator names, or "ALL"
     nop_interval: int | None = None
     nop_count: int | None = None
@@ -114,7 +115,8 @@ def parse_show(text: str) -> dict[int, TgtTarget]:
                 elif key == "SCSI ID":
                     lun.scsi_id = value.strip()
         elif section == "Account information":
-            cur.accounts.append(line.split()[0])
+            user, _, flag = line.partition(" ")
+            (cur.outgoing if flag.strip() == "(outgoing)" else cur.accounts).append(user)
         elif section == "ACL information":
             cur.acl.append(line)
     return targets
@@ -143,6 +145,7 @@ class _Want:
     luns: dict[int, tuple[str, str, str]]  # tgt LUN -> (path, serial, scsi_id)
     chap: tuple[str, str] | None
     acl: tuple[str, ...]
+    mutual: tuple[str, str] | None = None
 
 
 def _want(spec: TargetSpec) -> _Want:
@@ -161,9 +164,16 @@ def _want(spec: TargetSpec) -> _Want:
         if a.chap_user is None or a.chap_secret is None:
             raise NameError_(f"target {spec.iqn!r}: CHAP needs both a user and a secret")
         chap = (names.chap_user(a.chap_user), names.chap_secret(a.chap_secret))
+    mutual = None
+    if a.chap_mutual_user is not None or a.chap_mutual_secret is not None:
+        if chap is None or a.chap_mutual_user is None or a.chap_mutual_secret is None:
+            raise NameError_(f"target {spec.iqn!r}: mutual CHAP needs CHAP and both a mutual user and secret")
+        mutual = (names.chap_user(a.chap_mutual_user), names.chap_secret(a.chap_mutual_secret))
+        if mutual[0] == chap[0] or mutual[1] == chap[1]:
+            raise NameError_(f"target {spec.iqn!r}: mutual CHAP needs another user and secret than CHAP")
     acl = tuple(names.initiator_portal(p) for p in a.initiator_portals)
     acl += tuple(names.iqn(n) for n in a.initiator_names)
-    return _Want(spec.iqn, luns, chap, acl or ("ALL",))
+    return _Want(spec.iqn, luns, chap, acl or ("ALL",), mutual)
 
 
 def _desired(targets: Sequence[TargetSpec],
@@ -182,8 +192,9 @@ def _desired(targets: Sequence[TargetSpec],
         now[spec] = w
         if spec.iqn in out:
             raise NameError_(f"target {spec.iqn!r} given twice")
-        if w.chap is not None and secrets.setdefault(w.chap[0], w.chap[1]) != w.chap[1]:
-            raise NameError_(f"CHAP user {w.chap[0]!r} has different secrets on two targets")
+        for account in (w.chap, w.mutual):
+            if account is not None and secrets.setdefault(account[0], account[1]) != account[1]:
+                raise NameError_(f"CHAP user {account[0]!r} has different secrets on two targets")
         out[spec.iqn] = w
     return out, now
 
@@ -445,7 +456,7 @@ class TgtDriver:
         # tgt never shows CHAP secrets, so the account list matters only where CHAP is in play.
         secrets = self.daemon.secrets  # CHAP user -> hash of the secret this driver set
         before = dict(secrets)
-        chap = any(w.chap for w in want.values()) or bool(secrets)
+        chap = any(w.chap or w.mutual for w in want.values()) or bool(secrets)
         accounts = await self._accounts() if chap else set()
         by_iqn = {t.iqn: t for t in have.values()}
         gone = sorted((t for t in have.values() if t.iqn not in want), key=lambda t: t.tid)
@@ -459,7 +470,7 @@ class TgtDriver:
                 cur = await self._create(w, have)
             await self._sync(cur, w, accounts)
         # Accounts this driver made that no target wants any more.
-        wanted_users = {w.chap[0] for w in want.values() if w.chap}
+        wanted_users = {a[0] for w in want.values() for a in (w.chap, w.mutual) if a}
         for user in sorted(set(secrets) - wanted_users):
             if user in accounts:
                 await self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
@@ -525,32 +536,45 @@ class TgtDriver:
             if entry not in cur.acl:
                 flag = "-I" if entry == "ALL" or _is_address(entry) else "-Q"
                 await self._adm("--op", "bind", "--mode", "target", "--tid", tid, flag, entry)
-        want_user = w.chap[0] if w.chap else None
-        for user in cur.accounts:
-            if user != want_user:
-                await self._adm("--op", "unbind", "--mode", "account", "--tid", tid, "--user", user)
-        if w.chap is not None:
-            user, secret = w.chap
-            if self.daemon.secrets.get(user) != _secret_hash(user, secret):
-                # tgt never shows a secret: an account not made (with this secret) by us is remade.
-                if user in accounts:
-                    await self._adm("--op", "delete", "--mode", "account", "--user", user)
-                    accounts.discard(user)
-                await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
-                accounts.add(user)
-                self.daemon.secrets[user] = _secret_hash(user, secret)
-                cur.accounts = [a for a in cur.accounts if a != user]
-            if user not in accounts:
-                await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
-                accounts.add(user)
-            if user not in cur.accounts:
-                try:
-                    await self._adm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
-                except CommandError:
-                    # deleting an account unbinds it everywhere in some tgt versions, not in others
-                    shown = await self._show()
-                    if user not in shown.get(cur.tid, cur).accounts:
-                        raise
+        await self._sync_account(cur, w.chap, accounts, outgoing=False)
+        await self._sync_account(cur, w.mutual, accounts, outgoing=True)
+
+    async def _sync_account(self, cur: TgtTarget, want: tuple[str, str] | None, accounts: set[str], *,
+                            outgoing: bool) -> None:
+        """Bind the one account `want` names to the target (incoming: the node's CHAP; outgoing: the
+        target's own name for mutual CHAP), and unbind every other one of that direction."""
+        tid = str(cur.tid)
+        direction = ["--outgoing"] if outgoing else []
+        bound = cur.outgoing if outgoing else cur.accounts
+        for user in list(bound):
+            if want is None or user != want[0]:
+                await self._adm("--op", "unbind", "--mode", "account", "--tid", tid, "--user", user, *direction)
+                bound.remove(user)
+        if want is None:
+            return
+        user, secret = want
+        if self.daemon.secrets.get(user) != _secret_hash(user, secret):
+            # tgt never shows a secret: an account not made (with this secret) by us is remade.
+            if user in accounts:
+                await self._adm("--op", "delete", "--mode", "account", "--user", user)
+                accounts.discard(user)
+            await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+            accounts.add(user)
+            self.daemon.secrets[user] = _secret_hash(user, secret)
+            if user in bound:
+                bound.remove(user)
+        if user not in accounts:
+            await self._adm("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+            accounts.add(user)
+        if user not in bound:
+            try:
+                await self._adm("--op", "bind", "--mode", "account", "--tid", tid, "--user", user, *direction)
+            except CommandError:
+                # deleting an account unbinds it everywhere in some tgt versions, not in others
+                shown = (await self._show()).get(cur.tid, cur)
+                if user not in (shown.outgoing if outgoing else shown.accounts):
+                    raise
+            bound.append(user)
 
 
 def _secret_hash(user: str, secret: str) -> str:

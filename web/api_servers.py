@@ -53,6 +53,9 @@ def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> di
             "iqn": prov.iqn(s.uuid), "portal": portal, "initiator": prov.initiator(s.uuid),
             "exported": luns is not None,
             "luns": [{"volume": v["name"], "index": v["index"], "lun": v["lun"]} for v in vols],
+            # the names only: secrets reach the node in its boot config, never an API client
+            "chap": "mutual" if s.chap_mutual_secret else "on" if s.chap_secret else "off",
+            "chap_user": s.chap_user, "chap_mutual_user": s.chap_mutual_user,
         },
     }
 

@@ -55,6 +55,10 @@ COMPONENTS: dict[str, Schema] = {
                 "properties": {"volume": {"type": "string"}, "index": {"type": "integer"},
                                "lun": {"type": ["integer", "null"]}},
             }},
+            "chap": {"type": "string", "enum": ["on", "mutual", "off"],
+                     "description": "the target's CHAP; its secrets are never shown"},
+            "chap_user": {"type": "string"},
+            "chap_mutual_user": {"type": "string"},
         },
     },
     "Server": {

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from appliance.bootpolicy import ApplianceBootPolicy
 from appliance.events import EventBus
-from appliance.provisioner import Provisioner
+from appliance.provisioner import ChapMode, Provisioner
 from appliance.store import AsyncStore, Store, TemplateVersion
 from bootfiles.profiles import BUILTIN_PROFILES
 from iscsi.file_backend import FileBackend
@@ -125,9 +125,10 @@ async def add_template(store: AsyncStore, backend: VolumeBackend, files_root: Pa
 
 
 def make_provisioner(store: AsyncStore, backend: VolumeBackend, driver: ExportDriver, events: EventBus,
-                     policy: ApplianceBootPolicy, cls: type[Provisioner] = Provisioner) -> Provisioner:
+                     policy: ApplianceBootPolicy, cls: type[Provisioner] = Provisioner,
+                     chap: ChapMode = "on") -> Provisioner:
     return cls(store, backend, driver, events, iqn_prefix=IQN_PREFIX, profiles=list(BUILTIN_PROFILES),
-               default_profile="ipxe", on_change=policy.changed)
+               default_profile="ipxe", on_change=policy.changed, chap=chap)
 
 
 @contextlib.asynccontextmanager
@@ -140,6 +141,7 @@ async def open_stack(
     wrap_driver: Callable[[ExportDriver], ExportDriver] = lambda d: d,
     prov_cls: type[Provisioner] = Provisioner,
     client_max_size: int = 1 << 20,
+    chap: ChapMode = "on",
 ) -> AsyncIterator[Stack]:
     files_root = tmp / "boot"
     files_root.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,7 @@ async def open_stack(
         store, profiles=BUILTIN_PROFILES, iqn_prefix=IQN_PREFIX, portal=(host, int(port)),
         http_base="http://127.0.0.1:8080", unknown="ignore",
         exports=lambda: holder[0].exports.last_state if holder else None, lun_number=real_driver.lun_number)
-    prov = make_provisioner(store, backend, driver, events, policy, prov_cls)
+    prov = make_provisioner(store, backend, driver, events, policy, prov_cls, chap)
     holder.append(prov)
     await events.start()
     await prov.load_services()

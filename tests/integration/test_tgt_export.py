@@ -173,6 +173,32 @@ async def test_chap_refuses_a_wrong_secret(backend: FileBackend, driver: TgtDriv
     assert rc == 0, out
 
 
+async def test_mutual_chap_binds_the_target_account_outgoing(backend: FileBackend, driver: TgtDriver) -> None:
+    iqn = f"{PREFIX}:{U1}"
+    url = f"iscsi://node1%right-secret1@{PORTAL}/{iqn}/1"
+    mutual = TargetAuth(chap_user="node1", chap_secret="right-secret1", chap_mutual_user="target1",
+                        chap_mutual_secret="target-secret")
+    await driver.apply([spec(backend, U1, auth=mutual)])
+    rc, out = await run("iscsi-inq", url + "?target_user=target1&target_password=target-secret")
+    assert rc == 0, out
+    rc, out = await run("iscsi-inq", url + "?target_user=target1&target_password=impostor-sec")
+    assert rc != 0 and "Invalid CHAP_R" in out, out  # the initiator refuses a target without the secret
+    shown = (await driver._show())
+    assert [(t.accounts, t.outgoing) for t in shown.values()] == [(["node1"], ["target1"])]
+
+    # mutual off again: the outgoing account is unbound and, wanted by no target, deleted
+    await driver.apply([spec(backend, U1, auth=TargetAuth(chap_user="node1", chap_secret="right-secret1"))])
+    assert [(t.accounts, t.outgoing) for t in (await driver._show()).values()] == [(["node1"], [])]
+    assert await driver._accounts() == {"node1"}
+    assert not tee(driver).ops("delete", "target")  # all of it without touching the target itself
+
+
+def tee(driver: TgtDriver) -> TeeRunner:
+    runner = driver._run
+    assert isinstance(runner, TeeRunner)
+    return runner
+
+
 async def test_initiator_acls(backend: FileBackend, driver: TgtDriver) -> None:
     iqn = f"{PREFIX}:{U1}"
     node = f"{PREFIX}:node-{U1}"

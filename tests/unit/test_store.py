@@ -35,10 +35,12 @@ def test_an_old_schema_upgrades_with_its_data_kept(tmp_path: Path) -> None:
     db.close()
 
     s = Store(path)
-    assert s.version == SCHEMA_VERSION == 2
+    assert s.version == SCHEMA_VERSION == 3
     server = s.server("u1")
     assert server is not None and server.state == "available" and server.macs == ("52:54:00:00:00:01",)
     assert server.hostname == ""  # the column that version 2 added, with its default
+    # version 3's CHAP: a server made before it keeps no secret, so its running node's next login works
+    assert (server.chap_user, server.chap_secret, server.chap_mutual_secret) == ("", "", "")
     s.set_service("dhcp", False)
     assert s.services() == {"dhcp": False}
 
