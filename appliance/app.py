@@ -29,7 +29,7 @@ from appliance.events import EventBus
 from appliance.provisioner import Provisioner
 from appliance.store import AsyncStore, Store
 from bootfiles.spec import EventSink
-from iscsi.model import ExportDriver, VolumeBackend
+from iscsi.model import ExportDriver, StorageError, VolumeBackend
 
 log = logging.getLogger("cello")
 
@@ -426,7 +426,7 @@ async def _start_one(slot: ServiceSlot) -> None:
     except OSError as e:
         host, _, port = slot.describe.partition("+")[0].rpartition(":")
         raise explain_bind_error(slot.name, host or "?", int(port) if port.isdigit() else 0, e) from None
-    except RuntimeError as e:
+    except (RuntimeError, StorageError) as e:  # e.g. a tgtd control port that another tgtd serves
         raise StartError(f"{slot.name}: {e}") from None
 
 
