@@ -31,6 +31,7 @@ from appliance.template_sources import (
     check_source,
     parse_source,
 )
+from iscsi import names
 from iscsi.model import StorageError, VolumeBackend
 from iscsi.runner import CommandError, run_output
 
@@ -201,11 +202,13 @@ async def build_template(
         created = volume not in existing
         if created:
             want = size or default_size(await asyncio.to_thread(tree_size, rootdir))
+            names.lun_size(want, f"template volume {volume} (its clones become LUNs)")
             progress(f"volume: creating {volume} ({want // MiB} MiB, sparse)")
             info = await backend.create_template(os_name, want)
             undo.append((f"volume {volume}", lambda: backend.destroy(volume)))
         else:
             info = existing[volume]
+            names.lun_size(info.size, f"template volume {volume} (its clones become LUNs)")
             if size is not None and size != info.size:
                 progress(f"volume: {volume} exists with {info.size // MiB} MiB; keeping that size")
         progress(f"filesystem: mkfs.ext4 -L {ROOT_LABEL} -d <root> on {volume}")

@@ -5,11 +5,19 @@ ctld facts (from its source): a reload with a parse error silently keeps the old
 before the new one is applied, so `apply()` polls `ctladm devlist -x` / `ctladm portlist -x` until
 the kernel holds exactly the desired LUNs and targets. When `apply()` returns, a LUN removed from the
 desired state is gone from ctl, so its volume may be destroyed.
+
+CTL's capacity is fixed at boot (ctl.c): `kern.cam.ctl.max_luns` LUNs (default 1024) and
+`kern.cam.ctl.max_ports` ports (default 256) for the whole host, both powers of two. ctld makes one
+port per target and portal group, and one LUN per `lun` block; CTL's own ports (tpc, camsim, ioctl,
+an HBA's camtgt ports) and LUNs made with `ctladm create` hold their share of the same tables. The
+driver reads both tunables, counts the share of others from `ctladm`, and refuses a desired state
+that does not fit before it reaches ctld, whose reload would otherwise fail at apply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 import xml.etree.ElementTree as ET
@@ -21,7 +29,14 @@ from iscsi import ctlconf
 from iscsi.model import ExportState, StorageError, TargetSpec
 from iscsi.runner import CommandRunner, default_runner
 
+log = logging.getLogger(__name__)
+
 Sleep = Callable[[float], Awaitable[None]]
+# The ports CTL registers itself (ctl_tpc_local.c, ctl_frontend_cam_sim.c, ctl_frontend_ioctl.c):
+# assumed held when `ctladm portlist` cannot be read to count them.
+CTL_OWN_PORTS = ("tpc", "camsim", "ioctl")
+MAX_LUNS_SYSCTL = "kern.cam.ctl.max_luns"
+MAX_PORTS_SYSCTL = "kern.cam.ctl.max_ports"
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,40 @@ def parse_portlist(xml: str) -> list[CtlPort]:
     return out
 
 
+def ctld_made(port: CtlPort) -> bool:
+    """ctld's ports are the iSCSI frontend's (one per target and portal group); all others are CTL's own."""
+    return port.frontend == "iscsi"
+
+
+@dataclass(frozen=True)
+class CtlLimits:
+    """CTL's capacity and what others than ctld's targets hold of it (None: the tunable is unknown)."""
+
+    max_luns: int | None
+    max_ports: int | None
+    other_luns: int = 0  # LUNs without ctld's `ctld_name` option (e.g. made with `ctladm create`)
+    other_ports: int = len(CTL_OWN_PORTS)  # tpc, camsim, ioctl, HBA ports, …
+
+    def refusal(self, targets: int, luns: int) -> str | None:
+        """Why `targets` targets with `luns` LUNs in all would not fit into CTL, or None if they fit."""
+        if self.max_ports is not None and targets + self.other_ports > self.max_ports:
+            return (f"{targets} targets need {targets} CTL ports and CTL's own ports hold {self.other_ports}: "
+                    f"more than {MAX_PORTS_SYSCTL}={self.max_ports} (raise it in /boot/loader.conf)")
+        if self.max_luns is not None and luns + self.other_luns > self.max_luns:
+            return (f"{luns} LUNs, and {self.other_luns} more that ctld did not make, are more than "
+                    f"{MAX_LUNS_SYSCTL}={self.max_luns} (raise it in /boot/loader.conf)")
+        return None
+
+    def as_json(self) -> dict[str, int | None]:
+        return {"max_luns": self.max_luns, "max_ports": self.max_ports, "other_luns": self.other_luns,
+                "other_ports": self.other_ports, "max_luns_per_target": ctlconf.MAX_LUNS_PER_TARGET}
+
+
 def state_from_ctladm(luns: Sequence[CtlLun], ports: Sequence[CtlPort]) -> dict[str, dict[str, int]]:
     by_id = {lun.ctl_id: lun for lun in luns}
     targets: dict[str, dict[str, int]] = {}
     for port in ports:
-        if port.frontend != "iscsi" or not port.target:
+        if not ctld_made(port) or not port.target:
             continue
         mapped = targets.setdefault(port.target, {})
         for number, ctl_id in port.lun_map.items():
@@ -131,6 +175,7 @@ class CtldDriver:
         verify_timeout: float = 15.0,
         verify_interval: float = 0.25,
         max_ports: int | None = None,
+        max_luns: int | None = None,
     ) -> None:
         self.conf_path = Path(conf_path)
         self.portals = tuple(portals)
@@ -140,16 +185,37 @@ class CtldDriver:
         self._timeout = verify_timeout
         self._interval = verify_interval
         self.max_ports = max_ports
+        self.max_luns = max_luns
+        self.other_ports: int | None = None  # counted from `ctladm portlist -x`; None until read
+        self.other_luns = 0
         self._lock = asyncio.Lock()
         self.writes = 0
         self.reloads = 0
 
     async def start(self) -> None:
-        """Learn ctl's port limit; ctld itself is a system service that Cello never starts or restarts."""
+        """Learn CTL's limits and what CTL's own ports and LUNs hold of them; ctld itself is a system
+        service that Cello never starts or restarts."""
+        if self.max_luns is None:
+            self.max_luns = await self._sysctl(MAX_LUNS_SYSCTL)
         if self.max_ports is None:
-            res = await self._run(["sysctl", "-n", "kern.cam.ctl.max_ports"], check=False)
-            if res.returncode == 0 and res.stdout.strip().isdigit():
-                self.max_ports = int(res.stdout.strip())
+            self.max_ports = await self._sysctl(MAX_PORTS_SYSCTL)
+        try:
+            await self._ctladm()
+        except StorageError as exc:  # ctl.ko not loaded yet, say: the first apply counts again
+            log.warning("ctladm: %s; assuming CTL's own ports %s until it answers", exc, ", ".join(CTL_OWN_PORTS))
+
+    async def _sysctl(self, name: str) -> int | None:
+        res = await self._run(["sysctl", "-n", name], check=False)
+        value = res.stdout.strip()
+        return int(value) if res.returncode == 0 and value.isdigit() else None
+
+    def limits(self) -> CtlLimits:
+        others = len(CTL_OWN_PORTS) if self.other_ports is None else self.other_ports
+        return CtlLimits(self.max_luns, self.max_ports, self.other_luns, others)
+
+    def refusal(self, targets: int, luns: int) -> str | None:
+        """Why a desired state of `targets` targets with `luns` LUNs in all would not fit, or None."""
+        return self.limits().refusal(targets, luns)
 
     async def stop(self) -> None:
         """Nothing to do: ctl.conf and ctld stay, and keep serving the nodes' root disks while Cello is down."""
@@ -165,11 +231,8 @@ class CtldDriver:
 
     def render(self, targets: Sequence[TargetSpec]) -> str:
         """The whole ctl.conf for a desired state (refuses hostile names and limits first)."""
-        if self.max_ports is not None and len(targets) >= self.max_ports:
-            raise ctlconf.LimitError(
-                f"{len(targets)} targets need {len(targets)} ctl ports; kern.cam.ctl.max_ports is "
-                f"{self.max_ports} (raise it in /boot/loader.conf)"
-            )
+        if (problem := self.refusal(len(targets), sum(len(t.luns) for t in targets))) is not None:
+            raise ctlconf.LimitError(problem)
         return ctlconf.render(ctlconf.from_specs(targets, self.portals))
 
     async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
@@ -205,9 +268,12 @@ class CtldDriver:
         dev = await self._run(["ctladm", "devlist", "-x"])
         port = await self._run(["ctladm", "portlist", "-x"])
         try:
-            return parse_devlist(dev.stdout), parse_portlist(port.stdout)
+            luns, ports = parse_devlist(dev.stdout), parse_portlist(port.stdout)
         except CtladmParseError as exc:
             raise StorageError(str(exc)) from None
+        self.other_ports = sum(1 for p in ports if not ctld_made(p))
+        self.other_luns = sum(1 for lun in luns if lun.ctld_name is None)
+        return luns, ports
 
     async def actual(self) -> ExportState:
         luns, ports = await self._ctladm()

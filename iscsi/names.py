@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +18,7 @@ from iscsi.model import NameError_
 
 MAX_NAME = 222  # anything longer is refused (an IQN may not exceed 223 bytes, RFC 3720 §3.2.6.1)
 MAX_LUN_INDEX = 1023  # ctl: 1024 LUNs per target
+DEFAULT_BLOCKSIZE = 512  # ctld's blocksize for a disk LUN without one (ctld.h DEFAULT_BLOCKSIZE)
 
 _OS = r"[a-z0-9][a-z0-9_.-]{0,62}"
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -116,15 +118,26 @@ def group_name(value: str) -> str:
 
 
 def initiator_portal(value: str) -> str:
-    """An address or network ("10.77.0.0/24"); returned in canonical form."""
+    """An address or network ("10.77.0.0/24"); returned in canonical form.
+
+    An IPv6 zone (`fe80::1%eth0`) is refused: ctld parses initiator portals with inet_pton, which has
+    no zones, and refuses the whole file. An IPv4-mapped address or network (`::ffff:10.77.0.5`) is
+    returned in its IPv4 form (`10.77.0.5`): ctld compares address families, an IPv4 initiator always
+    arrives as AF_INET, so the mapped form (which ctld shows as `::ffff:a4d:5`) would never match the
+    node it names; the IPv4 form is what such an entry can only have meant.
+    """
     if not isinstance(value, str) or len(value) > 64:
         raise _refuse("initiator portal", value, "must be an IP address or network")
+    if "%" in value:
+        raise _refuse("initiator portal", value, "an IPv6 zone (%…) is refused: ctld cannot parse it")
     try:
-        if "/" in value:
-            return str(ipaddress.ip_network(value, strict=False))
-        return str(ipaddress.ip_address(value))
+        net = ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise _refuse("initiator portal", value, "must be an IP address or network") from None
+    if isinstance(net, ipaddress.IPv6Network) and (v4 := net.network_address.ipv4_mapped) is not None:
+        # a mapped network's prefix is at least /96 (its ::ffff bits are part of it)
+        net = ipaddress.IPv4Network(f"{v4}/{net.prefixlen - 96}")
+    return str(net) if "/" in value else str(net.network_address)
 
 
 def portal(value: str) -> tuple[str, int]:
@@ -137,6 +150,9 @@ def portal(value: str) -> tuple[str, int]:
         host, sep, port_s = value.rpartition(":")
     if not sep or not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise _refuse("portal", value, "must be ADDR:PORT or [V6]:PORT")
+    if "%" in host:
+        # ctld resolves a zone when it binds: where it does not resolve, the whole file is refused
+        raise _refuse("portal", value, "a scoped IPv6 address (%zone) is refused: listen on the address alone")
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
@@ -144,6 +160,30 @@ def portal(value: str) -> tuple[str, int]:
     if value.startswith("[") != (addr.version == 6):
         raise _refuse("portal", value, "IPv6 addresses must be bracketed, IPv4 not")
     return str(addr), int(port_s)
+
+
+def portals(values: Sequence[str]) -> tuple[str, ...]:
+    """Listen portals in canonical form; one given twice (after canonicalisation) is refused: ctld's
+    second bind of it fails at apply, which at start stops ctld and on a reload is only logged."""
+    out: dict[str, str] = {}
+    for value in values:
+        canonical = format_portal(*portal(value))
+        if canonical in out:
+            raise _refuse("portal", value,
+                          f"given twice (as {out[canonical]!r} too): ctld's second listen on {canonical} fails")
+        out[canonical] = value
+    return tuple(out)
+
+
+def lun_size(size: int, what: str, blocksize: int | None = None) -> int:
+    """A LUN size in bytes; ctld refuses the whole file for one that is not a multiple of its blocksize."""
+    block = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise NameError_(f"invalid size {size!r} for {what}: must be a positive number of bytes")
+    if size % block:
+        raise NameError_(f"invalid size {size} for {what}: must be a multiple of its {block}-byte blocksize "
+                         f"(ctld refuses the whole ctl.conf otherwise)")
+    return size
 
 
 def format_portal(addr: str, port: int) -> str:

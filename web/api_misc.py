@@ -14,6 +14,7 @@ from aiohttp import web
 from appliance.events import Event
 from appliance.provisioner import DEFAULT_QUOTA, NAME_RE, SERVICES
 from appliance.store import Store, User
+from iscsi.model import LimitedDriver
 from web.auth import new_token, principal
 from web.deps import HealthReport, WebDeps
 from web.errors import ApiError, int_field, json_body, require_fields
@@ -153,8 +154,11 @@ async def list_pools(request: web.Request) -> web.StreamResponse:
     cap = await deps.backend.capacity()
     status = {k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
               for k, v in deps.backend.status().items()}
+    driver = deps.provisioner.driver
+    # what the export driver's target layer can hold (ctld: CTL's max_luns/max_ports); null where unbounded
+    limits = dict(driver.limits().as_json()) if isinstance(driver, LimitedDriver) else None
     return web.json_response([{"name": deps.backend.name, "total": cap.total, "used": cap.used, "free": cap.free,
-                               "status": status}])
+                               "status": status, "export": {"driver": driver.name, "limits": limits}}])
 
 
 async def _services_json(deps: WebDeps) -> list[dict[str, Any]]:

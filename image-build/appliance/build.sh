@@ -121,6 +121,17 @@ sysrc -f "$conf_file" zfs_enable="YES" ctld_enable="YES" cello_enable="YES" cell
     cello_config="/usr/local/etc/cello/cello.toml"
 sysrc -f "${root}/boot/loader.conf" zfs_load="YES" ctl_load="YES" 2>/dev/null || true
 
+# CTL's tables are sized once, at boot, from these tunables (powers of two, or CTL falls back to its
+# defaults of 1024 LUNs and 256 ports). The appliance's capacity (README.md): 2,000 servers and
+# 8,000 LUNs in all; ctld makes one CTL port per server's target, CTL's own ports (tpc, camsim, ioctl,
+# HBA ports) take a few more, and LUNs made with `ctladm create` count against the same LUN table.
+echo "==> loader.conf: CTL capacity"
+loader_conf="${root}/boot/loader.conf"
+touch "$loader_conf"
+grep -v -e '^kern\.cam\.ctl\.max_luns=' -e '^kern\.cam\.ctl\.max_ports=' "$loader_conf" > "${loader_conf}.new" || true
+printf '%s\n' 'kern.cam.ctl.max_luns="8192"' 'kern.cam.ctl.max_ports="2048"' >> "${loader_conf}.new"
+mv "${loader_conf}.new" "$loader_conf"
+
 if [ -n "$image" ]; then
     echo "==> disk image ${image} (${image_size})"
     touch "${root}/firstboot"

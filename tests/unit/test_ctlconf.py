@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.template_build import TemplateBuildError, build_template
 from iscsi import ctlconf
 from iscsi.ctld import CtldDriver
+from iscsi.file_backend import FileBackend
 from iscsi.model import LunSpec, NameError_, StorageError, TargetAuth, TargetSpec
 from iscsi.runner import RecordingRunner
 from tests.unit.test_iscsi_specs import PREFIX, U1, sample_targets, stable_lun
@@ -202,3 +207,117 @@ def test_1024_luns_per_target_limit() -> None:
     with pytest.raises(ctlconf.LimitError, match=r"outside 0\.\.1023"):
         ctlconf.from_specs([TargetSpec(ok.iqn, (dataclasses.replace(ok.luns[0], index=1024),))],
                            ["0.0.0.0:3260"])
+
+
+# -- what ctld refuses or misreads is refused here, with the reason (issue 17) ------------------
+
+
+async def _refused_before_writing(tmp_path: Path, targets: list[TargetSpec], portals: list[str] | None = None) -> str:
+    conf = tmp_path / "ctl.conf"
+    runner = RecordingRunner()
+    with pytest.raises(NameError_) as info:
+        driver = CtldDriver(conf, portals or ["0.0.0.0:3260"], runner)
+        await driver.apply(targets)
+    assert not conf.exists() and _entries(tmp_path) == [] and runner.calls == []
+    return str(info.value)
+
+
+@pytest.mark.parametrize("zoned", ["fe80::1%eth0", "fe80::%eth0/64"])
+async def test_initiator_portal_with_a_zone_is_refused_before_writing(zoned: str, tmp_path: Path) -> None:
+    good = sample_targets()[1]
+    spec = dataclasses.replace(good, auth=TargetAuth(initiator_portals=(zoned,)))
+    assert await _refused_before_writing(tmp_path, [spec]) == (
+        f"invalid initiator portal {zoned!r}: an IPv6 zone (%…) is refused: ctld cannot parse it")
+
+
+def test_ipv4_mapped_initiator_portal_is_rendered_in_its_ipv4_form() -> None:
+    good = sample_targets()[1]
+    spec = dataclasses.replace(good, auth=TargetAuth(initiator_portals=("::ffff:10.77.0.5", "::ffff:10.78.0.0/120")))
+    text = ctlconf.render(ctlconf.from_specs([spec], PORTALS))
+    assert 'initiator-portal "10.77.0.5"; initiator-portal "10.78.0.0/24";' in text
+    assert "::ffff" not in text
+
+
+def test_a_parsed_mapped_initiator_portal_is_not_canonical() -> None:
+    conf = ctlconf.CtlConf(auth_groups=(ctlconf.AuthGroup("ag1", initiator_portals=("::ffff:10.77.0.5",)),))
+    with pytest.raises(NameError_) as info:
+        ctlconf.validate(conf)
+    assert str(info.value) == "initiator portal '::ffff:10.77.0.5' is not in canonical form"
+
+
+async def test_scoped_listen_portal_is_refused_before_writing(tmp_path: Path) -> None:
+    assert await _refused_before_writing(tmp_path, sample_targets(), ["[fe80::1%em0]:3260"]) == (
+        "invalid portal '[fe80::1%em0]:3260': a scoped IPv6 address (%zone) is refused: listen on the address alone")
+
+
+@pytest.mark.parametrize(("portals", "message"), [
+    (["0.0.0.0:3260", "0.0.0.0:3260"],
+     "invalid portal '0.0.0.0:3260': given twice (as '0.0.0.0:3260' too): ctld's second listen on 0.0.0.0:3260 fails"),
+    (["[::]:3260", "[0:0::0]:3260"],
+     "invalid portal '[0:0::0]:3260': given twice (as '[::]:3260' too): ctld's second listen on [::]:3260 fails"),
+])
+async def test_duplicate_portals_are_refused_before_writing(portals: list[str], message: str, tmp_path: Path) -> None:
+    assert await _refused_before_writing(tmp_path, sample_targets(), portals) == message
+    conf = ctlconf.CtlConf(portal_groups=(ctlconf.PortalGroup("pg1", tuple(portals)),))
+    with pytest.raises(NameError_) as info:
+        ctlconf.validate(conf)  # a parsed or hand-made file is checked the same way
+    assert str(info.value) == message
+
+
+async def test_lun_size_not_a_multiple_of_the_blocksize_is_refused_before_writing(tmp_path: Path) -> None:
+    good = sample_targets()[1]
+    odd = dataclasses.replace(good.luns[0], size=(1 << 30) + 1000)
+    assert await _refused_before_writing(tmp_path, [dataclasses.replace(good, luns=(odd,))]) == (
+        f"invalid size 1073742824 for lun 'debian.12-OS-{good.iqn.rsplit(':', 1)[1]}': must be a multiple of "
+        "its 512-byte blocksize (ctld refuses the whole ctl.conf otherwise)")
+
+
+def test_lun_size_is_checked_against_its_own_blocksize() -> None:
+    lun = ctlconf.Lun(f"tiny-OS-{U1}", f"/dev/zvol/tank/tiny-OS-{U1}", "S1", "D1", size=4096 * 10 + 512,
+                      blocksize=4096)
+    with pytest.raises(NameError_, match="must be a multiple of its 4096-byte blocksize"):
+        ctlconf.validate(ctlconf.CtlConf(luns=(lun,)))
+    ctlconf.validate(ctlconf.CtlConf(luns=(dataclasses.replace(lun, size=4096 * 10),)))
+
+
+def test_discovery_shows_an_initiator_only_its_own_targets() -> None:
+    text = ctlconf.render(ctlconf.from_specs(sample_targets(), PORTALS))
+    assert ('portal-group "pg-cello" { discovery-auth-group "no-authentication"; '
+            'discovery-filter "portal-name"; listen "0.0.0.0:3260"; listen "[::]:3260"; }') in text
+    # a file that names no filter is read with ctld's default, "none" (every target to every initiator)
+    parsed = ctlconf.parse('portal-group pg0 { discovery-auth-group no-authentication; listen 0.0.0.0:3260 }')
+    assert parsed.portal_groups[0].discovery_filter == "none"
+    with pytest.raises(NameError_) as info:
+        ctlconf.validate(ctlconf.CtlConf(portal_groups=(ctlconf.PortalGroup("pg1", ("0.0.0.0:3260",),
+                                                                            discovery_filter="names"),)))
+    assert str(info.value) == ("portal-group 'pg1': discovery-filter must be one of none, portal, portal-name, "
+                               "portal-name-auth")
+
+
+async def test_template_build_refuses_an_existing_volume_size_ctld_would_refuse(tmp_path: Path) -> None:
+    """The branch that reuses the template volume's size: a size that is no multiple of 512 would make
+    every clone's LUN refused by ctld, so the build stops before mkfs writes anything."""
+    backend = FileBackend(tmp_path / "volumes")
+    await backend.create_template("tiny", 64 << 20)
+    volume = Path(backend.path("tiny-template"))
+    os.truncate(volume, (64 << 20) + 100)  # grown by hand, or a zfs `file`-kind image made outside Cello
+    before = await asyncio.to_thread(_head, volume)
+    tarball = tmp_path / "rootfs.tar"
+    with tarfile.open(tarball, "w") as tar:
+        for name in ("boot/vmlinuz-1", "boot/initrd.img-1", "sbin/init"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"test"))
+    files_root = tmp_path / "boot"
+    with pytest.raises(TemplateBuildError) as err:
+        await build_template(backend, "tiny", None, f"tar:{tarball}", files_root, tmp_path / "work", lambda _: None)
+    assert str(err.value) == (
+        "template tiny v1: invalid size 67108964 for template volume tiny-template (its clones become LUNs): "
+        "must be a multiple of its 512-byte blocksize (ctld refuses the whole ctl.conf otherwise)")
+    assert await backend.snapshots() == [] and await asyncio.to_thread(_head, volume) == before  # no mkfs
+    assert not any(files_root.rglob("*vmlinuz*"))
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(1 << 16)  # where mkfs.ext4 writes its superblock and group descriptors

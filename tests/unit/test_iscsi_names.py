@@ -109,3 +109,73 @@ def test_stable_lun_identities() -> None:
     assert names.target_iqn("iqn.2026-11.io.cello", U) == f"iqn.2026-11.io.cello:{U}"
     with pytest.raises(NameError_):
         names.lun_serial("a b")
+
+
+# -- what ctld would refuse or misread (issue 17) ------------------------------------------------
+
+
+@pytest.mark.parametrize("zoned", ["fe80::1%eth0", "fe80::%eth0/64", "fe80::1%1"])
+def test_initiator_portal_with_an_ipv6_zone_is_refused(zoned: str) -> None:
+    # ctld: inet_pton has no zones: 'invalid initiator portal "fe80::1%eth0" for auth-group …', whole file refused
+    with pytest.raises(NameError_) as info:
+        names.initiator_portal(zoned)
+    assert str(info.value) == f"invalid initiator portal {zoned!r}: an IPv6 zone (%…) is refused: ctld cannot parse it"
+
+
+@pytest.mark.parametrize(("mapped", "ipv4"), [
+    ("::ffff:10.77.0.5", "10.77.0.5"),
+    ("::ffff:a4d:5", "10.77.0.5"),
+    ("::FFFF:10.77.0.5", "10.77.0.5"),
+    ("::ffff:10.77.0.0/120", "10.77.0.0/24"),
+    ("::ffff:10.77.0.9/128", "10.77.0.9/32"),
+    ("::ffff:0.0.0.0/96", "0.0.0.0/0"),
+])
+def test_ipv4_mapped_initiator_portal_becomes_its_ipv4_form(mapped: str, ipv4: str) -> None:
+    # ctld would keep ::ffff:a4d:5 (AF_INET6), which never matches an IPv4 initiator (AF_INET)
+    assert names.initiator_portal(mapped) == ipv4
+
+
+def test_plain_ipv6_initiator_portals_stay_ipv6() -> None:
+    assert names.initiator_portal("fd00::1") == "fd00::1"
+    assert names.initiator_portal("fd00::1/64") == "fd00::/64"
+    assert names.initiator_portal("::1") == "::1"
+
+
+def test_scoped_listen_portal_is_refused() -> None:
+    with pytest.raises(NameError_) as info:
+        names.portal("[fe80::1%em0]:3260")
+    assert str(info.value) == ("invalid portal '[fe80::1%em0]:3260': a scoped IPv6 address (%zone) is refused: "
+                               "listen on the address alone")
+
+
+@pytest.mark.parametrize(("given", "twice", "first"), [
+    (["0.0.0.0:3260", "0.0.0.0:3260"], "0.0.0.0:3260", "0.0.0.0:3260"),
+    (["[::]:3260", "0.0.0.0:3260", "[0::0]:3260"], "[0::0]:3260", "[::]:3260"),
+    (["[fd00::1]:3260", "[FD00:0::1]:3260"], "[FD00:0::1]:3260", "[fd00::1]:3260"),
+])
+def test_duplicate_portals_after_canonicalisation_are_refused(given: list[str], twice: str, first: str) -> None:
+    canonical = names.format_portal(*names.portal(first))
+    with pytest.raises(NameError_) as info:
+        names.portals(given)
+    assert str(info.value) == (f"invalid portal {twice!r}: given twice (as {first!r} too): "
+                               f"ctld's second listen on {canonical} fails")
+
+
+def test_portals_are_canonical_and_distinct_ones_pass() -> None:
+    assert names.portals(["0.0.0.0:3260", "[0::0]:3260", "0.0.0.0:3261", "10.0.0.1:3260"]) == (
+        "0.0.0.0:3260", "[::]:3260", "0.0.0.0:3261", "10.0.0.1:3260")
+
+
+def test_lun_size_must_be_a_multiple_of_the_blocksize() -> None:
+    assert names.lun_size(1 << 30, "lun 'x'") == 1 << 30
+    assert names.lun_size(4096 * 3, "lun 'x'", 4096) == 4096 * 3
+    with pytest.raises(NameError_) as info:
+        names.lun_size((1 << 30) + 100, "lun 'x'")
+    assert str(info.value) == ("invalid size 1073741924 for lun 'x': must be a multiple of its 512-byte "
+                               "blocksize (ctld refuses the whole ctl.conf otherwise)")
+    with pytest.raises(NameError_) as info:
+        names.lun_size(512 * 3, "lun 'x'", 4096)
+    assert "must be a multiple of its 4096-byte blocksize" in str(info.value)
+    for bad in (0, -512, True):
+        with pytest.raises(NameError_, match="must be a positive number of bytes"):
+            names.lun_size(bad, "lun 'x'")
