@@ -28,12 +28,12 @@ from appliance.config import Config, split_host_port
 from appliance.events import EventBus
 from appliance.provisioner import Provisioner
 from appliance.store import AsyncStore, Store
+from appliance.version import VERSION
 from bootfiles.spec import EventSink
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 
 log = logging.getLogger("cello")
 
-VERSION = "0.1.0"
 
 
 

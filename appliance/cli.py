@@ -1,21 +1,22 @@
-"""`cello`: serve, doctor, --version, and the API client commands (appliance/cli_client.py)."""
+"""`cello`: serve, doctor, --version, and the API client commands (appliance/cli_client.py).
+
+Only the stdlib at import time: the client commands and --version start fast, and the appliance's
+modules (config, asyncio, aiohttp, drivers) load only for the commands that run it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from pathlib import Path
 
-from appliance.config import ConfigError, load_config
-
 log = logging.getLogger("cello")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from appliance.app import VERSION
+    from appliance.version import VERSION
 
     p = argparse.ArgumentParser(prog="cello", description="Network-boot appliance: PXE to iSCSI root disks.")
     p.add_argument("--version", action="version", version=f"cello {VERSION}")
@@ -44,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
     from appliance.app import Appliance, FatalError, StartError, run_until_signalled
+    from appliance.config import load_config
     from appliance.logs import setup_logging
 
     setup_logging(args.log_format, getattr(logging, args.log_level.upper()))
@@ -65,7 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _teardown(args: argparse.Namespace) -> int:
+    import asyncio
+
     from appliance.app import StartError, lock_state_dir, make_driver
+    from appliance.config import load_config
     from iscsi.model import StorageError
 
     config = load_config(args.config)
@@ -93,6 +100,15 @@ def _teardown(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command not in ("serve", "doctor", "teardown", "check-config"):
+        if args.command is None:
+            parser.print_help()
+            return 2
+        from appliance.cli_client import run
+
+        return run(args)
+    from appliance.config import ConfigError, load_config
+
     try:
         if args.command == "serve":
             return _serve(args)
@@ -108,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             load_config(args.config)
             print(f"{args.config}: ok")
             return 0
-        if args.command is None:
-            parser.print_help()
-            return 2
-        from appliance.cli_client import run
-
-        return run(args)
+        raise AssertionError(args.command)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
