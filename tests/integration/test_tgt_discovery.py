@@ -110,9 +110,11 @@ def target(tmp_path: Path, uuid: str, auth: TargetAuth) -> TargetSpec:
 
 async def test_sendtargets_shows_each_initiator_only_the_targets_it_may_log_in_to(driver: TgtDriver,
                                                                                  tmp_path: Path) -> None:
-    # what the provisioner asks for: each server's target admits its node's initiator name
+    # what the provisioner asks for: each server's target admits its node's initiator name, and by
+    # default also wants the node's CHAP secret (discovery itself needs none: no-authentication)
     t1 = target(tmp_path, U1, TargetAuth(initiator_names=(node(U1),)))
-    t2 = target(tmp_path, U2, TargetAuth(initiator_names=(node(U2),)))
+    t2 = target(tmp_path, U2, TargetAuth(chap_user=f"node-{U2[:8]}", chap_secret="s3cret-secret2",
+                                         initiator_names=(node(U2),)))
     state = await driver.apply([t1, t2])
     assert set(state.targets) == {t1.iqn, t2.iqn}
 
