@@ -171,8 +171,11 @@ def _want(spec: TargetSpec) -> _Want:
         mutual = (names.chap_user(a.chap_mutual_user), names.chap_secret(a.chap_mutual_secret))
         if mutual[0] == chap[0] or mutual[1] == chap[1]:
             raise NameError_(f"target {spec.iqn!r}: mutual CHAP needs another user and secret than CHAP")
-    acl = tuple(names.initiator_portal(p) for p in a.initiator_portals)
-    acl += tuple(names.iqn(n) for n in a.initiator_names)
+    portals = tuple(names.initiator_portal(p) for p in a.initiator_portals)
+    # tgt admits an initiator that matches ANY ACL entry, address or name; ctld needs both to match.
+    # With names given, only the names are bound: an address entry would open the target to every
+    # initiator at that address, whatever its name.
+    acl = tuple(names.iqn(n) for n in a.initiator_names) or portals
     return _Want(spec.iqn, luns, chap, acl or ("ALL",), mutual)
 
 
@@ -221,7 +224,7 @@ class TgtDriver:
         if not 0 <= control_port < 65536:
             raise NameError_(f"invalid tgtd control port {control_port!r}")
         self.control_port = control_port
-        self.portals = tuple(names.format_portal(*names.portal(p)) for p in portals)
+        self.portals = names.portals(portals)  # canonical; one given twice is refused
         if not self.portals:
             raise NameError_("at least one iSCSI portal is needed")
         self.manage_daemon = manage_daemon
