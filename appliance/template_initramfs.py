@@ -265,11 +265,19 @@ def _tree_entries(stage: Path) -> list[CpioEntry]:
     return entries
 
 
-def _copy_into(stage: Path, source: Path) -> None:
+def copy_into(stage: Path, source: Path) -> None:
     """Copy a host file to the same absolute path inside stage (following symlinks for the content)."""
     target = stage / str(source).lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, target)
+
+
+async def host_libraries(*binaries: Path) -> list[str]:
+    """The shared libraries (and the loader) the binaries need on this host, from `ldd`, each once."""
+    libs: list[str] = []
+    for binary in binaries:
+        libs += parse_ldd(await run_output(["ldd", str(binary)]))
+    return dedupe(libs)
 
 
 def _stage(stage: Path, inputs: InitramfsInputs, modules: list[str], libs: list[str], applets: list[str]) -> None:
@@ -284,7 +292,7 @@ def _stage(stage: Path, inputs: InitramfsInputs, modules: list[str], libs: list[
         link.symlink_to("/bin/busybox")
     shutil.copy2(inputs.iscsistart, stage / "sbin/iscsistart")
     for lib in libs:
-        _copy_into(stage, Path(lib))
+        copy_into(stage, Path(lib))
     kernel = inputs.kernel
     staged_modules = stage / "lib/modules" / kernel.version
     load_order: list[str] = []
@@ -322,7 +330,7 @@ def _pack(stage: Path, out: Path) -> int:
 async def build_initramfs(inputs: InitramfsInputs, out: Path, scratch: Path) -> int:
     """Write the gzip'd newc initramfs to `out`; return its size. `scratch` is an empty work folder."""
     modules = await module_files(inputs.kernel, inputs.modules)
-    libs = parse_ldd(await run_output(["ldd", str(inputs.iscsistart)]))
+    libs = await host_libraries(inputs.iscsistart)
     applets = busybox_applets_from_list(await run_output([str(inputs.busybox), "--list-full"]))
     stage = scratch / "initramfs"
     await asyncio.to_thread(_stage, stage, inputs, modules, libs, applets)

@@ -18,7 +18,9 @@ from appliance.template_initramfs import (
     InitramfsInputs,
     build_initramfs,
     busybox_applets_from_list,
+    copy_into,
     find_host_kernel,
+    host_libraries,
 )
 from appliance.template_sources import HostPaths, TemplateSource, TemplateSourceError, missing_initramfs_inputs
 from iscsi.runner import CommandError, run_output
@@ -89,19 +91,35 @@ async def _cello_initramfs(ctx: RootfsContext) -> BootFiles:
 # --- tiny ------------------------------------------------------------------------------------------
 
 
-def _fill_tiny(rootdir: Path, busybox: Path, applets: list[str], rootinit: Path) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "var/tmp"):
+@dataclass(frozen=True)
+class TinyInputs:
+    busybox: Path
+    applets: list[str]
+    rootinit: Path
+    iscsid: Path  # open-iscsi's daemon: it takes the root session over after switch_root
+    iscsid_conf: Path  # its root-on-iSCSI settings (image-build/tiny/iscsid.conf)
+    libs: list[str]  # what iscsid links against (ldd), copied to the same paths
+
+
+def _fill_tiny(rootdir: Path, tiny: TinyInputs) -> None:
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/iscsi", "proc", "sys", "dev", "tmp", "run", "root",
+              "var/tmp"):
         (rootdir / d).mkdir(parents=True, exist_ok=True)
     (rootdir / "tmp").chmod(0o1777)
-    shutil.copy2(busybox, rootdir / "bin/busybox")
-    for applet in applets:
+    shutil.copy2(tiny.busybox, rootdir / "bin/busybox")
+    for applet in tiny.applets:
         link = rootdir / applet
         if applet in ("bin/busybox", "sbin/init") or link.exists() or link.is_symlink():
             continue
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/bin/busybox")
-    shutil.copy2(rootinit, rootdir / "sbin/init")
+    shutil.copy2(tiny.rootinit, rootdir / "sbin/init")
     (rootdir / "sbin/init").chmod(0o755)
+    shutil.copy2(tiny.iscsid, rootdir / "sbin/iscsid")
+    for lib in tiny.libs:
+        copy_into(rootdir, Path(lib))
+    shutil.copy2(tiny.iscsid_conf, rootdir / "etc/iscsi/iscsid.conf")
+    (rootdir / "etc/iscsi/iscsid.conf").chmod(0o600)
     (rootdir / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (rootdir / "etc/group").write_text("root:x:0:\n")
     (rootdir / "etc/hostname").write_text("cello-tiny\n")
@@ -109,9 +127,16 @@ def _fill_tiny(rootdir: Path, busybox: Path, applets: list[str], rootinit: Path)
 
 
 async def make_tiny(rootdir: Path, source: TemplateSource, ctx: RootfsContext) -> BootFiles:
-    ctx.progress("rootfs: busybox root with the Cello marker init")
-    applets = busybox_applets_from_list(await run_output([str(ctx.host.busybox), "--list-full"]))
-    await asyncio.to_thread(_fill_tiny, rootdir, ctx.host.busybox, applets, ctx.image_build_dir / "tiny/rootinit")
+    ctx.progress("rootfs: busybox root with the Cello marker init and iscsid")
+    tiny = TinyInputs(
+        busybox=ctx.host.busybox,
+        applets=busybox_applets_from_list(await run_output([str(ctx.host.busybox), "--list-full"])),
+        rootinit=ctx.image_build_dir / "tiny/rootinit",
+        iscsid=ctx.host.iscsid,
+        iscsid_conf=ctx.image_build_dir / "tiny/iscsid.conf",
+        libs=await host_libraries(ctx.host.iscsid),
+    )
+    await asyncio.to_thread(_fill_tiny, rootdir, tiny)
     await asyncio.to_thread(_write_template_stamp, rootdir, ctx, source)
     return await _cello_initramfs(ctx)
 
@@ -185,12 +210,66 @@ def _uris(text: str, *, deb822: bool) -> list[str]:
     return uris
 
 
+def conf_settings(text: str) -> dict[str, str]:
+    """The `key = value` lines of an open-iscsi config (comments and blank lines skipped)."""
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def with_settings(text: str, settings: dict[str, str]) -> str:
+    """An open-iscsi config with these keys set: each key's line (commented out or not) replaced in place,
+    the keys it lacks appended."""
+    pending = dict(settings)
+    out: list[str] = []
+    for line in text.splitlines():
+        key = line.lstrip().lstrip("#").partition("=")[0].strip()
+        if "=" in line and key in pending:
+            out.append(f"{key} = {pending.pop(key)}")
+        elif "=" in line and key in settings and not line.lstrip().startswith("#"):
+            continue  # a second active line for a key already set
+        else:
+            out.append(line)
+    out += [f"{key} = {value}" for key, value in pending.items()]
+    return "\n".join(out) + "\n"
+
+
+def _enable_unit(units: Path, target: str, unit: Path) -> None:
+    wants = units / f"{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit.name
+    if not link.is_symlink():
+        link.symlink_to(unit)
+
+
+def _configure_debian_iscsid(rootdir: Path, scripts: Path) -> None:
+    """open-iscsi for a root on iSCSI: the tiny template's root-on-iSCSI settings in iscsid.conf (and in the
+    initramfs, for iscsistart), iscsid started at sysinit, and kept off the root disk while it logs in."""
+    etc = rootdir / "etc"
+    conf = etc / "iscsi/iscsid.conf"
+    current = conf.read_text() if conf.exists() else ""
+    conf.write_text(with_settings(current, conf_settings((scripts / "tiny/iscsid.conf").read_text())))
+    conf.chmod(0o600)
+    hooks = etc / "initramfs-tools/hooks"
+    hooks.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(scripts / "debian/iscsi-conf-hook", hooks / "cello-iscsi-conf")
+    (hooks / "cello-iscsi-conf").chmod(0o755)
+    units = etc / "systemd/system"
+    (units / "iscsid.service.d").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(scripts / "debian/iscsid-root.conf", units / "iscsid.service.d/cello-root.conf")
+    _enable_unit(units, "sysinit.target", Path("/lib/systemd/system/iscsid.service"))
+
+
 def _configure_debian(rootdir: Path, scripts: Path) -> None:
     etc = rootdir / "etc"
     (etc / "iscsi").mkdir(parents=True, exist_ok=True)
     # An existing (empty) iscsi.initramfs makes open-iscsi's hook put iscsistart into the initramfs, whose
     # local-top script then logs in from the ISCSI_* keys on the kernel command line.
     (etc / "iscsi/iscsi.initramfs").write_text("")
+    _configure_debian_iscsid(rootdir, scripts)
     modules = etc / "initramfs-tools/modules"
     with modules.open("a") as f:
         f.write("".join(m + "\n" for m in DEBIAN_INITRAMFS_MODULES))
@@ -205,11 +284,7 @@ def _configure_debian(rootdir: Path, scripts: Path) -> None:
     (sbin / "cello-booted").chmod(0o755)
     units = etc / "systemd/system"
     shutil.copy2(scripts / "debian/cello-booted.service", units / "cello-booted.service")
-    wants = units / "multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "cello-booted.service"
-    if not link.is_symlink():
-        link.symlink_to("/etc/systemd/system/cello-booted.service")
+    _enable_unit(units, "multi-user.target", Path("/etc/systemd/system/cello-booted.service"))
     # Nodes share one template: each clone must make its own machine-id on first boot.
     (etc / "machine-id").write_text("")
 

@@ -47,6 +47,7 @@ class HostPaths:
     modules_dir: Path = Path("/lib/modules")
     busybox: Path = Path("/bin/busybox")
     iscsistart: Path = Path("/usr/sbin/iscsistart")
+    iscsid: Path = Path("/usr/sbin/iscsid")  # the tiny root's initiator daemon (session recovery)
     extra_sbin: tuple[str, ...] = field(default=("/usr/sbin", "/sbin"))
 
     def which(self, command: str) -> str | None:
@@ -96,6 +97,8 @@ def missing_host_packages(kind: SourceKind, host: HostPaths) -> list[str]:
     missing = [f"{cmd} (apt install {pkg})" for cmd, pkg in _TOOLS_BY_KIND[kind].items() if not host.which(cmd)]
     if kind == "tiny":
         missing += missing_initramfs_inputs(host)
+        if not host.iscsid.exists():  # the tiny root runs it to recover its session
+            missing.append(f"{host.iscsid} (apt install open-iscsi)")
     return missing
 
 
