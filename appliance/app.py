@@ -23,13 +23,13 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from appliance.bootpolicy import ApplianceBootPolicy
 from appliance.config import Config, split_host_port
-from appliance.events import EventBus
-from appliance.provisioner import Provisioner
-from appliance.store import AsyncStore, Store
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.events import EventBus
+from domain.provisioner import Provisioner
+from domain.store import AsyncStore, Store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 
 log = logging.getLogger("cello")
@@ -228,8 +228,8 @@ class Appliance:
 
     async def _build_template(self, name: str, version: str, source: str,
                               progress: Callable[[str], None]) -> Any:
-        from appliance.store import TemplateVersion
         from appliance.template_build import build_template
+        from domain.store import TemplateVersion
 
         assert self.backend is not None
         built = await build_template(self.backend, name, version, source, self.files_root,

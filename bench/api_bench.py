@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 from aiohttp import web
 
-from appliance.bootpolicy import ApplianceBootPolicy
-from appliance.events import EventBus
-from appliance.provisioner import Provisioner
-from appliance.store import AsyncStore, Store, TemplateVersion, User
 from bootfiles.profiles import BUILTIN_PROFILES
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.events import EventBus
+from domain.provisioner import Provisioner
+from domain.store import AsyncStore, Store, TemplateVersion, User
 from iscsi.exports import NullDriver
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver

@@ -11,9 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.events import Event
-from appliance.provisioner import DEFAULT_QUOTA, NAME_RE, SERVICES
-from appliance.store import Store, User
+from domain.events import Event
+from domain.provisioner import DEFAULT_QUOTA, NAME_RE, SERVICES
+from domain.store import Store, User
 from iscsi.model import LimitedDriver
 from web.auth import new_token, principal
 from web.deps import HealthReport, WebDeps

@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.provisioner import MAX_DATA_GB
-from appliance.store import ServerRow, VolumeRow
+from domain.provisioner import MAX_DATA_GB
+from domain.store import ServerRow, VolumeRow
 from web.auth import principal
 from web.deps import WebDeps
 from web.errors import ApiError, json_body, require_fields

@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.provisioner import NAME_RE
-from appliance.store import Store, TemplateVersion
 from appliance.template_sources import parse_source
+from domain.provisioner import NAME_RE
+from domain.store import Store, TemplateVersion
 from web.errors import ApiError, json_body, require_fields
 from web.keys import DEPS
 from web.routes import Route

@@ -1,6 +1,6 @@
 """Bearer tokens: admin tokens manage everything, user tokens only their own servers and volumes.
 
-Only the SHA-256 of a token is stored (appliance.store.hash_token). Each route says its access level
+Only the SHA-256 of a token is stored (domain.store.hash_token). Each route says its access level
 in the route table; `guarded` wraps its handler with the check, so no route can forget it.
 """
 
@@ -10,7 +10,7 @@ import secrets
 
 from aiohttp import web
 
-from appliance.store import AsyncStore
+from domain.store import AsyncStore
 from web.errors import ApiError, Handler
 from web.keys import DEPS, PRINCIPAL
 from web.routes import Access

@@ -6,10 +6,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.bootpolicy import ApplianceBootPolicy
-from appliance.events import EventBus
-from appliance.provisioner import Provisioner
-from appliance.store import AsyncStore
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.events import EventBus
+from domain.provisioner import Provisioner
+from domain.store import AsyncStore
 from iscsi.model import VolumeBackend
 
 HealthReport = Mapping[str, Mapping[str, str]]  # {service: {"state": ..., "detail": ...}}

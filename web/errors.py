@@ -14,9 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.provisioner import InvalidRequest, NotFound, ServiceDisabled
-from appliance.store import Conflict, QuotaExceeded, StoreError
 from appliance.template_sources import TemplateSourceError
+from domain.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, ServiceDisabled, StoreError
 from iscsi.model import InUseError, StorageError
 
 log = logging.getLogger("cello.web")

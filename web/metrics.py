@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from appliance.store import Store
+from domain.store import Store
 from web.errors import Handler
 from web.keys import DEPS, METRICS
 from web.routes import Route

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.provisioner import MAX_DATA_GB, MAX_DATA_VOLUMES
+from domain.provisioner import MAX_DATA_GB, MAX_DATA_VOLUMES
 
 Schema = dict[str, Any]
 

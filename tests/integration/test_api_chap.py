@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.store import ServerRow
 from bootfiles.render import render_ipxe
+from domain.store import ServerRow
 from tests.integration.test_api_stack import PORTALS, Stack, needs_tgt, open_stack, uuid_n
 from tests.integration.test_tgt_export import run
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from appliance.provisioner import Provisioner
-from appliance.store import AsyncStore, Store
+from domain.provisioner import Provisioner
+from domain.store import AsyncStore, Store
 from iscsi.model import ExportDriver, ExportState, StorageError, TargetSpec, VolumeBackend
 from tests.integration.test_api_stack import Stack, make_provisioner, needs_tgt, open_stack, uuid_n
 

@@ -111,7 +111,7 @@ async def test_templates_and_version_in_use(api_stack: Stack) -> None:
 
 async def test_template_build_runs_the_builder(api_stack: Stack) -> None:
     s = api_stack
-    from appliance.store import TemplateVersion
+    from domain.store import TemplateVersion
 
     async def builder(name: str, version: str, source: str, progress: object) -> TemplateVersion:
         assert callable(progress)

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from appliance.bootpolicy import ApplianceBootPolicy
-from appliance.events import EventBus
-from appliance.provisioner import ChapMode, Provisioner
-from appliance.store import AsyncStore, Store, TemplateVersion
 from bootfiles.profiles import BUILTIN_PROFILES
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.events import EventBus
+from domain.provisioner import ChapMode, Provisioner
+from domain.store import AsyncStore, Store, TemplateVersion
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver, VolumeBackend
 from iscsi.tgt import TgtDriver

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.cli import main as cli_main
-from appliance.store import TemplateVersion
+from domain.store import TemplateVersion
 from tests.integration.test_api_stack import INITRD, KERNEL, Stack, api_stack, needs_tgt, uuid_n
 
 __all__ = ["api_stack"]

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.bootpolicy import ApplianceBootPolicy, build_index, unknown_node_files
-from appliance.store import ServerRow, TemplateVersion, VolumeRow
 from bootfiles.profiles import BUILTIN_PROFILES
 from bootfiles.render import render_ipxe
 from bootfiles.tree import BootTree
+from domain.bootpolicy import ApplianceBootPolicy, build_index, unknown_node_files
+from domain.store import ServerRow, TemplateVersion, VolumeRow
 from iscsi.model import ExportState
 
 U1 = "3f1c2b4e-0000-4000-8000-000000000001"

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from appliance.provisioner import SECRET_LENGTH, chap_for, target_auth
-from appliance.store import ServerRow
 from bootfiles.render import RenderError, kernel_cmdline, render_ipxe
+from domain.provisioner import SECRET_LENGTH, chap_for, target_auth
+from domain.store import ServerRow
 from iscsi import ctlconf, names
 from iscsi.model import NameError_, TargetSpec
 from tests.unit.test_iscsi_specs import PREFIX, U1, stable_lun

@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-from appliance.bindings import BindingTable, ipv4_of
-from appliance.bootpolicy import ApplianceBootPolicy, build_index, node_access
-from appliance.store import ServerRow, TemplateVersion, VolumeRow
 from bootfiles.profiles import BUILTIN_PROFILES
 from dhcp import packet as p
 from dhcp import pxe
 from dhcp.binding import OPT_REQUESTED_IP, SeenClient, client_address, seen_client
+from domain.bindings import BindingTable, ipv4_of
+from domain.bootpolicy import ApplianceBootPolicy, build_index, node_access
+from domain.store import ServerRow, TemplateVersion, VolumeRow
 
 MAC = "52:54:00:77:00:10"
 U1 = "3f1c2b4e-0000-4000-8000-000000000001"

@@ -18,10 +18,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from appliance.bootpolicy import ApplianceBootPolicy
-from appliance.events import EventBus
-from appliance.provisioner import CreateServer, Provisioner
-from appliance.store import AsyncStore, Conflict, Store, TemplateVersion, User
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.errors import Conflict
+from domain.events import EventBus
+from domain.provisioner import CreateServer, Provisioner
+from domain.store import AsyncStore, Store, TemplateVersion, User
 from iscsi import ctlconf
 from iscsi.ctld import CtldDriver, CtlLimits, parse_devlist, parse_portlist, state_from_ctladm
 from iscsi.file_backend import FileBackend

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import MIGRATIONS, SCHEMA_VERSION, Conflict, QuotaExceeded, ServerRow, Store, User, VolumeRow
+from domain.errors import Conflict, QuotaExceeded
+from domain.store import MIGRATIONS, SCHEMA_VERSION, ServerRow, Store, User, VolumeRow
 
 
 def _server(uuid: str, owner: str = "alice", macs: tuple[str, ...] = ()) -> ServerRow:

@@ -13,9 +13,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from appliance.bindings import BindingTable, ipv4_of
-from appliance.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
 from bootfiles.spec import BootSpec, IscsiRoot, Profile
+from domain.bindings import BindingTable, ipv4_of
+from domain.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
 from iscsi.model import ExportState
 
 log = logging.getLogger("cello.boot")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from domain.errors import Conflict, QuotaExceeded, StoreError
+
 T = TypeVar("T")
 
 MIGRATIONS: tuple[str, ...] = (
@@ -105,14 +107,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StoreError(Exception):
-    pass
-
-
-class Conflict(StoreError):
-    """A uniqueness rule was broken (duplicate server UUID or MAC, ...)."""
 
 
 @dataclass(frozen=True)
@@ -422,10 +416,6 @@ class Store:
             rows = self._all("SELECT * FROM boot_events WHERE server = ? ORDER BY id DESC LIMIT ?", (server, limit))
         return [{"id": r["id"], "at": r["at"], "kind": r["kind"], "server": r["server"], **json.loads(r["data"])}
                 for r in reversed(rows)]
-
-
-class QuotaExceeded(Conflict):
-    pass
 
 
 class AsyncStore:

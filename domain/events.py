@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-from appliance.store import AsyncStore
+from domain.store import AsyncStore
 
 log = logging.getLogger("cello.events")
 

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from appliance.events import EventBus
-from appliance.store import AsyncStore, Conflict, ServerRow, TemplateVersion, User, VolumeRow
+from domain.errors import Conflict, InvalidRequest, NotFound, ServiceDisabled
+from domain.events import EventBus
+from domain.store import AsyncStore, ServerRow, TemplateVersion, User, VolumeRow
 from iscsi import names
 from iscsi.exports import ExportManager
 from iscsi.model import (
@@ -77,18 +78,6 @@ def target_auth(server: ServerRow, initiator: str) -> TargetAuth:
     return TargetAuth(chap_user=server.chap_user, chap_secret=server.chap_secret,
                       chap_mutual_user=server.chap_mutual_user or None,
                       chap_mutual_secret=server.chap_mutual_secret or None, initiator_names=(initiator,))
-
-
-class InvalidRequest(ValueError):
-    """Bad input; the message is fit for the API's `detail`."""
-
-
-class NotFound(LookupError):
-    pass
-
-
-class ServiceDisabled(Conflict):
-    pass
 
 
 def server_serial(volume: str) -> str:
