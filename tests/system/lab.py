@@ -342,6 +342,7 @@ class CelloProcess:
 class Lab:
     workdir: Path
     dhcp_unknown: str = "ignore"
+    extra_config: str = ""  # TOML appended to cello.toml (e.g. `[boot.profiles.NAME]` tables)
     cello: CelloProcess | None = None
     dnsmasq: subprocess.Popen[bytes] | None = None
     events: EventLog | None = None
@@ -484,7 +485,7 @@ class Lab:
             'driver = "tgt"\n'
             f'portals = ["{CELLO_IP}:3260"]\n'
             f"tgt_control_port = {TGT_CONTROL_PORT}\n"
-        )
+        ) + self.extra_config
 
     def start_cello(self, timeout: float = 40) -> None:
         config = self.workdir / "cello.toml"
@@ -526,6 +527,51 @@ class Lab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+    def kill_cello(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 15) -> int:
+        """Send `sig` to `cello serve` (SIGKILL: a crash) and reap it; its exit status. What it started
+        and did not stop (its tgtd, once tgtd outlives it) is left running."""
+        if self.events is not None:
+            self.events.stop()
+            self.events = None
+        assert self.cello is not None, "cello serve is not running"
+        proc = self.cello.proc
+        self.cello = None
+        proc.send_signal(sig)  # `ip netns exec` execs, so this is cello serve's own PID
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(timeout=5)
+
+    def tgtd_pids(self) -> list[int]:
+        """PIDs of the tgtd processes on this lab's control port inside cel-cello (Cello's tgtd)."""
+        pids = []
+        for pid in run(["ip", "netns", "pids", NS_CELLO], check=False).stdout.split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and Path(argv[0].decode(errors="replace")).name == "tgtd" \
+                    and b"-C" in argv and str(TGT_CONTROL_PORT).encode() in argv:
+                pids.append(int(pid))
+        return sorted(pids)
+
+    def teardown_exports(self, timeout: float = 30) -> None:
+        """With `cello serve` stopped: remove the exports on purpose (`cello teardown --yes`), then end any
+        tgtd of the lab still running (a tgtd outlives `cello serve` by design)."""
+        config = self.workdir / "cello.toml"
+        if config.exists() and self.tgtd_pids():
+            done = run(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", "teardown", "--config",
+                        str(config), "--yes"], check=False, timeout=timeout)
+            with open(self.logs / "teardown.log", "a") as f:
+                f.write(f"--- exit {done.returncode}\n{done.stdout}{done.stderr}")
+        deadline = time.monotonic() + 5
+        while (pids := self.tgtd_pids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     # --- the public interfaces: API and CLI ---------------------------------------------------------
 
@@ -573,7 +619,8 @@ class Lab:
     # --- teardown -----------------------------------------------------------------------------------
 
     def down(self) -> None:
-        """Idempotent: nodes, Cello (which stops its tgtd), dnsmasq, then anything left, then the namespaces."""
+        """Idempotent: nodes, Cello, its exports and tgtd (which outlives Cello), dnsmasq, then anything left,
+        then the namespaces."""
         for node in list(self.nodes):
             with contextlib.suppress(Exception):
                 node.power_off()
@@ -581,6 +628,8 @@ class Lab:
             self.tgt_show()
         with contextlib.suppress(Exception):
             self.stop_cello()
+        with contextlib.suppress(Exception):
+            self.teardown_exports()
         if self.dnsmasq is not None:
             proc, self.dnsmasq = self.dnsmasq, None
             proc.terminate()
