@@ -1,8 +1,9 @@
-"""Read-only asyncio TFTP server: a thin DatagramProtocol around `SendTransfer` and a `BootTree`.
+"""Read-only asyncio TFTP server: the sockets around `SendTransfer`, a `BootTree` and `tftp_policy`.
 
-Request pipeline (one listening socket): decode → classify (WRQ refused) → enabled? → duplicate RRQ? →
-transfer bound → open the name in the tree → negotiate → serve from a fresh ephemeral port (RFC 1350
-§4, the transfer ID). Every request ends in one "tftp" event on the appliance's event stream.
+Request pipeline (one listening socket, `udpio.UdpListener`): decode → `tftp_policy.decide` (pure:
+refuse / ignore / serve) → open the name in the tree → negotiate → serve from a fresh ephemeral port
+(RFC 1350 §4, the transfer ID), its sockets polled by `bootfiles.poller`. Every request ends in one
+"tftp" event on the appliance's event stream.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from bootfiles import tftp_packet as tp
+from bootfiles import tftp_policy as policy
+from bootfiles.poller import Poller, platform_epoll
 from bootfiles.spec import EventSink
 from bootfiles.tftp_transfer import BytesSource, Limits, SendTransfer
 from bootfiles.tree import Denied, OpenedFile, TreeError
+from udpio.udp import UdpListener
 
 log = logging.getLogger(__name__)
 
@@ -35,109 +38,11 @@ def to_netascii(data: bytes) -> bytes:
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
 
 
-class _Listener(asyncio.DatagramProtocol):
-    def __init__(self, server: TftpServer) -> None:
-        self.server = server
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        try:
-            self.server._on_request(data, addr)
-        except Exception:  # the error boundary: one bad datagram never stops the service
-            log.exception("tftp: request from %s:%s failed", addr[0], addr[1])
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("tftp: listener socket error: %s", exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server._listener_lost(exc)
-
-
-Handler = Callable[[float], None]  # called with the loop's time when its socket is readable
-
-
-class _TransferPoller:
-    """Calls a transfer socket's handler when a datagram waits on it.
-
-    A lock-step transfer costs one ACK in and one DATA out per block, so whatever the event loop spends
-    per readiness (a selector key, a Handle, one trip through its run loop per socket) is spent per
-    block. With epoll (Linux) every transfer socket of the server sits behind one epoll that is a single
-    reader on the loop: the loop wakes once for all the ready transfers, one poll returns them all, and
-    each costs a dict lookup and a call. Level-triggered like the loop's own selector, so a socket with a
-    second datagram queued is simply returned again. Elsewhere (kqueue on FreeBSD) each socket is a
-    reader on the loop, as asyncio offers it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, use_epoll: bool) -> None:
-        self.loop = loop
-        self._handlers: dict[int, Handler] = {}
-        # One receive buffer for all transfers (they run one at a time, on the loop): an ACK read into
-        # it is decoded in place, with no bytes object allocated and freed per block.
-        self.buffer = bytearray(_TRANSFER_RECV_BYTES)
-        self._epoll = select.epoll() if use_epoll else None
-        if self._epoll is not None:
-            loop.add_reader(self._epoll.fileno(), self._ready)
-
-    def add(self, fd: int, handler: Handler) -> None:
-        self._handlers[fd] = handler
-        if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
-        else:
-            self.loop.add_reader(fd, self._call, handler)
-
-    def remove(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is None:
-            return
-        if self._epoll is not None:
-            self._epoll.unregister(fd)
-        else:
-            self.loop.remove_reader(fd)
-
-    def close(self) -> None:
-        for fd in list(self._handlers):
-            self.remove(fd)
-        if self._epoll is not None and not self._epoll.closed:
-            self.loop.remove_reader(self._epoll.fileno())
-            self._epoll.close()
-
-    def _call(self, handler: Handler) -> None:
-        try:
-            handler(self.loop.time())
-        except Exception:  # the error boundary: one transfer's bug never stops the loop
-            log.exception("tftp: transfer socket handler failed")
-
-    def _ready(self) -> None:
-        assert self._epoll is not None
-        poll = self._epoll.poll
-        handlers = self._handlers
-        clock = self.loop.time
-        # Under load the ACKs answering the DATA just sent are queued by the time a round ends: polling
-        # again at once serves them without a trip through the event loop. Only a busy round pays for
-        # that extra poll, and the rounds are bounded so that the other services still get the loop.
-        for _ in range(_DRAIN_ROUNDS):
-            events = poll(0, _POLL_EVENTS)
-            now = clock()  # one clock read per round: the timeouts are counted in seconds
-            for fd, _mask in events:
-                handler = handlers.get(fd)
-                if handler is None:
-                    continue  # closed by an earlier handler of this round
-                try:
-                    handler(now)
-                except Exception:  # the error boundary: one transfer's bug never stalls the others
-                    log.exception("tftp: transfer socket handler failed")
-            if len(events) < _DRAIN_MIN_EVENTS:
-                return
-
-
-_POLL_EVENTS = 256
-_DRAIN_ROUNDS = 4
-_DRAIN_MIN_EVENTS = 4
-
-
 class _TransferSocket:
     """One transfer's port: feeds the state machine, sends what it yields, runs its timer.
 
     The listener is a DatagramProtocol; a transfer uses raw non-blocking sockets polled by the
-    `_TransferPoller`, because this is the per-block hot path of every boot. Where the OS lets two
+    `Poller`, because this is the per-block hot path of every boot. Where the OS lets two
     sockets share the port (SO_REUSEPORT), a second one connected to the client receives exactly the
     client's datagrams and sends without naming an address: the kernel keeps the route, and neither side
     converts an address per block, which takes about 15 % off the cost of a block. The first socket,
@@ -153,15 +58,16 @@ class _TransferSocket:
         transfer: SendTransfer,
         peer: Address,
         done: asyncio.Future[None],
-        poller: _TransferPoller,
+        poller: Poller,
+        buffer: bytearray,
     ) -> None:
         self.sock = sock
         self.transfer = transfer
         self.peer = peer
         self.done = done
         self.poller = poller
-        self.loop = poller.loop
-        self._buffer = poller.buffer
+        self.loop = done.get_loop()
+        self._buffer = buffer
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
@@ -307,7 +213,7 @@ def _connected_twin(sock: socket.socket, peer: Address) -> socket.socket | None:
 
 
 class TftpServer:
-    _use_epoll = hasattr(select, "epoll")  # tests turn it off to run the portable path
+    _use_epoll = True  # where the OS has epoll; tests turn it off to run the portable path
 
     def __init__(
         self,
@@ -337,57 +243,37 @@ class TftpServer:
         self.max_transfers = max_transfers
         self.events = events
         self.enabled = enabled
-        self.on_fatal = on_fatal
-        self._transport: asyncio.DatagramTransport | None = None
+        self.listener = UdpListener("tftp", host, port, self._on_request, on_fatal=on_fatal, logger=log)
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
         self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
         self._transfers: set[_TransferSocket] = set()
-        self._poller: _TransferPoller | None = None
+        self._poller: Poller | None = None
+        # One receive buffer for all transfers (they run one at a time, on the loop): an ACK read into
+        # it is decoded in place, with no bytes object allocated and freed per block.
+        self._buffer = bytearray(_TRANSFER_RECV_BYTES)
         self._family = socket.AF_INET
         self._bind_host = host
 
     @property
     def address(self) -> Address:
-        if self._transport is None:
+        if self.listener.transport is None:
             raise RuntimeError("tftp server not started")
-        sockname = self._transport.get_extra_info("sockname")
-        return (sockname[0], sockname[1])
+        return self.listener.address
 
     @property
     def active_transfers(self) -> int:
         return len(self._active)
 
     async def start(self) -> None:
-        if self._transport is not None:
+        if self.listener.transport is not None:
             return
-        loop = asyncio.get_running_loop()
-        try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Listener(self), local_addr=(self.host, self.port)
-            )
-        except OSError as exc:
-            raise OSError(exc.errno, f"tftp: cannot bind {self.host}:{self.port}: {exc.strerror}") from exc
-        self._transport = transport
-        sock = transport.get_extra_info("socket")
-        self._family = sock.family if sock is not None else socket.AF_INET
+        await self.listener.start()
+        self._family = self.listener.family
         self._bind_host = self.address[0]
         log.info("tftp: listening on %s:%s", *self.address)
 
-    def _listener_lost(self, exc: Exception | None) -> None:
-        if self._transport is None:
-            return  # stop() closed it
-        # The transport closes itself only on an error it cannot go on from: no more requests can
-        # arrive, so this is the service's end, not one transfer's.
-        self._transport = None
-        error = RuntimeError(f"listening socket closed: {exc or 'closed'}")
-        log.error("%s: %s", __name__, error)
-        if self.on_fatal is not None:
-            self.on_fatal(error)
-
     async def stop(self) -> None:
-        if self._transport is not None:
-            transport, self._transport = self._transport, None
-            transport.close()
+        await self.listener.stop()
         now = asyncio.get_running_loop().time()
         for conn in list(self._transfers):
             conn.transfer.abort(now, "server shutting down")
@@ -403,49 +289,50 @@ class TftpServer:
             poller, self._poller = self._poller, None
             poller.close()
 
-    # --- pipeline --------------------------------------------------------------------------------
-    def _on_request(self, data: bytes, addr: Address) -> None:
+    # --- pipeline: decode → decide (tftp_policy, pure) → carry the decision out ---------------------
+    def _on_request(self, data: bytes, addr: Address) -> bytes | None:
+        """A datagram on the listening port; returns what to answer from that port (a WRQ's refusal)."""
         try:
             packet = tp.decode(data)
         except tp.TftpPacketError as exc:
             log.debug("tftp: bad request from %s:%s: %s", addr[0], addr[1], exc)
-            return
-        if isinstance(packet, tp.WriteRequest):
-            self._reply_error(addr, tp.ErrorCode.ACCESS_VIOLATION, "read-only server")
-            self._event(None, addr, packet.filename, 0, 0.0, "refused-write")
-            return
-        if not isinstance(packet, tp.ReadRequest):
-            return  # stray DATA/ACK/ERROR on the request port: no transfer to answer for
-        if not self.enabled():
-            self._event(None, addr, packet.filename, 0, 0.0, "disabled")
-            return
-        key = (addr, packet.filename)
-        running = self._active.get(key)
-        if running is not None:
-            conn = self._conn_by_key.get(key)
-            if conn is None or not conn.transfer.done:
-                return  # the client re-sent its RRQ; the running transfer retransmits on its own timer
-            # The old transfer is over (a UEFI tsize probe answered with ERROR 8 just before this
-            # RRQ from the same port) but its task has not cleaned up yet: this is a new request.
-            self._active.pop(key, None)
-            self._conn_by_key.pop(key, None)
-        if len(self._active) >= self.max_transfers:
-            # No answer: the client re-sends its RRQ later, which is the back-pressure we want.
-            log.warning("tftp: %d transfers running, dropping RRQ from %s:%s", len(self._active), *addr)
-            self._event(None, addr, packet.filename, 0, 0.0, "busy")
-            return
-        task = asyncio.get_running_loop().create_task(self._serve(packet, addr))
-        self._active[key] = task
-        task.add_done_callback(lambda t: self._forget(key, t))
+            return None
+        filename = packet.filename if isinstance(packet, (tp.ReadRequest, tp.WriteRequest)) else ""
+        key = (addr, filename)
+        decision = policy.decide(packet, enabled=self.enabled(), in_flight=self._in_flight(key),
+                                 active=len(self._active), max_transfers=self.max_transfers)
+        if isinstance(decision, policy.Serve):
+            if decision.replaces:
+                self._active.pop(key, None)
+                self._conn_by_key.pop(key, None)
+            task = asyncio.get_running_loop().create_task(self._serve(decision.request, addr))
+            self._active[key] = task
+            task.add_done_callback(lambda t: self._forget(key, t))
+            return None
+        if isinstance(decision, policy.Ignore):
+            log.log(decision.level, "tftp: %s:%s %s: %s", addr[0], addr[1], filename, decision.reason)
+            if decision.outcome is not None:
+                self._event(None, addr, filename, 0, 0.0, decision.outcome)
+            return None
+        self._event(None, addr, filename, 0, 0.0, decision.outcome)
+        error = tp.encode(tp.Error(decision.code, decision.message))
+        if decision.from_listener:
+            return error
+        self._send_from_fresh_port(error, addr)
+        return None
+
+    def _in_flight(self, key: tuple[Address, str]) -> policy.InFlight:
+        if key not in self._active:
+            return policy.InFlight.NONE
+        conn = self._conn_by_key.get(key)
+        if conn is None or not conn.transfer.done:
+            return policy.InFlight.RUNNING  # opening its file, or sending
+        return policy.InFlight.FINISHED
 
     def _forget(self, key: tuple[Address, str], task: asyncio.Task[None]) -> None:
         if self._active.get(key) is task:
             del self._active[key]
             self._conn_by_key.pop(key, None)
-
-    def _reply_error(self, addr: Address, code: int, message: str) -> None:
-        if self._transport is not None:
-            self._transport.sendto(tp.encode(tp.Error(code, message)), addr)
 
     async def _serve(self, request: tp.ReadRequest, addr: Address) -> None:
         loop = asyncio.get_running_loop()
@@ -455,31 +342,24 @@ class TftpServer:
         outcome = "error"
         nbytes = 0
         try:
-            if request.mode not in ("octet", "netascii"):
-                await self._send_error_once(addr, tp.ErrorCode.ILLEGAL_OPERATION, f"mode {request.mode} refused")
-                outcome = "bad-mode"
-                return
             try:
                 opened = await self.tree.open(request.filename, addr)
             except TreeError as exc:
                 log.info("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
-                if isinstance(exc, Denied):
-                    server = exc.server_uuid
-                    self._denied_event(exc, request.filename)
-                await self._send_error_once(addr, exc.code, exc.reply_text())
-                outcome = exc.outcome
+                outcome, server = self._refuse(policy.refuse_open(exc), request.filename, addr)
                 return
             server = opened.server_uuid
+            refusal = policy.refuse_netascii(request.mode, opened.data is not None)
+            if refusal is not None:
+                outcome, _ = self._refuse(refusal, request.filename, addr)
+                return
             source = opened.source
-            if request.mode == "netascii":
-                if opened.data is None:
-                    await self._send_error_once(addr, tp.ErrorCode.NOT_DEFINED, "netascii not available here")
-                    outcome = "bad-mode"
-                    return
+            if request.mode == "netascii" and opened.data is not None:
                 source = BytesSource(to_netascii(opened.data))
             transfer = SendTransfer(source, request.options, self.limits, loop.time())
             done: asyncio.Future[None] = loop.create_future()
-            conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._poller_for(loop))
+            conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._poller_for(loop),
+                                   self._buffer)
             self._transfers.add(conn)
             key = (addr, request.filename)
             if self._active.get(key) is asyncio.current_task():
@@ -505,9 +385,16 @@ class TftpServer:
                 opened.close()
             self._event(server, addr, request.filename, nbytes, (loop.time() - started) * 1000.0, outcome)
 
-    def _poller_for(self, loop: asyncio.AbstractEventLoop) -> _TransferPoller:
+    def _refuse(self, refusal: policy.Refuse, name: str, addr: Address) -> tuple[str, str | None]:
+        """Carry out a refusal found while serving; its outcome and server go into the transfer's event."""
+        if refusal.denied is not None:
+            self._denied_event(refusal.denied, name)
+        self._send_from_fresh_port(tp.encode(tp.Error(refusal.code, refusal.message)), addr)
+        return refusal.outcome, refusal.server
+
+    def _poller_for(self, loop: asyncio.AbstractEventLoop) -> Poller:
         if self._poller is None:
-            self._poller = _TransferPoller(loop, use_epoll=self._use_epoll)
+            self._poller = Poller(loop, platform_epoll() if self._use_epoll else None)
         return self._poller
 
     def _transfer_socket(self) -> socket.socket:
@@ -522,14 +409,13 @@ class TftpServer:
             raise
         return sock
 
-    async def _send_error_once(self, addr: Address, code: int, message: str) -> None:
+    def _send_from_fresh_port(self, datagram: bytes, addr: Address) -> None:
         """An error answer to an RRQ, from a fresh TID like a transfer would use."""
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, sock=self._transfer_socket())
         try:
-            transport.sendto(tp.encode(tp.Error(code, message)), addr)
-        finally:
-            transport.close()
+            with self._transfer_socket() as sock:
+                sock.sendto(datagram, addr)
+        except OSError as exc:  # as lost on the wire: the client asks again
+            log.debug("tftp: error answer to %s:%s not sent: %s", addr[0], addr[1], exc)
 
     def _denied_event(self, exc: Denied, name: str) -> None:
         if self.events is None:
