@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import gc
 import logging
@@ -26,11 +25,10 @@ from aiohttp import web
 from appliance.config import Config, split_host_port
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
-from domain.bootpolicy import ApplianceBootPolicy
-from domain.events import EventBus
-from domain.provisioner import Provisioner
+from domain.core import Domain, build_domain
 from domain.store import AsyncStore, Store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
+from udpio.udp import BindError, bind_error_text
 
 log = logging.getLogger("cello")
 
@@ -51,15 +49,8 @@ class Service(Protocol):
 
 
 def explain_bind_error(what: str, host: str, port: int, e: OSError) -> StartError:
-    # aiohttp wraps bind errors in its own words; the errno says it plainly.
-    reason = os.strerror(e.errno) if e.errno else (e.strerror or str(e))
-    if e.errno in (errno.EACCES, errno.EPERM) and port < 1024:
-        reason += f" (port {port} needs root or CAP_NET_BIND_SERVICE)"
-    elif e.errno == errno.EADDRINUSE:
-        reason += " (another program is listening there)"
-    elif e.errno == errno.EADDRNOTAVAIL:
-        reason += " (no interface has this address)"
-    return StartError(f"{what}: cannot listen on {host}:{port}: {reason}")
+    """`<what>: cannot listen on HOST:PORT: <reason>`, in the words every service uses (udpio.udp)."""
+    return StartError(f"{what}: {bind_error_text(host, port, e)}")
 
 
 def raise_open_file_limit(needed: int) -> int:
@@ -147,23 +138,26 @@ class ServiceSlot:
 
 
 class Appliance:
+    """Everything `cello serve` runs, built from one config; the tests and benchmarks build theirs here too.
+
+    `Appliance.build(config, backend=…, driver=…)` is the one place the parts are wired: a test or a
+    benchmark that needs a backend or a driver of its own passes it, and gets the same domain and web
+    app that `cello serve` runs.
+    """
+
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.state_dir = config.appliance.state_dir
         self.files_root = self.state_dir / "boot"
         self.advertise = config.appliance.advertise or first_ipv4()
-        self.store: AsyncStore | None = None
-        self.events: EventBus | None = None
-        self.backend: VolumeBackend | None = None
-        self.driver: ExportDriver | None = None
-        self.provisioner: Provisioner | None = None
-        self.policy: ApplianceBootPolicy | None = None
+        self.domain: Domain | None = None
         self.slots: list[ServiceSlot] = []
         self.admin_token_printed: str | None = None
         self._stopped = asyncio.Event()
         self._fatal: BaseException | None = None
         self._lock_fd: int | None = None
+        self._closed = False  # the domain's store, once stopped, stays closed
 
     # --- building --------------------------------------------------------------------------------
 
@@ -190,35 +184,32 @@ class Appliance:
         host, port = split_host_port(self.config.api.listen)
         return f"http://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
 
-    def build(self) -> None:
+    @classmethod
+    def build(cls, config: Config, *, config_path: Path | None = None, backend: VolumeBackend | None = None,
+              driver: ExportDriver | None = None, template_builds: bool = True) -> Appliance:
+        """The appliance with every part made (nothing bound or started yet: that is `start`)."""
+        appliance = cls(config, config_path=config_path)
+        appliance._build(backend, driver, template_builds)
+        return appliance
+
+    def _build(self, backend: VolumeBackend | None, driver: ExportDriver | None, template_builds: bool) -> None:
         # two per TFTP transfer, plus the store, sockets of the other services and API clients
         raise_open_file_limit(2 * self.config.tftp.max_transfers + 512)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
-        store = AsyncStore(Store(self.state_dir / "cello.db"))
-        self.store = store
-        self.events = EventBus(store)
-        self.backend = self._make_backend()
-        self.driver = self._make_driver()
-        profiles = self.config.boot.profiles
-        self.policy = ApplianceBootPolicy(
-            store, profiles=profiles, iqn_prefix=self.config.iscsi.iqn_prefix, portal=self.portal(),
-            http_base=self.http_base(), unknown=self.config.dhcp.unknown,
-            unknown_template=self.config.dhcp.unknown_template,
-            exports=lambda: self.provisioner.exports.last_state if self.provisioner else None,
-            lun_number=self.driver.lun_number,
-        )
-        self.provisioner = Provisioner(
-            store, self.backend, self.driver, self.events, iqn_prefix=self.config.iscsi.iqn_prefix,
-            profiles=list(profiles), default_profile=self.config.boot.default_profile,
-            on_change=self.policy.changed, chap=self.config.iscsi.chap,  # type: ignore[arg-type]
-        )
-        self.provisioner.template_builder = self._build_template
         from appliance.template_build import validate_source
 
-        self.provisioner.source_check = validate_source
+        driver = driver or self._make_driver()
+        self.domain = build_domain(
+            AsyncStore(Store(self.state_dir / "cello.db")), backend or self._make_backend(), driver,
+            iqn_prefix=self.config.iscsi.iqn_prefix, profiles=self.config.boot.profiles,
+            default_profile=self.config.boot.default_profile, portal=self.portal(), http_base=self.http_base(),
+            unknown=self.config.dhcp.unknown, unknown_template=self.config.dhcp.unknown_template,
+            chap=self.config.iscsi.chap,  # type: ignore[arg-type]
+            builder=self._build_template if template_builds else None,
+            source_check=validate_source if template_builds else None)
         self.slots = [
-            ServiceSlot("export", self.driver, f"iSCSI export via {self.driver.name}"),
+            ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),
             ServiceSlot("dhcp", self._make_dhcp() if self.config.dhcp.enabled else None,
                         f"{self.config.dhcp.listen}:{self.config.dhcp.port}+{self.config.dhcp.pxe_port}"),
@@ -226,24 +217,35 @@ class Appliance:
             ServiceSlot("api", _WebService(self), self.config.api.listen),
         ]
 
+    @property
+    def built(self) -> Domain:
+        assert self.domain is not None, "Appliance.build() first"
+        return self.domain
+
+    def web_app(self, **deps: Any) -> web.Application:
+        """The API and HTTP boot app on this appliance's domain; `deps` override WebDeps fields (tests)."""
+        from web.app import WebDeps, create_app
+
+        fields: dict[str, Any] = {"files_root": self.files_root, "health": self.health, "version": VERSION,
+                                  "loader_roots": self.loader_roots(), **deps}
+        return create_app(WebDeps(domain=self.built, **fields))
+
     async def _build_template(self, name: str, version: str, source: str,
                               progress: Callable[[str], None]) -> Any:
         from appliance.template_build import build_template
         from domain.store import TemplateVersion
 
-        assert self.backend is not None
-        built = await build_template(self.backend, name, version, source, self.files_root,
+        built = await build_template(self.built.backend, name, version, source, self.files_root,
                                      self.state_dir / "build", progress)
         # The provisioner stores a TemplateVersion row, not the build's own record.
         return TemplateVersion(template=built.os_name, version=built.version, source=built.source,
                                size=built.size, kernel=built.kernel, initrd=built.initrd, created_at=time.time())
 
     def _enabled(self, service: str) -> Callable[[], bool]:
-        return lambda: self.provisioner is not None and self.provisioner.services.get(service, True)
+        return lambda: self.domain is not None and self.domain.services.get(service, True)
 
     def _event_sink(self) -> EventSink:
-        bus = self.events
-        assert bus is not None
+        bus = self.built.events
 
         def sink(kind: str, data: Mapping[str, object]) -> None:
             bus.publish(kind, data)
@@ -259,9 +261,8 @@ class Appliance:
         from bootfiles.tftp_server import TftpServer
         from bootfiles.tree import BootTree
 
-        assert self.policy is not None
         cfg = self.config.tftp
-        tree = BootTree(self.loader_roots(), self.files_root, self.policy)
+        tree = BootTree(self.loader_roots(), self.files_root, self.built.policy)
         host, port = split_host_port(cfg.listen)
         return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,
                           max_transfers=cfg.max_transfers, events=self._event_sink(),
@@ -270,30 +271,25 @@ class Appliance:
     def _make_dhcp(self) -> Service:
         from dhcp.proxy import ProxyDHCP
 
-        assert self.policy is not None
         cfg = self.config.dhcp
-        return ProxyDHCP(self.policy, self.advertise, listen=cfg.listen, port=cfg.port, pxe_port=cfg.pxe_port,
+        return ProxyDHCP(self.built.policy, self.advertise, listen=cfg.listen, port=cfg.port, pxe_port=cfg.pxe_port,
                          interface=cfg.interface, events=self._event_sink(), enabled=self._enabled("dhcp"))
 
     def _make_dns(self) -> Service:
-        from dhcp.dns import DnsResponder
+        from dnsd.server import DnsResponder
 
-        assert self.policy is not None
         host, port = split_host_port(self.config.dns.listen)
-        return DnsResponder(self.policy.names, self.config.dns.zone, listen=host, port=port,
+        return DnsResponder(self.built.policy.names, self.config.dns.zone, listen=host, port=port,
                             on_fatal=self._fatal_for("dns"))
 
     # --- running ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bind everything; on the first failure undo what was bound and raise StartError."""
-        if self.provisioner is None:
-            self.build()
-        assert self.provisioner is not None and self.events is not None and self.policy is not None
+        domain = self.built
         if self._lock_fd is None:
             self._lock_fd = lock_state_dir(self.state_dir)
-        await self.events.start()
-        await self.provisioner.load_services()
+        await domain.start()
         started: list[ServiceSlot] = []
         try:
             for slot in self.slots:
@@ -309,14 +305,15 @@ class Appliance:
             for slot in reversed(started):
                 with contextlib.suppress(Exception):
                     await slot.service.stop()  # type: ignore[union-attr]
-            await self._close_store()
+            self._closed = True
+            await domain.stop()
             self._unlock()
             raise
         await self._ensure_admin_token()
-        report = await self.provisioner.reconcile()
+        report = await domain.reconcile()
         for line in report.problems:
             log.warning("reconcile: %s", line)
-        await self.policy.refresh()
+        await domain.policy.refresh()
         # The boot index and everything loaded so far live for the process: moving them out of the
         # collector's generations keeps full collections from stalling DHCP replies in a boot storm.
         gc.collect()
@@ -324,10 +321,7 @@ class Appliance:
 
     async def _ensure_admin_token(self) -> None:
         # Only once everything is bound: a failed start must not consume the one-time token.
-        from web.app import ensure_admin_token
-
-        assert self.store is not None
-        token = await ensure_admin_token(self.store, self.config.api.admin_token)
+        token = await self.built.users.ensure_admin_token(self.config.api.admin_token)
         if token is not None:
             self.admin_token_printed = token
             # Printed once, on first start: only its hash is stored.
@@ -335,8 +329,8 @@ class Appliance:
 
     def health(self) -> dict[str, dict[str, str]]:
         out: dict[str, dict[str, str]] = {}
-        prov = self.provisioner
-        switches = prov.services if prov is not None else {}
+        domain = self.domain
+        switches: Mapping[str, bool] = domain.services if domain is not None else {}
         for slot in self.slots:
             state = slot.health.state
             if state == "running" and not switches.get(slot.name, True):
@@ -345,14 +339,15 @@ class Appliance:
             if slot.name == "api":
                 out["http-boot"] = {"state": "disabled" if not switches.get("http-boot", True) else state,
                                     "detail": "/boot on the API listener"}
-        last = prov.exports.last_state if prov is not None else None
-        if self.driver is not None and self.driver.name == "none":
+        if domain is None:
+            return out
+        last = domain.exports.last_state
+        if domain.driver.name == "none":
             # Known from the start, before the first apply has reported it.
-            out["export"] = {"state": "unavailable", "detail": str(getattr(self.driver, "reason", "no driver"))}
+            out["export"] = {"state": "unavailable", "detail": str(getattr(domain.driver, "reason", "no driver"))}
         elif last is not None and not last.available and out["export"]["state"] == "running":
             out["export"] = {"state": "unavailable", "detail": last.detail}
-        if self.backend is not None:
-            out["storage"] = {"state": "running", "detail": self.backend.name}
+        out["storage"] = {"state": "running", "detail": domain.backend.name}
         return out
 
     async def stop(self) -> None:
@@ -364,12 +359,9 @@ class Appliance:
                 except Exception as e:
                     log.warning("%s: stop: %s", slot.name, e)
                 slot.health = Health("off", "stopped")
-        if self.provisioner is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.provisioner.drain(), timeout=2)
-        if self.events is not None:
-            await self.events.stop()
-        await self._close_store()
+        if self.domain is not None and not self._closed:
+            self._closed = True
+            await self.domain.stop()
         self._unlock()
         self._stopped.set()
 
@@ -377,11 +369,6 @@ class Appliance:
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)  # releases the flock
-
-    async def _close_store(self) -> None:
-        if self.store is not None:
-            store, self.store = self.store, None
-            await asyncio.to_thread(store.close)
 
     def _fatal_for(self, name: str) -> Callable[[BaseException], None]:
         return lambda error: self.fail(name, error)
@@ -405,10 +392,10 @@ class Appliance:
         except ConfigError as e:
             log.error("reload refused: %s", e)
             return
-        assert self.policy is not None and self.provisioner is not None
-        self.policy.profiles = dict(fresh.boot.profiles)
-        self.provisioner.profiles = tuple(fresh.boot.profiles)
-        await self.policy.refresh()
+        domain = self.built
+        domain.policy.profiles = dict(fresh.boot.profiles)
+        domain.servers.profiles = tuple(fresh.boot.profiles)
+        await domain.policy.refresh()
         log.info("reloaded boot profiles: %s", ", ".join(sorted(fresh.boot.profiles)))
 
     async def wait(self) -> None:
@@ -423,6 +410,8 @@ async def _start_one(slot: ServiceSlot) -> None:
         await slot.service.start()
     except StartError:
         raise
+    except BindError as e:  # names the address that failed (DHCP binds two ports, say which)
+        raise StartError(f"{slot.name}: {e}") from None
     except OSError as e:
         host, _, port = slot.describe.partition("+")[0].rpartition(":")
         raise explain_bind_error(slot.name, host or "?", int(port) if port.isdigit() else 0, e) from None
@@ -438,13 +427,8 @@ class _WebService:
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        from web.app import WebDeps, create_app
-
         a = self.appliance
-        assert a.provisioner and a.store and a.events and a.policy and a.backend
-        app = create_app(WebDeps(provisioner=a.provisioner, store=a.store, events=a.events, policy=a.policy,
-                                 files_root=a.files_root, backend=a.backend, health=a.health, version=VERSION,
-                                 loader_roots=a.loader_roots()))
+        app = a.web_app()
         host, port = split_host_port(a.config.api.listen)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
@@ -461,13 +445,17 @@ class _WebService:
             await runner.cleanup()
 
 
+async def serve(config: Config, config_path: Path | None = None) -> None:
+    """`cello serve`: build (inside the loop that runs it), start, run until a signal or a fatal error."""
+    await run_until_signalled(Appliance.build(config, config_path=config_path))
+
+
 async def run_until_signalled(appliance: Appliance, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     import signal
 
     loop = asyncio.get_running_loop()
     # Handlers before start: the API answers before start() returns, and a SIGHUP or SIGTERM in that
     # window must not kill the process with the default action.
-    appliance.build()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, appliance._stopped.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(appliance.reload()))

@@ -47,15 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from appliance.app import Appliance, FatalError, StartError, run_until_signalled
+    from appliance.app import FatalError, StartError, serve
     from appliance.config import load_config
     from appliance.logs import setup_logging
 
     setup_logging(args.log_format, getattr(logging, args.log_level.upper()))
     config = load_config(args.config)
-    appliance = Appliance(config, config_path=args.config)
     try:
-        asyncio.run(run_until_signalled(appliance))
+        asyncio.run(serve(config, args.config))
     except StartError as e:
         print(f"cello: {e}", file=sys.stderr)
         return 2

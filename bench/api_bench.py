@@ -29,16 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 from aiohttp import web
 
-from bootfiles.profiles import BUILTIN_PROFILES
-from domain.bootpolicy import ApplianceBootPolicy
-from domain.events import EventBus
-from domain.provisioner import Provisioner
-from domain.store import AsyncStore, Store, TemplateVersion, User
+from appliance.app import Appliance
+from appliance.config import load_config
+from domain.servers import ServerWorkflows
+from domain.store import TemplateVersion, User
 from iscsi.exports import NullDriver
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver
 from iscsi.tgt import TgtDriver
-from web.app import WebDeps, create_app, ensure_admin_token
 
 # tgtd control port and portal of its own: the tests use 40-49 and 60-65, and 13260-13279.
 TGT_CONTROL_PORT = 66
@@ -93,44 +91,37 @@ async def timed_all(n: int, concurrency: int, one: Callable[[int], Awaitable[int
 
 
 @contextlib.asynccontextmanager
-async def appliance(root: Path, use_tgt: bool) -> AsyncIterator[tuple[str, str, Provisioner, ExportDriver]]:
-    store = AsyncStore(Store(root / "cello.db"))
-    events = EventBus(store)
+async def appliance(root: Path, use_tgt: bool) -> AsyncIterator[tuple[str, str, ServerWorkflows, ExportDriver]]:
     backend = FileBackend(root / "volumes")
     await backend.create_template("tiny", TEMPLATE_SIZE)
     await asyncio.to_thread(_fill, Path(backend.path("tiny-template")))
     await backend.snapshot_template("tiny", "v1")
-    await store.call(store.sync.add_template_version,
-                     TemplateVersion("tiny", "v1", "tiny", TEMPLATE_SIZE, "k/vmlinuz", "k/initrd", time.time()))
-    await store.call(store.sync.put_user, User("bench", 1_000_000, 1_000_000))
     driver: ExportDriver = (TgtDriver(TGT_CONTROL_PORT, [PORTAL], state_dir=root / "state") if use_tgt
                             else NullDriver("bench: no tgtd"))
     await driver.start()
-    holder: list[Provisioner] = []
-    host, port = PORTAL.rsplit(":", 1)
-    policy = ApplianceBootPolicy(store, profiles=BUILTIN_PROFILES, iqn_prefix=IQN, portal=(host, int(port)),
-                                 http_base="http://127.0.0.1:8080", unknown="ignore",
-                                 exports=lambda: holder[0].exports.last_state, lun_number=driver.lun_number)
-    prov = Provisioner(store, backend, driver, events, iqn_prefix=IQN, profiles=list(BUILTIN_PROFILES),
-                       default_profile="ipxe", on_change=policy.changed)
-    holder.append(prov)
-    await events.start()
-    token = await ensure_admin_token(store, "")
+    config = root / "cello.toml"
+    config.write_text(f'[appliance]\nstate_dir = "{root}"\nadvertise = "127.0.0.1"\n'
+                      f'[iscsi]\nportals = ["{PORTAL}"]\n[boot]\ndefault_profile = "ipxe"\n')
+    built = Appliance.build(load_config(config), backend=backend, driver=driver)  # as `cello serve` builds
+    domain = built.built
+    store = domain.store
+    await store.call(store.sync.add_template_version,
+                     TemplateVersion("tiny", "v1", "tiny", TEMPLATE_SIZE, "k/vmlinuz", "k/initrd", time.time()))
+    await store.call(store.sync.put_user, User("bench", 1_000_000, 1_000_000))
+    await domain.start()
+    token = await domain.users.ensure_admin_token("")
     assert token is not None
-    app = create_app(WebDeps(prov, store, events, policy, root / "boot", backend, lambda: {}, "bench"))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(built.web_app(health=lambda: {}, version="bench"), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}", token, prov, driver
+        yield f"http://127.0.0.1:{port}", token, domain.servers, driver
     finally:
         await runner.cleanup()
-        await prov.drain()
+        await domain.stop()
         await driver.teardown()
-        await events.stop()
-        await asyncio.to_thread(store.close)
         print(f"clone method: {backend.status()['clone_method']}")
 
 
@@ -161,7 +152,7 @@ async def bench(n: int, concurrency: int, use_tgt: bool, root: Path) -> None:
         applies0, commands0 = prov.exports.applies, tgtadm_runs(driver)
         t0 = time.perf_counter()
         lat, post_total = await timed_all(n, concurrency, create)
-        await prov.drain()
+        await prov.tasks.drain()
         ready = time.perf_counter() - t0
         async with http.get("/api/v1/servers") as r:
             servers = await r.json()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from domain.errors import Conflict, QuotaExceeded, StoreError
+from domain.states import may_move
 
 T = TypeVar("T")
 
@@ -344,7 +345,11 @@ class Store:
             raise Conflict(f"volume already exists: {e}") from None
 
     def set_server_state(self, uuid: str, state: str, reason: str = "") -> None:
+        """Only along a move that domain/states.py allows: anything else is a workflow bug (Conflict)."""
         with self._tx() as db:
+            row = db.execute("SELECT state FROM servers WHERE uuid = ?", (uuid,)).fetchone()
+            if row is not None and not may_move(row[0], state):
+                raise Conflict(f"server {uuid}: no move from {row[0]} to {state}")
             db.execute("UPDATE servers SET state = ?, reason = ?, updated_at = ? WHERE uuid = ?",
                        (state, reason, self._clock(), uuid))
 

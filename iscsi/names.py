@@ -14,27 +14,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import naming
 from iscsi.model import NameError_
 
-MAX_NAME = 222  # anything longer is refused (an IQN may not exceed 223 bytes, RFC 3720 §3.2.6.1)
+MAX_NAME = naming.MAX_IQN  # anything longer is refused (an IQN may not exceed 223 bytes, RFC 3720 §3.2.6.1)
 MAX_LUN_INDEX = 1023  # ctl: 1024 LUNs per target
 DEFAULT_BLOCKSIZE = 512  # ctld's blocksize for a disk LUN without one (ctld.h DEFAULT_BLOCKSIZE)
 
-_OS = r"[a-z0-9][a-z0-9_.-]{0,62}"
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_VERSION = r"v[0-9]{1,9}"
-OS_RE = re.compile(rf"\A{_OS}\Z")
-UUID_RE = re.compile(rf"\A{_UUID}\Z")
-VERSION_RE = re.compile(rf"\A{_VERSION}\Z")
+_OS = naming.TEMPLATE.text
+_UUID = naming.UUID.text
+_VERSION = naming.VERSION.text
 _TEMPLATE_RE = re.compile(rf"\A(?P<os>{_OS})-template\Z")
 _SNAPSHOT_RE = re.compile(rf"\A(?P<os>{_OS})-template@(?P<version>{_VERSION})\Z")
 _OSVOL_RE = re.compile(rf"\A(?P<os>{_OS})-OS-(?P<uuid>{_UUID})\Z")
 _DATA_RE = re.compile(rf"\A(?P<os>{_OS})-DATA-(?P<uuid>{_UUID})(?:-(?P<n>[2-9]|[1-9][0-9]{{1,3}}))?\Z")
 # ZFS dataset components (the pool or a parent dataset the appliance was given).
 _POOL_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.:-]{0,63}(?:/[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}){0,8}\Z")
-# iSCSI qualified names, lowercase (RFC 3720 §3.2.6.3.1); eui./naa. forms too.
-_IQN_RE = re.compile(r"\A(?:iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*(?::[a-z0-9][a-z0-9.:-]*)?"
-                     r"|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16}(?:[0-9a-f]{16})?)\Z")
 _CHAP_USER_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 _CHAP_SECRET_RE = re.compile(r"\A[A-Za-z0-9._~+=!@%^*:,/-]{12,16}\Z")
 _SERIAL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,15}\Z")  # ctl: CTL_SN_LEN 16
@@ -59,15 +54,15 @@ def _check(what: str, value: object, pattern: re.Pattern[str], rule: str) -> str
 
 
 def os_name(value: str) -> str:
-    return _check("OS name", value, OS_RE, "must match [a-z0-9][a-z0-9_.-]{0,62}")
+    return naming.TEMPLATE.check(value, NameError_, "OS name")
 
 
 def server_uuid(value: str) -> str:
-    return _check("server UUID", value, UUID_RE, "must be a canonical lowercase UUID")
+    return naming.UUID.check(value, NameError_)
 
 
 def version(value: str) -> str:
-    return _check("template version", value, VERSION_RE, "must be v1, v2, …")
+    return naming.VERSION.check(value, NameError_)
 
 
 def pool(value: str) -> str:
@@ -75,14 +70,11 @@ def pool(value: str) -> str:
 
 
 def iqn(value: str) -> str:
-    return _check("target IQN", value, _IQN_RE, "must be a lowercase iqn./eui./naa. name of ≤222 chars")
+    return naming.IQN.check(value, NameError_, "target IQN")
 
 
 def iqn_prefix(value: str) -> str:
-    _check("IQN prefix", value, _IQN_RE, "must be a lowercase iqn. name")
-    if len(value) > MAX_NAME - 37:
-        raise _refuse("IQN prefix", value, "too long to append ':<uuid>'")
-    return value
+    return naming.IQN_PREFIX.check(value, NameError_)
 
 
 def chap_user(value: str) -> str:

@@ -12,20 +12,19 @@ from typing import Any
 from aiohttp import web
 
 from domain.events import Event
-from domain.provisioner import DEFAULT_QUOTA, NAME_RE, SERVICES
-from domain.store import Store, User
+from domain.services import SERVICES
+from domain.users import UserView
 from iscsi.model import LimitedDriver
-from web.auth import new_token, principal
+from web import requests
+from web.auth import principal
 from web.deps import HealthReport, WebDeps
-from web.errors import ApiError, int_field, json_body, require_fields
+from web.errors import ApiError, json_body
 from web.keys import CLOSING, DEPS
 from web.routes import Param, Route
 from web.schemas import NAME, array_of, ref
 from web.state import Principal
 
 GiB = 1 << 30
-MAX_QUOTA_VOLUMES = 100000
-MAX_QUOTA_GB = 10000000
 
 
 async def _health(deps: WebDeps) -> HealthReport:
@@ -47,102 +46,45 @@ async def health(request: web.Request) -> web.StreamResponse:
 # --- users -------------------------------------------------------------------------------------
 
 
-def _user_json(store: Store, user: User) -> dict[str, Any]:
-    used_n, used_bytes = store.usage(user.name)
-    return {"name": user.name, "max_volumes": user.max_volumes, "max_data_gb": user.max_data_gb,
-            "used_volumes": used_n, "used_data_gb": round(used_bytes / GiB, 3)}
-
-
-def _create_user(store: Store, user: User) -> dict[str, Any]:
-    if store.user(user.name) is not None:
-        raise ApiError(409, "conflict", f"user {user.name} already exists")
-    store.put_user(user)
-    return _user_json(store, user)
-
-
-def _users(store: Store) -> list[dict[str, Any]]:
-    return [_user_json(store, u) for u in store.users()]
-
-
-def _existing_user(store: Store, name: str) -> User:
-    user = store.user(name)
-    if user is None:
-        raise ApiError(404, "not_found", f"no user {name}")
-    return user
-
-
-def _show_user(store: Store, name: str) -> dict[str, Any]:
-    return _user_json(store, _existing_user(store, name))
-
-
-def _set_quota(store: Store, name: str, max_volumes: int | None, max_data_gb: int | None) -> dict[str, Any]:
-    user = _existing_user(store, name)
-    user = User(name, user.max_volumes if max_volumes is None else max_volumes,
-                user.max_data_gb if max_data_gb is None else max_data_gb)
-    store.put_user(user)
-    return _user_json(store, user)
-
-
-def _delete_user(store: Store, name: str) -> None:
-    _existing_user(store, name)
-    store.delete_user(name)  # Conflict while the user owns servers
-
-
-def _new_user_token(store: Store, name: str, token: str) -> None:
-    _existing_user(store, name)
-    store.add_token(token, name, False)
+def _user_json(u: UserView) -> dict[str, Any]:
+    return {"name": u.name, "max_volumes": u.max_volumes, "max_data_gb": u.max_data_gb,
+            "used_volumes": u.used_volumes, "used_data_gb": round(u.used_data_bytes / GiB, 3)}
 
 
 async def create_user(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    body = await json_body(request)
-    require_fields(body, {"name", "max_volumes", "max_data_gb"})
-    name = body.get("name")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ApiError(422, "invalid", "name: users are named [a-z0-9][a-z0-9_.-]*, up to 63 chars")
-    user = User(name, int_field(body, "max_volumes", 0, MAX_QUOTA_VOLUMES, DEFAULT_QUOTA.max_volumes),
-                int_field(body, "max_data_gb", 0, MAX_QUOTA_GB, DEFAULT_QUOTA.max_data_gb))
-    out = await deps.store.call(_create_user, deps.store.sync, user)
+    name, quota = requests.new_user(await json_body(request))
+    out = _user_json(await request.app[DEPS].domain.users.create(name, quota))
     return web.json_response(out, status=201, headers={"Location": f"/api/v1/users/{name}"})
 
 
 async def list_users(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    return web.json_response(await deps.store.call(_users, deps.store.sync))
+    return web.json_response([_user_json(u) for u in await request.app[DEPS].domain.users.list()])
 
 
 async def show_user(request: web.Request) -> web.StreamResponse:
     """A user with quota and usage: an admin, or that user's own token."""
-    deps = request.app[DEPS]
     name = request.match_info["name"]
     if not principal(request).may_act_for(name):
         raise ApiError(404, "not_found", f"no user {name}")
-    return web.json_response(await deps.store.call(_show_user, deps.store.sync, name))
+    return web.json_response(_user_json(await request.app[DEPS].domain.users.show(name)))
 
 
 async def set_quota(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    body = await json_body(request)
-    require_fields(body, {"max_volumes", "max_data_gb"})
-    max_volumes = int_field(body, "max_volumes", 0, MAX_QUOTA_VOLUMES) if "max_volumes" in body else None
-    max_data_gb = int_field(body, "max_data_gb", 0, MAX_QUOTA_GB) if "max_data_gb" in body else None
-    out = await deps.store.call(_set_quota, deps.store.sync, request.match_info["name"], max_volumes, max_data_gb)
-    return web.json_response(out)
+    change = requests.quota_change(await json_body(request))
+    users = request.app[DEPS].domain.users
+    return web.json_response(_user_json(await users.set_quota(request.match_info["name"], change)))
 
 
 async def delete_user(request: web.Request) -> web.StreamResponse:
     """Delete a user and its tokens; 409 while it still owns servers."""
-    deps = request.app[DEPS]
-    await deps.store.call(_delete_user, deps.store.sync, request.match_info["name"])
+    await request.app[DEPS].domain.users.delete(request.match_info["name"])
     return web.Response(status=204)
 
 
 async def create_token(request: web.Request) -> web.StreamResponse:
     """A new user token, shown only in this answer (the store keeps its hash)."""
-    deps = request.app[DEPS]
     name = request.match_info["name"]
-    token = new_token()
-    await deps.store.call(_new_user_token, deps.store.sync, name, token)
+    token = await request.app[DEPS].domain.users.new_token(name)
     return web.json_response({"token": token, "user": name}, status=201)
 
 
@@ -150,14 +92,15 @@ async def create_token(request: web.Request) -> web.StreamResponse:
 
 
 async def list_pools(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    cap = await deps.backend.capacity()
+    domain = request.app[DEPS].domain
+    backend = domain.backend
+    cap = await backend.capacity()
     status = {k: v if isinstance(v, str | int | float | bool) or v is None else str(v)
-              for k, v in deps.backend.status().items()}
-    driver = deps.provisioner.driver
+              for k, v in backend.status().items()}
+    driver = domain.driver
     # what the export driver's target layer can hold (ctld: CTL's max_luns/max_ports); null where unbounded
     limits = dict(driver.limits().as_json()) if isinstance(driver, LimitedDriver) else None
-    return web.json_response([{"name": deps.backend.name, "total": cap.total, "used": cap.used, "free": cap.free,
+    return web.json_response([{"name": backend.name, "total": cap.total, "used": cap.used, "free": cap.free,
                                "status": status, "export": {"driver": driver.name, "limits": limits}}])
 
 
@@ -167,7 +110,7 @@ async def _services_json(deps: WebDeps) -> list[dict[str, Any]]:
     out = []
     for name in SERVICES:
         h: Mapping[str, str] = report.get(name) or report.get(slot.get(name, ""), {}) or {}
-        enabled = deps.provisioner.services.get(name, True)
+        enabled = deps.domain.services.get(name, True)
         state = h.get("state", "unknown")
         if not enabled:
             state = "disabled"
@@ -183,18 +126,13 @@ async def set_service(request: web.Request) -> web.StreamResponse:
     """Enable or disable a service at run time (kept across restarts)."""
     deps = request.app[DEPS]
     name = request.match_info["name"]
-    body = await json_body(request)
-    require_fields(body, {"enabled"})
-    enabled = body.get("enabled")
-    if not isinstance(enabled, bool):
-        raise ApiError(422, "invalid", "enabled: must be true or false")
-    await deps.provisioner.set_service(name, enabled)  # NotFound for an unknown service
+    await deps.domain.services.set(name, requests.enabled(await json_body(request)))  # NotFound: no such service
     return web.json_response(next(s for s in await _services_json(deps) if s["name"] == name))
 
 
 async def reconcile(request: web.Request) -> web.StreamResponse:
     """Compare the store with the volumes and exports; repair what is safe, report the rest."""
-    report = await request.app[DEPS].provisioner.reconcile()
+    report = await request.app[DEPS].domain.reconcile()
     return web.json_response(report.as_json())
 
 
@@ -216,10 +154,10 @@ class _Visibility:
         if not isinstance(server, str):
             return False
         if server not in self._owners:
-            row = await self.deps.store.call(self.deps.store.sync.server, server)
+            owner = await self.deps.domain.servers.owner_of(server)
             if len(self._owners) > 10000:
                 self._owners.clear()
-            self._owners[server] = None if row is None else row.owner
+            self._owners[server] = owner
         return self._owners[server] == self.who.owner
 
 
@@ -256,7 +194,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     try:
         if not follow:
-            for event in deps.events.recent(since or 0):
+            for event in deps.domain.events.recent(since or 0):
                 if await visible.allows(event):
                     await resp.write(sse_frame(event))
             await resp.write_eof()
@@ -271,7 +209,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def _pump(request: web.Request, resp: web.StreamResponse, visible: _Visibility, since: int | None) -> None:
     deps = request.app[DEPS]
     closing = request.app[CLOSING]
-    stream = deps.events.subscribe(since)
+    stream = deps.domain.events.subscribe(since)
     closer: asyncio.Future[Any] = asyncio.ensure_future(closing.wait())
     pending: asyncio.Future[Event] | None = None
     try:

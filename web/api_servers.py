@@ -11,11 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from domain.provisioner import MAX_DATA_GB
 from domain.store import ServerRow, VolumeRow
+from web import requests
 from web.auth import principal
 from web.deps import WebDeps
-from web.errors import ApiError, json_body, require_fields
+from web.errors import ApiError, json_body
 from web.keys import DEPS
 from web.routes import Param, Route
 from web.schemas import UUID, array_of, ref
@@ -32,17 +32,17 @@ def volume_json(v: VolumeRow, luns: Mapping[str, int] | None) -> dict[str, Any]:
 
 
 def _exported_luns(deps: WebDeps, uuid: str) -> Mapping[str, int] | None:
-    state = deps.provisioner.exports.last_state
+    state = deps.domain.exports.last_state
     if state is None:
         return None
-    return state.targets.get(deps.provisioner.iqn(uuid))
+    return state.targets.get(deps.domain.servers.iqn(uuid))
 
 
 def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> dict[str, Any]:
-    prov = deps.provisioner
+    servers = deps.domain.servers
     luns = _exported_luns(deps, s.uuid)
     vols = [volume_json(v, luns) for v in volumes]
-    ip, port = deps.policy.portal
+    ip, port = deps.domain.policy.portal
     portal = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     return {
         "uuid": s.uuid, "template": s.template, "version": s.version, "profile": s.profile, "user": s.owner,
@@ -50,7 +50,7 @@ def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> di
         "address": s.address, "created_at": s.created_at, "updated_at": s.updated_at,
         "volumes": vols,
         "target": {
-            "iqn": prov.iqn(s.uuid), "portal": portal, "initiator": prov.initiator(s.uuid),
+            "iqn": servers.iqn(s.uuid), "portal": portal, "initiator": servers.initiator(s.uuid),
             "exported": luns is not None,
             "luns": [{"volume": v["name"], "index": v["index"], "lun": v["lun"]} for v in vols],
             # the names only: secrets reach the node in its boot config, never an API client
@@ -61,11 +61,8 @@ def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> di
 
 
 async def visible_server(request: web.Request, uuid: str) -> ServerRow:
-    deps = request.app[DEPS]
-    server = await deps.store.call(deps.store.sync.server, uuid.lower())
-    if server is None or not principal(request).may_act_for(server.owner):
-        raise ApiError(404, "not_found", f"no server {uuid}")
-    return server
+    """The server, if this caller may see it (NotFound, as for a missing one, otherwise)."""
+    return await request.app[DEPS].domain.servers.get(uuid, principal(request).may_act_for)
 
 
 def _owner_for(p: Principal, body: Mapping[str, Any]) -> str:
@@ -85,14 +82,11 @@ def _owner_for(p: Principal, body: Mapping[str, Any]) -> str:
 async def create_server(request: web.Request) -> web.StreamResponse:
     """Record the server (`creating`, quota reserved) and start its create workflow; 202."""
     deps = request.app[DEPS]
-    prov = deps.provisioner
+    servers = deps.domain.servers
     body = await json_body(request)
-    owner = _owner_for(principal(request), body)
-    req = await prov.validate_create(body, owner)
-    row = await prov.create_server(req)
-    volumes = await deps.store.call(deps.store.sync.volumes, row.uuid)
-    out = server_json(deps, row, volumes)  # taken before the workflow runs: the record as recorded
-    prov.spawn(prov.run_create(row.uuid), f"create-{row.uuid}")
+    row = await servers.create_server(requests.create_server(body, _owner_for(principal(request), body)))
+    out = server_json(deps, row, await servers.volumes_of(row.uuid))  # the record as recorded, before the workflow
+    deps.domain.tasks.spawn(servers.run_create(row.uuid), f"create-{row.uuid}")
     return web.json_response(out, status=202, headers={"Location": f"/api/v1/servers/{row.uuid}"})
 
 
@@ -100,22 +94,17 @@ async def list_servers(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     p = principal(request)
     owner = p.owner if not p.admin else request.query.get("user") or None
-    servers, volumes = await deps.store.call(_servers_and_volumes, deps.store.sync, owner)
+    servers, volumes = await deps.domain.servers.listing(owner)
     by_server: dict[str, list[VolumeRow]] = {}
     for v in volumes:
         by_server.setdefault(v.server, []).append(v)
     return web.json_response([server_json(deps, s, by_server.get(s.uuid, [])) for s in servers])
 
 
-def _servers_and_volumes(store: Any, owner: str | None) -> tuple[list[ServerRow], list[VolumeRow]]:
-    return store.servers(owner), store.volumes()
-
-
 async def show_server(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     server = await visible_server(request, request.match_info["uuid"])
-    volumes = await deps.store.call(deps.store.sync.volumes, server.uuid)
-    return web.json_response(server_json(deps, server, volumes))
+    return web.json_response(server_json(deps, server, await deps.domain.servers.volumes_of(server.uuid)))
 
 
 async def delete_server(request: web.Request) -> web.StreamResponse:
@@ -123,8 +112,8 @@ async def delete_server(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     # The owner check rides on the delete's own first store call (another user's server is not
     # found, as in visible_server): one trip less through the store's queue per DELETE of a burst.
-    await deps.provisioner.delete_server(request.match_info["uuid"].lower(),
-                                         may_act_for=principal(request).may_act_for)
+    await deps.domain.servers.delete_server(request.match_info["uuid"].lower(),
+                                            may_act_for=principal(request).may_act_for)
     return web.Response(status=204)
 
 
@@ -133,8 +122,8 @@ async def server_events(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     server = await visible_server(request, request.match_info["uuid"])
     limit = _int_query(request, "limit", 100, 1, 10000)
-    await deps.events.flush()
-    return web.json_response(await deps.store.call(deps.store.sync.events, server.uuid, limit))
+    await deps.domain.events.flush()
+    return web.json_response(await deps.domain.servers.boot_log(server.uuid, limit))
 
 
 def _int_query(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
@@ -149,7 +138,7 @@ def _int_query(request: web.Request, key: str, default: int, lo: int, hi: int) -
 async def list_server_volumes(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     server = await visible_server(request, request.match_info["uuid"])
-    volumes = await deps.store.call(deps.store.sync.volumes, server.uuid)
+    volumes = await deps.domain.servers.volumes_of(server.uuid)
     luns = _exported_luns(deps, server.uuid)
     return web.json_response([volume_json(v, luns) for v in volumes])
 
@@ -158,12 +147,8 @@ async def add_volume(request: web.Request) -> web.StreamResponse:
     """Create and export a data volume (within the owner's quota); 201 once it is exported."""
     deps = request.app[DEPS]
     server = await visible_server(request, request.match_info["uuid"])
-    body = await json_body(request)
-    require_fields(body, {"size_gb"})
-    size = body.get("size_gb")
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DATA_GB:
-        raise ApiError(422, "invalid", f"size_gb: must be an integer 1..{MAX_DATA_GB}")
-    row = await deps.provisioner.add_data_volume(server.uuid, size)
+    size = requests.size_gb(await json_body(request))
+    row = await deps.domain.servers.add_data_volume(server.uuid, size)
     out = volume_json(row, _exported_luns(deps, server.uuid))
     return web.json_response(out, status=201,
                              headers={"Location": f"/api/v1/servers/{server.uuid}/volumes/{row.name}"})
@@ -172,7 +157,7 @@ async def add_volume(request: web.Request) -> web.StreamResponse:
 async def remove_volume(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     server = await visible_server(request, request.match_info["uuid"])
-    await deps.provisioner.remove_data_volume(server.uuid, request.match_info["name"])
+    await deps.domain.servers.remove_data_volume(server.uuid, request.match_info["name"])
     return web.Response(status=204)
 
 
@@ -181,7 +166,7 @@ async def list_volumes(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     p = principal(request)
     owner = p.owner if not p.admin else request.query.get("user") or None
-    servers, volumes = await deps.store.call(_servers_and_volumes, deps.store.sync, owner)
+    servers, volumes = await deps.domain.servers.listing(owner)
     mine = {s.uuid for s in servers}
     out = [volume_json(v, _exported_luns(deps, v.server)) for v in volumes if v.server in mine]
     return web.json_response(out)

@@ -6,10 +6,12 @@ from typing import Any
 
 from aiohttp import web
 
+import naming
 from appliance.template_sources import parse_source
-from domain.provisioner import NAME_RE
-from domain.store import Store, TemplateVersion
-from web.errors import ApiError, json_body, require_fields
+from domain.errors import InvalidRequest
+from domain.store import TemplateVersion
+from web import requests
+from web.errors import ApiError, json_body
 from web.keys import DEPS
 from web.routes import Route
 from web.schemas import NAME, array_of, ref
@@ -20,59 +22,43 @@ def version_json(tv: TemplateVersion, clones: int) -> dict[str, Any]:
             "initrd": tv.initrd, "created_at": tv.created_at, "clones": clones}
 
 
-def _templates(store: Store, name: str | None) -> list[dict[str, Any]]:
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for tv in store.template_versions(name):
-        grouped.setdefault(tv.template, []).append(version_json(tv, len(store.clones_of(tv.template, tv.version))))
-    return [{"name": n, "versions": vs} for n, vs in sorted(grouped.items())]
+def _templates_json(listing: list[tuple[str, list[tuple[TemplateVersion, int]]]]) -> list[dict[str, Any]]:
+    return [{"name": n, "versions": [version_json(tv, clones) for tv, clones in vs]} for n, vs in listing]
 
 
 async def list_templates(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    return web.json_response(await deps.store.call(_templates, deps.store.sync, None))
+    return web.json_response(_templates_json(await request.app[DEPS].domain.templates.listing()))
 
 
 async def show_template(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
     name = request.match_info["name"]
-    found = await deps.store.call(_templates, deps.store.sync, name)
+    found = _templates_json(await request.app[DEPS].domain.templates.listing(name))
     if not found:
         raise ApiError(404, "not_found", f"no template {name}")
     return web.json_response(found[0])
 
 
-def build_json(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, list) else v) for k, v in job.items()}
-
-
 async def start_build(request: web.Request) -> web.StreamResponse:
     """Build the next version of a template from a source; 202 with the build to poll."""
-    deps = request.app[DEPS]
     name = request.match_info["name"]
-    if not NAME_RE.fullmatch(name):
-        raise ApiError(422, "invalid", "name: templates are named [a-z0-9][a-z0-9_.-]*, up to 63 chars")
-    body = await json_body(request)
-    require_fields(body, {"source"})
-    source = body.get("source")
-    if not isinstance(source, str) or not source or len(source) > 4096:
-        raise ApiError(422, "invalid", "source: required string (tiny, debian[:SUITE] or tar:/path/rootfs.tar)")
+    naming.TEMPLATE.check(name, InvalidRequest, "name")
+    source = requests.build_source(await json_body(request))
     parse_source(source)  # syntax only; the build itself checks the host
-    job = await deps.provisioner.start_build(name, source)
-    return web.json_response(build_json(job), status=202, headers={"Location": f"/api/v1/templates/builds/{job['id']}"})
+    job = await request.app[DEPS].domain.templates.start_build(name, source)
+    return web.json_response(job.as_json(), status=202, headers={"Location": f"/api/v1/templates/builds/{job.id}"})
 
 
 async def show_build(request: web.Request) -> web.StreamResponse:
-    deps = request.app[DEPS]
-    job = deps.provisioner.builds.get(request.match_info["id"])
+    job = request.app[DEPS].domain.templates.builds.get(request.match_info["id"])
     if job is None:
         raise ApiError(404, "not_found", f"no build {request.match_info['id']}")
-    return web.json_response(build_json(job))
+    return web.json_response(job.as_json())
 
 
 async def delete_template_version(request: web.Request) -> web.StreamResponse:
     """Delete a version (its snapshot); 409 while servers are cloned from it."""
-    deps = request.app[DEPS]
-    await deps.provisioner.delete_template_version(request.match_info["name"], request.match_info["version"])
+    templates = request.app[DEPS].domain.templates
+    await templates.delete_version(request.match_info["name"], request.match_info["version"])
     return web.Response(status=204)
 
 

@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from web import api_misc, api_servers, api_templates, httpboot, metrics, openapi
-from web.auth import ensure_admin_token, guarded
+from web.auth import guarded
 from web.deps import WebDeps
 from web.errors import error_middleware
 from web.keys import BOOT_CLIENTS, CLOSING, DEPS, METRICS, OPENAPI
 from web.routes import Route
 from web.state import ClientMemory, HttpMetrics
 
-__all__ = ["WebDeps", "create_app", "ensure_admin_token", "routes"]
+__all__ = ["WebDeps", "create_app", "routes"]
 
 
 def routes() -> tuple[Route, ...]:

@@ -6,23 +6,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from domain.bootpolicy import ApplianceBootPolicy
-from domain.events import EventBus
-from domain.provisioner import Provisioner
-from domain.store import AsyncStore
-from iscsi.model import VolumeBackend
+from domain.core import Domain
 
 HealthReport = Mapping[str, Mapping[str, str]]  # {service: {"state": ..., "detail": ...}}
 
 
 @dataclass
 class WebDeps:
-    provisioner: Provisioner
-    store: AsyncStore
-    events: EventBus
-    policy: ApplianceBootPolicy
+    domain: Domain
     files_root: Path  # kernels and initrds served under /boot/files/
-    backend: VolumeBackend  # for /pools
     health: Callable[[], HealthReport | Awaitable[HealthReport]]
     version: str
     client_max_size: int = 1 << 20  # request bodies above this get 413

@@ -128,8 +128,9 @@ def require_fields(body: dict[str, Any], allowed: set[str]) -> None:
         raise ApiError(422, "invalid", f"unknown field(s): {', '.join(sorted(map(str, extra)))}")
 
 
-def int_field(body: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
+def int_field(body: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None,
+              where: str | None = None) -> int:
     value = body.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ApiError(422, "invalid", f"{key}: must be an integer {lo}..{hi}")
+        raise ApiError(422, "invalid", f"{where or key}: must be an integer {lo}..{hi}")
     return value

@@ -30,13 +30,13 @@ MAX_PATH = 1024
 
 def _publish(request: web.Request, server: str | None, file: str, size: int, status: int) -> None:
     client = request.remote or ""
-    request.app[DEPS].events.publish("http", {"server": server, "client": client, "file": file,
+    request.app[DEPS].domain.events.publish("http", {"server": server, "client": client, "file": file,
                                               "bytes": size, "status": status})
     request.app[METRICS].boot_bytes += size
 
 
 def _http_boot_enabled(request: web.Request) -> bool:
-    return request.app[DEPS].provisioner.services.get("http-boot", True)
+    return request.app[DEPS].domain.services.get("http-boot", True)
 
 
 async def ipxe_script(request: web.Request) -> web.StreamResponse:
@@ -48,15 +48,15 @@ async def ipxe_script(request: web.Request) -> web.StreamResponse:
     if not _http_boot_enabled(request):
         _publish(request, uuid, file, 0, 503)
         raise ApiError(503, "service_disabled", "the http-boot service is disabled")
-    spec = deps.policy.boot_spec(uuid=uuid, mac=mac)
+    spec = deps.domain.policy.boot_spec(uuid=uuid, mac=mac)
     if spec is None:
         _publish(request, None, file, 0, 404)
         raise ApiError(404, "not_found", f"no bootable server {uuid}")
     client = request.remote or ""
-    if not deps.policy.may_fetch(spec, client):
+    if not deps.domain.policy.may_fetch(spec, client):
         reason = (f"the boot script of server {spec.server_uuid} goes only to its node's address, not to "
                   f"{client} (no recent DHCP of that node from there, and not its configured address)")
-        deps.events.publish("denied", {"server": spec.server_uuid, "client": client, "file": file, "via": "http",
+        deps.domain.events.publish("denied", {"server": spec.server_uuid, "client": client, "file": file, "via": "http",
                                        "reason": reason})
         _publish(request, spec.server_uuid, file, 0, 403)
         raise ApiError(403, "denied", reason)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from domain.store import Store
+from domain.states import ServerState
 from web.errors import Handler
 from web.keys import DEPS, METRICS
 from web.routes import Route
@@ -62,12 +62,6 @@ class _Out:
         return "\n".join(self.lines) + "\n"
 
 
-def _counts(store: Store) -> tuple[Counter[str], Counter[tuple[str, str]]]:
-    servers = Counter(s.state for s in store.servers())
-    volumes = Counter((v.kind, v.state) for v in store.volumes())
-    return servers, volumes
-
-
 def _all(values: Iterable[str], seen: Iterable[str]) -> list[str]:
     return sorted(set(values) | set(seen))
 
@@ -75,48 +69,48 @@ def _all(values: Iterable[str], seen: Iterable[str]) -> list[str]:
 async def metrics(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     m = request.app[METRICS]
-    prov = deps.provisioner
+    domain = deps.domain
     out = _Out()
     out.family("cello_build_info", "gauge", "Cello version")
     out.sample("cello_build_info", 1, version=deps.version)
 
-    servers, volumes = await deps.store.call(_counts, deps.store.sync)
+    servers, volumes = await domain.servers.counts()
     out.family("cello_servers", "gauge", "Server records by state")
-    for state in _all(("creating", "exporting", "available", "error", "deleting", "error_deleting"), servers):
+    for state in _all(ServerState, servers):
         out.sample("cello_servers", servers.get(state, 0), state=state)
     out.family("cello_volumes", "gauge", "Volume records by kind and state")
     for (kind, state), n in sorted(volumes.items()):
         out.sample("cello_volumes", n, kind=kind, state=state)
 
     out.family("cello_export_applies_total", "counter", "Export configuration applies (coalesced)")
-    out.sample("cello_export_applies_total", prov.exports.applies)
-    last = prov.exports.last_state
+    out.sample("cello_export_applies_total", domain.exports.applies)
+    last = domain.exports.last_state
     out.family("cello_exported_targets", "gauge", "Targets the export driver reported after its last apply")
     out.sample("cello_exported_targets", len(last.targets) if last is not None else 0)
     out.family("cello_exports_available", "gauge", "1 when the export driver is available")
     out.sample("cello_exports_available", 1 if last is None or last.available else 0)
 
     out.family("cello_service_enabled", "gauge", "1 when the service is enabled")
-    for name, enabled in sorted(prov.services.items()):
+    for name, enabled in sorted(domain.services.items()):
         out.sample("cello_service_enabled", 1 if enabled else 0, service=name)
 
     out.family("cello_events_total", "counter", "Events published, by kind")
-    for kind, n in sorted(deps.events.counts.items()):
+    for kind, n in sorted(domain.events.counts.items()):
         out.sample("cello_events_total", n, kind=kind)
 
-    builds = Counter(str(job.get("state")) for job in prov.builds.values())
+    builds = Counter(str(job.state) for job in domain.templates.builds.values())
     out.family("cello_template_builds", "gauge", "Template builds since start, by state")
     for state in _all(("running", "done", "failed"), builds):
         out.sample("cello_template_builds", builds.get(state, 0), state=state)
 
     try:
-        cap = await deps.backend.capacity()
+        cap = await domain.backend.capacity()
     except Exception:  # a pool that cannot answer must not take /metrics down with it
         cap = None
     out.family("cello_pool_bytes", "gauge", "Storage pool capacity")
     if cap is not None:
         for kind, value in (("total", cap.total), ("used", cap.used), ("free", cap.free)):
-            out.sample("cello_pool_bytes", value, pool=deps.backend.name, kind=kind)
+            out.sample("cello_pool_bytes", value, pool=domain.backend.name, kind=kind)
 
     out.family("cello_http_boot_bytes_total", "counter", "Bytes sent by HTTP boot (scripts, kernels, initrds)")
     out.sample("cello_http_boot_bytes_total", m.boot_bytes)

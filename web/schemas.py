@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.provisioner import MAX_DATA_GB, MAX_DATA_VOLUMES
+import naming
+from domain.requests import MAX_DATA_GB, MAX_DATA_VOLUMES
 
 Schema = dict[str, Any]
 
@@ -17,8 +18,9 @@ def array_of(name: str) -> Schema:
     return {"type": "array", "items": ref(name)}
 
 
-UUID = {"type": "string", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"}
-NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,62}$"}
+# The API takes a UUID in either case (it stores it lowercase): the rule's pattern, both cases allowed.
+UUID = {"type": "string", "pattern": naming.UUID.anchored.replace("a-f", "a-fA-F")}
+NAME = {"type": "string", "pattern": naming.TEMPLATE.anchored}
 SIZE_GB = {"type": "integer", "minimum": 1, "maximum": MAX_DATA_GB}
 
 COMPONENTS: dict[str, Schema] = {

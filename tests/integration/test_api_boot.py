@@ -159,7 +159,7 @@ async def test_metrics_text_format(api_stack: Stack) -> None:
     assert 'cello_events_total{kind="workflow"} 4' in text
     assert 'cello_http_requests_total{route="/api/v1/servers",method="POST",status="202"} 1' in text
     assert 'route="unmatched",method="GET",status="404"' in text
-    assert f"cello_export_applies_total {s.prov.exports.applies}" in text and s.prov.exports.applies >= 1
+    assert f"cello_export_applies_total {s.domain.exports.applies}" in text and s.domain.exports.applies >= 1
     assert 'cello_pool_bytes{pool="file",kind="free"}' in text
     for line in text.splitlines():  # every sample line is NAME{labels} VALUE
         if line and not line.startswith("#"):

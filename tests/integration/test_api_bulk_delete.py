@@ -52,14 +52,14 @@ async def test_a_burst_of_deletes_shares_applies_and_leaves_nothing(tmp_path: Pa
         uuids = [uuid_n(0x900 + i) for i in range(N)]
         await create_available(s, uuids)
         assert len((await s.driver.actual()).targets) == N
-        before = s.prov.exports.applies
+        before = s.domain.exports.applies
 
         results = await delete_all(s, uuids)
 
         assert [status for status, _ in results] == [204] * N, results
         # Each delete waits for an apply that starts after it marked its server `deleting`: the
         # first to arrive starts one, the rest wait together for the next.
-        assert s.prov.exports.applies - before <= 3
+        assert s.domain.exports.applies - before <= 3
         assert (await s.driver.actual()).targets == {}
         assert {v.name for v in await s.backend.list()} == {"tiny-template"}
         assert await s.store.call(s.store.sync.servers) == []

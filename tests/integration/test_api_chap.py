@@ -19,8 +19,8 @@ PORTAL = PORTALS[0]
 
 
 async def inq(stack: Stack, uuid: str, auth: str = "", query: str = "") -> tuple[int, str]:
-    initiator = stack.prov.initiator(uuid)
-    return await run("iscsi-inq", "-i", initiator, f"iscsi://{auth}{PORTAL}/{stack.prov.iqn(uuid)}/1{query}")
+    initiator = stack.servers.initiator(uuid)
+    return await run("iscsi-inq", "-i", initiator, f"iscsi://{auth}{PORTAL}/{stack.servers.iqn(uuid)}/1{query}")
 
 
 async def made(stack: Stack, uuid: str) -> tuple[dict[str, object], ServerRow]:
@@ -90,7 +90,7 @@ async def test_chap_off_keeps_the_initiator_acl(tmp_path: Path) -> None:
         rc, out = await inq(s, uuid_n(4))
         assert rc == 0, out
         rc, out = await run("iscsi-inq", "-i", "iqn.2026-11.io.cello:someone-else",
-                            f"iscsi://{PORTAL}/{s.prov.iqn(uuid_n(4))}/1")
+                            f"iscsi://{PORTAL}/{s.servers.iqn(uuid_n(4))}/1")
         assert rc != 0, out
 
 

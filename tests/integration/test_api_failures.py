@@ -1,21 +1,20 @@
 """Every failure point of create and delete, injected in turn into the real backend/driver (thin
 wrappers that raise at the chosen call): no orphan volume, no stale export, no leaked quota, the record
 in `error`/`error_deleting` with a reason, and a clean reconcile. A crash between steps is a
-BaseException that ends the workflow mid-way; the restart is a new Provisioner on the same store."""
+BaseException that ends the workflow mid-way; the restart is a new appliance on the same state dir."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from domain.provisioner import Provisioner
-from domain.store import AsyncStore, Store
+from appliance.app import Appliance
+from appliance.config import load_config
 from iscsi.model import ExportDriver, ExportState, StorageError, TargetSpec, VolumeBackend
-from tests.integration.test_api_stack import Stack, make_provisioner, needs_tgt, open_stack, uuid_n
+from tests.integration.test_api_stack import Stack, needs_tgt, open_stack, uuid_n
 
 pytestmark = needs_tgt
 
@@ -77,7 +76,7 @@ async def create_and_wait(s: Stack, data: int = 2) -> dict[str, Any]:
     status, body = await s.create(UUID, data_volumes=[{"size_gb": 1}] * data)
     assert status == 202, body
     await s.wait_state(UUID)
-    await s.prov.drain()  # `error` is recorded first (to leave the exports), then the cleanup runs
+    await s.domain.tasks.drain()  # `error` is recorded first (to leave the exports), then the cleanup runs
     return await s.wait_state(UUID)
 
 
@@ -136,51 +135,55 @@ async def test_failing_cleanup_is_reported_then_reconciled(tmp_path: Path) -> No
         await s.assert_clean()
 
 
-async def restart(s: Stack, backend: VolumeBackend, driver: ExportDriver) -> tuple[Provisioner, AsyncStore]:
-    """The appliance restarted: a new store connection and Provisioner on the same file; reconcile."""
-    await s.prov.drain()
-    store = AsyncStore(Store(s.root / "cello.db"))
-    prov = make_provisioner(store, backend, driver, s.events, s.policy)
-    await prov.load_services()
-    return prov, store
+async def restart(s: Stack, backend: VolumeBackend, driver: ExportDriver) -> Appliance:
+    """The appliance restarted: built again from its config on the same state dir (a new store
+    connection), with the real backend and driver; the caller reconciles, as a start does."""
+    await s.domain.tasks.drain()
+    again = Appliance.build(load_config(s.root / "cello.toml"), backend=backend, driver=driver)
+    await again.built.start()
+    return again
 
 
 @pytest.mark.parametrize("where", ["after-os-clone", "after-data-volume", "before-export"])
 async def test_crash_mid_create_then_restart(tmp_path: Path, where: str) -> None:
     backends: list[FailingBackend] = []
 
-    class CrashingProvisioner(Provisioner):
-        async def apply_exports(self, reason: str) -> ExportState:
-            if where == "before-export" and reason.startswith("create"):
-                raise Crash()
-            return await super().apply_exports(reason)
 
     def wrap(b: VolumeBackend) -> VolumeBackend:
         nth = 1 if where == "after-os-clone" else 2
         backends.append(FailingBackend(b, "create_data" if where != "before-export" else "none", Crash(), nth))
         return backends[0]  # type: ignore[return-value]
 
-    async with open_stack(tmp_path, wrap_backend=wrap, prov_cls=CrashingProvisioner) as s:
+    async with open_stack(tmp_path, wrap_backend=wrap) as s:
+        apply_exports = s.servers.apply_exports
+
+        async def crashing(reason: str) -> ExportState:
+            if where == "before-export" and reason.startswith("create"):
+                raise Crash()
+            return await apply_exports(reason)
+
+        s.servers.apply_exports = crashing  # type: ignore[method-assign]
         await s.add_user("alice")
         status, _ = await s.create(UUID, data_volumes=[{"size_gb": 1}, {"size_gb": 1}])
         assert status == 202
-        await s.prov.drain()
+        await s.domain.tasks.drain()
         stuck = await s.store.call(s.store.sync.server, UUID)
         assert stuck is not None and stuck.state in ("creating", "exporting")
         made = [v.name for v in await s.backend.list() if UUID in v.name]
         assert made, "the crash must leave something half-made for reconcile to undo"
-        prov, store = await restart(s, backends[0].real, s.driver)
+        again = await restart(s, backends[0].real, s.driver)
+        store = again.built.store
         try:
-            report = await prov.reconcile()
+            report = await again.built.reconcile()
             assert any("undone" in line for line in report.repaired), report
             assert report.problems == []
-            s.prov = prov
+            s.appliance = again
             await s.assert_clean()
             server = await store.call(store.sync.server, UUID)
             assert server is not None and server.state == "error" and "interrupted" in server.reason
             assert await store.call(store.sync.usage, "alice") == (0, 0)
         finally:
-            await asyncio.to_thread(store.close)
+            await again.built.stop()
 
 
 async def test_delete_failures_keep_volumes_until_unexported(tmp_path: Path) -> None:
@@ -240,16 +243,17 @@ async def test_crash_mid_delete_then_restart(tmp_path: Path) -> None:
         await create_and_wait(s)
         backends[0].armed = True
         with pytest.raises(Crash):
-            await s.prov.delete_server(UUID)
+            await s.servers.delete_server(UUID)
         stuck = await s.store.call(s.store.sync.server, UUID)
         assert stuck is not None and stuck.state == "deleting"
-        prov, store = await restart(s, backends[0].real, s.driver)
+        again = await restart(s, backends[0].real, s.driver)
+        store = again.built.store
         try:
-            report = await prov.reconcile()
+            report = await again.built.reconcile()
             assert any("interrupted delete finished" in line for line in report.repaired), report
             assert report.problems == []
-            s.prov = prov
+            s.appliance = again
             await s.assert_clean()
             assert await store.call(store.sync.server, UUID) is None
         finally:
-            await asyncio.to_thread(store.close)
+            await again.built.stop()

@@ -121,19 +121,18 @@ async def test_template_build_runs_the_builder(api_stack: Stack) -> None:
         progress("snapshot taken")
         return TemplateVersion(name, version, source, 1 << 20, KERNEL, INITRD, 0.0)
 
-    s.prov.template_builder = builder
+    from appliance.template_build import validate_source
+
+    s.use_builder(builder, validate_source)  # as the appliance wires it: the host is checked before any work
     status, job = await s.req("POST", "/api/v1/templates/mini/builds", json={"source": "tiny"})
     assert status == 202 and job["state"] == "running"
     status, body = await s.req("POST", "/api/v1/templates/mini/builds", "alice", json={"source": "tiny"})
     assert status == 403
     status, body = await s.req("POST", "/api/v1/templates/mini2/builds", json={"source": "floppy"})
     assert status == 422 and "unknown template source" in body["detail"]
-    from appliance.template_build import validate_source
-
-    s.prov.source_check = validate_source  # as the appliance wires it: the host is checked before any work
     status, body = await s.req("POST", "/api/v1/templates/mini3/builds", json={"source": "tar:/nonexistent.tar"})
     assert status == 422 and "/nonexistent.tar" in body["detail"], body
-    assert "mini3" not in {b["template"] for b in s.prov.builds.values()}
+    assert "mini3" not in {b.template for b in s.domain.templates.builds.values()}
     for _ in range(200):
         status, job = await s.req("GET", f"/api/v1/templates/builds/{job['id']}")
         if job["state"] != "running":
@@ -162,7 +161,7 @@ async def test_users_pools_services_health_reconcile(api_stack: Stack) -> None:
     assert status == 403
     status, body = await s.req("PUT", "/api/v1/services/dhcp", json={"enabled": False})
     assert status == 200 and body == {"name": "dhcp", "enabled": False, "state": "disabled", "detail": ""}
-    assert s.prov.services["dhcp"] is False
+    assert s.domain.services["dhcp"] is False
     assert (await s.store.call(s.store.sync.services))["dhcp"] is False
     status, body = await s.req("PUT", "/api/v1/services/gopher", json={"enabled": False})
     assert status == 404

@@ -1,5 +1,5 @@
-"""The real API stack for the web tests: SQLite store, `file` backend, a supervised `tgtd`, the
-provisioner and the aiohttp app behind aiohttp's test server on a loopback port.
+"""The real API stack for the web tests: the appliance built by `Appliance.build` (SQLite store, `file`
+backend, a supervised `tgtd`), its domain and its aiohttp app behind aiohttp's test server on loopback.
 
 Other test_api_* modules import `api_stack` (a fixture) and the helpers from here.
 """
@@ -17,15 +17,18 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from bootfiles.profiles import BUILTIN_PROFILES
+from appliance.app import Appliance
+from appliance.config import Config, load_config
 from domain.bootpolicy import ApplianceBootPolicy
+from domain.core import Domain
 from domain.events import EventBus
-from domain.provisioner import ChapMode, Provisioner
-from domain.store import AsyncStore, Store, TemplateVersion
+from domain.exports import ChapMode, desired_targets
+from domain.servers import ServerWorkflows
+from domain.store import AsyncStore, TemplateVersion
+from domain.templates import SourceCheck, TemplateBuilder, TemplateWorkflows
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver, VolumeBackend
 from iscsi.tgt import TgtDriver
-from web.app import WebDeps, create_app, ensure_admin_token
 
 IQN_PREFIX = "iqn.2026-11.io.cello"
 TEMPLATE_SIZE = 64 << 20
@@ -45,17 +48,47 @@ def uuid_n(n: int) -> str:
 @dataclass
 class Stack:
     root: Path
-    store: AsyncStore
-    events: EventBus
-    backend: VolumeBackend
-    driver: ExportDriver
-    policy: ApplianceBootPolicy
-    prov: Provisioner
+    appliance: Appliance  # built by Appliance.build, as `cello serve` builds its own
     client: TestClient  # type: ignore[type-arg]
     files_root: Path
     admin_token: str
     tokens: dict[str, str] = field(default_factory=dict)  # user -> token
     health_report: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> Domain:
+        return self.appliance.built
+
+    @property
+    def store(self) -> AsyncStore:
+        return self.domain.store
+
+    @property
+    def events(self) -> EventBus:
+        return self.domain.events
+
+    @property
+    def backend(self) -> VolumeBackend:
+        return self.domain.backend
+
+    @property
+    def driver(self) -> ExportDriver:
+        return self.domain.driver
+
+    @property
+    def policy(self) -> ApplianceBootPolicy:
+        return self.domain.policy
+
+    @property
+    def servers(self) -> ServerWorkflows:
+        return self.domain.servers
+
+    def use_builder(self, builder: TemplateBuilder, source_check: SourceCheck | None = None) -> None:
+        """Template builds through a stand-in builder (the real one makes file systems: test_template_build)."""
+        d = self.domain
+        d.templates = TemplateWorkflows(d.store, d.backend, d.events, d.tasks, builder=builder,
+                                        source_check=source_check, destroy=d.servers.destroy,
+                                        on_change=d.policy.changed)
 
     def auth(self, who: str = "admin") -> dict[str, str]:
         token = self.admin_token if who == "admin" else self.tokens[who]
@@ -102,7 +135,7 @@ class Stack:
         volumes = {v.name for v in await self.store.call(sync.volumes)}
         real = {v.name for v in await self.backend.list()} - {"tiny-template"}
         assert real == volumes, f"backend {sorted(real)} vs store {sorted(volumes)}"
-        desired = {t.iqn for t in await self.prov.desired_targets()}
+        desired = {t.iqn for t in await desired_targets(self.store, self.backend, self.servers.naming)}
         actual = await self.driver.actual()
         assert set(actual.targets) == desired
         for user in await self.store.call(sync.users):
@@ -110,7 +143,7 @@ class Stack:
             mine = [v for v in await self.store.call(sync.volumes)
                     if (s := await self.store.call(sync.server, v.server)) is not None and s.owner == user.name]
             assert n == len(mine) and data == sum(v.size for v in mine if v.kind == "data")
-        report = await self.prov.reconcile()
+        report = await self.domain.reconcile()
         assert report.problems == [], report.problems
 
 
@@ -124,11 +157,14 @@ async def add_template(store: AsyncStore, backend: VolumeBackend, files_root: Pa
     (files_root / INITRD).write_bytes(b"I" * 123_457)
 
 
-def make_provisioner(store: AsyncStore, backend: VolumeBackend, driver: ExportDriver, events: EventBus,
-                     policy: ApplianceBootPolicy, cls: type[Provisioner] = Provisioner,
-                     chap: ChapMode = "on") -> Provisioner:
-    return cls(store, backend, driver, events, iqn_prefix=IQN_PREFIX, profiles=list(BUILTIN_PROFILES),
-               default_profile="ipxe", on_change=policy.changed, chap=chap)
+def stack_config(tmp: Path, portal: str, chap: ChapMode = "on", **sections: str) -> Config:
+    """The config a test stack is built from: its own state dir and portal, nothing bound by default."""
+    text = (f'[appliance]\nstate_dir = "{tmp}"\nadvertise = "127.0.0.1"\n'
+            f'[iscsi]\ndriver = "tgt"\nportals = ["{portal}"]\nchap = "{chap}"\n'
+            '[boot]\ndefault_profile = "ipxe"\n' + "".join(f"[{k}]\n{v}\n" for k, v in sections.items()))
+    path = tmp / "cello.toml"
+    path.write_text(text)
+    return load_config(path)
 
 
 @contextlib.asynccontextmanager
@@ -139,48 +175,34 @@ async def open_stack(
     portal: str = PORTALS[0],
     wrap_backend: Callable[[VolumeBackend], VolumeBackend] = lambda b: b,
     wrap_driver: Callable[[ExportDriver], ExportDriver] = lambda d: d,
-    prov_cls: type[Provisioner] = Provisioner,
     client_max_size: int = 1 << 20,
     chap: ChapMode = "on",
 ) -> AsyncIterator[Stack]:
     files_root = tmp / "boot"
     files_root.mkdir(parents=True, exist_ok=True)
-    store = AsyncStore(Store(tmp / "cello.db"))
-    events = EventBus(store)
     real_backend = FileBackend(tmp / "volumes")
-    await add_template(store, real_backend, files_root)
     real_driver = TgtDriver(control_port, [portal], state_dir=tmp / "state")
     await real_driver.start()
-    backend, driver = wrap_backend(real_backend), wrap_driver(real_driver)
-    holder: list[Provisioner] = []
-    host, port = portal.rsplit(":", 1)
-    policy = ApplianceBootPolicy(
-        store, profiles=BUILTIN_PROFILES, iqn_prefix=IQN_PREFIX, portal=(host, int(port)),
-        http_base="http://127.0.0.1:8080", unknown="ignore",
-        exports=lambda: holder[0].exports.last_state if holder else None, lun_number=real_driver.lun_number)
-    prov = make_provisioner(store, backend, driver, events, policy, prov_cls, chap)
-    holder.append(prov)
-    await events.start()
-    await prov.load_services()
-    admin = await ensure_admin_token(store, "")
+    appliance = Appliance.build(stack_config(tmp, portal, chap), backend=wrap_backend(real_backend),
+                                driver=wrap_driver(real_driver))
+    domain = appliance.built
+    await add_template(domain.store, real_backend, files_root)
+    await domain.start()
+    admin = await domain.users.ensure_admin_token("")
     assert admin is not None
     health: dict[str, dict[str, str]] = {"export": {"state": "running", "detail": "tgt"},
                                          "api": {"state": "running", "detail": "test"}}
-    deps = WebDeps(provisioner=prov, store=store, events=events, policy=policy, files_root=files_root,
-                   backend=backend, health=lambda: health, version="test", client_max_size=client_max_size,
-                   sse_heartbeat=0.5, loader_roots=[Path("/usr/lib/ipxe")])
-    client = TestClient(TestServer(create_app(deps), host="127.0.0.1"))
+    app = appliance.web_app(health=lambda: health, version="test", client_max_size=client_max_size,
+                            sse_heartbeat=0.5, loader_roots=[Path("/usr/lib/ipxe")])
+    client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
-    stack = Stack(tmp, store, events, backend, driver, policy, prov, client, files_root, admin,
-                  health_report=health)
+    stack = Stack(tmp, appliance, client, files_root, admin, health_report=health)
     try:
         yield stack
     finally:
         await client.close()
-        await prov.drain()
+        await domain.stop()
         await real_driver.teardown()
-        await events.stop()
-        await asyncio.to_thread(store.close)
 
 
 @pytest.fixture

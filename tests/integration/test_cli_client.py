@@ -98,7 +98,7 @@ async def test_users_services_reconcile(api_stack: Stack) -> None:
     code, out, err = await cello(s, "service", "list", "--json")
     assert {x["name"]: x["enabled"] for x in json.loads(out)}["tftp"] is False
     code, out, err = await cello(s, "service", "enable", "tftp")
-    assert s.prov.services["tftp"] is True
+    assert s.domain.services["tftp"] is True
     code, out, err = await cello(s, "reconcile")
     assert code == 0 and "repaired: exports applied: 0 target(s)" in out
 
@@ -116,7 +116,7 @@ async def test_template_build_follows_progress(api_stack: Stack) -> None:
         await s.backend.snapshot_template(name, version)
         return TemplateVersion(name, version, source, 1 << 20, KERNEL, INITRD, 0.0)
 
-    s.prov.template_builder = builder
+    s.use_builder(builder)
     code, out, err = await cello(s, "template", "build", "mini", "--from", "tiny", "--poll", "0.05")
     assert code == 0, err
     assert out.splitlines() == ["step one", "step two", "built mini@v1"]

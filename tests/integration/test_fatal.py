@@ -96,13 +96,13 @@ async def test_a_lost_tftp_listener_stops_every_service_and_frees_its_ports(tmp_
     api_port = split_host_port(api)[1]
     tftp_port = split_host_port(cfg.tftp.listen)[1]
     dhcp_port, pxe_port = cfg.dhcp.port, cfg.dhcp.pxe_port
-    appliance = Appliance(load_config(config), config_path=config)
+    appliance = Appliance.build(load_config(config), config_path=config)
     await appliance.start()
     try:
         tftp = next(slot.service for slot in appliance.slots if slot.name == "tftp")
         # What asyncio does to a datagram transport on an error it cannot go on from: close it, which
         # calls the protocol's connection_lost.
-        tftp._transport.close()  # type: ignore[union-attr]
+        tftp.listener.transport.close()  # type: ignore[union-attr]
         with pytest.raises(FatalError, match=r"^tftp: listening socket closed"):
             await asyncio.wait_for(appliance.wait(), timeout=5)
         assert appliance.health()["tftp"]["state"] == "failed"

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from bootfiles.render import RenderError, kernel_cmdline, render_ipxe
-from domain.provisioner import SECRET_LENGTH, chap_for, target_auth
+from domain.exports import SECRET_LENGTH, chap_for, target_auth
 from domain.store import ServerRow
 from iscsi import ctlconf, names
 from iscsi.model import NameError_, TargetSpec

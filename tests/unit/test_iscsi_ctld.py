@@ -12,16 +12,15 @@ import json
 import re
 import stat
 from pathlib import Path
-from typing import cast
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from domain.bootpolicy import ApplianceBootPolicy
+from bootfiles.spec import Profile
+from domain.core import build_domain
 from domain.errors import Conflict
-from domain.events import EventBus
-from domain.provisioner import CreateServer, Provisioner
+from domain.requests import CreateServer
 from domain.store import AsyncStore, Store, TemplateVersion, User
 from iscsi import ctlconf
 from iscsi.ctld import CtldDriver, CtlLimits, parse_devlist, parse_portlist, state_from_ctladm
@@ -242,18 +241,18 @@ async def test_a_create_that_would_not_fit_ctl_is_a_409_naming_the_limit(tmp_pat
     store = AsyncStore(Store(tmp_path / "cello.db"))
     try:
         backend = FileBackend(tmp_path / "volumes")
-        await store.call(store.sync.put_user, User("alice", 32, 1024))
-        await store.call(store.sync.add_template_version,
-                         TemplateVersion("tiny", "v1", "tiny", 64 << 20, "k", "i", 0.0))
         ctl = FakeCtl(tmp_path / "ctl.conf")
         ctl.sysctl["kern.cam.ctl.max_ports"] = 4  # CTL's own tpc, camsim, ioctl + one target
         driver = CtldDriver(tmp_path / "ctl.conf", ["0.0.0.0:3260"], ctl.runner, ctl.sleep)
+        domain = build_domain(store, backend, driver, iqn_prefix=PREFIX, profiles={"compute": Profile("compute")},
+                              default_profile="compute", portal=("127.0.0.1", 3260), http_base="http://127.0.0.1")
+        await store.call(store.sync.put_user, User("alice", 32, 1024))
+        await store.call(store.sync.add_template_version,
+                         TemplateVersion("tiny", "v1", "tiny", 64 << 20, "k", "i", 0.0))
         await driver.start()
-        prov = Provisioner(store, backend, driver, EventBus(), iqn_prefix=PREFIX, profiles=["compute"],
-                           default_profile="compute")
-        await prov.create_server(CreateServer(U1, "tiny", "compute", "alice"))
+        await domain.servers.create_server(CreateServer(U1, "tiny", "alice", "compute"))
         with pytest.raises(Conflict) as info:
-            await prov.create_server(CreateServer(U2, "tiny", "compute", "alice", data_gb=(1,)))
+            await domain.servers.create_server(CreateServer(U2, "tiny", "alice", "compute", data_gb=(1,)))
         assert str(info.value) == (
             f"server {U2} does not fit the iSCSI target: 2 targets need 2 CTL ports and CTL's own ports "
             "hold 3: more than kern.cam.ctl.max_ports=4 (raise it in /boot/loader.conf)")
@@ -262,8 +261,7 @@ async def test_a_create_that_would_not_fit_ctl_is_a_409_naming_the_limit(tmp_pat
         assert await store.call(store.sync.server, U2) is None  # nothing recorded, no quota taken
         assert not (tmp_path / "ctl.conf").exists()
 
-        deps = WebDeps(provisioner=prov, store=store, events=prov.events, policy=cast(ApplianceBootPolicy, None),
-                       files_root=tmp_path, backend=backend, health=dict, version="test")
+        deps = WebDeps(domain=domain, files_root=tmp_path, health=dict, version="test")
         app = web.Application()
         app[DEPS] = deps
         resp = await list_pools(make_mocked_request("GET", "/api/v1/pools", app=app))

@@ -64,11 +64,11 @@ def test_data_index_bounds() -> None:
             names.data_volume("tiny", U, bad)
 
 
-def test_iqn_length_limit_is_222() -> None:
+def test_iqn_length_limit_is_rfc_3720s_223() -> None:
     base = "iqn.2026-11.io.cello:"
-    assert names.iqn(base + "a" * (222 - len(base)))
+    assert names.iqn(base + "a" * (223 - len(base)))
     with pytest.raises(NameError_):
-        names.iqn(base + "a" * (223 - len(base)))
+        names.iqn(base + "a" * (224 - len(base)))
     for bad in ["iqn.2026-11.io.cello:A", "iqn.2026-11.io.cello: x", 'iqn.2026-11.io"x', "iqn.26-11.x"]:
         with pytest.raises(NameError_):
             names.iqn(bad)

@@ -1,0 +1,95 @@
+"""The domain's parts wired together: one store, one event bus, one export manager, and the workflows,
+users, services and boot policy around them. `build_domain` is called by the composition root
+(appliance/app.py `Appliance.build`) — the only place that chooses the backend and the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from bootfiles.spec import Profile
+from domain.bootpolicy import ApplianceBootPolicy
+from domain.events import EventBus
+from domain.exports import ChapMode, Naming, desired_targets
+from domain.reconcile import ReconcileReport, reconcile
+from domain.servers import ServerWorkflows
+from domain.services import ServiceSwitches
+from domain.store import AsyncStore
+from domain.tasks import BackgroundTasks
+from domain.templates import SourceCheck, TemplateBuilder, TemplateWorkflows
+from domain.users import Users
+from iscsi.exports import ExportManager
+from iscsi.model import ExportDriver, VolumeBackend
+
+
+@dataclass
+class Domain:
+    store: AsyncStore
+    events: EventBus
+    backend: VolumeBackend
+    exports: ExportManager
+    services: ServiceSwitches
+    users: Users
+    servers: ServerWorkflows
+    templates: TemplateWorkflows
+    policy: ApplianceBootPolicy
+    tasks: BackgroundTasks
+
+    @property
+    def driver(self) -> ExportDriver:
+        return self.exports.driver
+
+    async def start(self) -> None:
+        await self.events.start()
+        await self.services.load()
+
+    async def reconcile(self) -> ReconcileReport:
+        return await reconcile(self.servers)
+
+    async def stop(self) -> None:
+        """Workflows finish (briefly), events are flushed, the store closes. Exports stay as they are."""
+        try:
+            await asyncio.wait_for(self.tasks.drain(), timeout=2)
+        except TimeoutError:
+            pass
+        await self.events.stop()
+        await asyncio.to_thread(self.store.close)
+
+
+def build_domain(
+    store: AsyncStore,
+    backend: VolumeBackend,
+    driver: ExportDriver,
+    *,
+    iqn_prefix: str,
+    profiles: Mapping[str, Profile],
+    default_profile: str,
+    portal: tuple[str, int],
+    http_base: str,
+    unknown: str = "ignore",
+    unknown_template: str = "",
+    chap: ChapMode = "on",
+    builder: TemplateBuilder | None = None,
+    source_check: SourceCheck | None = None,
+) -> Domain:
+    names = Naming(iqn_prefix)
+    events = EventBus(store)
+    tasks = BackgroundTasks()
+    exports = ExportManager(driver, lambda: desired_targets(store, backend, names))
+    policy = ApplianceBootPolicy(
+        store, profiles=profiles, iqn_prefix=iqn_prefix, portal=portal, http_base=http_base, unknown=unknown,
+        unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number)
+    services = ServiceSwitches(store, events)
+    users = Users(store)
+    servers = ServerWorkflows(store, backend, exports, events, services, users, tasks, naming=names,
+                              profiles=_names(profiles), default_profile=default_profile,
+                              on_change=policy.changed, chap=chap)
+    templates = TemplateWorkflows(store, backend, events, tasks, builder=builder, source_check=source_check,
+                                  destroy=servers.destroy, on_change=policy.changed)
+    return Domain(store, events, backend, exports, services, users, servers, templates, policy, tasks)
+
+
+def _names(profiles: Mapping[str, Profile]) -> Sequence[str]:
+    return tuple(profiles)

@@ -1,0 +1,70 @@
+"""Reconcile: the store (desired) against the volumes and exports (real). Repairs what is safe, reports
+the rest, and never destroys a volume that the store does not say should go.
+
+Run at every start (after a crash the store may hold a create or delete that stopped half-way) and on
+demand (`POST /api/v1/reconcile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from domain.exports import desired_targets
+from domain.servers import ServerWorkflows
+from domain.states import BEING_MADE, ServerState, VolumeState
+from domain.tasks import reason
+from iscsi import names
+
+
+@dataclass
+class ReconcileReport:
+    repaired: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, list[str]]:
+        return {"repaired": self.repaired, "problems": self.problems}
+
+
+async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
+    report = ReconcileReport()
+    store, backend = servers.store, servers.backend
+    for server in await store.call(store.sync.servers):
+        if server.state in BEING_MADE and not servers.busy(server.uuid):
+            # A crash between steps: the volumes this server made are listed in the store, so
+            # undoing them is what the store says; the record ends in error.
+            present = {v.name for v in await backend.list()}
+            made = [v.name for v in await store.call(store.sync.volumes, server.uuid) if v.name in present]
+            await servers.compensate_create(server.uuid, made, "interrupted (appliance restarted mid-create)")
+            report.repaired.append(f"server {server.uuid}: stuck in {server.state}, undone, now error")
+        elif server.state == ServerState.DELETING and not servers.busy(server.uuid):
+            # A crash mid-delete: the store says this server and its volumes go, so finishing the
+            # delete destroys only what the store says should be destroyed.
+            try:
+                await servers.delete_server(server.uuid)
+                report.repaired.append(f"server {server.uuid}: interrupted delete finished")
+            except Exception as e:
+                report.problems.append(f"server {server.uuid}: interrupted delete failed: {reason(e)}")
+    real = {v.name: v for v in await backend.list()}
+    volumes = await store.call(store.sync.volumes)
+    wanted = {v.name for v in volumes}
+    templates = {names.template_volume(t.template) for t in await store.call(store.sync.template_versions)}
+    for v in volumes:
+        if v.state == VolumeState.AVAILABLE and v.name not in real:
+            report.problems.append(f"volume {v.name} of server {v.server} is missing from {backend.name}")
+    for name in sorted(set(real) - wanted - templates):
+        report.problems.append(f"volume {name} is not in the store (left alone)")
+    if servers.services["export"]:
+        try:
+            state = await servers.apply_exports("reconcile")
+            desired = {t.iqn for t in await desired_targets(store, backend, servers.naming)}
+            if state.available:
+                report.problems += [f"target {t} did not come up" for t in sorted(desired - set(state.targets))]
+                report.problems += [f"target {t} is exported but not desired"
+                                    for t in sorted(set(state.targets) - desired)]
+                report.repaired.append(f"exports applied: {len(state.targets)} target(s)")
+            else:
+                report.problems.append(f"exports unavailable: {state.detail}")
+        except Exception as e:
+            report.problems.append(f"applying exports failed: {reason(e)}")
+    servers.events.publish("reconcile", report.as_json())
+    return report

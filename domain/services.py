@@ -1,0 +1,48 @@
+"""Run-time switches of the boot and export services (kept in the store across restarts).
+
+A disabled service keeps its sockets bound and answers nothing (dhcp, tftp, http-boot), or refuses
+every change of the exports (export); the appliance's health report shows it `disabled`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from domain.errors import NotFound, ServiceDisabled
+from domain.events import EventBus
+from domain.store import AsyncStore
+
+SERVICES = ("dhcp", "tftp", "http-boot", "export")
+
+
+class ServiceSwitches(Mapping[str, bool]):
+    """name -> enabled, for every service in SERVICES."""
+
+    def __init__(self, store: AsyncStore, events: EventBus) -> None:
+        self._store = store
+        self._events = events
+        self._enabled: dict[str, bool] = dict.fromkeys(SERVICES, True)
+
+    def __getitem__(self, name: str) -> bool:
+        return self._enabled[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._enabled)
+
+    def __len__(self) -> int:
+        return len(self._enabled)
+
+    async def load(self) -> None:
+        stored = await self._store.call(self._store.sync.services)
+        self._enabled.update({k: v for k, v in stored.items() if k in SERVICES})
+
+    async def set(self, name: str, enabled: bool) -> None:
+        if name not in SERVICES:
+            raise NotFound(f"no service {name!r} (services: {', '.join(SERVICES)})")
+        await self._store.call(self._store.sync.set_service, name, enabled)
+        self._enabled[name] = enabled
+        self._events.publish("service", {"service": name, "enabled": enabled})
+
+    def require(self, name: str) -> None:
+        if not self._enabled[name]:
+            raise ServiceDisabled(f"the {name} service is disabled; enable it to change exports")
