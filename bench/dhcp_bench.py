@@ -191,7 +191,7 @@ def start_cello(work: pathlib.Path, count: int) -> subprocess.Popen[str]:
     nodes.write_text("".join(f"{u} {':'.join(f'{b:02x}' for b in m)}\n"
                              for u, m in (client_ident(i) for i in range(count))))
     proc = subprocess.Popen(
-        ns(SRV, sys.executable, "-m", "dhcp.lab", "--advertise", SRV_IP, "--interface", SRV_IF, "--no-raw",
+        ns(SRV, sys.executable, "-m", "tests.dhcp_lab", "--advertise", SRV_IP, "--interface", SRV_IF, "--no-raw",
            "--nodes-file", str(nodes), "--profile", "ipxe"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     wait_ready(proc, "cello")

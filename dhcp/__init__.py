@@ -1,8 +1,11 @@
-"""proxyDHCP responder and small DNS responder.
+"""proxyDHCP responder.
 
 - `dhcp.packet`: pure DHCP/BOOTP codec (`decode`, `encode`, `DhcpPacket`, `Options`, `PacketError`).
-- `dhcp.pxe`: pure PXE policy (`classify`, `choose_boot`, `build_reply`, `smbios_uuid`, `pxelinux_uuid`).
+- `dhcp.pxe`: pure PXE policy (`classify`, `choose_boot`, `build_reply`, `reply_destination`, `smbios_uuid`,
+  `pxelinux_uuid`).
 - `dhcp.proxy`: `ProxyDHCP` — the asyncio responder on :67 and :4011 (raw-socket fallback in `dhcp.raw`).
-- `dhcp.dns`: `DnsResponder` — authoritative A/PTR for provisioned servers, everything else REFUSED.
-- `dhcp.lab`: run the proxy standalone with a static policy (lab, system tests, benchmark).
+- `dhcp.binding`: which address a client's packet says it holds (learned for the boot policy).
+
+The DNS responder is `dnsd/`; the proxy run alone with a static policy (lab, tests, benchmark) is
+`tests/dhcp_lab.py`.
 """

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bootfiles.spec import BootPolicy, EventSink
+from udpio.ratelimit import RateLimitedLog
+from udpio.udp import bind_udp
 
 from . import binding, pxe
 from . import packet as p
-from .ratelimit import RateLimitedLog
 
 log = logging.getLogger("cello.dhcp")
 
@@ -58,7 +59,8 @@ class Stats:
     ignored: int = 0  # not a boot request, service disabled, unknown node, no loader for the firmware
     malformed: int = 0  # dropped by the codec
     errors: int = 0  # anything else: a bug (tests assert this stays 0)
-    send_failures: int = 0
+    send_failures: int = 0  # a reply the socket would not take (UDP is lossy anyway)
+    recv_errors: int = 0  # a receive that failed (an ICMP error reported on the socket, a raw socket's error)
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -137,13 +139,12 @@ class ProxyDHCP:
         from .raw import RawListener  # scapy is heavy: import only when needed
 
         assert self._loop is not None
-        listener = RawListener(self.interface, self.advertise, self.port, self.reply_port, self._on_raw)
+        listener = RawListener(self.interface, self.advertise, self.port, self.reply_port, self._on_raw,
+                               self.stats)
         try:
             await asyncio.to_thread(listener.open)
         except Exception as e:  # scapy raises several types for a missing interface or capability
-            raise RuntimeError(
-                f"{self.listen}:{self.port} is in use ({cause.strerror}) and the raw-socket fallback failed: {e}"
-            ) from e
+            raise RuntimeError(f"{cause}, and the raw-socket fallback failed: {e}") from e
         listener.attach(self._loop)
         self._raw = listener
         self.raw_mode = True
@@ -152,37 +153,23 @@ class ProxyDHCP:
                     self.port, listener.interface)
 
     def _bind(self, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        return bind_udp(self.listen, port, configure=lambda sock: self._configure(sock, port))
+
+    def _configure(self, sock: socket.socket, port: int) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+        except OSError:  # unprivileged: the kernel caps this at net.core.rmem_max
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        if self.interface:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-            except OSError:  # unprivileged: the kernel caps this at net.core.rmem_max
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            if self.interface:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
-                except OSError as e:
-                    raise RuntimeError(
-                        f"cannot bind {self.listen}:{port} to interface {self.interface!r}: {e.strerror}"
-                        + (" (needs root or CAP_NET_RAW)" if e.errno == errno.EPERM else "")
-                    ) from e
-            try:
-                sock.bind((self.listen, port))
-            except PermissionError as e:
-                raise RuntimeError(
-                    f"cannot bind {self.listen}:{port}: port {port} needs root or CAP_NET_BIND_SERVICE"
-                ) from e
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
             except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    raise OSError(e.errno, f"{self.listen}:{port} is already in use") from e
-                raise OSError(e.errno, f"cannot bind {self.listen}:{port}: {e.strerror}") from e
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+                raise RuntimeError(
+                    f"cannot bind {self.listen}:{port} to interface {self.interface!r}: {e.strerror}"
+                    + (" (needs root or CAP_NET_RAW)" if e.errno == errno.EPERM else "")
+                ) from e
 
     async def stop(self) -> None:
         for sock in self._sockets:
@@ -226,25 +213,14 @@ class ProxyDHCP:
         else:
             self.stats.acks += 1
         self._emit(spec.server_uuid, request, choice, source, kind)
-        return Reply(out, self._destination(request_packet, source, kind), ifindex, request_packet.chaddr)
+        dest = pxe.reply_destination(request_packet, source, kind, relay_port=self.port, client_port=self.reply_port,
+                                     broadcast=self.broadcast)
+        return Reply(out, dest, ifindex, request_packet.chaddr)
 
     def _learn(self, packet: p.DhcpPacket, source: Address, kind: pxe.Kind) -> None:
         seen = binding.seen_client(packet, source, kind)
         if seen is not None:
             self.policy.client_seen(mac=seen.mac, uuid=seen.uuid, address=seen.address)
-
-    def _destination(self, request: p.DhcpPacket, source: Address, kind: pxe.Kind) -> Address:
-        if kind is pxe.Kind.REQUEST:
-            # PXE 2.1 §2.2.5: the boot server answers the client where it asked from.
-            ip = request.ciaddr if request.ciaddr != "0.0.0.0" else source[0]
-            if ip != "0.0.0.0":
-                return (ip, source[1])
-            return (self.broadcast, self.reply_port)
-        if request.giaddr != "0.0.0.0":  # RFC 2131 §4.1: via the relay agent
-            return (request.giaddr, self.port)
-        if request.ciaddr != "0.0.0.0":
-            return (request.ciaddr, self.reply_port)
-        return (self.broadcast, self.reply_port)
 
     def _ignore(self, reason: str) -> Reply | None:
         self.stats.ignored += 1
@@ -293,6 +269,7 @@ class ProxyDHCP:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # e.g. ICMP errors reported on the socket; the socket stays usable
+                self.stats.recv_errors += 1
                 self._log.warning("recv", "receive error on %s: %s", kind.value, e)
                 return
             ifindex = 0

@@ -220,3 +220,39 @@ def build_reply(
         file=file_bytes if len(file_bytes) <= 127 else b"",
         options=p.Options(tuple(opts)),  # codes are distinct by construction
     )
+
+
+BOOTPC_PORT = 68  # RFC 2131 §4.1: clients listen on 68
+ANY = "0.0.0.0"
+LIMITED_BROADCAST = "255.255.255.255"
+
+
+def reply_destination(
+    request: p.DhcpPacket,
+    source: tuple[str, int],
+    kind: Kind,
+    *,
+    relay_port: int,
+    client_port: int = BOOTPC_PORT,
+    broadcast: str = LIMITED_BROADCAST,
+) -> tuple[str, int]:
+    """Where the reply to `request` (which came from `source`) goes.
+
+    - A boot server REQUEST (port 4011): PXE 2.1 §2.2.5, the client is answered where it asked from — its
+      ciaddr, else the datagram's source address, at the source port; a client with no address yet is
+      answered by broadcast to the client port.
+    - A DISCOVER (port 67), RFC 2131 §4.1: through the relay agent when giaddr is set (to the relay's
+      server port, `relay_port`); else unicast to ciaddr when the client has one; else broadcast to the
+      client port (a proxyDHCP never knows the address the client is being given, so it cannot unicast
+      to yiaddr).
+    """
+    if kind is Kind.REQUEST:
+        ip = request.ciaddr if request.ciaddr != ANY else source[0]
+        if ip != ANY:
+            return (ip, source[1])
+        return (broadcast, client_port)
+    if request.giaddr != ANY:
+        return (request.giaddr, relay_port)
+    if request.ciaddr != ANY:
+        return (request.ciaddr, client_port)
+    return (broadcast, client_port)

@@ -31,6 +31,13 @@ class _ReplyLike(Protocol):
 Handler = Callable[[bytes, tuple[str, int], int], "_ReplyLike | None"]
 
 
+class Counters(Protocol):
+    """Where the listener counts the socket errors it cannot do anything about (dhcp.proxy.Stats)."""
+
+    recv_errors: int
+    send_failures: int
+
+
 def parse_udp_frame(frame: bytes, port: int) -> tuple[str, int, bytes] | None:
     """(source ip, source port, payload) of an Ethernet/IPv4/UDP frame to `port`, else None."""
     if len(frame) < 14 + 20 + 8 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
@@ -75,12 +82,15 @@ def build_udp_frame(
 class RawListener:
     """Receives DHCP requests on `interface` from an AF_PACKET socket and sends replies the same way."""
 
-    def __init__(self, interface: str, advertise: str, port: int, reply_port: int, handler: Handler) -> None:
+    def __init__(
+        self, interface: str, advertise: str, port: int, reply_port: int, handler: Handler, stats: Counters
+    ) -> None:
         self.interface = interface
         self.advertise = advertise
         self.port = port
         self.reply_port = reply_port
         self.handler = handler
+        self.stats = stats
         self._sock: Any = None
         self._mac = b""
         self._ifindex = 0
@@ -117,7 +127,8 @@ class RawListener:
                 frame, addr = self._sock.ins.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError:  # e.g. ENETDOWN: the interface went down; the socket stays ours
+                self.stats.recv_errors += 1
                 return
             if len(addr) > 2 and addr[2] == PACKET_OUTGOING:
                 continue
@@ -138,5 +149,5 @@ class RawListener:
             frame_out = build_udp_frame(self._mac, dst_mac, self.advertise, dst_ip, self.port, dport, reply.data)
             try:
                 self._sock.ins.send(frame_out)
-            except OSError:
-                continue
+            except OSError:  # a full queue or a link down: as lost as on the wire, the client asks again
+                self.stats.send_failures += 1

@@ -15,8 +15,9 @@ from scapy.layers.dhcp import BOOTP, DHCP
 
 from dhcp import packet as p
 from dhcp import pxe
-from dhcp.lab import PROFILES, StaticPolicy, make_spec
 from dhcp.proxy import ProxyDHCP
+from tests.dhcp_lab import PROFILES, StaticPolicy, make_spec
+from udpio.udp import BindError
 
 BASE = "http://127.0.0.1:8080"
 
@@ -157,13 +158,14 @@ async def test_port_in_use_is_a_clear_error() -> None:
     port = holder.getsockname()[1]
     proxy = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=port, pxe_port=0, raw_fallback=False)
     try:
-        with pytest.raises(OSError, match=re.escape(f"127.0.0.1:{port} is already in use")):
+        with pytest.raises(BindError, match=re.escape(f"cannot listen on 127.0.0.1:{port}: Address already in use "
+                                                      "(another program is listening there)")):
             await proxy.start()
         assert proxy.bound == {}
         # The :4011 side failing undoes the :67 bind.
         proxy2 = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=port)
-        with pytest.raises(OSError, match="already in use"):
-            await proxy2.start()
+        with pytest.raises(BindError, match=re.escape(f"cannot listen on 127.0.0.1:{port}: Address already in use")):
+            await proxy2.start()  # the error names the :4011 side's port, the one that failed
         assert proxy2._sockets == []
     finally:
         holder.close()

@@ -1,7 +1,7 @@
 """System test: a real iPXE ROM (qemu) boots from Cello's proxyDHCP offer while dnsmasq is the site DHCP.
 
     netns dhcpt-site : bridge dhbr0 10.78.0.1/24 + fd78::1/64, dnsmasq (addresses + RA), tap dhtap0 → qemu
-    netns dhcpt-cello: veth dhc0 10.78.0.2/24 — Cello's proxy (python -m dhcp.lab) and a TFTP server
+    netns dhcpt-cello: veth dhc0 10.78.0.2/24 — Cello's proxy (python -m tests.dhcp_lab) and a TFTP server
 
 The TFTP side is swappable (CELLO_LAB_TFTP=tftpd-hpa | dnsmasq; the appliance's own server can be added
 to `start_tftp`): the check reads the RRQs off the wire with tcpdump, not from the server's log.
@@ -134,7 +134,7 @@ def start_tftp(lab: Lab, root: pathlib.Path) -> None:
 
 
 def start_proxy(lab: Lab, *args: str, netns: str = CELLO, log: str = "proxy.out") -> dict[str, object]:
-    proc = lab.spawn(ns(netns, sys.executable, "-m", "dhcp.lab", "--events", *args), log)
+    proc = lab.spawn(ns(netns, sys.executable, "-m", "tests.dhcp_lab", "--events", *args), log)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         for line in (lab.work / log).read_text().splitlines():
@@ -271,14 +271,15 @@ def test_unprivileged_start_names_address_and_reason(lab: Lab) -> None:
     namespace, so the host's port 67 is never touched)."""
     code = (
         "import asyncio\n"
-        "from dhcp.lab import StaticPolicy\n"
+        "from tests.dhcp_lab import StaticPolicy\n"
         "from dhcp.proxy import ProxyDHCP\n"
+        "from udpio.udp import BindError\n"
         "async def main():\n"
         "    proxy = ProxyDHCP(StaticPolicy(), '10.78.0.2', raw_fallback=False)\n"
         "    try:\n"
         "        await proxy.start()\n"
-        "    except RuntimeError as e:\n"
-        "        print('RuntimeError:', e)\n"
+        "    except BindError as e:\n"
+        "        print('BindError:', e)\n"
         "    assert proxy.bound == {}\n"
         "asyncio.run(main())\n"
     )
@@ -287,7 +288,8 @@ def test_unprivileged_start_names_address_and_reason(lab: Lab) -> None:
         capture_output=True, text=True, timeout=30, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert out.returncode == 0, out.stderr
-    assert "RuntimeError: cannot bind 0.0.0.0:67: port 67 needs root or CAP_NET_BIND_SERVICE" in out.stdout
+    assert ("BindError: cannot listen on 0.0.0.0:67: Permission denied "
+            "(port 67 needs root or CAP_NET_BIND_SERVICE)") in out.stdout
 
 
 def test_uefi_pxe_gets_ipxe_efi_then_its_script(lab: Lab) -> None:

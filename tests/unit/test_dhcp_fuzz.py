@@ -8,9 +8,9 @@ import random
 
 from dhcp import packet as p
 from dhcp import pxe
-from dhcp.lab import PROFILES, StaticPolicy, make_spec
 from dhcp.proxy import ProxyDHCP
 from dhcp.text import describe
+from tests.dhcp_lab import PROFILES, StaticPolicy, make_spec
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "dhcp"
 SEEDS = [bytes.fromhex("".join(f.read_text().split())) for f in sorted(DATA.glob("*.hex"))]

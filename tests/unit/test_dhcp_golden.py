@@ -10,8 +10,8 @@ import pytest
 
 from dhcp import packet as p
 from dhcp import pxe
-from dhcp.lab import PROFILES, make_spec
 from dhcp.text import describe
+from tests.dhcp_lab import PROFILES, make_spec
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "dhcp"
 REGEN = os.environ.get("CELLO_REGEN_GOLDEN") == "1"

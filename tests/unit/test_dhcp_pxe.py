@@ -10,8 +10,8 @@ import pytest
 from bootfiles.spec import Profile
 from dhcp import packet as p
 from dhcp import pxe
-from dhcp.lab import PROFILES, StaticPolicy, make_spec
 from dhcp.proxy import ProxyDHCP
+from tests.dhcp_lab import PROFILES, StaticPolicy, make_spec
 
 UUID = "3f1c2a4b-5d6e-4f70-8192-a3b4c5d6e7f8"
 MAC = b"\x52\x54\x00\x78\x02\x01"
@@ -230,7 +230,7 @@ def test_error_boundary_counts_and_survives() -> None:
 def test_rate_limited_log() -> None:
     import logging
 
-    from dhcp.ratelimit import RateLimitedLog
+    from udpio.ratelimit import RateLimitedLog
 
     records: list[str] = []
 

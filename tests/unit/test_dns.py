@@ -7,7 +7,7 @@ import random
 import pytest
 from dnslib import QTYPE, RCODE, DNSError, DNSRecord
 
-from dhcp.dns import answer
+from dnsd.answer import answer
 
 RECORDS = {"node1": "10.78.0.11", "node2.cello.lab": "10.78.0.12", "twin": "10.78.0.11", "bad": "not-an-ip"}
 ZONE = "cello.lab"

@@ -1,9 +1,10 @@
 """Run the proxyDHCP (and optionally the DNS responder) on its own, with a static boot policy.
 
-For the lab, the system tests and the benchmark — the appliance wires `ProxyDHCP` with its real policy.
+For the lab, the tests and the benchmark (test code: it ships in no package) — the appliance wires
+`ProxyDHCP` with its real policy.
 
-    python -m dhcp.lab --advertise 10.78.0.2 --interface dhv1 --node UUID=MAC --profile pxelinux
-    python -m dhcp.lab --advertise 10.78.0.2 --any --profile ipxe        # answer every PXE client
+    python -m tests.dhcp_lab --advertise 10.78.0.2 --interface dhv1 --node UUID=MAC --profile pxelinux
+    python -m tests.dhcp_lab --advertise 10.78.0.2 --any --profile ipxe        # answer every PXE client
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile
-
-from .proxy import ProxyDHCP
+from dhcp.proxy import ProxyDHCP
 
 
 @dataclass
@@ -115,7 +115,8 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dhcp.lab", description=__doc__.splitlines()[0] if __doc__ else "")
+    ap = argparse.ArgumentParser(prog="python -m tests.dhcp_lab",
+                                 description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--advertise", required=True)
     ap.add_argument("--interface", default="")
     ap.add_argument("--port", type=int, default=67)
