@@ -32,7 +32,7 @@ import re
 import stat
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -219,8 +219,10 @@ class BootTree:
         max_entry_bytes: int | None = None,
         link_targets: Sequence[Path] = OS_LINK_TARGETS,
         resolve_ttl: float = RESOLVE_TTL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        self.clock = clock  # for the resolve and client TTLs; tests pass their own
         roots = ([files_root] if files_root is not None else []) + list(static_roots)
         self.roots = [Path(os.path.realpath(r)) for r in roots]
         self.link_targets = [Path(os.path.realpath(p)) for p in link_targets]
@@ -262,19 +264,19 @@ class BootTree:
         if len(self._clients) >= CLIENT_MEMORY and address not in self._clients:
             self._clients.pop(next(iter(self._clients)))  # the oldest: dicts keep insertion order
         self._clients.pop(address, None)
-        self._clients[address] = (server, time.monotonic() + CLIENT_TTL)
+        self._clients[address] = (server, self.clock() + CLIENT_TTL)
 
     def server_of(self, address: str) -> str | None:
         """The server whose config this client address fetched last: a kernel or initrd request names
         no server, but boot events should (the web's HTTP boot does the same for its fetches)."""
         hit = self._clients.get(address)
-        return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+        return hit[0] if hit is not None and hit[1] > self.clock() else None
 
     async def _lookup(self, parts: list[str]) -> tuple[Path, os.stat_result] | None:
         """Resolve in a worker thread, remembering answers for a second: a boot storm asks for the
         same few names hundreds of times, and a replaced file shows after at most resolve_ttl."""
         key = "/".join(parts)
-        now = time.monotonic()
+        now = self.clock()
         hit = self._resolved.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]

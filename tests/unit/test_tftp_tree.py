@@ -193,6 +193,21 @@ async def test_kernel_fetches_are_attributed_to_the_server_whose_config_the_clie
     assert (await tree.open("templates/tiny/v1/vmlinuz", ("10.77.0.105", 2003))).server_uuid is None
 
 
+async def test_the_attribution_of_a_client_address_expires(layout: dict[str, Path], policy: StorePolicy) -> None:
+    from bootfiles.tree import CLIENT_TTL
+
+    now = [0.0]
+    tree = BootTree([layout["loaders"]], layout["files"], policy, resolve_ttl=0, link_targets=(),
+                    clock=lambda: now[0])
+    policy.at[UUID] = "10.77.0.104"
+    await tree.open("pxelinux.cfg/01-52-54-00-77-00-10", ("10.77.0.104", 2001))
+    now[0] += CLIENT_TTL - 1
+    assert tree.server_of("10.77.0.104") == UUID
+    now[0] += 2  # the address may belong to another node by now
+    assert tree.server_of("10.77.0.104") is None
+    assert (await tree.open("templates/tiny/v1/vmlinuz", ("10.77.0.104", 2002))).server_uuid is None
+
+
 async def test_prefix_reaches_static_files(tree: BootTree) -> None:
     f = await tree.open(f"{UUID}/ldlinux.c32", CLIENT)
     assert f.data == b"LDL" and f.server_uuid == UUID
@@ -267,11 +282,13 @@ async def test_large_file_is_read_from_disk(layout: dict[str, Path], tree: BootT
 
 
 async def test_resolution_is_reused_for_a_short_while(layout: dict[str, Path], policy: StorePolicy) -> None:
-    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2)
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, clock=lambda: now[0])
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"
     (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
+    now[0] += 0.19
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"  # within the TTL: no stat at all
-    await asyncio.sleep(0.25)
+    now[0] += 0.02
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
 
 
