@@ -197,7 +197,7 @@ class Appliance:
         raise_open_file_limit(2 * self.config.tftp.max_transfers + 512)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.files_root.mkdir(parents=True, exist_ok=True)
-        from appliance.template_build import validate_source
+        from images.build import validate_source
 
         driver = driver or self._make_driver()
         self.domain = build_domain(
@@ -232,8 +232,8 @@ class Appliance:
 
     async def _build_template(self, name: str, version: str, source: str,
                               progress: Callable[[str], None]) -> Any:
-        from appliance.template_build import build_template
         from domain.store import TemplateVersion
+        from images.build import build_template
 
         built = await build_template(self.built.backend, name, version, source, self.files_root,
                                      self.state_dir / "build", progress)

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+import naming
 from bootfiles.spec import Profile
 
 
@@ -65,11 +66,8 @@ def _ipv4_or_empty(value: str) -> str | None:
     return None
 
 
-_IQN = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*[a-z0-9](:[a-z0-9.-]+)?")
-
-
 def _iqn_prefix(value: str) -> str | None:
-    return None if _IQN.fullmatch(value) and len(value) <= 180 else "must look like iqn.YYYY-MM.reversed.domain"
+    return None if naming.IQN_PREFIX.ok(value) else naming.IQN_PREFIX.explain
 
 
 def split_host_port(value: str) -> tuple[str, int]:

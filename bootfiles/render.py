@@ -20,6 +20,7 @@ import ipaddress
 import re
 import uuid as uuidlib
 
+import naming
 from bootfiles.profiles import BUILTIN_PROFILES  # re-exported: the built-in profiles live there
 from bootfiles.spec import BootSpec, IscsiRoot
 
@@ -37,7 +38,6 @@ class RenderError(ValueError):
 # One token of a kernel command line: printable ASCII without space and without the characters that
 # pxelinux, GRUB's script parser or iPXE's expansion treat specially.
 _TOKEN = re.compile(r"[!%&()*+,\-./0-9:<=>?@A-Z\[\]^_a-z~]+")
-_IQN = re.compile(r"(iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.\-]*(:[A-Za-z0-9.:\-_]+)?|eui\.[0-9A-Fa-f]{16})")
 _CHAP = re.compile(r"[A-Za-z0-9._\-+=]{1,255}")  # no ':' or '@': they delimit dracut's netroot
 _PATH = re.compile(r"[A-Za-z0-9._\-+][A-Za-z0-9._\-+/]*")
 _HTTP_BASE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._\-/]*)?")
@@ -75,8 +75,8 @@ def _check_kernel_args(value: str) -> str:
 
 def _check_iqn(field: str, value: str) -> str:
     _check_token(field, value)
-    if not _IQN.fullmatch(value) or len(value) > 223:  # RFC 3720 §3.2.6.1: at most 223 bytes
-        raise RenderError(field, f"not an iSCSI name: {value!r}")
+    if not naming.IQN.ok(value):
+        raise RenderError(field, f"not an iSCSI name ({naming.IQN.explain}): {value!r}")
     return value
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.template_sources import TemplateSourceError
 from domain.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, ServiceDisabled, StoreError
 from iscsi.model import InUseError, StorageError
 
@@ -67,7 +66,7 @@ def classify(e: BaseException) -> ApiError | None:
         return ApiError(409, "conflict", str(e))
     if isinstance(e, NotFound):
         return ApiError(404, "not_found", str(e))
-    if isinstance(e, InvalidRequest | TemplateSourceError):
+    if isinstance(e, InvalidRequest):
         return ApiError(422, "invalid", str(e))
     if isinstance(e, StorageError):
         return ApiError(500, "storage_error", str(e))

@@ -83,7 +83,7 @@ rm -rf "$stage"
 mkdir -p "$stage"
 (cd "$source_tree" && tar -cf - --exclude .git --exclude .venv --exclude var .) | tar -xf - -C "$stage"
 in_root "$python" -m pip install --no-deps --no-build-isolation --prefix /usr/local /var/tmp/cello-src
-# Template builds read their init scripts from <prefix>/share/cello/image-build (appliance/template_rootfs.py).
+# Template builds read their init scripts from <prefix>/share/cello/image-build (images/rootfs.py).
 mkdir -p "${root}/usr/local/share/cello"
 rm -rf "${root}/usr/local/share/cello/image-build"
 cp -R "${stage}/image-build" "${root}/usr/local/share/cello/image-build"

@@ -121,9 +121,7 @@ async def test_template_build_runs_the_builder(api_stack: Stack) -> None:
         progress("snapshot taken")
         return TemplateVersion(name, version, source, 1 << 20, KERNEL, INITRD, 0.0)
 
-    from appliance.template_build import validate_source
-
-    s.use_builder(builder, validate_source)  # as the appliance wires it: the host is checked before any work
+    s.use_builder(builder)  # as the appliance wires it: the host is checked before any work
     status, job = await s.req("POST", "/api/v1/templates/mini/builds", json={"source": "tiny"})
     assert status == 202 and job["state"] == "running"
     status, body = await s.req("POST", "/api/v1/templates/mini/builds", "alice", json={"source": "tiny"})

@@ -26,6 +26,7 @@ from domain.exports import ChapMode, desired_targets
 from domain.servers import ServerWorkflows
 from domain.store import AsyncStore, TemplateVersion
 from domain.templates import SourceCheck, TemplateBuilder, TemplateWorkflows
+from images.build import validate_source
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver, VolumeBackend
 from iscsi.tgt import TgtDriver
@@ -83,8 +84,9 @@ class Stack:
     def servers(self) -> ServerWorkflows:
         return self.domain.servers
 
-    def use_builder(self, builder: TemplateBuilder, source_check: SourceCheck | None = None) -> None:
-        """Template builds through a stand-in builder (the real one makes file systems: test_template_build)."""
+    def use_builder(self, builder: TemplateBuilder, source_check: SourceCheck | None = validate_source) -> None:
+        """Template builds through a stand-in builder (the real one makes file systems: test_template_build);
+        sources are checked on the host as the appliance checks them, unless the test says otherwise."""
         d = self.domain
         d.templates = TemplateWorkflows(d.store, d.backend, d.events, d.tasks, builder=builder,
                                         source_check=source_check, destroy=d.servers.destroy,

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.template_build import (
+from images.build import (
     TemplateBuildError,
     TemplateSourceError,
     build_template,
     next_version,
 )
-from appliance.template_initramfs import decode_newc
+from images.initramfs import decode_newc
 from iscsi.file_backend import FileBackend
 from iscsi.model import VolumeBackend
 
@@ -74,7 +74,7 @@ async def test_tiny_builds_v1_with_marker_init_and_boot_files(lab: dict[str, Pat
     assert kernel.read_bytes()[0x202:0x206] == b"HdrS"  # x86 boot protocol header of a bzImage
     entries = {e.name: e for e in decode_newc(gzip.decompress((lab["files"] / build.initrd).read_bytes()))}
     init_script = entries["init"].data.decode()
-    assert 'set -- -i "$initiator" -t "$target"' in init_script and "switch_root /newroot" in init_script
+    assert 'set -- "$@" -i "$initiator" -t "$target"' in init_script and '-U "$username_in"' in init_script and "switch_root /newroot" in init_script
     assert entries["dev/console"].rdev_major == 5
     modules = entries["etc/cello-modules"].data.decode().split()
     names = [m.rsplit("/", 1)[1] for m in modules]

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.template_build import TemplateBuild, build_template
-from appliance.template_rootfs import host_debian_mirror
-from appliance.template_sources import DEFAULT_DEBIAN_SUITE, TemplateSourceError
+from images.build import TemplateBuild, build_template
+from images.rootfs import host_debian_mirror
+from images.sources import DEFAULT_DEBIAN_SUITE, TemplateSourceError
 from iscsi.model import VolumeBackend
 from tests.integration.test_template_build import debugfs_cat, debugfs_write, make_backend
 

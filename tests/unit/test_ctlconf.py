@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.template_build import TemplateBuildError, build_template
+from images.build import TemplateBuildError, build_template
 from iscsi import ctlconf
 from iscsi.ctld import CtldDriver
 from iscsi.file_backend import FileBackend

@@ -11,8 +11,8 @@ import asyncio
 import re
 from pathlib import Path
 
-from appliance.template_initramfs import busybox_applets_from_list, host_libraries
-from appliance.template_rootfs import (
+from images.initramfs import busybox_applets_from_list, host_libraries
+from images.rootfs import (
     IMAGE_BUILD_DIR,
     TinyInputs,
     _configure_debian,

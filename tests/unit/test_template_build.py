@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.template_build import TemplateBuildError, default_size, validate_names
-from appliance.template_initramfs import (
+from images.build import TemplateBuildError, default_size, validate_names
+from images.initramfs import (
     CpioEntry,
     CpioError,
     busybox_applets_from_list,
@@ -24,8 +24,8 @@ from appliance.template_initramfs import (
     parse_ldd,
     parse_show_depends,
 )
-from appliance.template_rootfs import host_debian_mirror, tarball_boot_files
-from appliance.template_sources import (
+from images.rootfs import host_debian_mirror, tarball_boot_files
+from images.sources import (
     HostPaths,
     TemplateSource,
     TemplateSourceError,
@@ -94,7 +94,7 @@ def test_check_source_wants_a_static_busybox() -> None:
 
 
 async def test_check_source_passes_on_this_host() -> None:
-    from appliance.template_build import validate_source
+    from images.build import validate_source
 
     assert await validate_source("tiny") == TemplateSource("tiny")
     with pytest.raises(TemplateSourceError, match="unknown template source"):
@@ -253,7 +253,7 @@ def test_tarball_boot_files_pairs_kernel_and_initrd(tmp_path: Path) -> None:
 
 
 def test_mounts_below_finds_leftover_mounts_deepest_first(tmp_path: Path) -> None:
-    from appliance.template_build import mounts_below
+    from images.build import mounts_below
 
     root = tmp_path / "build-x"
     mountinfo = (

@@ -16,15 +16,15 @@ Existing clones are never touched: they hang off earlier snapshots. The scratch 
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.template_rootfs import IMAGE_BUILD_DIR, ROOT_LABEL, Progress, RootfsContext, make_rootfs, tree_size
-from appliance.template_sources import (
+import naming
+from images.rootfs import IMAGE_BUILD_DIR, ROOT_LABEL, Progress, RootfsContext, make_rootfs, tree_size
+from images.sources import (
     HostPaths,
     TemplateSource,
     TemplateSourceError,
@@ -54,8 +54,6 @@ GiB = 1024 * MiB
 # mkfs runs with lazy inode-table init (the template stays a few MiB) and the nodes mount with
 # noinit_itable, so no clone's kernel zeroes gigabytes of inode tables into its own volume.
 DEFAULT_SIZE = 100 * GiB
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 
 class TemplateBuildError(Exception):
@@ -85,19 +83,17 @@ def template_volume(os_name: str) -> str:
 
 
 def validate_names(os_name: str, version: str) -> None:
-    if not _NAME.match(os_name):
-        raise TemplateBuildError(f"bad template name {os_name!r}: lower-case letters, digits, '_', '.', '-'")
-    if not _VERSION.match(version):
-        raise TemplateBuildError(f"bad template version {version!r}: 'v' and a number, e.g. v1")
+    naming.TEMPLATE.check(os_name, TemplateBuildError)
+    naming.VERSION.check(version, TemplateBuildError)
 
 
 async def next_version(backend: VolumeBackend, os_name: str) -> str:
     """`v<N+1>` for the highest existing snapshot `<os>-template@vN` (v1 when there is none)."""
     prefix = template_volume(os_name) + "@"
     numbers = [
-        int(m.group(1))
+        naming.version_number(snap[len(prefix):])
         for snap in await backend.snapshots()
-        if snap.startswith(prefix) and (m := _VERSION.match(snap[len(prefix) :]))
+        if snap.startswith(prefix) and naming.VERSION.ok(snap[len(prefix):])
     ]
     return f"v{max(numbers, default=0) + 1}"
 

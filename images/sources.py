@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from appliance.template_initramfs import find_host_kernel, is_static_elf
+from images.initramfs import find_host_kernel, is_static_elf
 
 SourceKind = Literal["tiny", "debian", "tar"]
 DEFAULT_DEBIAN_SUITE = "bookworm"

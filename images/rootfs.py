@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.template_initramfs import (
+from images.initramfs import (
     InitramfsInputs,
     build_initramfs,
     busybox_applets_from_list,
@@ -22,7 +22,7 @@ from appliance.template_initramfs import (
     find_host_kernel,
     host_libraries,
 )
-from appliance.template_sources import HostPaths, TemplateSource, TemplateSourceError, missing_initramfs_inputs
+from images.sources import HostPaths, TemplateSource, TemplateSourceError, missing_initramfs_inputs
 from iscsi.runner import CommandError, run_output
 
 # The repository's image-build/ folder (scripts installed into images). Overridable for installed copies.
