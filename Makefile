@@ -16,6 +16,7 @@ demo: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 # The whole suite: lint, then unit, integration and system tests. pytest's "no tests ran" (exit 5) fails.
 test: lint
