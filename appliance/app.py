@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import gc
 import logging
 import os
-import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from appliance.config import Config, split_host_port
+from appliance.host import StateDirBusy, first_ipv4, lock_state_dir, raise_open_file_limit
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
 from domain.core import Domain, build_domain
@@ -53,41 +51,6 @@ def explain_bind_error(what: str, host: str, port: int, e: OSError) -> StartErro
     return StartError(f"{what}: {bind_error_text(host, port, e)}")
 
 
-def raise_open_file_limit(needed: int) -> int:
-    """Lift the soft limit on open files towards the hard one, to at least `needed`; returns the new one.
-
-    A TFTP transfer holds two descriptors (its port and a twin connected to the client), so 512
-    transfers alone outgrow the usual soft limit of 1024; the hard limit is the operator's to set.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return int(soft)
-    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    if target < needed:
-        log.warning("open files: hard limit %d is below the %d that %s need", hard, needed,
-                    "the configured TFTP transfers and services")
-    return int(target)
-
-
-def first_ipv4() -> str:
-    """The first non-loopback IPv4 address of this host (read from the interfaces, no traffic sent)."""
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
-            except OSError:
-                continue
-            address = socket.inet_ntoa(packed[20:24])
-            if not address.startswith("127."):
-                return address
-    return "127.0.0.1"
-
-
 def make_driver(config: Config, on_fatal: Callable[[BaseException], None] | None = None) -> ExportDriver:
     """The export driver the config names (`cello serve`, and `cello teardown`)."""
     from iscsi.exports import choose_driver
@@ -102,25 +65,6 @@ def make_driver(config: Config, on_fatal: Callable[[BaseException], None] | None
         state_dir=config.appliance.state_dir,
         on_fatal=on_fatal,
     )
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold `<state_dir>/cello.lock` (flock) for this process's life; StartError if another holds it.
-
-    One appliance per state dir: two would fight over one store, one tgtd and its state file, and a
-    teardown must not run under a serving appliance that would put the exports straight back.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "cello.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StartError(f"state dir {state_dir} is in use by another cello process (pid {holder})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 @dataclass
@@ -288,7 +232,10 @@ class Appliance:
         """Bind everything; on the first failure undo what was bound and raise StartError."""
         domain = self.built
         if self._lock_fd is None:
-            self._lock_fd = lock_state_dir(self.state_dir)
+            try:
+                self._lock_fd = lock_state_dir(self.state_dir)
+            except StateDirBusy as e:
+                raise StartError(str(e)) from None
         await domain.start()
         started: list[ServiceSlot] = []
         try:

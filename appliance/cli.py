@@ -70,8 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _teardown(args: argparse.Namespace) -> int:
     import asyncio
 
-    from appliance.app import StartError, lock_state_dir, make_driver
+    from appliance.app import make_driver
     from appliance.config import load_config
+    from appliance.host import StateDirBusy, lock_state_dir
     from iscsi.model import StorageError
 
     config = load_config(args.config)
@@ -81,7 +82,7 @@ def _teardown(args: argparse.Namespace) -> int:
         return 2
     try:
         lock = lock_state_dir(config.appliance.state_dir)
-    except StartError as e:
+    except StateDirBusy as e:
         print(f"cello: {e}: stop cello serve first", file=sys.stderr)
         return 1
     try:

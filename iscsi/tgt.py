@@ -5,8 +5,10 @@ runs only the difference, then reads tgtd again; back-to-back applies start from
 closing read (see `TgtDriver.apply`). LUN 0 is tgt's controller, so a volume of index i is LUN i + 1.
 A restarted tgtd has no targets: the supervisor re-applies the last desired state.
 
-The appliance's own tgtd outlives Cello (iscsi/tgtd.py): `stop()` leaves it and every session running,
-the next `start()` adopts it and the first apply changes only what differs; `teardown()` removes it all.
+(About 500 lines, one idea: turning the desired targets into the fewest tgtadm commands. The daemon's
+life is iscsi/tgtd.py, the show parser iscsi/tgt_show.py.) The appliance's own tgtd outlives Cello:
+`stop()` leaves it and every session running, the next `start()` adopts it and the first apply changes
+only what differs; `teardown()` removes it all.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from iscsi import names
 from iscsi.model import ExportState, NameError_, StorageError, TargetSpec
 from iscsi.runner import CommandError, CommandResult, CommandRunner, default_runner
+from iscsi.tgt_show import TgtShowError, TgtTarget, parse_show
 from iscsi.tgtd import TgtdProcess
 
 log = logging.getLogger(__name__)
@@ -34,92 +36,6 @@ DELETE_PARALLEL = 4  # tgtadm processes in flight while an apply deletes targets
 # An apply this soon after the last one starts from that one's closing show (see TgtDriver.apply);
 # later, it reads tgtd afresh, so a change made behind the driver is repaired by the next apply.
 REUSE_SHOW_FOR = 2.0
-
-
-class TgtShowError(ValueError):
-    """`tgtadm --op show` output that does not follow tgt's format; `offset` is the line number."""
-
-    def __init__(self, message: str, offset: int) -> None:
-        super().__init__(f"{message} (line {offset})")
-        self.offset = offset
-
-
-@dataclass
-class TgtLun:
-    lun: int
-    path: str | None
-    serial: str = ""
-    scsi_id: str = ""
-
-
-@dataclass
-class TgtTarget:
-    tid: int
-    iqn: str
-    luns: dict[int, TgtLun] = field(default_factory=dict)  # LUN 0 (controller) excluded
-    accounts: list[str] = field(default_factory=list)  # incoming: the initiators' CHAP names
-    outgoing: list[str] = field(default_factory=list)  # the target's own name (mutual CHAP)
-    acl: list[str] = field(default_factory=list)  # addresses/networks, initiator names, or "ALL"
-    nop_interval: int | None = None
-    nop_count: int | None = None
-
-
-_TARGET_RE = re.compile(r"^Target (\d+): (\S+)$")
-_LUN_RE = re.compile(r"^LUN: (\d+)$")
-
-
-def parse_show(text: str) -> dict[int, TgtTarget]:
-    """Parse `tgtadm --lld iscsi --op show --mode target` (indentation-structured text)."""
-    targets: dict[int, TgtTarget] = {}
-    cur: TgtTarget | None = None
-    section = ""
-    lun: TgtLun | None = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        indent = len(raw) - len(raw.lstrip(" "))
-        line = raw.strip()
-        if indent == 0:
-            m = _TARGET_RE.match(line)
-            if m is None:
-                raise TgtShowError(f"expected 'Target N: IQN', got {line!r}", lineno)
-            cur = TgtTarget(int(m[1]), m[2])
-            targets[cur.tid] = cur
-            section, lun = "", None
-            continue
-        if cur is None:
-            raise TgtShowError("indented line before any target", lineno)
-        if indent == 4:
-            section, lun = line.rstrip(":"), None
-            continue
-        if section == "System information":
-            key, _, value = line.partition(":")
-            if key == "Nop interval" and value.strip().isdigit():
-                cur.nop_interval = int(value)
-            elif key == "Nop count" and value.strip().isdigit():
-                cur.nop_count = int(value)
-        elif section == "LUN information":
-            if indent == 8:
-                m = _LUN_RE.match(line)
-                if m is None:
-                    raise TgtShowError(f"expected 'LUN: N', got {line!r}", lineno)
-                lun = TgtLun(int(m[1]), None)
-                if lun.lun != 0:
-                    cur.luns[lun.lun] = lun
-            elif lun is not None:
-                key, _, value = line.partition(": ")
-                if key == "Backing store path":
-                    lun.path = None if value.strip() in ("", "None") else value.strip()
-                elif key == "SCSI SN":
-                    lun.serial = value.strip()
-                elif key == "SCSI ID":
-                    lun.scsi_id = value.strip()
-        elif section == "Account information":
-            user, _, flag = line.partition(" ")
-            (cur.outgoing if flag.strip() == "(outgoing)" else cur.accounts).append(user)
-        elif section == "ACL information":
-            cur.acl.append(line)
-    return targets
 
 
 def _is_address(entry: str) -> bool:

@@ -109,7 +109,7 @@ def test_serve_lifts_a_low_open_file_limit() -> None:
         "import resource\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
-        "from appliance.app import raise_open_file_limit\n"
+        "from appliance.host import raise_open_file_limit\n"
         "got = raise_open_file_limit(1536)\n"
         "now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
         "want = 1536 if hard == resource.RLIM_INFINITY else min(1536, hard)\n"

@@ -12,7 +12,8 @@ from iscsi.ctld import CtldDriver
 from iscsi.exports import ExportManager, NullDriver, choose_driver
 from iscsi.model import ExportState, InUseError, NameError_, TargetAuth, TargetSpec
 from iscsi.runner import RecordingRunner
-from iscsi.tgt import TgtDriver, TgtShowError, parse_show
+from iscsi.tgt import TgtDriver
+from iscsi.tgt_show import TgtShowError, parse_show
 from tests.unit.test_iscsi_specs import PREFIX, U1, U2, stable_lun
 
 
