@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_api_stack import Stack, api_stack, needs_tgt, uuid_n
+from tests.integration.test_api_stack import Stack, api_stack_in_memory, uuid_n
 
-__all__ = ["api_stack"]
-pytestmark = needs_tgt
+# The in-process tier: input errors and authorization are the app's and the domain's, not tgtd's.
+__all__ = ["api_stack_in_memory"]
 
 
 async def raw(s: Stack, method: str, path: str, data: bytes | str | None = None, ctype: str | None = None,
@@ -25,26 +25,26 @@ async def raw(s: Stack, method: str, path: str, data: bytes | str | None = None,
 
 @pytest.mark.parametrize("payload", [b"{", b"[1, 2", b"\xff\xfe", b"NaN", b'{"uuid": NaN}', b"[" * 100000,
                                      b'{"a": 1' + b"9" * 5000 + b"}", b""])
-async def test_malformed_json_is_400(api_stack: Stack, payload: bytes) -> None:
-    status, body = await raw(api_stack, "POST", "/api/v1/servers", payload, "application/json")
+async def test_malformed_json_is_400(api_stack_in_memory: Stack, payload: bytes) -> None:
+    status, body = await raw(api_stack_in_memory, "POST", "/api/v1/servers", payload, "application/json")
     assert status == 400 and body["error"] == "bad_request"
 
 
 @pytest.mark.parametrize("payload", [b"[]", b"1", b'"x"', b"null"])
-async def test_json_that_is_not_an_object_is_422(api_stack: Stack, payload: bytes) -> None:
-    status, _body = await raw(api_stack, "POST", "/api/v1/servers", payload, "application/json")
+async def test_json_that_is_not_an_object_is_422(api_stack_in_memory: Stack, payload: bytes) -> None:
+    status, _body = await raw(api_stack_in_memory, "POST", "/api/v1/servers", payload, "application/json")
     assert status == 422
 
 
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
-async def test_wrong_content_type_is_415(api_stack: Stack, ctype: str) -> None:
-    status, body = await raw(api_stack, "POST", "/api/v1/users", b'{"name": "x"}', ctype)
+async def test_wrong_content_type_is_415(api_stack_in_memory: Stack, ctype: str) -> None:
+    status, body = await raw(api_stack_in_memory, "POST", "/api/v1/users", b'{"name": "x"}', ctype)
     assert status == 415 and body["error"] == "unsupported_media_type"
 
 
-async def test_huge_body_is_413(api_stack: Stack) -> None:
+async def test_huge_body_is_413(api_stack_in_memory: Stack) -> None:
     big = b'{"name": "' + b"x" * (2 << 20) + b'"}'
-    status, body = await raw(api_stack, "POST", "/api/v1/users", big, "application/json")
+    status, body = await raw(api_stack_in_memory, "POST", "/api/v1/users", big, "application/json")
     assert status == 413 and body["error"] == "too_large"
 
 
@@ -60,13 +60,13 @@ async def test_huge_body_is_413(api_stack: Stack) -> None:
     {"uuid": uuid_n(9), "template": "tiny", "user": 7},
     {"uuid": "00000000-0000-0000-0000-000000000000", "template": "tiny", "user": "alice"},
 ])
-async def test_invalid_server_fields_are_422(api_stack: Stack, body: dict[str, object]) -> None:
-    status, answer = await api_stack.req("POST", "/api/v1/servers", json=body)
+async def test_invalid_server_fields_are_422(api_stack_in_memory: Stack, body: dict[str, object]) -> None:
+    status, answer = await api_stack_in_memory.req("POST", "/api/v1/servers", json=body)
     assert status == 422 and answer["error"] == "invalid", answer
 
 
-async def test_tokens_401_and_admin_routes_403(api_stack: Stack) -> None:
-    s = api_stack
+async def test_tokens_401_and_admin_routes_403(api_stack_in_memory: Stack) -> None:
+    s = api_stack_in_memory
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eDp5"},
                     {"Authorization": "Bearer " + "a" * 5000}, {"Authorization": "Bearer"}):
         async with s.client.get("/api/v1/servers", headers=headers) as resp:
@@ -82,16 +82,16 @@ async def test_tokens_401_and_admin_routes_403(api_stack: Stack) -> None:
     assert s.tokens["alice"] not in {r[0] for r in rows} and len(rows) == 3
 
 
-async def test_unknown_route_and_method(api_stack: Stack) -> None:
-    status, body = await raw(api_stack, "GET", "/api/v1/nothing-here")
+async def test_unknown_route_and_method(api_stack_in_memory: Stack) -> None:
+    status, body = await raw(api_stack_in_memory, "GET", "/api/v1/nothing-here")
     assert status == 404 and body["error"] == "not_found"
-    status, body = await raw(api_stack, "PATCH", "/api/v1/servers")
+    status, body = await raw(api_stack_in_memory, "PATCH", "/api/v1/servers")
     assert status == 405 and body["error"] == "method_not_allowed"
 
 
-async def test_authorization_matrix(api_stack: Stack) -> None:
+async def test_authorization_matrix(api_stack_in_memory: Stack) -> None:
     """alice's server is invisible and untouchable for bob; bob cannot create for alice."""
-    s = api_stack
+    s = api_stack_in_memory
     uuid = uuid_n(10)
     status, _ = await s.create(uuid, who="alice")
     assert status == 202

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -30,6 +30,7 @@ from images.build import validate_source
 from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver, VolumeBackend
 from iscsi.tgt import TgtDriver
+from tests.export_standin import InMemoryExports
 
 IQN_PREFIX = "iqn.2026-11.io.cello"
 TEMPLATE_SIZE = 64 << 20
@@ -179,11 +180,15 @@ async def open_stack(
     wrap_driver: Callable[[ExportDriver], ExportDriver] = lambda d: d,
     client_max_size: int = 1 << 20,
     chap: ChapMode = "on",
+    exports: Literal["tgt", "memory"] = "tgt",
 ) -> AsyncIterator[Stack]:
+    """The stack on a real tgtd, or with `exports="memory"` on the in-memory stand-in (no tgtd, no
+    root): for the tests where tgtd adds nothing."""
     files_root = tmp / "boot"
     files_root.mkdir(parents=True, exist_ok=True)
     real_backend = FileBackend(tmp / "volumes")
-    real_driver = TgtDriver(control_port, [portal], state_dir=tmp / "state")
+    real_driver: ExportDriver = (TgtDriver(control_port, [portal], state_dir=tmp / "state") if exports == "tgt"
+                                 else InMemoryExports())
     await real_driver.start()
     appliance = Appliance.build(stack_config(tmp, portal, chap), backend=wrap_backend(real_backend),
                                 driver=wrap_driver(real_driver))
@@ -210,6 +215,15 @@ async def open_stack(
 @pytest.fixture
 async def api_stack(tmp_path: Path) -> AsyncIterator[Stack]:
     async with open_stack(tmp_path) as stack:
+        await stack.add_user("alice")
+        await stack.add_user("bob")
+        yield stack
+
+
+@pytest.fixture
+async def api_stack_in_memory(tmp_path: Path) -> AsyncIterator[Stack]:
+    """The in-process tier: the same app and domain, exports in memory (tests/export_standin.py)."""
+    async with open_stack(tmp_path, exports="memory") as stack:
         await stack.add_user("alice")
         await stack.add_user("bob")
         yield stack
