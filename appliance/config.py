@@ -266,7 +266,7 @@ def _cross_check(config: Config) -> Config:
         raise ConfigError(f"boot.default_profile: no profile named {config.boot.default_profile!r}")
     if config.dhcp.unknown != "ignore" and config.dhcp.unknown not in profiles:
         raise ConfigError(f"dhcp.unknown: must be 'ignore' or a profile name ({', '.join(sorted(profiles))})")
-    if config.dhcp.unknown_template and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", config.dhcp.unknown_template):
+    if config.dhcp.unknown_template and not naming.TEMPLATE.ok(config.dhcp.unknown_template):
         raise ConfigError("dhcp.unknown_template: not a template name")
     if config.storage.backend == "zfs" and not config.storage.pool:
         raise ConfigError("storage.pool: the zfs backend needs a pool or parent dataset")

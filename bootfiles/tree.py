@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import naming
 from bootfiles.cache import FileCache, FileSource
 from bootfiles.render import RenderError, render_grub, render_ipxe, render_pxelinux
 from bootfiles.spec import BootPolicy, BootSpec
@@ -62,7 +63,7 @@ OS_LOADER_ROOTS: tuple[Path, ...] = (
 # packaged link is allowed as a link target only, never served by name.
 OS_LINK_TARGETS: tuple[Path, ...] = (Path("/boot"),)
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID = re.compile(naming.UUID.text)
 _MAC_NAME = re.compile(r"01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})")
 _IP_HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
 
