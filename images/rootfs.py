@@ -221,15 +221,20 @@ def conf_settings(text: str) -> dict[str, str]:
 
 
 def with_settings(text: str, settings: dict[str, str]) -> str:
-    """An open-iscsi config with these keys set: each key's line (commented out or not) replaced in place,
-    the keys it lacks appended."""
+    """An open-iscsi config with these keys set: a key's active line is replaced in place (a second one
+    dropped); a key with none takes the place of its first commented-out line, or is appended."""
+    lines = text.splitlines()
+    active = set(conf_settings(text)) & set(settings)
     pending = dict(settings)
     out: list[str] = []
-    for line in text.splitlines():
+    for line in lines:
+        commented = line.lstrip().startswith("#")
         key = line.lstrip().lstrip("#").partition("=")[0].strip()
-        if "=" in line and key in pending:
+        if "=" not in line or key not in settings or (commented and key in active):
+            out.append(line)
+        elif key in pending:
             out.append(f"{key} = {pending.pop(key)}")
-        elif "=" in line and key in settings and not line.lstrip().startswith("#"):
+        elif not commented:
             continue  # a second active line for a key already set
         else:
             out.append(line)

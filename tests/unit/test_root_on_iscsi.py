@@ -74,9 +74,13 @@ def test_with_settings_replaces_in_place_and_keeps_the_rest() -> None:
         "node.session.scan": "auto",
     }
     lines = out.splitlines()
-    # the commented-out alternative became the active line; the old active line is gone, comments stay
+    # an active line is set where it stands; the commented-out alternative above it stays a comment
     assert lines.count("node.startup = manual") == 1
-    assert lines.index("node.startup = manual") == 1
+    assert lines.index("node.startup = manual") == 4
+    assert lines[1] == "# node.startup = automatic"
+    # a key with only a commented-out line takes that line's place
+    assert with_settings("# node.session.scan = manual\nx = 1\n", {"node.session.scan": "auto"}) == \
+        "node.session.scan = auto\nx = 1\n"
     assert "# The value is in seconds and the default is 120 seconds." in lines
     assert lines[-1] == "node.session.scan = auto"
     assert with_settings(out, {"node.session.scan": "auto"}) == out
