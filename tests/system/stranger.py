@@ -13,10 +13,7 @@ time on a machine, tests/system/lab.py); leftovers of a crashed run are removed 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +43,15 @@ class Stranger:
 
 
 def remove_stranger() -> None:
-    """Idempotent: whatever runs in the stranger's namespace, then the namespace (its veth goes with it)."""
-    if not Path(f"/run/netns/{NS_STRANGER}").exists():
-        return
-    for pid in run(["ip", "netns", "pids", NS_STRANGER], check=False).stdout.split():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while run(["ip", "netns", "pids", NS_STRANGER], check=False).stdout.split() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    run(["ip", "netns", "del", NS_STRANGER], check=False)
+    """Idempotent: the veth pair, then the namespace. The pair is deleted first and by name, because the
+    kernel destroys a deleted namespace's devices later, asynchronously (a veth end still on br0 would
+    make the next `ip link add` fail). Nothing outlives a `Stranger.run` (subprocess.run kills what times
+    out), so no process holds the namespace."""
+    if Path(f"/run/netns/{NS_STRANGER}").exists():
+        in_ns(NS_STRANGER, "ip", "link", "del", VETH_STRANGER, check=False)
+        run(["ip", "netns", "del", NS_STRANGER], check=False)
+    if Path(f"/run/netns/{NS_SITE}").exists():
+        in_ns(NS_SITE, "ip", "link", "del", VETH_STRANGER_BR, check=False)
 
 
 @contextlib.contextmanager
