@@ -228,9 +228,9 @@ class FileBackend:
                 raise StorageError(f"template {template} does not exist")
             self.clone_method = await asyncio.to_thread(self._clone, src, snap, None, True)
 
-    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo:
+    async def clone_os(self, os_name: str, version: str, server_uuid: str, generation: int = 1) -> VolumeInfo:
         snap = names.snapshot_name(os_name, version)
-        name = names.os_volume(os_name, server_uuid)
+        name = names.os_volume(os_name, server_uuid, generation)
         async with self._lock:
             src = self._img(snap)
             if not await asyncio.to_thread(src.exists):
@@ -274,6 +274,23 @@ class FileBackend:
 
     async def snapshots(self) -> builtins.list[str]:
         return (await asyncio.to_thread(self._entries))[1]
+
+    # -- snapshots of an OS volume, and copies (issue 13; being implemented) ---------------------
+
+    async def snapshot_volume(self, volume: str, snap: str) -> None:
+        raise StorageError(f"snapshot_volume is not implemented yet by the {self.name} backend")
+
+    async def volume_snapshots(self, volume: str) -> builtins.list[str]:
+        raise StorageError(f"volume_snapshots is not implemented yet by the {self.name} backend")
+
+    async def destroy_volume_snapshot(self, volume: str, snap: str) -> None:
+        raise StorageError(f"destroy_volume_snapshot is not implemented yet by the {self.name} backend")
+
+    async def restore_volume_snapshot(self, volume: str, snap: str) -> None:
+        raise StorageError(f"restore_volume_snapshot is not implemented yet by the {self.name} backend")
+
+    async def copy_volume(self, src: str, dst: str) -> VolumeInfo:
+        raise StorageError(f"copy_volume is not implemented yet by the {self.name} backend")
 
     async def capacity(self) -> PoolCapacity:
         def statvfs() -> PoolCapacity:

@@ -3,6 +3,11 @@ line or a config file. Hostile names are refused, never escaped.
 
 Names (compatible with hcc-cello): template `<os>-template`, snapshot `<os>-template@<version>`,
 OS clone `<os>-OS-<uuid>`, data `<os>-DATA-<uuid>` then `-2`, `-3`, ….
+
+Cello's own additions: an OS clone's later generations `<os>-OS-<uuid>-g2`, `-g3`, … (an upgrade
+clones the new root under the next generation and keeps the old one as the restore point, so nothing
+is ever renamed; generation 1 keeps hcc-cello's name), and snapshots of an OS volume
+`<os>-OS-<uuid>[-g<n>]@<snap>`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from iscsi.model import NameError_
 
 MAX_NAME = naming.MAX_IQN  # anything longer is refused (an IQN may not exceed 223 bytes, RFC 3720 §3.2.6.1)
 MAX_LUN_INDEX = 1023  # ctl: 1024 LUNs per target
+MAX_GENERATION = 9999  # an OS volume's generation: `-g2` … `-g9999`
 DEFAULT_BLOCKSIZE = 512  # ctld's blocksize for a disk LUN without one (ctld.h DEFAULT_BLOCKSIZE)
 
 _OS = naming.TEMPLATE.text
@@ -26,7 +32,7 @@ _UUID = naming.UUID.text
 _VERSION = naming.VERSION.text
 _TEMPLATE_RE = re.compile(rf"\A(?P<os>{_OS})-template\Z")
 _SNAPSHOT_RE = re.compile(rf"\A(?P<os>{_OS})-template@(?P<version>{_VERSION})\Z")
-_OSVOL_RE = re.compile(rf"\A(?P<os>{_OS})-OS-(?P<uuid>{_UUID})\Z")
+_OSVOL_RE = re.compile(rf"\A(?P<os>{_OS})-OS-(?P<uuid>{_UUID})(?:-g(?P<g>[2-9]|[1-9][0-9]{{1,3}}))?\Z")
 _DATA_RE = re.compile(rf"\A(?P<os>{_OS})-DATA-(?P<uuid>{_UUID})(?:-(?P<n>[2-9]|[1-9][0-9]{{1,3}}))?\Z")
 # ZFS dataset components (the pool or a parent dataset the appliance was given).
 _POOL_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.:-]{0,63}(?:/[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}){0,8}\Z")
@@ -193,8 +199,38 @@ def snapshot_name(os: str, ver: str) -> str:
     return f"{template_volume(os)}@{version(ver)}"
 
 
-def os_volume(os: str, uuid: str) -> str:
-    return f"{os_name(os)}-OS-{server_uuid(uuid)}"
+def os_volume(os: str, uuid: str, generation: int = 1) -> str:
+    """Generation 1 → `<os>-OS-<uuid>` (hcc-cello's name), n ≥ 2 → `<os>-OS-<uuid>-g<n>`."""
+    if (not isinstance(generation, int) or isinstance(generation, bool)
+            or not 1 <= generation <= MAX_GENERATION):
+        raise NameError_(f"invalid OS volume generation {generation!r}: must be 1..{MAX_GENERATION}")
+    base = f"{os_name(os)}-OS-{server_uuid(uuid)}"
+    return base if generation == 1 else f"{base}-g{generation}"
+
+
+def snapshot_label(value: str) -> str:
+    """The `<snap>` of an OS volume's snapshot `<volume>@<snap>`."""
+    return naming.SNAPSHOT.check(value, NameError_)
+
+
+def volume_snapshot(volume_name: str, snap: str) -> str:
+    """`<volume>@<snap>` for an OS volume (template snapshots are `snapshot_name`'s)."""
+    vol = parse_volume(volume_name)
+    if vol.kind != "os":
+        raise NameError_(f"invalid volume {vol.name!r} for a snapshot: only OS volumes (<os>-OS-<uuid>[-g<n>]) "
+                         "have snapshots of their own")
+    return f"{vol.name}@{snapshot_label(snap)}"
+
+
+def parse_volume_snapshot(name: str) -> tuple[str, str]:
+    """"tiny-OS-<uuid>-g2@before" → ("tiny-OS-<uuid>-g2", "before"); an OS volume's snapshot only."""
+    if isinstance(name, str) and len(name) <= MAX_NAME and name.count("@") == 1:
+        volume_name, _, snap = name.partition("@")
+        try:
+            return volume_name, volume_snapshot(volume_name, snap).partition("@")[2]
+        except NameError_:
+            pass
+    raise _refuse("volume snapshot name", name, "must be <os>-OS-<uuid>[-g<n>]@<snap>")
 
 
 def data_volume(os: str, uuid: str, index: int) -> str:
@@ -211,7 +247,7 @@ class VolumeName:
     kind: VolumeKind
     os: str
     uuid: str | None = None
-    index: int = 0  # 0 for template/OS, 1.. for data volumes
+    index: int = 0  # 0 for a template, the generation (1..) for an OS volume, 1.. for data volumes
 
 
 def parse_volume(name: str) -> VolumeName:
@@ -220,10 +256,10 @@ def parse_volume(name: str) -> VolumeName:
         if m := _TEMPLATE_RE.match(name):
             return VolumeName(name, "template", m["os"])
         if m := _OSVOL_RE.match(name):
-            return VolumeName(name, "os", m["os"], m["uuid"])
+            return VolumeName(name, "os", m["os"], m["uuid"], int(m["g"] or 1))
         if m := _DATA_RE.match(name):
             return VolumeName(name, "data", m["os"], m["uuid"], int(m["n"] or 1))
-    raise _refuse("volume name", name, "must be <os>-template, <os>-OS-<uuid> or <os>-DATA-<uuid>[-n]")
+    raise _refuse("volume name", name, "must be <os>-template, <os>-OS-<uuid>[-g<n>] or <os>-DATA-<uuid>[-n]")
 
 
 def parse_snapshot(name: str) -> tuple[str, str]:

@@ -224,9 +224,9 @@ class ZfsBackend:
             else:
                 await self._zfs("snapshot", snap)
 
-    async def clone_os(self, os_name: str, version: str, server_uuid: str) -> VolumeInfo:
+    async def clone_os(self, os_name: str, version: str, server_uuid: str, generation: int = 1) -> VolumeInfo:
         snap = self._ds(names.snapshot_name(os_name, version))
-        name = names.os_volume(os_name, server_uuid)
+        name = names.os_volume(os_name, server_uuid, generation)
         ds = self._ds(name)
         async with self._lock:
             await self._learn_mountpoint()
@@ -318,6 +318,23 @@ class ZfsBackend:
                     continue
                 out.append(name)
         return sorted(out)
+
+    # -- snapshots of an OS volume, and copies (issue 13; being implemented) ---------------------
+
+    async def snapshot_volume(self, volume: str, snap: str) -> None:
+        raise StorageError(f"snapshot_volume is not implemented yet by the {self.name} backend")
+
+    async def volume_snapshots(self, volume: str) -> builtins.list[str]:
+        raise StorageError(f"volume_snapshots is not implemented yet by the {self.name} backend")
+
+    async def destroy_volume_snapshot(self, volume: str, snap: str) -> None:
+        raise StorageError(f"destroy_volume_snapshot is not implemented yet by the {self.name} backend")
+
+    async def restore_volume_snapshot(self, volume: str, snap: str) -> None:
+        raise StorageError(f"restore_volume_snapshot is not implemented yet by the {self.name} backend")
+
+    async def copy_volume(self, src: str, dst: str) -> VolumeInfo:
+        raise StorageError(f"copy_volume is not implemented yet by the {self.name} backend")
 
     async def capacity(self) -> PoolCapacity:
         got = (await self._get("used,available", self.pool)).get(self.pool, {})

@@ -1,5 +1,5 @@
 """The name rules every layer shares, each written once: server UUID, MAC address, template (OS) and user
-names, template version, host name, IPv4 address, IQN and IQN prefix.
+names, template version, OS-volume snapshot name, host name, IPv4 address, IQN and IQN prefix.
 
 A rule is a pattern, a length bound and the sentence that explains it. Each layer raises its own error
 type with that sentence (`rule.check(value, error=...)`): the domain's InvalidRequest, iscsi's
@@ -61,6 +61,8 @@ NAME_TEXT = r"[a-z0-9][a-z0-9_.-]{0,62}"
 TEMPLATE = Rule("template name", NAME_TEXT, "must be [a-z0-9][a-z0-9_.-]*, up to 63 chars")
 USER = Rule("user name", NAME_TEXT, "must be [a-z0-9][a-z0-9_.-]*, up to 63 chars")
 VERSION = Rule("template version", r"v[1-9][0-9]{0,8}", "must be v1, v2, …")
+# A snapshot of a server's OS volume (`<volume>@<snap>`): an operator's label, so no version shape.
+SNAPSHOT = Rule("snapshot name", r"[a-z0-9][a-z0-9_.-]{0,31}", "must be [a-z0-9][a-z0-9_.-]*, up to 32 chars", 32)
 HOSTNAME = Rule("host name", r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", "must be a DNS label (a-z, 0-9, '-')")
 IPV4 = Rule("IPv4 address", r"(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])",
             "must be an IPv4 address like 10.77.0.101")

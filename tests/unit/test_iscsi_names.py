@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+import naming
 from iscsi import names
 from iscsi.model import NameError_
 
@@ -23,7 +24,8 @@ def test_volume_names_follow_hcc_cello() -> None:
 
 def test_parse_volume_says_what_it_is() -> None:
     assert names.parse_volume("tiny-template") == names.VolumeName("tiny-template", "template", "tiny")
-    assert names.parse_volume(f"a-b-OS-{U}") == names.VolumeName(f"a-b-OS-{U}", "os", "a-b", U)
+    assert names.parse_volume(f"a-b-OS-{U}") == names.VolumeName(f"a-b-OS-{U}", "os", "a-b", U, 1)
+    assert names.parse_volume(f"a-b-OS-{U}-g12") == names.VolumeName(f"a-b-OS-{U}-g12", "os", "a-b", U, 12)
     assert names.parse_volume(f"tiny-DATA-{U}-3").index == 3
     assert names.parse_volume(f"tiny-DATA-{U}").index == 1
     assert names.parse_snapshot("tiny-template@v12") == ("tiny", "v12")
@@ -52,10 +54,53 @@ def test_versions(bad: str) -> None:
 
 
 @pytest.mark.parametrize("bad", [f"tiny-DATA-{U}-1", f"tiny-DATA-{U}-0", f"tiny-DATA-{U}-02",
-                                 f"tiny-OS-{U}-2", "tiny-template@v1", "tiny-Template"])
+                                 f"tiny-OS-{U}-2", "tiny-template@v1", "tiny-Template",
+                                 f"tiny-OS-{U}-g1", f"tiny-OS-{U}-g0", f"tiny-OS-{U}-g02", f"tiny-OS-{U}-g10000",
+                                 f"tiny-OS-{U}-G2", f"tiny-OS-{U}g2", f"tiny-OS-{U}-g", f"tiny-DATA-{U}-g2",
+                                 f"tiny-OS-{U}@s1"])
 def test_malformed_volume_names(bad: str) -> None:
     with pytest.raises(NameError_):
         names.parse_volume(bad)
+
+
+def test_os_volume_generations() -> None:
+    # generation 1 keeps hcc-cello's name; an upgrade clones the next generation beside it
+    assert names.os_volume("tiny", U, 1) == f"tiny-OS-{U}"
+    assert names.os_volume("tiny", U, 2) == f"tiny-OS-{U}-g2"
+    assert names.os_volume("debian.12_x", U, 9999) == f"debian.12_x-OS-{U}-g9999"
+    for gen in (1, 2, 10, 317, 9999):
+        vol = names.parse_volume(names.os_volume("tiny", U, gen))
+        assert (vol.kind, vol.os, vol.uuid, vol.index) == ("os", "tiny", U, gen)
+    for bad in (0, -1, 10000, True, 2.0, "2"):
+        with pytest.raises(NameError_, match="generation"):
+            names.os_volume("tiny", U, bad)  # type: ignore[arg-type]
+    with pytest.raises(NameError_):
+        names.os_volume("tiny", U.upper(), 2)
+
+
+def test_os_volume_snapshots() -> None:
+    assert names.volume_snapshot(f"tiny-OS-{U}", "s1") == f"tiny-OS-{U}@s1"
+    assert names.volume_snapshot(f"tiny-OS-{U}-g3", "before-upgrade.2") == f"tiny-OS-{U}-g3@before-upgrade.2"
+    assert names.volume_snapshot(f"tiny-OS-{U}", "a" * 32) == f"tiny-OS-{U}@{'a' * 32}"
+    assert names.parse_volume_snapshot(f"tiny-OS-{U}-g3@pre_v2") == (f"tiny-OS-{U}-g3", "pre_v2")
+    # only an OS volume has snapshots of its own; a template's stay <os>-template@vN
+    for vol in ("tiny-template", f"tiny-DATA-{U}", f"tiny-DATA-{U}-2"):
+        with pytest.raises(NameError_, match="only OS volumes"):
+            names.volume_snapshot(vol, "s1")
+    for bad_vol in (f"tiny-OS-{U}@x", "tiny-OS-", f"tiny-OS-{U}-g1"):
+        with pytest.raises(NameError_):
+            names.volume_snapshot(bad_vol, "s1")
+    for bad in ["tiny-template@v1", f"tiny-DATA-{U}@s1", f"tiny-OS-{U}", f"tiny-OS-{U}@", f"tiny-OS-{U}@a@b",
+                f"tiny-OS-{U}@-s", f"tiny-OS-{U}@S1"]:
+        with pytest.raises(NameError_):
+            names.parse_volume_snapshot(bad)
+
+
+@pytest.mark.parametrize("bad", [*HOSTILE, "a" * 33, "_a", ".a", "a@b", "v1 ", "A1"])
+def test_snapshot_label_rule(bad: str) -> None:
+    assert naming.SNAPSHOT.ok("a" * 32) and naming.SNAPSHOT.ok("v1") and naming.SNAPSHOT.ok("0.pre-upgrade_x")
+    with pytest.raises(NameError_, match="invalid snapshot name"):
+        names.volume_snapshot(f"tiny-OS-{U}", bad)
 
 
 def test_data_index_bounds() -> None:
