@@ -106,8 +106,45 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE servers ADD COLUMN chap_mutual_user TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN chap_mutual_secret TEXT NOT NULL DEFAULT '';
     """,
+    # 3 → 4: the fleet lifecycle. A volume may be a server's restore point ('prev': the root before its
+    # last upgrade, not exported) and knows what it was cloned from; OS-volume snapshots; labels and a
+    # BMC per server. SQLite cannot change a CHECK, so the volumes table is made again, rows kept.
+    """
+    CREATE TABLE volumes_v4 (
+        name TEXT PRIMARY KEY,
+        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('os', 'data', 'prev')),
+        idx INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        origin TEXT NOT NULL DEFAULT '',
+        UNIQUE (server, idx)
+    );
+    INSERT INTO volumes_v4 (name, server, kind, idx, size, state, serial, created_at, origin)
+        SELECT v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, v.created_at,
+               CASE WHEN v.kind = 'os' THEN s.template || '@' || s.version ELSE '' END
+        FROM volumes v JOIN servers s ON s.uuid = v.server;
+    DROP TABLE volumes;
+    ALTER TABLE volumes_v4 RENAME TO volumes;
+    CREATE TABLE snapshots (
+        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        volume TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (server, name)
+    );
+    ALTER TABLE servers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE servers ADD COLUMN bmc_url TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN bmc_user TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN bmc_password TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# Volume indexes beside the exported ones (0 = OS, 1.. = data): a server's restore point, a rebuild's new
+# root while it is being made, the restore point mid-swap, and an old restore point on its way out.
+PREV_IDX, NEW_ROOT_IDX, SWAP_IDX, GONE_IDX = -1, -2, -3, -4
 
 
 @dataclass(frozen=True)
@@ -137,6 +174,7 @@ class VolumeRow:
     size: int
     state: str
     serial: str
+    origin: str = ""  # "<template>@<version>" an OS volume or restore point was cloned from
 
 
 @dataclass(frozen=True)
@@ -158,6 +196,15 @@ class ServerRow:
     chap_secret: str = field(default="", repr=False)
     chap_mutual_user: str = ""
     chap_mutual_secret: str = field(default="", repr=False)
+    labels: str = "{}"  # JSON object of label -> value (`rack=3`, `role=compute`)
+    bmc_url: str = ""  # redfish://host[:port]/SystemId or ipmi://host[:port]; "" = none
+    bmc_user: str = ""
+    bmc_password: str = field(default="", repr=False)
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        raw = json.loads(self.labels or "{}")
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
 def hash_token(token: str) -> str:
@@ -244,12 +291,17 @@ class Store:
                 db.execute("DELETE FROM templates WHERE name = ?", (template,))
 
     def clones_of(self, template: str, version: str | None = None) -> list[str]:
+        """Servers whose root or restore point was cloned from the template (version)."""
         sql = "SELECT uuid FROM servers WHERE template = ?"
         args: list[str] = [template]
         if version is not None:
             sql += " AND version = ?"
             args.append(version)
-        return [r[0] for r in self._all(sql + " ORDER BY uuid", args)]
+        vsql = "SELECT server FROM volumes WHERE kind IN ('os', 'prev') AND "
+        vsql += "origin = ?" if version is not None else "origin LIKE ?"
+        varg = f"{template}@{version}" if version is not None else f"{template}@%"
+        found = {r[0] for r in self._all(sql, args)} | {r[0] for r in self._all(vsql, (varg,))}
+        return sorted(found)
 
     # --- users and tokens ------------------------------------------------------------------------
 
@@ -276,13 +328,16 @@ class Store:
             db.execute("DELETE FROM users WHERE name = ?", (name,))
 
     def usage(self, owner: str) -> tuple[int, int]:
-        """(volumes, data bytes) held by the owner's servers, every state but deleted counted."""
+        """(volumes, data bytes) held by the owner's servers, every state but deleted counted. Restore
+        points and OS-volume snapshots count as volumes: each holds space of its own."""
         row = self._all(
             "SELECT COUNT(*), COALESCE(SUM(CASE WHEN v.kind = 'data' THEN v.size ELSE 0 END), 0) "
             "FROM volumes v JOIN servers s ON s.uuid = v.server WHERE s.owner = ?",
             (owner,),
         )[0]
-        return int(row[0]), int(row[1])
+        snaps = self._all("SELECT COUNT(*) FROM snapshots n JOIN servers s ON s.uuid = n.server WHERE s.owner = ?",
+                          (owner,))[0]
+        return int(row[0]) + int(snaps[0]), int(row[1])
 
     def add_token(self, token: str, owner: str | None, admin: bool) -> None:
         with self._tx() as db:
@@ -316,11 +371,13 @@ class Store:
                     raise QuotaExceeded(problem)
             db.execute(
                 "INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, "
-                "updated_at, hostname, address, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, hostname, address, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret, "
+                "labels, bmc_url, bmc_user, bmc_password) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?, ?)",
                 (server.uuid, server.template, server.version, server.profile, server.owner, server.state,
                  server.reason, server.created_at, server.updated_at, server.hostname, server.address,
-                 server.chap_user, server.chap_secret, server.chap_mutual_user, server.chap_mutual_secret),
+                 server.chap_user, server.chap_secret, server.chap_mutual_user, server.chap_mutual_secret,
+                 server.labels, server.bmc_url, server.bmc_user, server.bmc_password),
             )
             db.executemany("INSERT INTO server_macs VALUES (?, ?)", [(m, server.uuid) for m in server.macs])
             self._insert_volumes(db, volumes)
@@ -338,8 +395,10 @@ class Store:
     def _insert_volumes(db: sqlite3.Connection, volumes: Sequence[VolumeRow]) -> None:
         try:
             db.executemany(
-                "INSERT INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, time.time()) for v in volumes],
+                "INSERT INTO volumes (name, server, kind, idx, size, state, serial, created_at, origin) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, time.time(), v.origin)
+                 for v in volumes],
             )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"volume already exists: {e}") from None
@@ -388,15 +447,84 @@ class Store:
 
     def volumes(self, server: str | None = None) -> list[VolumeRow]:
         if server is None:
-            rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes ORDER BY server, idx")
+            rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes ORDER BY server, idx")
         else:
-            rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes "
+            rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes "
                              "WHERE server = ? ORDER BY idx", (server,))
         return [VolumeRow(**dict(r)) for r in rows]
 
     def volume(self, name: str) -> VolumeRow | None:
-        rows = self._all("SELECT name, server, kind, idx, size, state, serial FROM volumes WHERE name = ?", (name,))
+        rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes WHERE name = ?", (name,))
         return VolumeRow(**dict(rows[0])) if rows else None
+
+    # --- the fleet lifecycle: restore points, snapshots, labels --------------------------------------
+
+    def swap_root(self, uuid: str, new_os: str, template: str, version: str, secrets: dict[str, str]) -> str | None:
+        """One transaction: the server's OS volume becomes its restore point, `new_os` (a row made by the
+        rebuild, idx NEW_ROOT_IDX) its OS volume at index 0, and the server records the template version
+        (and CHAP secrets rotated with it). An older restore point is marked `deleting` and its name
+        returned, for the caller to destroy once the new root is exported."""
+        with self._tx() as db:
+            old = db.execute("SELECT name FROM volumes WHERE server = ? AND kind = 'prev'", (uuid,)).fetchone()
+            if old is not None:
+                db.execute("UPDATE volumes SET idx = ?, state = 'deleting' WHERE name = ?", (GONE_IDX, old[0]))
+            db.execute("UPDATE volumes SET kind = 'prev', idx = ? WHERE server = ? AND kind = 'os' AND idx = 0",
+                       (PREV_IDX, uuid))
+            db.execute("UPDATE volumes SET idx = 0, state = 'available' WHERE name = ?", (new_os,))
+            self._set_root(db, uuid, template, version, secrets)
+            return None if old is None else str(old[0])
+
+    def swap_back(self, uuid: str, template: str, version: str, secrets: dict[str, str]) -> None:
+        """One transaction: the restore point and the OS volume trade places (a rollback, or undoing a
+        rebuild's swap); the server records the template version of its root again."""
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET kind = 'prev', idx = ? WHERE server = ? AND kind = 'os' AND idx = 0",
+                       (SWAP_IDX, uuid))
+            db.execute("UPDATE volumes SET kind = 'os', idx = 0 WHERE server = ? AND kind = 'prev' AND idx = ?",
+                       (uuid, PREV_IDX))
+            db.execute("UPDATE volumes SET idx = ? WHERE server = ? AND idx = ?", (PREV_IDX, uuid, SWAP_IDX))
+            self._set_root(db, uuid, template, version, secrets)
+
+    def _set_root(self, db: sqlite3.Connection, uuid: str, template: str, version: str,
+                  secrets: dict[str, str]) -> None:
+        sets = ["template = ?", "version = ?", "updated_at = ?"]
+        args: list[object] = [template, version, self._clock()]
+        for key in ("chap_secret", "chap_mutual_secret"):
+            if key in secrets:
+                sets.append(f"{key} = ?")
+                args.append(secrets[key])
+        db.execute(f"UPDATE servers SET {', '.join(sets)} WHERE uuid = ?", (*args, uuid))
+
+    def add_snapshot(self, uuid: str, name: str, volume: str, owner: str,
+                     quota_check: Callable[[int, int], str | None] | None = None) -> None:
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE server = ? AND name = ?", (uuid, name)).fetchone():
+                raise Conflict(f"server {uuid} already has a snapshot {name}")
+            if quota_check is not None:
+                used_n, used_bytes = self.usage(owner)
+                if (problem := quota_check(used_n + 1, used_bytes)) is not None:
+                    raise QuotaExceeded(problem)
+            db.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?)", (uuid, name, volume, self._clock()))
+
+    def snapshots_of(self, uuid: str) -> list[tuple[str, str, float]]:
+        """(name, volume, created_at), oldest first."""
+        rows = self._all("SELECT name, volume, created_at FROM snapshots WHERE server = ? ORDER BY created_at, name",
+                         (uuid,))
+        return [(r[0], r[1], float(r[2])) for r in rows]
+
+    def delete_snapshot(self, uuid: str, name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE server = ? AND name = ?", (uuid, name))
+
+    def set_labels(self, uuid: str, labels: dict[str, str]) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE servers SET labels = ?, updated_at = ? WHERE uuid = ?",
+                       (json.dumps(labels, sort_keys=True), self._clock(), uuid))
+
+    def set_bmc(self, uuid: str, url: str, user: str, password: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE servers SET bmc_url = ?, bmc_user = ?, bmc_password = ?, updated_at = ? "
+                       "WHERE uuid = ?", (url, user, password, self._clock(), uuid))
 
     # --- services and events ---------------------------------------------------------------------
 

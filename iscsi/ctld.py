@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iscsi import ctlconf
-from iscsi.model import ExportState, StorageError, TargetSpec
+from iscsi.model import ExportState, Session, StorageError, TargetSpec
 from iscsi.runner import CommandRunner, default_runner
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,27 @@ class CtldDriver:
     async def actual(self) -> ExportState:
         luns, ports = await self._ctladm()
         return ExportState(state_from_ctladm(luns, ports))
+
+    async def sessions(self, iqn: str) -> list[Session]:
+        """The initiators logged in to the target now (`ctladm islist -x`, the kernel's own list)."""
+        res = await self._run(["ctladm", "islist", "-x"])
+        try:
+            return [s for target, s in parse_islist(res.stdout) if target == iqn]
+        except CtladmParseError as exc:
+            raise StorageError(str(exc)) from None
+
+
+def parse_islist(text: str) -> list[tuple[str, Session]]:
+    """`ctladm islist -x` → (target, session) per connection: cfiscsi's `<ctlislist><connection id="N">`
+    with `<initiator>`, `<initiator_addr>` and `<target>` among its fields."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise CtladmParseError(f"ctladm islist -x: not XML: {exc}") from None
+    if root.tag != "ctlislist":
+        raise CtladmParseError(f"ctladm islist -x: expected <ctlislist>, got <{root.tag}>")
+    return [(c.findtext("target", ""), Session(c.findtext("initiator", ""), c.findtext("initiator_addr", "")))
+            for c in root.iter("connection")]
 
 
 def _differences(

@@ -16,7 +16,7 @@ from typing import Literal
 
 from iscsi import names
 from iscsi.ctld import CtldDriver
-from iscsi.model import ExportDriver, ExportState, InUseError, TargetSpec
+from iscsi.model import ExportDriver, ExportState, InUseError, Session, TargetSpec
 from iscsi.runner import CommandRunner
 from iscsi.tgt import TgtDriver
 
@@ -39,6 +39,9 @@ class NullDriver:
 
     async def teardown(self, iqn_prefix: str | None = None) -> int:
         return 0
+
+    async def sessions(self, iqn: str) -> list[Session]:
+        return []
 
     async def apply(self, targets: Sequence[TargetSpec]) -> ExportState:
         return ExportState({}, available=False, detail=self.reason)

@@ -115,6 +115,17 @@ class ExportState:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Session:
+    """An initiator logged in to a target: what a destructive action names when it refuses."""
+
+    initiator: str
+    address: str  # the initiator's IP address as the target saw it
+
+    def __str__(self) -> str:
+        return f"{self.initiator} from {self.address}"
+
+
 class ExportDriver(Protocol):
     name: str
 
@@ -131,6 +142,9 @@ class ExportDriver(Protocol):
     async def actual(self) -> ExportState: ...
     def lun_number(self, index: int) -> int:
         """The LUN number this driver gives a volume of this index (ctld: index, tgt: index + 1)."""
+        ...
+    async def sessions(self, iqn: str) -> list[Session]:
+        """Who is logged in to the target now (tgt: its I_T nexus list; ctld: `ctladm islist`)."""
         ...
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iscsi import names
-from iscsi.model import ExportState, NameError_, StorageError, TargetSpec
+from iscsi.model import ExportState, NameError_, Session, StorageError, TargetSpec
 from iscsi.runner import CommandError, CommandResult, CommandRunner, default_runner
 from iscsi.tgt_show import TgtShowError, TgtTarget, parse_show
 from iscsi.tgtd import TgtdProcess
@@ -315,6 +315,13 @@ class TgtDriver:
         res = await self._run([self._tgtadm, "-C", str(self.control_port), "--lld", "iscsi",
                                "--op", "show", "--mode", "account"])
         return {line.strip() for line in res.stdout.splitlines()[1:] if line.strip()}
+
+    async def sessions(self, iqn: str) -> list[Session]:
+        """The initiators logged in to this target now, from tgtd's I_T nexus list."""
+        for t in (await self._show()).values():
+            if t.iqn == iqn:
+                return [Session(initiator, address) for initiator, address in t.nexus.values()]
+        return []
 
     async def actual(self) -> ExportState:
         shown = await self._show()

@@ -1,5 +1,6 @@
 """The text `tgtadm --lld iscsi --op show --mode target` prints, parsed (pure): targets, their LUNs
-(LUN 0, tgt's controller, left out), CHAP accounts by direction, ACL entries and NOP settings."""
+(LUN 0, tgt's controller, left out), CHAP accounts by direction, ACL entries, NOP settings and the
+logged-in initiators (I_T nexus)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class TgtTarget:
     acl: list[str] = field(default_factory=list)  # addresses/networks, initiator names, or "ALL"
     nop_interval: int | None = None
     nop_count: int | None = None
+    nexus: dict[str, list[str]] = field(default_factory=dict)  # I_T nexus id -> [initiator, first address]
 
 
 _TARGET_RE = re.compile(r"^Target (\d+): (\S+)$")
@@ -90,4 +92,13 @@ def parse_show(text: str) -> dict[int, TgtTarget]:
             (cur.outgoing if flag.strip() == "(outgoing)" else cur.accounts).append(user)
         elif section == "ACL information":
             cur.acl.append(line)
+        elif section == "I_T nexus information":
+            key, _, value = line.partition(": ")
+            if key == "I_T nexus":
+                cur.nexus[value.strip()] = ["", ""]
+            elif cur.nexus and key == "Initiator":
+                last = cur.nexus[next(reversed(cur.nexus))]
+                last[0] = value.split(" alias:")[0].strip()
+            elif cur.nexus and key == "IP Address" and not cur.nexus[next(reversed(cur.nexus))][1]:
+                cur.nexus[next(reversed(cur.nexus))][1] = value.strip()
     return targets

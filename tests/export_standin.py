@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from iscsi import names
-from iscsi.model import ExportState, TargetSpec
+from iscsi.model import ExportState, Session, TargetSpec
 
 
 class InMemoryExports:
@@ -20,6 +20,7 @@ class InMemoryExports:
     def __init__(self) -> None:
         self.targets: dict[str, dict[str, int]] = {}
         self.applies = 0
+        self.logged_in: dict[str, list[Session]] = {}
 
     async def start(self) -> None:
         pass
@@ -47,3 +48,7 @@ class InMemoryExports:
 
     def lun_number(self, index: int) -> int:
         return index + 1
+
+    async def sessions(self, iqn: str) -> list[Session]:
+        """Who a test says is logged in (`logged_in[iqn]`): there is no real initiator here."""
+        return list(self.logged_in.get(iqn, ()))

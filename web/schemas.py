@@ -6,6 +6,7 @@ from typing import Any
 
 import naming
 from domain.requests import MAX_DATA_GB, MAX_DATA_VOLUMES
+from domain.states import ServerState
 
 Schema = dict[str, Any]
 
@@ -72,8 +73,7 @@ COMPONENTS: dict[str, Schema] = {
             "version": {"type": "string"},
             "profile": {"type": "string"},
             "user": {"type": "string"},
-            "state": {"type": "string",
-                      "enum": ["creating", "exporting", "available", "error", "deleting", "error_deleting"]},
+            "state": {"type": "string", "enum": [state.value for state in ServerState]},
             "reason": {"type": "string"},
             "macs": {"type": "array", "items": {"type": "string"}},
             "hostname": {"type": "string"},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from iscsi.file_backend import FileBackend
-from iscsi.model import TargetAuth
+from iscsi.model import Session, TargetAuth
 from iscsi.tgt import TgtDriver
 from iscsi.tgtd import TgtdRecord, process_start_time, read_record, write_record
 from tests.integration.test_tgt_export import PREFIX, U1, U2, TeeRunner, backend, run, spec
@@ -96,6 +96,9 @@ async def test_stop_leaves_tgtd_and_the_session_and_the_next_start_changes_nothi
     perf = await reader(U1)
     try:
         before = await wait_for_session()
+        # the session a destructive action would name (initiator and address), as tgtd reports it
+        assert await first.sessions(f"{PREFIX}:{U1}") == [Session(NODE, "127.0.0.1")]
+        assert await first.sessions(f"{PREFIX}:{U2}") == []
         await first.stop()
         await asyncio.sleep(1)  # the initiator keeps reading from the tgtd that Cello left running
         assert pid is not None and process_start_time(pid) is not None

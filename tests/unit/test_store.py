@@ -36,7 +36,7 @@ def test_an_old_schema_upgrades_with_its_data_kept(tmp_path: Path) -> None:
     db.close()
 
     s = Store(path)
-    assert s.version == SCHEMA_VERSION == 3
+    assert s.version == SCHEMA_VERSION == 4
     server = s.server("u1")
     assert server is not None and server.state == "available" and server.macs == ("52:54:00:00:00:01",)
     assert server.hostname == ""  # the column that version 2 added, with its default
@@ -106,3 +106,24 @@ def test_each_server_lists_its_own_macs_whoever_asks(tmp_path: Path) -> None:
     assert s.server("nope") is None
     s.delete_server("u1")
     assert [r.uuid for r in s.servers()] == ["u2", "u3"]
+
+
+def test_version_4_keeps_every_volume_and_records_each_roots_origin(tmp_path: Path) -> None:
+    """3 → 4 makes the volumes table again (a new kind, 'prev'): rows, states and serials survive, and an
+    OS volume learns the template version it was cloned from."""
+    path = tmp_path / "v3.db"
+    db = sqlite3.connect(path)
+    db.executescript("".join(MIGRATIONS[:3]) + "; PRAGMA user_version = 3;")
+    db.execute("INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, updated_at)"
+               " VALUES ('u1', 'tiny', 'v2', 'compute', 'alice', 'available', '', 1, 1)")
+    db.executemany("INSERT INTO volumes VALUES (?, 'u1', ?, ?, ?, 'available', ?, 1)",
+                   [("tiny-OS-u1", "os", 0, 64, "s0"), ("tiny-DATA-u1", "data", 1, 1 << 30, "s1")])
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert s.version == 4
+    assert s.volumes("u1") == [VolumeRow("tiny-OS-u1", "u1", "os", 0, 64, "available", "s0", "tiny@v2"),
+                               VolumeRow("tiny-DATA-u1", "u1", "data", 1, 1 << 30, "available", "s1", "")]
+    assert s.usage("alice") == (2, 1 << 30)
+    server = s.server("u1")
+    assert server is not None and server.label_map == {} and server.bmc_url == ""
