@@ -3,7 +3,8 @@ nor its root disk.
 
 One lab for the module (tests/system/conftest.py). A qemu node (TCG, BIOS, pxelinux) boots the tiny
 template from its own clone, with per-server CHAP (the default): its config reached it, so the DHCP
-binding the proxy learned works for the node. Then, with the node powered off, a stranger host
+binding the proxy learned works for the node; an iPXE node and a UEFI node get their scripts over HTTP
+the same way. Then, with the node powered off, a stranger host
 (tests/system/stranger.py: its own namespace on the lab's bridge, 10.77.0.66, wearing the node's MAC)
 asks for the node's config by every name over TFTP (tftp-hpa, curl) and HTTP (curl): each is refused
 (TFTP access violation, HTTP 403) and a `denied` event names the stranger. It logs in to the node's
@@ -32,12 +33,15 @@ from tests.system.test_e2e_boot import (
     cli_ok,
     create_server,
     fail_with_logs,
+    node_address,
     wait_until,
 )
 
 pytestmark = pytest.mark.system
 
 NODE = ("known", "3f1c2b4e-0000-4000-8000-0000000000e1", "52:54:00:77:00:e1")
+IPXE_NODE = ("ipxenode", "3f1c2b4e-0000-4000-8000-0000000000e2", "52:54:00:77:00:e2")
+UEFI_NODE = ("uefinode", "3f1c2b4e-0000-4000-8000-0000000000e3", "52:54:00:77:00:e3")
 DENIED = "Error code 2: access denied"
 
 seen: dict[str, Any] = {}
@@ -90,6 +94,37 @@ def test_the_node_boots_with_chap_from_its_own_clone(lab: Lab) -> None:
     os_lun = next(lun["lun"] for lun in target["luns"] if lun["volume"] == os_volume)
     seen["server"] = server
     seen["iscsi"] = (target["iqn"], int(os_lun))
+
+
+def test_ipxe_and_uefi_nodes_get_their_scripts_from_their_bindings(lab: Lab) -> None:
+    """The HTTP side of the binding with real firmware: a BIOS node on the ipxe profile (qemu's iPXE ROM
+    asks for its script by URL) and a UEFI node (OVMF's PXE → ipxe.efi over TFTP → iPXE's DHCP → the
+    script), both with CHAP, booting at once."""
+    need("server")
+    for who in (IPXE_NODE, UEFI_NODE):
+        server = create_server(lab, who, "ipxe")
+        assert server["target"]["chap"] == "on", server
+    nodes = [lab.node(*IPXE_NODE), lab.node(*UEFI_NODE, firmware="uefi-pxe", nic="virtio-net-pci")]
+    assert lab.events is not None
+    since = int(lab.events.snapshot()[-1]["id"])
+    try:
+        for node in nodes:
+            node.power_on()
+        for node in nodes:
+            node.wait_console(f"cello-root-ok {node.uuid}", 150)
+            wait_until(f"{node.name}'s session on its target", lambda n=node: logged_in(lab, n.uuid), 20, every=0.5)
+    except LabError as e:
+        fail_with_logs(lab, str(e))
+    finally:
+        for node in nodes:
+            lab.release(node)
+    events = lab.events.snapshot()
+    for node in nodes:
+        ip = node_address(node)
+        scripts = [e for e in events if e.get("id", 0) > since and e["kind"] == "http"
+                   and e.get("file") == f"{node.uuid}.ipxe"]
+        assert scripts and all(e["client"] == ip and e["status"] == 200 for e in scripts), scripts
+    assert not [e for e in events if e.get("id", 0) > since and e["kind"] == "denied"]
 
 
 def test_a_stranger_with_the_nodes_mac_and_uuid_gets_no_config(lab: Lab) -> None:
