@@ -4,6 +4,10 @@ Layout: `<dir>/<volume>.img`; a template snapshot is a read-only copy `<dir>/<os
 a clone is a copy of the snapshot file, made by reflink (FICLONE) when the filesystem can, else by a
 sparse copy (SEEK_DATA/SEEK_HOLE, zero blocks skipped). A clone's origin is kept in a sidecar
 `<volume>.json`, so `list()` reports it and destroying a snapshot that has clones is refused.
+
+An OS volume's own snapshot is a read-only copy `<dir>/<volume>@<snap>.img` made the same way, with a
+sidecar `<volume>@<snap>.json` holding its creation time (nanoseconds, strictly after the volume's
+other snapshots), which orders them: restoring one with newer ones after it is refused, as ZFS does.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import errno
 import fcntl
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
+import naming
 from iscsi import names
 from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
 from iscsi.runner import CommandRunner
@@ -97,6 +103,27 @@ def clone_file(src: Path, dst: Path) -> CloneMethod:
         return "reflink"
     sparse_copy(src, dst)
     return "sparse-copy"
+
+
+def replace_with_copy(src: Path, dst: Path) -> CloneMethod:
+    """The existing file dst gets src's content, atomically: a clone made beside dst (with dst's mode) is
+    renamed over it. Whoever still has the old dst open keeps the old content."""
+    mode = dst.stat().st_mode & 0o777
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        method = clone_file(src, tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(dst.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+    return method
 
 
 def _write_json(path: Path, data: Mapping[str, object]) -> None:
@@ -243,15 +270,15 @@ class FileBackend:
         async with self._lock:
             clones = await asyncio.to_thread(self._clones_of, snap)
             if clones:
-                raise InUseError(f"snapshot {snap} has clones: {', '.join(clones[:5])}"
-                                 + (f" and {len(clones) - 5} more" if len(clones) > 5 else ""))
+                raise InUseError(f"snapshot {snap} has clones: {_some(clones)}")
             await asyncio.to_thread(self._img(snap).unlink, True)
 
     async def destroy(self, volume: str, *, exported: ExportedGuard | None = None) -> None:
         """Destroy a volume (a missing one is a no-op, so compensations can repeat).
 
         Refused (InUseError) if `exported(volume)` says it is still exported, or for a template whose
-        snapshots have clones; a template's unused snapshots go with it.
+        snapshots have clones; a template's unused snapshots go with it, and so do an OS volume's own
+        snapshots.
         """
         vol = names.parse_volume(volume)
         if exported is not None and exported(vol.name):
@@ -265,32 +292,124 @@ class FileBackend:
             mine = [s for s in snaps if s.startswith(f"{vol.name}@")]
             clones = [c for s in mine for c in self._clones_of(s)]
             if clones:
-                raise InUseError(f"template {vol.name} has clones: {', '.join(clones[:5])}"
-                                 + (f" and {len(clones) - 5} more" if len(clones) > 5 else ""))
+                raise InUseError(f"template {vol.name} has clones: {_some(clones)}")
             for s in mine:
                 self._img(s).unlink(missing_ok=True)
+        elif vol.kind == "os":
+            # an OS volume's snapshots go first: a crash in between leaves a volume, never orphans
+            for snap in self._volume_snapshots(vol.name):
+                self._destroy_volume_snapshot(f"{vol.name}@{snap}")
         self._img(vol.name).unlink(missing_ok=True)
         self._sidecar(vol.name).unlink(missing_ok=True)
 
     async def snapshots(self) -> builtins.list[str]:
         return (await asyncio.to_thread(self._entries))[1]
 
-    # -- snapshots of an OS volume, and copies (issue 13; being implemented) ---------------------
+    # -- snapshots of an OS volume, and copies ------------------------------------------------
+
+    def _volume_snapshots(self, volume: str) -> builtins.list[str]:
+        """The snapshots `<volume>@<snap>.img` of an OS volume, oldest first (by the creation time in
+        each one's sidecar; a snapshot without one sorts by its image's mtime)."""
+        prefix = f"{volume}@"
+        found: builtins.list[tuple[int, str]] = []
+        try:
+            files = [p.name for p in self.directory.iterdir()]
+        except FileNotFoundError:
+            return []
+        for fname in files:
+            if not (fname.startswith(prefix) and fname.endswith(".img")):
+                continue
+            snap = fname[len(prefix):-4]
+            if not naming.SNAPSHOT.ok(snap):
+                continue
+            try:
+                found.append((self._created_ns(f"{prefix}{snap}"), snap))
+            except FileNotFoundError:  # destroyed meanwhile
+                continue
+        return [snap for _, snap in sorted(found)]
+
+    def _created_ns(self, full: str) -> int:
+        try:
+            data = json.loads(self._sidecar(full).read_text())
+        except (OSError, ValueError):
+            data = None
+        created = data.get("created_ns") if isinstance(data, dict) else None
+        if isinstance(created, int) and not isinstance(created, bool):
+            return created
+        return self._img(full).stat().st_mtime_ns
+
+    def _volume_snapshots_if_any(self, volume: str) -> builtins.list[str] | None:
+        return self._volume_snapshots(volume) if self._img(volume).exists() else None
+
+    def _snapshot_volume(self, volume: str, snap: str) -> CloneMethod:
+        full = names.volume_snapshot(volume, snap)
+        src = self._img(volume)
+        if not src.exists():
+            raise StorageError(f"volume {volume} does not exist")
+        if self._img(full).exists():
+            raise StorageError(f"snapshot {full} already exists")
+        existing = [self._created_ns(f"{volume}@{s}") for s in self._volume_snapshots(volume)]
+        # strictly after every existing one, whatever the clock did: "oldest first" is creation order
+        created = max([time.time_ns(), *(c + 1 for c in existing)])
+        _write_json(self._sidecar(full), {"created_ns": created})
+        try:
+            return self._clone(src, full, None, True)
+        except BaseException:
+            self._sidecar(full).unlink(missing_ok=True)
+            raise
+
+    def _destroy_volume_snapshot(self, full: str) -> None:
+        self._img(full).unlink(missing_ok=True)
+        self._sidecar(full).unlink(missing_ok=True)
+
+    def _restore_volume_snapshot(self, volume: str, snap: str) -> CloneMethod:
+        full = names.volume_snapshot(volume, snap)
+        img = self._img(volume)
+        check_restorable(volume, snap, self._volume_snapshots_if_any(volume))
+        return replace_with_copy(self._img(full), img)
+
+    def _copy_volume(self, src: str, dst: str) -> CloneMethod:
+        if src == dst:
+            raise StorageError(f"cannot copy volume {src} onto itself")
+        src_img, dst_img = self._img(src), self._img(dst)
+        try:
+            size = src_img.stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"volume {src} does not exist") from None
+        try:
+            st = dst_img.stat()
+        except FileNotFoundError:
+            return self._clone(src_img, dst, None, False)
+        if st.st_size != size:
+            raise StorageError(f"volume {dst} is {st.st_size} bytes, {src} is {size}: a copy needs the same size")
+        return replace_with_copy(src_img, dst_img)
 
     async def snapshot_volume(self, volume: str, snap: str) -> None:
-        raise StorageError(f"snapshot_volume is not implemented yet by the {self.name} backend")
+        """A read-only copy `<volume>@<snap>.img` (reflink or sparse) of an OS volume."""
+        names.volume_snapshot(volume, snap)
+        async with self._lock:
+            self.clone_method = await asyncio.to_thread(self._snapshot_volume, volume, snap)
 
     async def volume_snapshots(self, volume: str) -> builtins.list[str]:
-        raise StorageError(f"volume_snapshots is not implemented yet by the {self.name} backend")
+        return await asyncio.to_thread(self._volume_snapshots, names.os_volume_name(volume))
 
     async def destroy_volume_snapshot(self, volume: str, snap: str) -> None:
-        raise StorageError(f"destroy_volume_snapshot is not implemented yet by the {self.name} backend")
+        full = names.volume_snapshot(volume, snap)
+        async with self._lock:
+            await asyncio.to_thread(self._destroy_volume_snapshot, full)
 
     async def restore_volume_snapshot(self, volume: str, snap: str) -> None:
-        raise StorageError(f"restore_volume_snapshot is not implemented yet by the {self.name} backend")
+        """The snapshot cloned beside the volume's image and renamed over it: whoever still has the old
+        image open (an export the caller should have removed) keeps the old content."""
+        names.volume_snapshot(volume, snap)
+        async with self._lock:
+            self.clone_method = await asyncio.to_thread(self._restore_volume_snapshot, volume, snap)
 
     async def copy_volume(self, src: str, dst: str) -> VolumeInfo:
-        raise StorageError(f"copy_volume is not implemented yet by the {self.name} backend")
+        src_name, dst_name = names.volume(src), names.volume(dst)
+        async with self._lock:
+            self.clone_method = await asyncio.to_thread(self._copy_volume, src_name, dst_name)
+            return await asyncio.to_thread(self._info, dst_name)
 
     async def capacity(self) -> PoolCapacity:
         def statvfs() -> PoolCapacity:
@@ -312,6 +431,24 @@ class FileBackend:
             return out
 
         return await asyncio.to_thread(scan)
+
+
+def check_restorable(volume: str, snap: str, snapshots: builtins.list[str] | None) -> None:
+    """Refuse restoring `volume@snap` given the volume's snapshots oldest first (None: no such volume):
+    one with newer snapshots after it is refused by name, as `zfs rollback` without `-r` refuses it."""
+    full = names.volume_snapshot(volume, snap)
+    if snapshots is None:
+        raise StorageError(f"volume {volume} does not exist")
+    if snap not in snapshots:
+        raise StorageError(f"snapshot {full} does not exist")
+    newer = snapshots[snapshots.index(snap) + 1:]
+    if newer:
+        raise InUseError(f"snapshot {full} has newer snapshots: {_some(newer)} "
+                         "(restore the newest, or destroy those first)")
+
+
+def _some(items: builtins.list[str]) -> str:
+    return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
 
 def _check_size(size: int) -> None:

@@ -213,13 +213,18 @@ def snapshot_label(value: str) -> str:
     return naming.SNAPSHOT.check(value, NameError_)
 
 
-def volume_snapshot(volume_name: str, snap: str) -> str:
-    """`<volume>@<snap>` for an OS volume (template snapshots are `snapshot_name`'s)."""
-    vol = parse_volume(volume_name)
+def os_volume_name(value: str) -> str:
+    """An OS volume's name, of any generation; a template or data volume is refused."""
+    vol = parse_volume(value)
     if vol.kind != "os":
         raise NameError_(f"invalid volume {vol.name!r} for a snapshot: only OS volumes (<os>-OS-<uuid>[-g<n>]) "
                          "have snapshots of their own")
-    return f"{vol.name}@{snapshot_label(snap)}"
+    return vol.name
+
+
+def volume_snapshot(volume_name: str, snap: str) -> str:
+    """`<volume>@<snap>` for an OS volume (template snapshots are `snapshot_name`'s)."""
+    return f"{os_volume_name(volume_name)}@{snapshot_label(snap)}"
 
 
 def parse_volume_snapshot(name: str) -> tuple[str, str]:

@@ -18,7 +18,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+import naming
 from iscsi import names
+from iscsi.file_backend import check_restorable, replace_with_copy
 from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
 from iscsi.runner import CommandError, CommandRunner, default_runner
 
@@ -156,28 +158,31 @@ class ZfsBackend:
 
     async def _create(self, name: str, size: int) -> VolumeInfo:
         _check_size(size)
-        ds = self._ds(name)
         async with self._lock:
-            if self.kind == "zvol":
-                size = -(-size // ZVOL_ALIGN) * ZVOL_ALIGN
-                if self._lzc is not None:
-                    await self._lzc_call("lzc_create", ds.encode(), "zvol", {b"volsize": size})
-                else:
-                    await self._zfs("create", "-s", "-V", str(size), ds)
-                await self._wait_device(name)
-            else:
-                await self._learn_mountpoint()
-                if self._lzc is not None:
-                    await self._lzc_call("lzc_create", ds.encode(), "zfs", {})
-                    await self._zfs("mount", ds)
-                else:
-                    await self._zfs("create", ds)
-                try:
-                    await asyncio.to_thread(_make_sparse, Path(self.path(name)), size)
-                except BaseException:
-                    await self._zfs("destroy", ds)  # nothing half-made
-                    raise
+            await self._create_unlocked(name, size)
             return await self._info(name)
+
+    async def _create_unlocked(self, name: str, size: int) -> None:
+        ds = self._ds(name)
+        if self.kind == "zvol":
+            size = -(-size // ZVOL_ALIGN) * ZVOL_ALIGN
+            if self._lzc is not None:
+                await self._lzc_call("lzc_create", ds.encode(), "zvol", {b"volsize": size})
+            else:
+                await self._zfs("create", "-s", "-V", str(size), ds)
+            await self._wait_device(name)
+        else:
+            await self._learn_mountpoint()
+            if self._lzc is not None:
+                await self._lzc_call("lzc_create", ds.encode(), "zfs", {})
+                await self._zfs("mount", ds)
+            else:
+                await self._zfs("create", ds)
+            try:
+                await asyncio.to_thread(_make_sparse, Path(self.path(name)), size)
+            except BaseException:
+                await self._zfs("destroy", ds)  # nothing half-made
+                raise
 
     async def _wait_device(self, name: str) -> None:
         if self._device_timeout <= 0:
@@ -245,7 +250,10 @@ class ZfsBackend:
                       if p.get("origin", "-") in snapshots)
 
     async def destroy_snapshot(self, os_name: str, version: str) -> None:
-        snap = self._ds(names.snapshot_name(os_name, version))
+        await self._destroy_snapshot(self._ds(names.snapshot_name(os_name, version)))
+
+    async def _destroy_snapshot(self, snap: str) -> None:
+        """Destroy `pool/…@snap`: a missing one is a no-op, one with clones is refused."""
         async with self._lock:
             everything = await self._all()
             if snap not in everything:
@@ -283,15 +291,19 @@ class ZfsBackend:
                     await self._lzc_call("lzc_destroy_snaps", [s.encode() for s in sorted(snaps)], False)
                 await self._lzc_call("lzc_destroy", ds.encode())
                 return
-            for attempt in range(5):
-                try:
-                    await self._zfs("destroy", *(["-r"] if snaps else []), ds)
-                    return
-                except CommandError as exc:
-                    # zfs-fuse reports "dataset is busy" for a moment after an unmount
-                    if "busy" not in exc.result.stderr or attempt == 4:
-                        raise
-                    await asyncio.sleep(0.2 * (attempt + 1))
+            await self._zfs_patiently("destroy", *(["-r"] if snaps else []), ds)
+
+    async def _zfs_patiently(self, *args: str) -> None:
+        """A `zfs` command retried while zfs-fuse reports "dataset is busy" (it does for a moment after
+        an unmount, and around a rollback of a mounted dataset)."""
+        for attempt in range(5):
+            try:
+                await self._zfs(*args)
+                return
+            except CommandError as exc:
+                if "busy" not in exc.result.stderr or attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def list(self) -> builtins.list[VolumeInfo]:
         everything = await self._all()
@@ -319,22 +331,95 @@ class ZfsBackend:
                 out.append(name)
         return sorted(out)
 
-    # -- snapshots of an OS volume, and copies (issue 13; being implemented) ---------------------
+    # -- snapshots of an OS volume, and copies ------------------------------------------------
+
+    async def _snapshots_of(self, ds: str) -> builtins.list[str] | None:
+        """Every snapshot of dataset `ds` (names after the @), oldest first; None if `ds` is missing.
+
+        Ordered by `createtxg` (1-second `creation` ties; a txg is what `zfs rollback` means by
+        "more recent"). zfs-fuse has `createtxg` as a hidden property that `zfs get` still prints.
+        """
+        result = await self._run(["zfs", "get", "-Hp", "-r", "-o", "name,property,value", "createtxg", ds],
+                                 check=False)
+        if result.returncode != 0:
+            if "does not exist" in result.stderr:
+                return None
+            raise CommandError(result)
+        try:
+            got = parse_get(result.stdout)
+        except ZfsOutputError as exc:
+            raise StorageError(f"zfs get: {exc}") from None
+        found = []
+        for name, props in got.items():
+            parent, at, snap = name.partition("@")
+            if parent == ds and at:
+                found.append((_int(props, "createtxg", name), snap))
+        return [snap for _, snap in sorted(found)]
 
     async def snapshot_volume(self, volume: str, snap: str) -> None:
-        raise StorageError(f"snapshot_volume is not implemented yet by the {self.name} backend")
+        full = names.volume_snapshot(volume, snap)
+        ds = self._ds(volume)
+        async with self._lock:
+            existing = await self._snapshots_of(ds)
+            if existing is None:
+                raise StorageError(f"volume {volume} does not exist")
+            if snap in existing:
+                raise StorageError(f"snapshot {full} already exists")
+            if self._lzc is not None:
+                await self._lzc_call("lzc_snapshot", [self._ds(full).encode()])
+            else:
+                await self._zfs("snapshot", self._ds(full))
 
     async def volume_snapshots(self, volume: str) -> builtins.list[str]:
-        raise StorageError(f"volume_snapshots is not implemented yet by the {self.name} backend")
+        """Cello's snapshots of an OS volume, oldest first (one named outside Cello's rule is left out)."""
+        found = await self._snapshots_of(self._ds(names.os_volume_name(volume)))
+        return [s for s in found or [] if naming.SNAPSHOT.ok(s)]
 
     async def destroy_volume_snapshot(self, volume: str, snap: str) -> None:
-        raise StorageError(f"destroy_volume_snapshot is not implemented yet by the {self.name} backend")
+        await self._destroy_snapshot(self._ds(names.volume_snapshot(volume, snap)))
 
     async def restore_volume_snapshot(self, volume: str, snap: str) -> None:
-        raise StorageError(f"restore_volume_snapshot is not implemented yet by the {self.name} backend")
+        """`zfs rollback` (the CLI even with libzfs_core: it unmounts and remounts a file-kind dataset).
+        Never `-r`: newer snapshots are refused by name here instead of destroyed."""
+        full = names.volume_snapshot(volume, snap)
+        async with self._lock:
+            check_restorable(volume, snap, await self._snapshots_of(self._ds(volume)))
+            await self._zfs_patiently("rollback", self._ds(full))
 
     async def copy_volume(self, src: str, dst: str) -> VolumeInfo:
-        raise StorageError(f"copy_volume is not implemented yet by the {self.name} backend")
+        """dst gets src's bytes: the file kind copies the image inside the mountpoints (reflink where the
+        pool can clone blocks, else sparse); a zvol is copied with `dd conv=sparse` onto a new dst (a
+        sparse zvol reads zeros, so skipping zero blocks is exact) and fully onto an existing one."""
+        src_name, dst_name = names.volume(src), names.volume(dst)
+        if src_name == dst_name:
+            raise StorageError(f"cannot copy volume {src_name} onto itself")
+        async with self._lock:
+            everything = await self._all()
+            if self._ds(src_name) not in everything:
+                raise StorageError(f"volume {src_name} does not exist")
+            source = await self._to_info(src_name, everything[self._ds(src_name)])
+            created = self._ds(dst_name) not in everything
+            if created:
+                _check_size(source.size)
+                await self._create_unlocked(dst_name, source.size)
+            else:
+                target = await self._to_info(dst_name, everything[self._ds(dst_name)])
+                if target.size != source.size:
+                    raise StorageError(f"volume {dst_name} is {target.size} bytes, {src_name} is {source.size}: "
+                                       "a copy needs the same size")
+            try:
+                if self.kind == "zvol":
+                    await self._run(["dd", f"if={source.path}", f"of={self.path(dst_name)}", "bs=1048576",
+                                     "conv=sparse,fsync" if created else "conv=fsync", "status=none"])
+                else:
+                    await asyncio.to_thread(replace_with_copy, Path(source.path), Path(self.path(dst_name)))
+            except BaseException:
+                if created:  # nothing half-made
+                    if self.kind == "file":
+                        await self._run(["zfs", "umount", self._ds(dst_name)], check=False)
+                    await self._zfs_patiently("destroy", self._ds(dst_name))
+                raise
+            return await self._info(dst_name)
 
     async def capacity(self) -> PoolCapacity:
         got = (await self._get("used,available", self.pool)).get(self.pool, {})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi.model import InUseError
+from iscsi.model import InUseError, StorageError
 from iscsi.zfs_backend import ZfsBackend
 from tests.tools import require
 
@@ -151,4 +151,62 @@ async def test_template_with_unused_snapshots_is_destroyed_whole(pool: tuple[str
         await b.destroy("tiny-template")
     await b.destroy(f"tiny-OS-{U2}")
     await b.destroy("tiny-template")
+    assert await b.list() == [] and await b.snapshots() == []
+
+
+async def test_os_volume_snapshots_restore_and_copy_on_zfs_fuse(pool: tuple[str, Path]) -> None:
+    """Issue 13's storage on a real ZFS: snapshots of a node's root, rollback, a capture into a template."""
+    name, mnt = pool
+    b = ZfsBackend(name, "file")
+    tpl = await b.create_template("tiny", 16 * MB)
+    await asyncio.to_thread(write_at, Path(tpl.path), 0, b"TEMPLATE")
+    await b.snapshot_template("tiny", "v1")
+    vol = f"tiny-OS-{U1}"
+    img = Path((await b.clone_os("tiny", "v1", U1)).path)
+    await asyncio.to_thread(write_at, img, 4 * MB, b"AAAA")
+    await b.snapshot_volume(vol, "zz")  # sorts last by name, first by creation
+    await asyncio.to_thread(write_at, img, 4 * MB, b"BBBB")
+    await b.snapshot_volume(vol, "aa")  # within the same second: the order is zfs's createtxg
+    await asyncio.to_thread(write_at, img, 4 * MB, b"CCCC")
+    assert await b.volume_snapshots(vol) == ["zz", "aa"]
+    assert await b.snapshots() == ["tiny-template@v1"]
+    assert {v.name for v in await b.list()} == {"tiny-template", vol}
+    with pytest.raises(StorageError, match="already exists"):
+        await b.snapshot_volume(vol, "aa")
+
+    with pytest.raises(InUseError, match="newer snapshots: aa"):
+        await b.restore_volume_snapshot(vol, "zz")
+    assert await b.volume_snapshots(vol) == ["zz", "aa"]  # nothing destroyed
+    await b.restore_volume_snapshot(vol, "aa")
+    assert await asyncio.to_thread(read_at, img, 4 * MB, 4) == b"BBBB"
+    await b.destroy_volume_snapshot(vol, "aa")
+    await b.destroy_volume_snapshot(vol, "aa")  # missing: a no-op
+    await b.restore_volume_snapshot(vol, "zz")
+    assert await asyncio.to_thread(read_at, img, 4 * MB, 4) == b"AAAA"
+    assert await asyncio.to_thread(read_at, img, 0, 8) == b"TEMPLATE"
+    await b.snapshot_volume(vol, "aa")
+
+    # capture: the node's root into a new template dataset, then a template version a second node clones
+    cap = await b.copy_volume(vol, "cap-template")
+    assert (cap.size, cap.origin, cap.path) == (16 * MB, None, str(mnt / "cap-template" / "disk.img"))
+    assert await asyncio.to_thread(read_at, Path(cap.path), 4 * MB, 4) == b"AAAA"
+    await asyncio.to_thread(write_at, Path(cap.path), 8 * MB, b"STALE")
+    await asyncio.to_thread(write_at, img, 4 * MB, b"DDDD")
+    await b.copy_volume(vol, "cap-template")  # onto the existing one: all of its bytes replaced
+    assert await asyncio.to_thread(read_at, Path(cap.path), 4 * MB, 4) == b"DDDD"
+    assert await asyncio.to_thread(read_at, Path(cap.path), 8 * MB, 5) == b"\0" * 5
+    await b.snapshot_template("cap", "v1")
+    node = await b.clone_os("cap", "v1", U2, generation=2)
+    assert node.name == f"cap-OS-{U2}-g2" and node.origin == "cap-template@v1"
+    assert await asyncio.to_thread(read_at, Path(node.path), 4 * MB, 4) == b"DDDD"
+    await b.create_template("small", 4 * MB)
+    with pytest.raises(StorageError, match="same size"):
+        await b.copy_volume(vol, "small-template")
+
+    # an OS volume with snapshots is destroyed whole
+    await b.destroy(vol)
+    assert await b.volume_snapshots(vol) == []
+    await b.destroy(node.name)
+    for template in ("cap-template", "small-template", "tiny-template"):
+        await b.destroy(template)
     assert await b.list() == [] and await b.snapshots() == []

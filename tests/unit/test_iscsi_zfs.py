@@ -181,3 +181,196 @@ def test_requested_libzfs_core_that_does_not_import_is_an_error(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "libzfs_core", None)  # makes the import fail
     with pytest.raises(StorageError, match="libzfs_core"):
         ZfsBackend("tank/cello", "zvol", RecordingRunner(), use_lzc=True)
+
+
+# -- snapshots of an OS volume, generations and copies (issue 13) ----------------------------------
+
+VOL = f"tiny-OS-{U1}"
+VOL_DS = f"tank/cello/{VOL}"
+
+
+def txg_get(ds: str) -> tuple[str, ...]:
+    return ("zfs", "get", "-Hp", "-r", "-o", "name,property,value", "createtxg", ds)
+
+
+def snapshot_lines(ds: str, snaps: list[str]) -> str:
+    """What `zfs get -r … LIST_PROPS` prints for snapshots of `ds`."""
+    return "".join(f"{ds}@{s}\t{prop}\t{value}\n" for s in snaps
+                   for prop, value in (("type", "snapshot"), ("volsize", "107374182400"), ("used", "0"),
+                                       ("referenced", "1263136768"), ("origin", "-"), ("mountpoint", "-"),
+                                       ("available", "-")))
+
+
+def volume_runner(txgs: str | None, extra: str = "",
+                  fail: tuple[str, ...] = ()) -> RecordingRunner:
+    """The fixture pool plus `extra` lines; `txgs` is what `zfs get createtxg` prints for the OS volume
+    (None: "dataset does not exist"). Datasets made by `zfs create` appear in later answers; a command
+    starting with `fail` exits 1."""
+    made: list[str] = []
+
+    def everything() -> str:
+        lines = fixture("get_r_zvol.txt") + extra
+        for ds in made:
+            lines += "".join(f"{ds}\t{p}\t{v}\n" for p, v in (("type", "volume"), ("volsize", "107374182400"),
+                                                           ("used", "57344"), ("origin", "-"), ("mountpoint", "-")))
+        return lines
+
+    def respond(argv: tuple[str, ...]) -> tuple[int, str, str] | str | None:
+        if fail and argv[:len(fail)] == fail:
+            return 1, "", "simulated failure"
+        if argv[:4] == ("zfs", "get", "-Hp", "-r") and argv[-2] == "createtxg":
+            if argv[-1] != VOL_DS or txgs is None:
+                return 1, "", f"cannot open '{argv[-1]}': dataset does not exist"
+            return txgs
+        if argv == GET_R:
+            return everything()
+        if argv[:2] == ("zfs", "get"):
+            return "".join(line + "\n" for line in everything().splitlines() if line.split("\t")[0] == argv[-1])
+        if argv[:3] == ("zfs", "create", "-s"):
+            made.append(argv[-1])
+        return None
+
+    return RecordingRunner(respond)
+
+
+# as zfs-fuse and OpenZFS print it: the dataset, then its snapshots in createtxg order; shuffled here
+TXGS = (f"{VOL_DS}\tcreatetxg\t7\n{VOL_DS}@before-v2\tcreatetxg\t40\n{VOL_DS}@zz\tcreatetxg\t12\n"
+        f"{VOL_DS}@auto:hourly\tcreatetxg\t30\n{VOL_DS}@aa\tcreatetxg\t17\n")
+
+
+def mutations(runner: RecordingRunner) -> list[tuple[str, ...]]:
+    return [c for c in runner.calls if c[1] != "get"]
+
+
+async def test_clone_os_of_a_later_generation() -> None:
+    g2 = "".join(f"{VOL_DS}-g2\t{prop}\t{value}\n" for prop, value in
+                 (("type", "volume"), ("volsize", "107374182400"), ("origin", "tank/cello/tiny-template@v2")))
+    runner = volume_runner(TXGS, g2)
+    info = await backend(runner).clone_os("tiny", "v2", U1, generation=2)
+    assert mutations(runner) == [("zfs", "clone", "tank/cello/tiny-template@v2", f"{VOL_DS}-g2")]
+    assert (info.name, info.origin, info.path) == (f"{VOL}-g2", "tiny-template@v2", f"/dev/zvol/{VOL_DS}-g2")
+
+
+async def test_volume_snapshots_are_in_createtxg_order() -> None:
+    runner = volume_runner(TXGS)
+    b = backend(runner)
+    # oldest first by txg, not by name or output order; a snapshot named outside Cello's rule is left out
+    assert await b.volume_snapshots(VOL) == ["zz", "aa", "before-v2"]
+    assert runner.calls == [txg_get(VOL_DS)]
+    assert await backend(volume_runner(None)).volume_snapshots(VOL) == []  # missing volume
+    with pytest.raises(NameError_):
+        await b.volume_snapshots("tiny-template")
+
+
+async def test_volume_snapshot_listing_errors_are_not_taken_for_a_missing_volume() -> None:
+    runner = RecordingRunner(lambda argv: (1, "", "permission denied"))
+    with pytest.raises(StorageError, match="permission denied"):
+        await backend(runner).volume_snapshots(VOL)
+
+
+async def test_snapshot_volume_command_line_and_refusals() -> None:
+    runner = volume_runner(TXGS)
+    b = backend(runner)
+    await b.snapshot_volume(VOL, "pre-upgrade")
+    with pytest.raises(StorageError, match=f"snapshot {VOL}@aa already exists"):
+        await b.snapshot_volume(VOL, "aa")
+    assert mutations(runner) == [("zfs", "snapshot", f"{VOL_DS}@pre-upgrade")]
+    missing = volume_runner(None)
+    with pytest.raises(StorageError, match=f"volume {VOL} does not exist"):
+        await backend(missing).snapshot_volume(VOL, "s1")
+    assert mutations(missing) == []
+
+
+async def test_restore_is_a_rollback_refused_while_newer_snapshots_exist() -> None:
+    runner = volume_runner(TXGS)
+    b = backend(runner)
+    with pytest.raises(InUseError, match=f"{VOL}@aa has newer snapshots: auto:hourly, before-v2"):
+        await b.restore_volume_snapshot(VOL, "aa")  # a foreign newer snapshot counts: -r would destroy it
+    with pytest.raises(StorageError, match="does not exist"):
+        await b.restore_volume_snapshot(VOL, "nope")
+    await b.restore_volume_snapshot(VOL, "before-v2")
+    assert mutations(runner) == [("zfs", "rollback", f"{VOL_DS}@before-v2")]  # never -r
+
+
+async def test_destroy_volume_snapshot_and_volume_with_snapshots() -> None:
+    runner = volume_runner(TXGS, snapshot_lines(VOL_DS, ["zz", "aa"]))
+    b = backend(runner)
+    await b.destroy_volume_snapshot(VOL, "zz")
+    await b.destroy_volume_snapshot(VOL, "gone")  # missing: a no-op
+    await b.destroy(VOL)  # its own snapshots go with it
+    assert mutations(runner) == [("zfs", "destroy", f"{VOL_DS}@zz"), ("zfs", "destroy", "-r", VOL_DS)]
+    # the volume snapshots are neither volumes nor template snapshots
+    assert VOL in {v.name for v in await b.list()} and not [v for v in await b.list() if "@" in v.name]
+    assert await b.snapshots() == ["tiny-template@v1", "tiny-template@v2"]
+
+
+async def test_a_volume_snapshot_with_a_clone_is_not_destroyed() -> None:
+    clone = (f"tank/cello/tiny-OS-{U2}-g2\ttype\tvolume\ntank/cello/tiny-OS-{U2}-g2\torigin\t{VOL_DS}@zz\n")
+    runner = volume_runner(TXGS, snapshot_lines(VOL_DS, ["zz"]) + clone)
+    with pytest.raises(InUseError, match=f"tiny-OS-{U2}-g2"):
+        await backend(runner).destroy_volume_snapshot(VOL, "zz")
+    assert mutations(runner) == []
+
+
+async def test_copy_zvol_onto_a_new_volume_is_a_sparse_dd() -> None:
+    runner = volume_runner(TXGS)
+    info = await backend(runner).copy_volume(VOL, "cap-template")
+    assert mutations(runner) == [
+        ("zfs", "create", "-s", "-V", "107374182400", "tank/cello/cap-template"),
+        ("dd", f"if=/dev/zvol/{VOL_DS}", "of=/dev/zvol/tank/cello/cap-template", "bs=1048576",
+         "conv=sparse,fsync", "status=none"),
+    ]
+    assert (info.name, info.size, info.origin) == ("cap-template", 107374182400, None)
+
+
+async def test_copy_zvol_onto_an_existing_volume_writes_every_block() -> None:
+    runner = volume_runner(TXGS)
+    await backend(runner).copy_volume(VOL, "debian.12-template")  # same 100 GiB volsize
+    assert mutations(runner) == [
+        ("dd", f"if=/dev/zvol/{VOL_DS}", "of=/dev/zvol/tank/cello/debian.12-template", "bs=1048576",
+         "conv=fsync", "status=none"),  # no conv=sparse: skipped zero blocks would keep its old bytes
+    ]
+
+
+async def test_copy_refusals_and_a_failed_copy_leaves_nothing() -> None:
+    runner = volume_runner(TXGS)
+    b = backend(runner)
+    with pytest.raises(StorageError, match="same size"):
+        await b.copy_volume(VOL, f"tiny-DATA-{U1}")  # 10 GiB
+    with pytest.raises(StorageError, match="does not exist"):
+        await b.copy_volume(f"tiny-OS-{'e' * 8}-0000-4000-8000-000000000000", "cap-template")
+    with pytest.raises(StorageError, match="onto itself"):
+        await b.copy_volume(VOL, VOL)
+    assert mutations(runner) == []
+    failing = volume_runner(TXGS, fail=("dd",))
+    with pytest.raises(StorageError, match="simulated failure"):
+        await backend(failing).copy_volume(VOL, "cap-template")
+    assert mutations(failing)[-1] == ("zfs", "destroy", "tank/cello/cap-template")  # the new volume went
+
+
+@pytest.mark.parametrize(("vol", "snap"), [("tiny-template", "s1"), (f"tiny-DATA-{U1}", "s1"), (VOL, "a;b"),
+                                           (VOL, "-r"), (VOL, "S1"), ("tiny;rm", "s1"), (VOL, "a" * 33)])
+async def test_hostile_snapshot_names_run_no_command(vol: str, snap: str) -> None:
+    runner = zfs_fixture_runner()
+    b = backend(runner)
+    for call in (b.snapshot_volume(vol, snap), b.destroy_volume_snapshot(vol, snap),
+                 b.restore_volume_snapshot(vol, snap)):
+        with pytest.raises(NameError_):
+            await call
+    for bad in (b.copy_volume(vol if "@" not in vol else VOL, "../x"), b.copy_volume("x y", VOL),
+                b.clone_os("tiny", "v1", U1, generation=10000)):
+        with pytest.raises(NameError_):
+            await bad
+    assert runner.calls == []
+
+
+async def test_libzfs_core_snapshots_an_os_volume_but_the_cli_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    fake = FakeLzc()
+    monkeypatch.setitem(sys.modules, "libzfs_core", fake)
+    runner = volume_runner(TXGS)
+    b = ZfsBackend("tank/cello", "zvol", runner, use_lzc=True, device_timeout=0)
+    await b.snapshot_volume(VOL, "s9")
+    await b.restore_volume_snapshot(VOL, "before-v2")
+    assert fake.calls == [("lzc_snapshot", [f"{VOL_DS}@s9".encode()])]
+    assert mutations(runner) == [("zfs", "rollback", f"{VOL_DS}@before-v2")]
