@@ -2,9 +2,10 @@
 
 One lab for the module (tests/system/conftest.py). One qemu node (TCG, BIOS, pxelinux) boots the tiny
 template from its own clone on the profile `writeloop` (pxelinux + `cello.test=writeloop`): its init writes
-and syncs /cello-writeloop once a second and prints `cello-writeloop <n> <uptime>`. A thread notes the host
-time at which each such line reaches the serial log; a scenario's stall is the longest gap between two
-lines (or from the scenario's start to its first line) while it runs. The node is booted once; the
+and syncs /cello-writeloop once a second and prints `cello-writeloop <n> <uptime> recovery_tmo=<s>`
+(the session's replacement timeout in the node's kernel). A thread notes the host time at which each
+such line reaches the serial log; a scenario's stall is the longest gap between two lines (or from the
+scenario's start to its first line) while it runs. The node is booted once; the
 scenarios run on it in file order, each with its own assertions:
 
   a. tgtd is SIGKILLed (by the PID of Cello's tgtd); the appliance restarts it and re-applies the exports;
@@ -16,7 +17,8 @@ scenarios run on it in file order, each with its own assertions:
      tgtd serves throughout, the session is never dropped, the loop never stalls for more than a few
      seconds, and each start succeeds the first time.
 
-In every scenario the console must show no I/O error (block layer, buffer, ext4, read-only remount).
+In every scenario the console must show no I/O error (block layer, buffer, ext4, read-only remount), and
+the session iscsid has logged in again keeps the root's replacement timeout (86400 s, not open-iscsi's 120 s).
 """
 
 from __future__ import annotations
@@ -62,13 +64,15 @@ RECOVERED = "is operational after recovery"  # iscsid, once it has logged the se
 CONN_ERROR = "detected conn error"  # the kernel, when the session's connection failed
 IO_ERRORS = ("I/O error", "Buffer I/O error", "EXT4-fs error", "Remounting filesystem read-only",
              "Aborting journal", "rejecting I/O", "cello-writeloop-failed")
-_LINE = re.compile(rb"cello-writeloop (\d+) ")
+ROOT_TMO = "86400"  # the root session's replacement timeout (image-build/tiny/iscsid.conf), not 120
+_LINE = re.compile(rb"cello-writeloop (\d+) \S+ recovery_tmo=(\S+)")
 
 
 @dataclass(frozen=True)
 class Tick:
     n: int
     at: float  # host monotonic time the line reached the serial log
+    recovery_tmo: str  # the session's replacement timeout in the node's kernel then
 
 
 @dataclass
@@ -106,7 +110,7 @@ class WriteLoopWatch:
                 found = _LINE.search(line)
                 if found:
                     with self._lock:
-                        self.ticks.append(Tick(int(found[1]), now))
+                        self.ticks.append(Tick(int(found[1]), now, found[2].decode(errors="replace")))
 
     def since(self, start: float) -> list[Tick]:
         with self._lock:
@@ -164,8 +168,12 @@ def longest_stall(watch: WriteLoopWatch, window: Window) -> tuple[float, int]:
 
 
 def report(name: str, booted: Booted, window: Window) -> tuple[float, str]:
+    """Prints the scenario's longest stall; (that stall, the console since the scenario began). The
+    session iscsid logged in again has the root's replacement timeout, not open-iscsi's 120 s."""
     stall, n = longest_stall(booted.watch, window)
-    lines = len(booted.watch.since(window.start))
+    ticks = booted.watch.since(window.start)
+    lines = len(ticks)
+    assert ticks[-1].recovery_tmo == ROOT_TMO, f"the node's session has recovery_tmo {ticks[-1].recovery_tmo}"
     print(f"\n{name}: longest stall of the write loop {stall:.1f} s (ended by line {n}); "
           f"{lines} lines in {time.monotonic() - window.start:.0f} s")
     return stall, console_since(booted.node, window)
@@ -206,11 +214,12 @@ def booted(lab: Lab) -> Iterator[Booted]:
         if "cello-iscsid: started" in node.console():
             # iscsid takes the session over by logging it in again: let that pass before any scenario
             node.wait_console(f"iscsid: connection1:0 {RECOVERED}", BOOT_TIMEOUT)
-        watch.wait(0, 3, 30, "the write loop after boot")
+        after_boot = watch.wait(0, 3, 30, "the write loop after boot")
     except (LabError, AssertionError) as e:
         fail_with_logs(lab, f"the write-loop node did not come up: {e}")
     print(f"\nwrite-loop node: power-on → root in {took:.1f} s")
     assert "cello.test=writeloop" in node.console()
+    assert after_boot[-1].recovery_tmo == ROOT_TMO, after_boot
     yield Booted(node, watch, server["target"]["iqn"])
     watch.stop()
     lab.release(node)
