@@ -414,6 +414,9 @@ def add_client_commands(subparsers: Any) -> None:
     p.add_argument("--since", type=int, default=0, help="replay recent events after this id")
     p.add_argument("--server", help="only this server's events")
     _common(subparsers.add_parser("reconcile", help="reconcile store, volumes and exports (admin)"), reconcile)
+    from appliance.cli_lifecycle import add_lifecycle_commands
+
+    add_lifecycle_commands(server, template, _common)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:

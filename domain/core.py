@@ -13,7 +13,9 @@ from bootfiles.spec import Profile
 from domain.bootpolicy import ApplianceBootPolicy
 from domain.events import EventBus
 from domain.exports import ChapMode, Naming, desired_targets
+from domain.lifecycle import BootFilesCopy, Lifecycle, PowerFor, Scrub
 from domain.reconcile import ReconcileReport, reconcile
+from domain.rolling import RollingUpgrades
 from domain.servers import ServerWorkflows
 from domain.services import ServiceSwitches
 from domain.store import AsyncStore
@@ -36,6 +38,8 @@ class Domain:
     templates: TemplateWorkflows
     policy: ApplianceBootPolicy
     tasks: BackgroundTasks
+    lifecycle: Lifecycle
+    rolling: RollingUpgrades
 
     @property
     def driver(self) -> ExportDriver:
@@ -73,6 +77,9 @@ def build_domain(
     chap: ChapMode = "on",
     builder: TemplateBuilder | None = None,
     source_check: SourceCheck | None = None,
+    power_for: PowerFor = lambda server: None,
+    copy_boot_files: BootFilesCopy | None = None,
+    scrub: Scrub | None = None,
 ) -> Domain:
     names = Naming(iqn_prefix)
     events = EventBus(store)
@@ -88,7 +95,9 @@ def build_domain(
                               on_change=policy.changed, chap=chap)
     templates = TemplateWorkflows(store, backend, events, tasks, builder=builder, source_check=source_check,
                                   destroy=servers.destroy, on_change=policy.changed)
-    return Domain(store, events, backend, exports, services, users, servers, templates, policy, tasks)
+    lifecycle = Lifecycle(servers, templates, power_for=power_for, copy_boot_files=copy_boot_files, scrub=scrub)
+    return Domain(store, events, backend, exports, services, users, servers, templates, policy, tasks, lifecycle,
+                  RollingUpgrades(lifecycle, tasks))
 
 
 def _names(profiles: Mapping[str, Profile]) -> Sequence[str]:

@@ -69,7 +69,8 @@ async def desired_targets(store: AsyncStore, backend: VolumeBackend, names: Nami
     servers, volumes = await store.call(_snapshot, store.sync)
     by_server: dict[str, list[VolumeRow]] = {}
     for v in volumes:
-        if v.state == VolumeState.AVAILABLE:
+        # a restore point (kind 'prev') and a root still being made (idx < 0) are never exported
+        if v.state == VolumeState.AVAILABLE and v.kind in ("os", "data") and v.idx >= 0:
             by_server.setdefault(v.server, []).append(v)
     targets = []
     for s in servers:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import naming
 from domain.errors import Conflict, InvalidRequest, NotFound
 from domain.events import EventBus
 from domain.exports import ChapMode, Naming, chap_for, server_serial
@@ -122,6 +123,26 @@ class ServerWorkflows:
             by_kind[(v.kind, v.state)] = by_kind.get((v.kind, v.state), 0) + 1
         return by_state, by_kind
 
+    async def set_labels(self, uuid: str, labels: dict[str, str],
+                         may_act_for: Callable[[str], bool] = lambda owner: True) -> None:
+        await self.get(uuid, may_act_for)
+        for key, value in labels.items():
+            naming.LABEL.check(key, InvalidRequest, "label")
+            naming.LABEL.check(value, InvalidRequest, f"label {key}'s value")
+        await self._db(self.store.sync.set_labels, uuid, dict(labels))
+
+    async def set_bmc(self, uuid: str, url: str, user: str, password: str) -> None:
+        """The node's BMC, checked before it is kept ("" removes it); the password is kept like CHAP secrets."""
+        await self.get(uuid)
+        if url:
+            from bmc import parse_bmc_url  # the BMC's own rules (bmc/address.py)
+
+            try:
+                parse_bmc_url(url)
+            except ValueError as e:
+                raise InvalidRequest(f"url: {e}") from None
+        await self._db(self.store.sync.set_bmc, uuid, url, user if url else "", password if url else "")
+
     async def apply_exports(self, reason: str) -> ExportState:
         state = await self.exports.apply()
         self.events.publish("export", {"reason": reason, "targets": len(state.targets),
@@ -144,7 +165,7 @@ class ServerWorkflows:
                         owner=req.owner, state=S.CREATING, reason="", macs=req.macs, hostname=req.hostname,
                         address=req.address, created_at=now, updated_at=now, **chap_for(req.uuid, self.chap))
         vols = [VolumeRow(names.os_volume(req.template, req.uuid), req.uuid, "os", 0, tv.size, V.CREATING,
-                          server_serial(names.os_volume(req.template, req.uuid)))]
+                          server_serial(names.os_volume(req.template, req.uuid)), f"{tv.template}@{tv.version}")]
         for i, gb in enumerate(req.data_gb, start=1):
             name = names.data_volume(req.template, req.uuid, i)
             vols.append(VolumeRow(name, req.uuid, "data", i, gb * GiB, V.CREATING, server_serial(name)))
@@ -298,8 +319,9 @@ class ServerWorkflows:
             vol = await self._db(self.store.sync.volume, name)
             if vol is None or vol.server != uuid:
                 raise NotFound(f"server {uuid} has no volume {name}")
-            if vol.kind == "os":
-                raise InvalidRequest("the OS volume goes only with its server")
+            if vol.kind != "data":
+                raise InvalidRequest("the OS volume and the restore point go only with their server "
+                                     "(or with an upgrade's --discard-old)")
             await self._db(self.store.sync.set_volume_state, name, V.DELETING)
             state = await self.apply_exports(f"remove volume {name}")
             if name in state.targets.get(self.iqn(uuid), {}):

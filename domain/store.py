@@ -145,6 +145,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Volume indexes beside the exported ones (0 = OS, 1.. = data): a server's restore point, a rebuild's new
 # root while it is being made, the restore point mid-swap, and an old restore point on its way out.
 PREV_IDX, NEW_ROOT_IDX, SWAP_IDX, GONE_IDX = -1, -2, -3, -4
+_VOLUME_COLUMNS = "name, server, kind, idx, size, state, serial, origin"
 
 
 @dataclass(frozen=True)
@@ -447,14 +448,14 @@ class Store:
 
     def volumes(self, server: str | None = None) -> list[VolumeRow]:
         if server is None:
-            rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes ORDER BY server, idx")
+            rows = self._all(f"SELECT {_VOLUME_COLUMNS} FROM volumes ORDER BY server, idx")
         else:
-            rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes "
+            rows = self._all(f"SELECT {_VOLUME_COLUMNS} FROM volumes "
                              "WHERE server = ? ORDER BY idx", (server,))
         return [VolumeRow(**dict(r)) for r in rows]
 
     def volume(self, name: str) -> VolumeRow | None:
-        rows = self._all("SELECT name, server, kind, idx, size, state, serial, origin FROM volumes WHERE name = ?", (name,))
+        rows = self._all(f"SELECT {_VOLUME_COLUMNS} FROM volumes WHERE name = ?", (name,))
         return VolumeRow(**dict(rows[0])) if rows else None
 
     # --- the fleet lifecycle: restore points, snapshots, labels --------------------------------------
@@ -494,6 +495,12 @@ class Store:
                 sets.append(f"{key} = ?")
                 args.append(secrets[key])
         db.execute(f"UPDATE servers SET {', '.join(sets)} WHERE uuid = ?", (*args, uuid))
+
+    def revive_prev(self, name: str) -> None:
+        """An older restore point that a failed swap had marked going is the restore point again."""
+        with self._tx() as db:
+            db.execute("UPDATE volumes SET idx = ?, state = 'available' WHERE name = ? AND kind = 'prev'",
+                       (PREV_IDX, name))
 
     def add_snapshot(self, uuid: str, name: str, volume: str, owner: str,
                      quota_check: Callable[[int, int], str | None] | None = None) -> None:

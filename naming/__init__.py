@@ -74,6 +74,9 @@ IQN_PREFIX = Rule("IQN prefix", r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*[a-
                   f"must look like iqn.YYYY-MM.reversed.domain[:name], at most {MAX_IQN_PREFIX} chars "
                   "(the node's initiator name <prefix>:node-<uuid> must stay a valid IQN)", MAX_IQN_PREFIX)
 
+# A server label's name or value (rack=3, role=compute): what a selector can name.
+LABEL = Rule("label", r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", "must be [A-Za-z0-9][A-Za-z0-9_.-]*, up to 63 chars")
+
 # The SMBIOS UUIDs broken boards report: never a server's identity (give the MAC instead).
 BROKEN_UUIDS = frozenset({"00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff"})
 

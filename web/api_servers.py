@@ -48,6 +48,7 @@ def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> di
         "uuid": s.uuid, "template": s.template, "version": s.version, "profile": s.profile, "user": s.owner,
         "state": s.state, "reason": s.reason, "macs": list(s.macs), "hostname": s.hostname,
         "address": s.address, "created_at": s.created_at, "updated_at": s.updated_at,
+        "labels": s.label_map, "bmc": s.bmc_url,  # never the BMC's credentials
         "volumes": vols,
         "target": {
             "iqn": servers.iqn(s.uuid), "portal": portal, "initiator": servers.initiator(s.uuid),

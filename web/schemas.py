@@ -179,6 +179,24 @@ COMPONENTS: dict[str, Schema] = {
         "properties": {"repaired": {"type": "array", "items": {"type": "string"}},
                        "problems": {"type": "array", "items": {"type": "string"}}},
     },
+    "SwapReport": {
+        "type": "object", "required": ["server", "action", "before", "after"],
+        "properties": {"server": {"type": "string"}, "action": {"type": "string"}, "before": {"type": "string"},
+                       "after": {"type": "string"}, "restore_point": {"type": ["string", "null"]},
+                       "powered": {"type": "array", "items": {"type": "string"}},
+                       "problems": {"type": "array", "items": {"type": "string"}}},
+    },
+    "Snapshot": {
+        "type": "object", "required": ["name", "volume", "created_at"],
+        "properties": {"name": {"type": "string"}, "volume": {"type": "string"}, "created_at": {"type": "number"}},
+    },
+    "Upgrade": {
+        "type": "object", "required": ["id", "state", "nodes"],
+        "properties": {"id": {"type": "string"}, "state": {"type": "string", "enum": ["running", "done", "halted"]},
+                       "to": {"type": ["string", "null"]}, "batch": {"type": "integer"},
+                       "max_failures": {"type": "integer"}, "waves": {"type": "array"},
+                       "nodes": {"type": "object", "additionalProperties": {"type": "object"}}},
+    },
     "Event": {
         "type": "object", "required": ["id", "at", "kind"],
         "properties": {"id": {"type": "integer"}, "at": {"type": "number"}, "kind": {"type": "string"},
