@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -151,7 +152,8 @@ class Appliance:
             unknown=self.config.dhcp.unknown, unknown_template=self.config.dhcp.unknown_template,
             chap=self.config.iscsi.chap,  # type: ignore[arg-type]
             builder=self._build_template if template_builds else None,
-            source_check=validate_source if template_builds else None)
+            source_check=validate_source if template_builds else None,
+            power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub)
         self.slots = [
             ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),
@@ -160,6 +162,19 @@ class Appliance:
             ServiceSlot("dns", self._make_dns() if self.config.dns.enabled else None, self.config.dns.listen),
             ServiceSlot("api", _WebService(self), self.config.api.listen),
         ]
+
+    async def _copy_boot_files(self, source: Any, template: str, version: str) -> tuple[str, str]:
+        """A captured version boots the kernel and initrd of the version its root came from."""
+        def copy() -> tuple[str, str]:
+            out = []
+            for rel in (source.kernel, source.initrd):
+                dst = Path("templates") / template / version / Path(rel).name
+                (self.files_root / dst).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.files_root / rel, self.files_root / dst)
+                out.append(str(dst))
+            return out[0], out[1]
+
+        return await asyncio.to_thread(copy)
 
     @property
     def built(self) -> Domain:
@@ -349,6 +364,21 @@ class Appliance:
         await self._stopped.wait()
         if self._fatal is not None:
             raise self._fatal
+
+
+def _bmc_of(server: Any) -> Any:
+    """The node's BMC from its record (bmc/: Redfish or IPMI), or None when it has none."""
+    if not server.bmc_url:
+        return None
+    import bmc
+
+    return bmc.controller(server.bmc_url, server.bmc_user, server.bmc_password)
+
+
+async def _scrub(image: str) -> list[str]:
+    from images.scrub import scrub_identity
+
+    return await scrub_identity(image)
 
 
 async def _start_one(slot: ServiceSlot) -> None:

@@ -140,6 +140,15 @@ class Lifecycle:
             self.servers.events.publish("power", {"server": uuid, "action": action, "state": state})
         return state
 
+    async def delete(self, uuid: str, *, power_off: bool = False,
+                     may_act_for: Callable[[str], bool] = lambda owner: True) -> None:
+        """Delete the server; with `power_off`, its node is powered off through its BMC first (a delete
+        is refused while the node holds a session)."""
+        if power_off:
+            server = await self.servers.get(uuid, may_act_for)
+            await self._node_down(server, "delete", True, SwapReport(uuid, "delete", "", ""))
+        await self.servers.delete_server(uuid, may_act_for=may_act_for)
+
     # --- the swap skeleton -------------------------------------------------------------------------------
 
     async def _swap(self, uuid: str, action: str, may_act_for: Callable[[str], bool], reboot: bool,

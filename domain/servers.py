@@ -27,7 +27,7 @@ from domain.tasks import BackgroundTasks, reason
 from domain.users import Users, quota_check
 from iscsi import names
 from iscsi.exports import ExportManager
-from iscsi.model import ExportState, LimitedDriver, StorageError, VolumeBackend
+from iscsi.model import ExportState, InUseError, LimitedDriver, StorageError, VolumeBackend
 
 log = logging.getLogger("cello.servers")
 
@@ -243,6 +243,13 @@ class ServerWorkflows:
         """
         self.services.require("export")
         async with self._lock(uuid):
+            current = await self._db(self.store.sync.server, uuid)
+            if current is not None and may_act_for(current.owner) and current.state != S.DELETING:
+                # a delete takes the node's root disk away: never under a running node (issue 13's rule)
+                held = await self.exports.driver.sessions(self.iqn(uuid))
+                if held:
+                    raise InUseError(f"delete of server {uuid} refused: its node holds an iSCSI session "
+                                     f"({'; '.join(map(str, held))}); power it off first")
             server, volumes = await self._db(_begin_delete, self.store.sync, uuid, may_act_for)
             if server is None:
                 raise NotFound(f"no server {uuid}")

@@ -36,6 +36,7 @@ DELETE_PARALLEL = 4  # tgtadm processes in flight while an apply deletes targets
 # An apply this soon after the last one starts from that one's closing show (see TgtDriver.apply);
 # later, it reads tgtd afresh, so a change made behind the driver is repaired by the next apply.
 REUSE_SHOW_FOR = 2.0
+SESSIONS_FRESH = 0.5  # seconds a read of who is logged in answers further session checks
 
 
 def _is_address(entry: str) -> bool:
@@ -155,6 +156,8 @@ class TgtDriver:
         self.daemon = TgtdProcess(self.daemon_argv(), control_port, state_dir, self._answers,
                                   start_timeout=start_timeout)
         self.adopted = False  # this driver took over a tgtd an earlier Cello started
+        self._session_show: asyncio.Task[dict[int, TgtTarget]] | None = None
+        self._session_at = 0.0
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._desired: list[TargetSpec] | None = None
@@ -317,8 +320,17 @@ class TgtDriver:
         return {line.strip() for line in res.stdout.splitlines()[1:] if line.strip()}
 
     async def sessions(self, iqn: str) -> list[Session]:
-        """The initiators logged in to this target now, from tgtd's I_T nexus list."""
-        for t in (await self._show()).values():
+        """The initiators logged in to this target now, from tgtd's I_T nexus list.
+
+        Callers that ask together share one show (a burst of 1,000 deletes is one read of tgtd, not
+        1,000); a reading is reused for SESSIONS_FRESH seconds at most.
+        """
+        loop = asyncio.get_running_loop()
+        task = self._session_show
+        if task is None or (task.done() and loop.time() - self._session_at > SESSIONS_FRESH):
+            self._session_at = loop.time()
+            task = self._session_show = loop.create_task(self._show())
+        for t in (await asyncio.shield(task)).values():
             if t.iqn == iqn:
                 return [Session(initiator, address) for initiator, address in t.nexus.values()]
         return []

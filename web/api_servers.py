@@ -113,8 +113,11 @@ async def delete_server(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     # The owner check rides on the delete's own first store call (another user's server is not
     # found, as in visible_server): one trip less through the store's queue per DELETE of a burst.
-    await deps.domain.servers.delete_server(request.match_info["uuid"].lower(),
-                                            may_act_for=principal(request).may_act_for)
+    power_off = request.query.get("power_off", "false").lower()
+    if power_off not in ("true", "false", "1", "0"):
+        raise ApiError(422, "invalid", "power_off: must be true or false")
+    await deps.domain.lifecycle.delete(request.match_info["uuid"].lower(), power_off=power_off in ("true", "1"),
+                                       may_act_for=principal(request).may_act_for)
     return web.Response(status=204)
 
 
@@ -183,8 +186,10 @@ ROUTES: tuple[Route, ...] = (
           responses={200: ("servers", array_of("Server"))}),
     Route("GET", "/api/v1/servers/{uuid}", show_server, "Show a server", "user", "servers",
           path_params=SERVER_PARAMS, responses={200: ("the server", ref("Server"))}),
-    Route("DELETE", "/api/v1/servers/{uuid}", delete_server, "Delete a server and its volumes (204 when done)",
-          "user", "servers", path_params=SERVER_PARAMS, responses={204: ("deleted", None)}),
+    Route("DELETE", "/api/v1/servers/{uuid}", delete_server, "Delete a server and its volumes (204 when done; "
+          "409 while its node holds a session, unless power_off)", "user", "servers", path_params=SERVER_PARAMS,
+          params=(Param("power_off", {"type": "boolean"}, "power the node off through its BMC first"),),
+          responses={204: ("deleted", None)}),
     Route("GET", "/api/v1/servers/{uuid}/events", server_events, "A server's stored boot log", "user", "servers",
           path_params=SERVER_PARAMS,
           params=(Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "newest N events"),),

@@ -285,3 +285,17 @@ async def test_the_cli_upgrades_snapshots_and_refuses_a_group_without_yes(stack:
     assert (await s.servers.get(U)).version == "v1"  # nothing touched without --yes
     code, out, err = await cello(s, "server", "power", U, "status", who="alice")
     assert code == 1 and "has no BMC" in err
+
+
+async def test_delete_is_refused_under_a_running_node_unless_it_powers_it_off(stack: Stack) -> None:
+    s = stack
+    exports(s).logged_in[s.servers.iqn(U)] = [Session(s.servers.initiator(U), "10.77.0.104")]
+    status, answer = await s.req("DELETE", f"/api/v1/servers/{U}", "alice")
+    assert status == 409 and answer["error"] == "in_use" and "10.77.0.104" in answer["detail"], answer
+    assert (await s.servers.get(U)).state == "available" and s.servers.iqn(U) in exports(s).targets
+    switch = RecordingSwitch(s, U)
+    s.domain.lifecycle.power_for = lambda server: switch
+    s.domain.lifecycle.poll = 0.01
+    status, _ = await s.req("DELETE", f"/api/v1/servers/{U}?power_off=true", "alice")
+    assert status == 204 and switch.calls == ["off"]
+    assert s.servers.iqn(U) not in exports(s).targets
