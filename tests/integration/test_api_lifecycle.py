@@ -299,3 +299,84 @@ async def test_delete_is_refused_under_a_running_node_unless_it_powers_it_off(st
     status, _ = await s.req("DELETE", f"/api/v1/servers/{U}?power_off=true", "alice")
     assert status == 204 and switch.calls == ["off"]
     assert s.servers.iqn(U) not in exports(s).targets
+
+
+def ext4_root(path: str, files: dict[str, bytes]) -> None:
+    """A small ext4 root file system written over the template image, made by mkfs.ext4 -d from a tree."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tree:
+        for rel, data in files.items():
+            target = Path(tree) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", tree, "-L", "cello-root", path, "32M"], check=True,
+                       capture_output=True, timeout=60)
+
+
+def debugfs_cat(image: str, path: str) -> bytes | None:
+    import subprocess
+
+    out = subprocess.run(["debugfs", "-R", f"cat {path}", image], capture_output=True, timeout=30)
+    return None if b"File not found" in out.stderr else out.stdout
+
+
+@pytest.fixture
+async def ext4_stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with open_stack(tmp_path, exports="memory") as s:
+        await s.add_user("alice", max_volumes=8)
+        await s.backend.destroy_snapshot("tiny", "v1")
+        await asyncio.to_thread(ext4_root, s.backend.path("tiny-template"), {
+            "etc/machine-id": b"0123456789abcdef0123456789abcdef\n", "etc/hostname": b"tiny\n"})
+        await s.backend.snapshot_template("tiny", "v1")
+        assert (await s.create(U))[0] == 202 and (await s.wait_state(U))["state"] == "available"
+        yield s
+
+
+async def test_capture_makes_a_version_without_the_nodes_identity_and_a_new_server_boots_it(
+        ext4_stack: Stack) -> None:
+    s = ext4_stack
+    root = s.backend.path(f"tiny-OS-{U}")
+    await asyncio.to_thread(ext4_root, root, {  # what the node did on its root: its identity, its work
+        "etc/machine-id": b"node-machine-id-node-machine-id\n", "cello-booted": U.encode(),
+        "etc/ssh/ssh_host_ed25519_key": b"secret key", "srv/app.conf": b"tuned=yes\n"})
+    status, tv = await s.req("POST", "/api/v1/templates/tiny/captures", json={"server": U})
+    assert status == 201 and tv["version"] == "v2" and tv["source"] == f"capture:{U}", tv
+    assert (s.files_root / tv["kernel"]).read_bytes() == (s.files_root / KERNEL).read_bytes()
+    second = uuid_n(0x99)
+    status, _ = await s.create(second, template="tiny")
+    assert status == 202 and (await s.wait_state(second))["version"] == "v2"
+    clone = s.backend.path(f"tiny-OS-{second}")
+    assert debugfs_cat(clone, "/srv/app.conf") == b"tuned=yes\n"  # the node's work is in the template
+    assert debugfs_cat(clone, "/etc/machine-id") == b""  # its identity is not: emptied, regenerated at boot
+    assert debugfs_cat(clone, "/cello-booted") is None and debugfs_cat(clone, "/etc/ssh/ssh_host_ed25519_key") is None
+    assert debugfs_cat(root, "/etc/machine-id") == b"node-machine-id-node-machine-id\n"  # the source untouched
+
+
+@pytest.mark.parametrize("where", ["copy", "scrub", "snapshot", "record"])
+async def test_every_step_of_a_capture_failed_leaves_no_version_and_no_orphan(ext4_stack: Stack, where: str) -> None:
+    s = ext4_stack
+    lifecycle, backend = s.domain.lifecycle, s.backend
+    before = ([v.version for v in await s.store.call(s.store.sync.template_versions, "fresh")],
+              {v.name for v in await backend.list()}, await backend.snapshots())
+
+    async def boom(*args: Any, **kw: Any) -> Any:
+        raise StorageError(f"injected: {where} failed")
+
+    if where == "copy":
+        backend.copy_volume = boom  # type: ignore[method-assign]
+    elif where == "scrub":
+        lifecycle.scrub = boom
+    elif where == "snapshot":
+        backend.snapshot_template = boom  # type: ignore[method-assign]
+    else:
+        def refuse(*args: Any) -> Any:
+            raise StorageError("injected: record failed")
+        s.store.sync.add_template_version = refuse  # type: ignore[method-assign]
+    status, answer = await s.req("POST", "/api/v1/templates/fresh/captures", json={"server": U})
+    assert status == 500 and "injected" in answer["detail"], answer
+    after = ([v.version for v in await s.store.call(s.store.sync.template_versions, "fresh")],
+             {v.name for v in await backend.list()}, await backend.snapshots())
+    assert after == before  # no fresh-template volume, no snapshot, no version
+    assert (await s.servers.get(U)).state == "available"
