@@ -5,6 +5,9 @@ Two kinds: `zvol` (default; `/dev/zvol/<pool>/<name>`, sparse `-s -V`) and `file
 `zfs get -Hp` is used instead of `zfs list -p` because zfs-fuse has no `list -p` and no `clones`
 property: clones are found from every dataset's `origin`. When OpenZFS's `libzfs_core` Python
 bindings (pyzfs) import, create/snapshot/clone/destroy go through them instead of the CLI.
+
+An OS volume's own snapshots are ZFS snapshots `<pool>/<volume>@<snap>`, ordered by `createtxg`;
+restoring one is `zfs rollback` (never `-r`: newer snapshots are refused by name instead).
 """
 
 from __future__ import annotations
@@ -389,7 +392,10 @@ class ZfsBackend:
     async def copy_volume(self, src: str, dst: str) -> VolumeInfo:
         """dst gets src's bytes: the file kind copies the image inside the mountpoints (reflink where the
         pool can clone blocks, else sparse); a zvol is copied with `dd conv=sparse` onto a new dst (a
-        sparse zvol reads zeros, so skipping zero blocks is exact) and fully onto an existing one."""
+        sparse zvol reads zeros, so skipping zero blocks is exact) and fully onto an existing one.
+
+        The copy itself runs outside the backend's lock (a zvol's dd takes minutes; creates and clones of
+        other servers go on meanwhile); a dst this call created is destroyed again if the copy fails."""
         src_name, dst_name = names.volume(src), names.volume(dst)
         if src_name == dst_name:
             raise StorageError(f"cannot copy volume {src_name} onto itself")
@@ -407,19 +413,20 @@ class ZfsBackend:
                 if target.size != source.size:
                     raise StorageError(f"volume {dst_name} is {target.size} bytes, {src_name} is {source.size}: "
                                        "a copy needs the same size")
-            try:
-                if self.kind == "zvol":
-                    await self._run(["dd", f"if={source.path}", f"of={self.path(dst_name)}", "bs=1048576",
-                                     "conv=sparse,fsync" if created else "conv=fsync", "status=none"])
-                else:
-                    await asyncio.to_thread(replace_with_copy, Path(source.path), Path(self.path(dst_name)))
-            except BaseException:
-                if created:  # nothing half-made
+        try:
+            if self.kind == "zvol":
+                await self._run(["dd", f"if={source.path}", f"of={self.path(dst_name)}", "bs=1048576",
+                                 "conv=sparse,fsync" if created else "conv=fsync", "status=none"])
+            else:
+                await asyncio.to_thread(replace_with_copy, Path(source.path), Path(self.path(dst_name)))
+        except BaseException:
+            if created:  # nothing half-made
+                async with self._lock:
                     if self.kind == "file":
                         await self._run(["zfs", "umount", self._ds(dst_name)], check=False)
                     await self._zfs_patiently("destroy", self._ds(dst_name))
-                raise
-            return await self._info(dst_name)
+            raise
+        return await self._info(dst_name)
 
     async def capacity(self) -> PoolCapacity:
         got = (await self._get("used,available", self.pool)).get(self.pool, {})
