@@ -140,6 +140,31 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE servers ADD COLUMN bmc_user TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN bmc_password TEXT NOT NULL DEFAULT '';
     """,
+    # 4 → 5: the operator's view. PXE clients no server record knows (discovered nodes, to adopt), the
+    # audit log of API writes, and a token's scope ('' = what its owner may do; 'read' = look, not touch).
+    """
+    CREATE TABLE discovered (
+        mac TEXT PRIMARY KEY,
+        uuid TEXT NOT NULL DEFAULT '',
+        arch INTEGER NOT NULL DEFAULT -1,
+        vendor_class TEXT NOT NULL DEFAULT '',
+        user_class TEXT NOT NULL DEFAULT '',
+        address TEXT NOT NULL DEFAULT '',
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        count INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        who TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Volume indexes beside the exported ones (0 = OS, 1.. = data): a server's restore point, a rebuild's new
@@ -340,10 +365,10 @@ class Store:
                           (owner,))[0]
         return int(row[0]) + int(snaps[0]), int(row[1])
 
-    def add_token(self, token: str, owner: str | None, admin: bool) -> None:
+    def add_token(self, token: str, owner: str | None, admin: bool, scope: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?)",
-                       (hash_token(token), owner, int(admin), self._clock()))
+            db.execute("INSERT OR REPLACE INTO tokens (hash, owner, admin, created_at, scope) VALUES (?, ?, ?, ?, ?)",
+                       (hash_token(token), owner, int(admin), self._clock(), scope))
 
     def token(self, token: str) -> tuple[str | None, bool] | None:
         rows = self._all("SELECT owner, admin FROM tokens WHERE hash = ?", (hash_token(token),))

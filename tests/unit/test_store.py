@@ -36,7 +36,7 @@ def test_an_old_schema_upgrades_with_its_data_kept(tmp_path: Path) -> None:
     db.close()
 
     s = Store(path)
-    assert s.version == SCHEMA_VERSION == 4
+    assert s.version == SCHEMA_VERSION == 5
     server = s.server("u1")
     assert server is not None and server.state == "available" and server.macs == ("52:54:00:00:00:01",)
     assert server.hostname == ""  # the column that version 2 added, with its default
@@ -121,7 +121,7 @@ def test_version_4_keeps_every_volume_and_records_each_roots_origin(tmp_path: Pa
     db.commit()
     db.close()
     s = Store(path)
-    assert s.version == 4
+    assert s.version == SCHEMA_VERSION
     assert s.volumes("u1") == [VolumeRow("tiny-OS-u1", "u1", "os", 0, 64, "available", "s0", "tiny@v2"),
                                VolumeRow("tiny-DATA-u1", "u1", "data", 1, 1 << 30, "available", "s1", "")]
     assert s.usage("alice") == (2, 1 << 30)
