@@ -216,15 +216,32 @@ def render_ipxe(spec: BootSpec) -> str:
             lines += [f"set username {c.chap[0]}", f"set password {c.chap[1]}"]
         if c.mutual is not None:
             lines += [f"set reverse-username {c.mutual[0]}", f"set reverse-password {c.mutual[1]}"]
-        lines.append(f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}")
+        lines += _retried("sanhook", f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}")
     # The initrd is named, and named on the command line, because a kernel started through its EFI
     # stub (UEFI iPXE) finds its initrd only that way; under BIOS the extra word is ignored.
-    lines += [
-        f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} initrd={IPXE_INITRD_NAME}",
-        f"initrd --name {IPXE_INITRD_NAME} {base}/boot/files/{c.initrd}",
-        "boot",
-    ]
+    lines += _retried("kernel", f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} initrd={IPXE_INITRD_NAME}")
+    lines += _retried("initrd", f"initrd --name {IPXE_INITRD_NAME} {base}/boot/files/{c.initrd}")
+    lines += ["boot", ":cello_failed", "echo cello: giving up, back to the next boot device", "exit 1"]
     return "\n".join(lines) + "\n"
+
+
+IPXE_TRIES = 8  # per step; waits 1, 2, … 7 s between tries (28 s in all) — a target restarting, a storm
+
+
+def _retried(step: str, command: str) -> list[str]:
+    """One step of an iPXE script, tried again with a growing wait (iPXE has `inc` but no arithmetic:
+    the wait is the try's number), then `cello_failed`. Stock iPXE gives up on the first error."""
+    return [
+        "set tries 0",
+        f":cello_{step}",
+        f"{command} && goto cello_{step}_ok ||",
+        "inc tries",
+        f"iseq ${{tries}} {IPXE_TRIES} && goto cello_failed ||",
+        f"echo cello: {step} failed, try ${{tries}} of {IPXE_TRIES}, again in ${{tries}} s",
+        "sleep ${tries}",
+        f"goto cello_{step}",
+        f":cello_{step}_ok",
+    ]
 
 
 def render_grub(spec: BootSpec) -> str:

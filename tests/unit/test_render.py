@@ -6,7 +6,15 @@ import dataclasses
 
 import pytest
 
-from bootfiles.render import BUILTIN_PROFILES, RenderError, kernel_cmdline, render_grub, render_ipxe, render_pxelinux
+from bootfiles.render import (
+    BUILTIN_PROFILES,
+    IPXE_TRIES,
+    RenderError,
+    kernel_cmdline,
+    render_grub,
+    render_ipxe,
+    render_pxelinux,
+)
 from bootfiles.spec import BootSpec, IscsiRoot, Profile
 
 UUID = "3f1c0000-0000-4000-8000-000000000001"
@@ -64,23 +72,36 @@ def test_pxelinux() -> None:
 
 
 def test_ipxe() -> None:
-    assert render_ipxe(spec(lun=26)) == (
-        "#!ipxe\n"
-        f"set initiator-iqn {INIT}\n"
-        f"sanhook --drive 0x80 iscsi:10.77.0.2::3260:1a:{IQN}\n"
+    text = render_ipxe(spec(lun=26))
+    assert text.startswith(f"#!ipxe\nset initiator-iqn {INIT}\n")
+    commands = [line.split(" && ")[0] for line in text.splitlines() if " && goto cello_" in line and "_ok" in line]
+    assert commands == [
+        f"sanhook --drive 0x80 iscsi:10.77.0.2::3260:1a:{IQN}",
         f"kernel http://10.77.0.2:8080/boot/files/templates/tiny/v1/vmlinuz {CMDLINE.replace(':1:', ':26:')}".replace(
-            "cello.lun=1", "cello.lun=26"
-        )
-        + " initrd=initrd.img\n"
-        "initrd --name initrd.img http://10.77.0.2:8080/boot/files/templates/tiny/v1/initrd.img\n"
-        "boot\n"
-    )
+            "cello.lun=1", "cello.lun=26") + " initrd=initrd.img",
+        "initrd --name initrd.img http://10.77.0.2:8080/boot/files/templates/tiny/v1/initrd.img",
+    ]
+    assert text.endswith("boot\n:cello_failed\necho cello: giving up, back to the next boot device\nexit 1\n")
+
+
+def test_ipxe_retries_every_step_with_a_growing_wait_then_gives_up() -> None:
+    """Stock iPXE stops at the first failed command: a target restarting or a storm loses the node."""
+    lines = render_ipxe(spec()).splitlines()
+    for step in ("sanhook", "kernel", "initrd"):
+        at = lines.index(f":cello_{step}")
+        assert lines[at - 1] == "set tries 0"
+        assert lines[at + 1].endswith(f" && goto cello_{step}_ok ||")  # success skips the retry
+        assert lines[at + 2:at + 8] == [
+            "inc tries", f"iseq ${{tries}} {IPXE_TRIES} && goto cello_failed ||",
+            f"echo cello: {step} failed, try ${{tries}} of {IPXE_TRIES}, again in ${{tries}} s",
+            "sleep ${tries}", f"goto cello_{step}", f":cello_{step}_ok"]
+    assert lines.index(":cello_sanhook") < lines.index(":cello_kernel") < lines.index(":cello_initrd")
 
 
 def test_ipxe_chap_set_before_sanhook() -> None:
     lines = render_ipxe(spec(chap_user="u1", chap_secret="pw")).splitlines()
     assert lines[1:4] == [f"set initiator-iqn {INIT}", "set username u1", "set password pw"]
-    assert lines[4].startswith("sanhook ")
+    assert lines[5] == ":cello_sanhook" and lines[6].startswith("sanhook ")
 
 
 def test_grub() -> None:
