@@ -4,9 +4,12 @@
     redfish+https://host[:port][/SystemId]           Redfish over https (port 443), certificate verified
     redfish+https://host[:port][/SystemId]?verify=off    … certificate not verified (self-signed BMCs)
     ipmi://host[:port]                               IPMI v2.0 over LAN (RMCP+, UDP port 623)
+    ipmi://host[:port]?cipher=3                      … with that RMCP+ cipher suite, not ipmitool's pick
 
 Plain `redfish://` is http because that is what the emulators and most lab BMC proxies speak; https must
-be asked for, and skipping certificate checks must be asked for in so many words. SystemId may be left
+be asked for, and skipping certificate checks must be asked for in so many words. An IPMI cipher suite
+is worth naming for a BMC that cannot list its suites (ipmitool then retries for ~10 s per command, as
+against OpenIPMI's ipmi_sim); suite 0 (no authentication at all) is refused. SystemId may be left
 out when the BMC manages exactly one system (it is then looked up). Credentials never go in the URL: they
 are stored apart, like CHAP secrets, so a URL can be logged and shown.
 """
@@ -37,12 +40,13 @@ class BmcAddress:
     system_id: str | None  # Redfish ComputerSystem id; None = the BMC's only system (always None for IPMI)
     transport: Transport = "http"  # Redfish only
     verify_tls: bool = True  # Redfish over https only
+    cipher_suite: int | None = None  # IPMI only: RMCP+ cipher suite; None = ipmitool's choice
 
     def __str__(self) -> str:
         """The URL again, normalised (for log lines and errors: it holds no secret)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.scheme == "ipmi":
-            return f"ipmi://{host}:{self.port}"
+            return f"ipmi://{host}:{self.port}" + (f"?cipher={self.cipher_suite}" if self.cipher_suite else "")
         scheme = "redfish+https" if self.transport == "https" else "redfish"
         path = f"/{self.system_id}" if self.system_id else ""
         query = "?verify=off" if self.transport == "https" and not self.verify_tls else ""
@@ -79,9 +83,9 @@ def parse_bmc_url(url: str) -> BmcAddress:
     port = port or DEFAULT_PORTS[scheme]
 
     if scheme == "ipmi":
-        if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"BMC URL {_shown(url)}: an ipmi:// URL is only ipmi://host[:port]")
-        return BmcAddress("ipmi", host, port, None)
+        if parts.path not in ("", "/"):
+            raise ValueError(f"BMC URL {_shown(url)}: an ipmi:// URL is only ipmi://host[:port][?cipher=N]")
+        return BmcAddress("ipmi", host, port, None, cipher_suite=_check_cipher(parts.query, url))
 
     system_id = _check_system_id(parts.path, url)
     transport: Transport = "https" if scheme == "redfish+https" else "http"
@@ -91,6 +95,16 @@ def parse_bmc_url(url: str) -> BmcAddress:
         raise ValueError(f"BMC URL {_shown(url)}: the only option is ?verify=off, on redfish+https:// URLs")
     verify = options != [("verify", "off")]
     return BmcAddress("redfish", host, port, system_id, transport, verify)
+
+
+def _check_cipher(query: str, url: str) -> int | None:
+    if not query:
+        return None
+    options = parse_qsl(query, keep_blank_values=True)
+    if len(options) != 1 or options[0][0] != "cipher" or options[0][1] not in {str(n) for n in range(1, 18)}:
+        raise ValueError(f"BMC URL {_shown(url)}: the only option of an ipmi:// URL is ?cipher=N, "
+                         "an RMCP+ cipher suite from 1 to 17")
+    return int(options[0][1])
 
 
 def _check_host(host: str, url: str) -> str:

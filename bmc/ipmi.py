@@ -109,8 +109,9 @@ class IpmiController:
 
     def argv(self, command: list[str]) -> list[str]:
         """The ipmitool command line: no password in it (see the module's docstring)."""
+        cipher = ["-C", str(self.address.cipher_suite)] if self.address.cipher_suite else []
         return [self._ipmitool, "-I", "lanplus", "-H", self.address.host, "-p", str(self.address.port),
-                "-U", self._user, "-E", "-v", "-N", str(TRY_SECONDS), "-R", str(RETRIES), *command]
+                "-U", self._user, "-E", "-v", "-N", str(TRY_SECONDS), "-R", str(RETRIES), *cipher, *command]
 
     async def _run(self, command: list[str], what: str, *, unsupported_ok: bool = False) -> str:
         where = f"{self.address}: {what}"

@@ -14,9 +14,10 @@ APT_PACKAGES=(
   linux-image-amd64 busybox-static
   tcpdump shellcheck debootstrap
   # BMC power tests: libvirt runs a qemu domain that sushy-emulator (Redfish) and virtualbmc (IPMI)
-  # drive; libvirt-dev, pkg-config and gcc build the libvirt-python wheel they need; ipmitool is the client.
+  # drive; libvirt-dev, pkg-config and gcc build the libvirt-python wheel they need; openipmi's ipmi_sim
+  # is the BMC of a bare qemu process; ipmitool is the client.
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev
-  ipmitool
+  openipmi ipmitool
 )
 
 missing=()

@@ -7,6 +7,7 @@ only); every daemon started here is stopped here, and a libvirtd already running
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -245,6 +246,91 @@ def ipmitool_command_lines() -> list[str]:
             if argv and Path(argv[0].decode(errors="replace")).name == "ipmitool":
                 lines.append(" ".join(a.decode(errors="replace") for a in argv))
     return lines
+
+
+QEMU_NODE = ["qemu-system-x86_64", "-accel", "tcg", "-m", "64", "-nodefaults", "-display", "none",
+             "-nic", "user,model=e1000", "-serial", "null", "-boot", "c"]
+SIM_EMU = """mc_setbmc 0x20
+mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
+sel_enable 0x20 1000 0x0a
+mc_enable 0x20
+"""
+SIM_LAN = """name "cello"
+set_working_mc 0x20
+  startlan 1
+    addr 127.0.0.1 {port}
+    priv_limit admin
+    allowed_auths_callback md5
+    allowed_auths_user md5
+    allowed_auths_operator md5
+    allowed_auths_admin md5
+    guid {guid}
+  endlan
+  chassis_control "{python} {chassis} {state}"
+  user 2 true "{user}" "{password}" admin 10 md5
+"""
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for init to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class SimNode:
+    url: str  # ipmi://127.0.0.1:<port>?cipher=3 (ipmi_sim cannot list its cipher suites)
+    state: Path  # tests/ipmi_sim_chassis.py's folder: pid, boot, starts, qemu.log
+
+    def pid(self) -> int | None:
+        """The qemu process's id while it runs."""
+        try:
+            pid = int((self.state / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if alive(pid) else None
+
+    def starts(self) -> list[str]:
+        """The command line of each power-on so far."""
+        path = self.state / "starts"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@contextlib.contextmanager
+def ipmi_sim(workdir: Path, qemu_argv: list[str] | None = None) -> Iterator[SimNode]:
+    """OpenIPMI's ipmi_sim as the BMC of a qemu process (QEMU_NODE unless `qemu_argv` names another, such
+    as a PXE node in a network namespace), on 127.0.0.1:<free UDP port>; power and boot device go through
+    tests/ipmi_sim_chassis.py. The machine is left powered off."""
+    require("ipmi_sim", "ipmitool", packages="openipmi ipmitool")
+    require((qemu_argv or QEMU_NODE)[0], packages="qemu-system-x86")
+    state = workdir / "sim-chassis"
+    (state / "persist").mkdir(parents=True, exist_ok=True)
+    (state / "argv.json").write_text(json.dumps(qemu_argv or QEMU_NODE))
+    port = free_port(socket.SOCK_DGRAM)
+    (workdir / "sim.emu").write_text(SIM_EMU)
+    chassis = Path(__file__).with_name("ipmi_sim_chassis.py")
+    (workdir / "lan.conf").write_text(SIM_LAN.format(port=port, guid=uuid.uuid4().hex, python=sys.executable,
+                                                     chassis=chassis, state=state, user=USER, password=PASSWORD))
+    log = open(workdir / "ipmi_sim.log", "wb")
+    process = subprocess.Popen(["ipmi_sim", "-n", "-c", str(workdir / "lan.conf"), "-f", str(workdir / "sim.emu"),
+                                "-s", str(state / "persist")], stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT)
+    node = SimNode(f"ipmi://127.0.0.1:{port}?cipher=3", state)
+    try:
+        def answers() -> bool:
+            assert process.poll() is None, (workdir / "ipmi_sim.log").read_text()
+            status = subprocess.run(["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(port), "-U", USER,
+                                     "-E", "-C", "3", "-N", "1", "-R", "1", "chassis", "power", "status"],
+                                    env={**os.environ, "IPMI_PASSWORD": PASSWORD}, capture_output=True, timeout=30)
+            return status.returncode == 0
+        wait_until("ipmi_sim", answers)
+        yield node
+    finally:
+        _stop(process)
+        log.close()
+        subprocess.run([sys.executable, str(chassis), str(state), "set", "power", "0"], timeout=30)
 
 
 @dataclass(frozen=True)

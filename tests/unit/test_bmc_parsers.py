@@ -92,6 +92,8 @@ def test_ipmitool_command_line_carries_no_password() -> None:
     assert argv == ["/usr/bin/ipmitool", "-I", "lanplus", "-H", "fd77::9", "-p", "6230", "-U", "admin", "-E", "-v",
                     "-N", "1", "-R", "3", "chassis", "power", "status"]
     assert "hunter2" not in " ".join(argv) and "-P" not in argv
+    with_cipher = IpmiController(parse_bmc_url("ipmi://h?cipher=3"), "admin", "hunter2").argv(["chassis"])
+    assert with_cipher[-3:] == ["-C", "3", "chassis"]
 
 
 async def test_wait_for_state_returns_once_reported() -> None:

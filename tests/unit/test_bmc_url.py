@@ -21,6 +21,8 @@ from bmc import BmcAddress, parse_bmc_url
     ("ipmi://10.0.0.9", BmcAddress("ipmi", "10.0.0.9", 623, None)),
     ("ipmi://10.0.0.9:6230/", BmcAddress("ipmi", "10.0.0.9", 6230, None)),
     ("ipmi://[::1]:6230", BmcAddress("ipmi", "::1", 6230, None)),
+    ("ipmi://h?cipher=3", BmcAddress("ipmi", "h", 623, None, cipher_suite=3)),
+    ("ipmi://h:6230/?cipher=17", BmcAddress("ipmi", "h", 6230, None, cipher_suite=17)),
 ])
 def test_parses(url: str, address: BmcAddress) -> None:
     assert parse_bmc_url(url) == address
@@ -30,6 +32,7 @@ def test_parses(url: str, address: BmcAddress) -> None:
     ("redfish://10.0.0.9/1", "redfish://10.0.0.9:80/1"),
     ("redfish+https://h/1?verify=off", "redfish+https://h:443/1?verify=off"),
     ("ipmi://[fd77::9]", "ipmi://[fd77::9]:623"),
+    ("ipmi://h?cipher=3", "ipmi://h:623?cipher=3"),
 ])
 def test_shows_itself_normalised_and_parses_back(url: str, shown: str) -> None:
     address = parse_bmc_url(url)
@@ -50,8 +53,13 @@ def test_base_url() -> None:
     ("ipmi://10.0.0.9:0", "port must be 1-65535"),
     ("ipmi://10.0.0.9:70000", "is malformed: Port out of range"),
     ("ipmi://10.0.0.9:x", "is malformed"),
-    ("ipmi://10.0.0.9/1", "an ipmi:// URL is only ipmi://host[:port]"),
-    ("ipmi://10.0.0.9?verify=off", "an ipmi:// URL is only ipmi://host[:port]"),
+    ("ipmi://10.0.0.9/1", "an ipmi:// URL is only ipmi://host[:port][?cipher=N]"),
+    ("ipmi://10.0.0.9?verify=off", "the only option of an ipmi:// URL is ?cipher=N"),
+    ("ipmi://10.0.0.9?cipher=0", "an RMCP+ cipher suite from 1 to 17"),  # suite 0: no authentication
+    ("ipmi://10.0.0.9?cipher=18", "an RMCP+ cipher suite from 1 to 17"),
+    ("ipmi://10.0.0.9?cipher=03", "an RMCP+ cipher suite from 1 to 17"),
+    ("ipmi://10.0.0.9?cipher=3&cipher=3", "the only option of an ipmi:// URL is ?cipher=N"),
+    ("redfish://10.0.0.9/1?cipher=3", "the only option is ?verify=off"),
     ("redfish://bad_host/1", "host 'bad_host' is neither a DNS name nor an IP address"),
     ("redfish://-h/1", "neither a DNS name nor an IP address"),
     ("redfish://10.0.0.999/1", "neither a DNS name nor an IP address"),
