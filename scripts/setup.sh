@@ -17,7 +17,7 @@ APT_PACKAGES=(
   # drive; libvirt-dev, pkg-config and gcc build the libvirt-python wheel they need; openipmi's ipmi_sim
   # is the BMC of a bare qemu process; ipmitool is the client.
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev
-  openipmi ipmitool
+  openipmi ipmitool openssl
 )
 
 missing=()

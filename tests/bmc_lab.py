@@ -159,10 +159,20 @@ def domain(workdir: Path) -> Iterator[Domain]:
         virsh("undefine", dom.name, check=False)
 
 
+def self_signed_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no CA signed (a BMC's factory certificate), and its key."""
+    require("openssl", packages="openssl")
+    cert, key = workdir / "bmc.crt", workdir / "bmc.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 @contextlib.contextmanager
-def sushy_emulator(workdir: Path, dom: Domain) -> Iterator[str]:
-    """sushy-emulator on 127.0.0.1:<free port> with basic auth, exposing only `dom`; yields its base URL
-    as a redfish:// URL without the system id."""
+def sushy_emulator(workdir: Path, dom: Domain, tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """sushy-emulator on 127.0.0.1:<free port> with basic auth, exposing only `dom` (over https with
+    `tls`, a certificate and its key); yields its redfish:// (redfish+https://) URL without a system id."""
     import bcrypt  # sushy-tools' own dependency (its auth file takes bcrypt entries only)
 
     emulator = VENV_BIN / "sushy-emulator"
@@ -177,7 +187,8 @@ def sushy_emulator(workdir: Path, dom: Domain) -> Iterator[str]:
         f"SUSHY_EMULATOR_LISTEN_PORT = {port}\n"
         f"SUSHY_EMULATOR_AUTH_FILE = {str(htpasswd)!r}\n"
         f"SUSHY_EMULATOR_LIBVIRT_URI = {LIBVIRT_URI!r}\n"
-        f"SUSHY_EMULATOR_ALLOWED_INSTANCES = [{dom.uuid!r}]\n")
+        f"SUSHY_EMULATOR_ALLOWED_INSTANCES = [{dom.uuid!r}, {dom.name!r}]\n"
+        + (f"SUSHY_EMULATOR_SSL_CERT = {str(tls[0])!r}\nSUSHY_EMULATOR_SSL_KEY = {str(tls[1])!r}\n" if tls else ""))
     log = open(workdir / "sushy.log", "wb")
     process = subprocess.Popen([str(emulator), "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -187,7 +198,7 @@ def sushy_emulator(workdir: Path, dom: Domain) -> Iterator[str]:
                 return True
             return False
         wait_until("sushy-emulator", answers)
-        yield f"redfish://127.0.0.1:{port}"
+        yield f"{'redfish+https' if tls else 'redfish'}://127.0.0.1:{port}"
     finally:
         _stop(process)
         log.close()

@@ -35,6 +35,27 @@ async def test_the_only_system_is_found_without_an_id(lab: Lab) -> None:
     assert await power.power("off") == "off" and lab.dom.state() == "shut off"
 
 
+async def test_a_system_named_by_its_libvirt_name_is_followed_to_its_id(lab: Lab) -> None:
+    # sushy-tools answers GET /Systems/<name> with a 307 to /Systems/<uuid>; the reset then goes to the
+    # action target that the system document names.
+    power = controller(f"{lab.url.rsplit('/', 1)[0]}/{lab.dom.name}", USER, PASSWORD)
+    assert await power.power("on") == "on" and lab.dom.state() == "running"
+    assert await power.power("off") == "off" and lab.dom.state() == "shut off"
+
+
+async def test_https_checks_the_certificate_unless_the_url_says_verify_off(
+        lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    workdir = tmp_path_factory.mktemp("redfish-https")
+    with bmc_lab.sushy_emulator(workdir, lab.dom, tls=bmc_lab.self_signed_certificate(workdir)) as base:
+        url = f"{base}/{lab.dom.uuid}"
+        with pytest.raises(BmcError, match=r"^redfish\+https://127\.0\.0\.1:\d+/[-0-9a-f]+: read power state: "
+                                           r"TLS certificate refused \(.*\); for a self-signed BMC add \?verify=off"):
+            await controller(url, USER, PASSWORD).status()
+        power = controller(f"{url}?verify=off", USER, PASSWORD)
+        assert await power.power("on") == "on" and lab.dom.state() == "running"
+        assert await power.power("off") == "off" and lab.dom.state() == "shut off"
+
+
 async def test_a_wrong_password_is_refused_clearly(lab: Lab) -> None:
     with pytest.raises(BmcError) as caught:
         await controller(lab.url, USER, "not-the-password").status()
