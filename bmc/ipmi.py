@@ -8,6 +8,7 @@ of ipmitool's output are pure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 from bmc.address import BmcAddress
@@ -128,7 +129,8 @@ class IpmiController:
             raise BmcError(f"{where}: no answer within {self._timeout:g}s") from None
         finally:
             if process.returncode is None:  # timed out or cancelled: never leave ipmitool behind
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
                 await process.wait()
         out, err = stdout.decode("utf-8", "replace"), self._scrub(stderr.decode("utf-8", "replace"))
         if process.returncode != 0:
