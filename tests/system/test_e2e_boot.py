@@ -171,13 +171,18 @@ def check_boot_path(events: list[dict[str, Any]], node: Node, since: int, profil
     return steps
 
 
-def check_logged_in(lab: Lab, uuid: str) -> str:
-    """Cello's tgtd holds an iSCSI session of this node's initiator on this node's target."""
+def check_logged_in(lab: Lab, uuid: str, within: float = 20.0) -> str:
+    """Cello's tgtd holds an iSCSI session of this node's initiator on this node's target. Right after
+    switch_root the node's iscsid takes the session over (a second login, ~2 s): wait for it, bounded."""
     iqn, initiator = f"{IQN_PREFIX}:{uuid}", f"{IQN_PREFIX}:node-{uuid}"
-    block = target_block(lab.tgt_show(), iqn)
-    assert block, f"tgtd -C {TGT_CONTROL_PORT} has no target {iqn}"
-    assert f"Initiator: {initiator}" in block, f"no session of {initiator} on {iqn}:\n{block}"
-    return block
+    deadline = time.monotonic() + within
+    while True:
+        block = target_block(lab.tgt_show(), iqn)
+        assert block, f"tgtd -C {TGT_CONTROL_PORT} has no target {iqn}"
+        if f"Initiator: {initiator}" in block:
+            return block
+        assert time.monotonic() < deadline, f"no session of {initiator} on {iqn} within {within:g} s:\n{block}"
+        time.sleep(0.5)
 
 
 def boot(lab: Lab, node: Node) -> float:
