@@ -18,6 +18,8 @@ APT_PACKAGES=(
   # is the BMC of a bare qemu process; ipmitool is the client.
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev
   openipmi ipmitool openssl
+  # the dashboard's browser test (tests/browser): headless Chromium and its WebDriver, driven by Selenium
+  chromium chromium-driver
 )
 
 missing=()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from web import api_lifecycle, api_misc, api_servers, api_templates, httpboot, metrics, openapi
+from web import api_lifecycle, api_misc, api_servers, api_templates, dashboard, httpboot, metrics, openapi
 from web.auth import guarded
 from web.deps import WebDeps
 from web.errors import error_middleware
@@ -24,7 +24,7 @@ __all__ = ["WebDeps", "create_app", "routes"]
 
 def routes() -> tuple[Route, ...]:
     return (*api_misc.ROUTES, *api_servers.ROUTES, *api_lifecycle.ROUTES, *api_templates.ROUTES, openapi.ROUTE,
-            *httpboot.ROUTES, *metrics.ROUTES)
+            *httpboot.ROUTES, *metrics.ROUTES, *dashboard.ROUTES)
 
 
 async def _event_streams(app: web.Application) -> AsyncIterator[None]:
