@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.browser.chromium import chromium
+from domain.store import TemplateVersion
+from tests.browser.chromium import WAIT, Page, chromium, script_errors
 from tests.integration.test_api_stack import INITRD, KERNEL, Stack, open_stack, uuid_n
 
 T = TypeVar("T")
-WAIT = 20.0  # s: the longest any one thing on the page may take to show
 
 
 class LiveStack:
@@ -83,81 +83,6 @@ def live(tmp_path: Path) -> Iterator[LiveStack]:
 
 
 # --- the page -----------------------------------------------------------------------------------
-
-
-class Page:
-    def __init__(self, driver: Any, logs: Path) -> None:
-        self.d = driver
-        self.logs = logs
-
-    def wait(self, what: str, check: Callable[[], Any], within: float = WAIT) -> Any:
-        deadline = time.monotonic() + within
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                last = check()
-            except Exception as e:  # an element replaced under us: the page re-rendered; ask again
-                last = e
-            if last and not isinstance(last, Exception):
-                return last
-            time.sleep(0.1)
-        self.shot(f"timeout-{what.replace(' ', '-')[:40]}")
-        raise AssertionError(f"{what}: not seen within {within} s (last: {last!r}); browser log: {self.console()}")
-
-    def css(self, selector: str) -> list[Any]:
-        from selenium.webdriver.common.by import By
-
-        return list(self.d.find_elements(By.CSS_SELECTOR, selector))
-
-    def one(self, selector: str) -> Any:
-        return self.wait(selector, lambda: (self.css(selector) or [None])[0])
-
-    def text(self, selector: str) -> str:
-        # read in one script: the page redraws its lists every few seconds, under any element held here
-        return str(self.d.execute_script(
-            "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.innerText).join(' ')", selector))
-
-    def click(self, selector: str) -> None:
-        from selenium.common.exceptions import StaleElementReferenceException
-
-        def once() -> bool:
-            try:
-                self.one(selector).click()
-            except StaleElementReferenceException:
-                return False
-            return True
-
-        self.wait(f"a click on {selector}", once)
-
-    def steps(self, uuid: str) -> dict[str, tuple[str, str]]:
-        """A timeline row's cells: step -> (class, text)."""
-        cells = self.d.execute_script(
-            "return Array.from(document.querySelectorAll(`tr[data-timeline='${arguments[0]}'] td[data-step]`))"
-            ".map(c => [c.dataset.step, c.className, c.innerText])", uuid)
-        return {step: (cls, text) for step, cls, text in cells}
-
-    def login(self, url: str, token: str) -> None:
-        self.d.get(url + "/")
-        field = self.one("#token")
-        field.send_keys(token)
-        self.click("#login button[type=submit]")
-        self.wait("the app view", lambda: self.one("#app-view").is_displayed())
-
-    def shot(self, name: str) -> Path:
-        path = self.logs / f"{name}.png"
-        self.d.save_screenshot(str(path))
-        print(f"screenshot: {path}")
-        return path
-
-    def console(self) -> list[str]:
-        return [f"{e['level']} {e['message']}" for e in self.d.get_log("browser")]
-
-
-def script_errors(lines: list[str]) -> list[str]:
-    """The browser's own errors, less the refusals the page expects (403 of admin routes for a user
-    token, 404 of routes this appliance does not serve yet)."""
-    return [line for line in lines if line.startswith("SEVERE")
-            and "Failed to load resource: the server responded with a status of 40" not in line]
 
 
 @pytest.fixture
@@ -279,7 +204,13 @@ def test_a_user_token_sees_only_its_own(live: LiveStack, page: Page) -> None:
         status, body = live.run(functools.partial(s.create, uuid, user))
         assert status == 202, body
         live.run(functools.partial(s.wait_state, uuid))
-    page.login(live.url, s.tokens["alice"])
+    # an admin's page first, then logged out: nothing of it may stay for alice's token
+    page.login(live.url, s.admin_token)
+    page.wait("bob's server for the admin", lambda: page.css(f'tr[data-server="{theirs}"]'))
+    page.click("#logout")
+    page.wait("the login form again", lambda: page.one("#login-view").is_displayed())
+    assert page.d.execute_script("return sessionStorage.getItem('cello.token')") is None
+    page.login(live.url, s.tokens["alice"], load=False)
     page.wait("alice's server", lambda: page.css(f'tr[data-server="{mine}"]'))
     for kind, data in lab_boot(theirs, "52:54:00:77:00:b1", "10.77.0.121") + lab_boot(
             mine, "52:54:00:77:00:a1", "10.77.0.122"):
@@ -293,6 +224,7 @@ def test_a_user_token_sees_only_its_own(live: LiveStack, page: Page) -> None:
     for panel in ("pools", "discovered", "audit"):  # admin routes: hidden, not broken
         assert not page.one(f"#panel-{panel}").is_displayed(), panel
     assert not page.css("#build-template") and not page.css('button[data-action^="service-"]')
+    assert not page.css("#create-user")  # a user token creates servers for itself only
     assert script_errors(page.console()) == []
 
 
@@ -304,3 +236,30 @@ def test_a_refused_token_stays_on_the_login(live: LiveStack, page: Page) -> None
     assert not page.one("#app-view").is_displayed()
     assert page.d.execute_script("return sessionStorage.getItem('cello.token')") is None
 
+
+def test_a_template_build_shows_its_progress_live(live: LiveStack, page: Page) -> None:
+    s = live.s
+    release = threading.Event()
+
+    async def builder(name: str, version: str, source: str, progress: Callable[[str], None]) -> TemplateVersion:
+        # a stand-in for images.build (test_template_build runs the real one): it waits for the test
+        progress(f"build {name} {version} from {source}")
+        progress("rootfs: busybox root with the Cello marker init and iscsid")
+        await s.backend.create_template(name, 1 << 20)
+        await asyncio.to_thread(release.wait, WAIT)
+        await s.backend.snapshot_template(name, version)
+        progress(f"snapshot: {name}-template@{version}")
+        return TemplateVersion(name, version, source, 1 << 20, KERNEL, INITRD, time.time())
+
+    live.loop.call_soon_threadsafe(s.use_builder, builder)
+    page.login(live.url, s.admin_token)
+    name = page.one("#build-name")
+    name.clear()
+    name.send_keys("mini")
+    page.click("#build-template button[type=submit]")
+    page.wait("the running build", lambda: "rootfs: busybox" in page.text('.build[data-state="running"]'))
+    assert "mini" in page.text('.build[data-state="running"]') and page.css(".build progress")
+    release.set()
+    page.wait("the finished build", lambda: "built mini@v1" in page.text('.build[data-state="done"]'))
+    page.wait("the new template", lambda: "v1" in page.text('tr[data-template="mini"]'))
+    assert script_errors(page.console()) == []

@@ -26,6 +26,7 @@ const st = {
   timer: null,
   armed: new Map(), // button key -> time a destructive click was armed
   diagnosing: null,
+  adoptChoice: new Map(), // mac -> {template, user} picked in its adopt form (kept across redraws)
 };
 
 // --- login ------------------------------------------------------------------------------------
@@ -71,9 +72,16 @@ function logout(reason = "") {
   sessionStorage.removeItem(TOKEN_KEY);
   if (st.stream) st.stream.stop();
   if (st.timer) clearInterval(st.timer);
-  Object.assign(st, { api: null, admin: false, me: null, servers: [], stream: null, timer: null,
-                      timelines: new Timelines(), builds: new Map() });
+  Object.assign(st, { api: null, admin: false, me: null, servers: [], templates: [], users: [], stream: null,
+                      timer: null, timelines: new Timelines(), builds: new Map(), armed: new Map(),
+                      adoptChoice: new Map() });
+  // nothing of this token's page stays for the next one (its forms included)
+  for (const el of document.querySelectorAll("#app-view section .body")) {
+    if (!el.querySelector("#event-list")) replace(el);
+  }
   replace($("event-list"));
+  $("panel-diagnosis").hidden = true;
+  say("");
   showLogin(reason);
 }
 
@@ -92,6 +100,7 @@ function body(panel) {
 // Load a panel's data: 403 hides the panel, 404 says the appliance does not offer it (yet).
 async function load(panel, path, render) {
   const section = $(`panel-${panel}`);
+  if (!st.api) return null;
   try {
     const data = await st.api.get(path);
     section.hidden = false;
@@ -173,8 +182,18 @@ function userOptions(select) {
 
 // --- refresh ----------------------------------------------------------------------------------
 
+let refreshing = false;
 async function refreshAll() {
-  if (!st.api) return;
+  if (!st.api || refreshing) return; // a slow appliance: one refresh at a time
+  refreshing = true;
+  try {
+    await refreshEverything();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function refreshEverything() {
   await Promise.all([refreshHealth(), refreshServices(), refreshServers(), refreshTemplates(),
                      st.admin ? refreshAdmin() : refreshOwnQuota(), refreshBuilds(), checkLogins()]);
 }
@@ -410,7 +429,10 @@ function renderTimelineSoon() {
 function renderTimeline() {
   const known = new Set(st.servers.map((s) => s.uuid));
   const boots = st.timelines.all();
-  const order = [...st.servers.map((s) => s.uuid), ...boots.map((b) => b.server).filter((u) => !known.has(u))];
+  // a boot of a server not listed (deleted since, or not listed yet) stays for 10 minutes
+  const now = Date.now() / 1000;
+  const order = [...st.servers.map((s) => s.uuid),
+                 ...boots.filter((b) => !known.has(b.server) && now - b.last < 600).map((b) => b.server)];
   const rows = order.map((uuid) => {
     const boot = st.timelines.get(uuid);
     const cells = STEPS.map(([step, title], i) => {
@@ -523,10 +545,15 @@ function renderDiscovered(nodes) {
   const list = Array.isArray(nodes) ? nodes : nodes?.nodes || nodes?.discovered || [];
   replace(body("discovered"), table(["MAC", "UUID", "arch", "vendor class", "first seen", "last seen", "seen", "adopt"],
     list.map((d) => {
+      const chosen = st.adoptChoice.get(d.mac) || {};
       const template = h("select", { name: "template" });
-      templateOptions(template);
+      templateOptions(template, chosen.template);
       const user = h("select", { name: "user" });
       userOptions(user);
+      if (chosen.user) user.value = chosen.user;
+      const remember = () => st.adoptChoice.set(d.mac, { template: template.value, user: user.value });
+      template.addEventListener("change", remember);
+      user.addEventListener("change", remember);
       const adopt = h("button", { type: "submit", text: "Adopt", dataset: { action: `adopt-${d.mac}` } });
       const form = h("form", { class: "inline" }, template, user, adopt);
       form.addEventListener("submit", async (ev) => {

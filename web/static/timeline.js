@@ -61,6 +61,7 @@ export function classify(event) {
 
 export function fmtBytes(n) {
   const v = Number(n) || 0;
+  if (v >= 2 ** 30) return `${(v / 2 ** 30).toFixed(1)} GiB`;
   if (v >= 1 << 20) return `${(v / (1 << 20)).toFixed(1)} MiB`;
   if (v >= 1024) return `${(v / 1024).toFixed(1)} KiB`;
   return `${v} B`;
