@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -28,6 +28,9 @@ from domain.core import Domain, build_domain
 from domain.store import AsyncStore, Store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 from udpio.udp import BindError, bind_error_text
+
+if TYPE_CHECKING:
+    from web.deps import ServiceCounters
 
 log = logging.getLogger("cello")
 
@@ -153,7 +156,8 @@ class Appliance:
             chap=self.config.iscsi.chap,  # type: ignore[arg-type]
             builder=self._build_template if template_builds else None,
             source_check=validate_source if template_builds else None,
-            power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub)
+            power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub,
+            adopt_rule=self.config.dhcp.adopt)
         self.slots = [
             ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),
@@ -186,8 +190,20 @@ class Appliance:
         from web.app import WebDeps, create_app
 
         fields: dict[str, Any] = {"files_root": self.files_root, "health": self.health, "version": VERSION,
-                                  "loader_roots": self.loader_roots(), **deps}
+                                  "loader_roots": self.loader_roots(), "collect": self.collect, **deps}
         return create_app(WebDeps(domain=self.built, **fields))
+
+    def collect(self) -> ServiceCounters:
+        """The DHCP and TFTP counters for /metrics (web.deps.ServiceCounters), from the services built."""
+        from bootfiles.tftp_server import TftpServer
+        from dhcp.proxy import ProxyDHCP
+        from web.deps import ServiceCounters
+
+        services = {slot.name: slot.service for slot in self.slots}
+        dhcp, tftp = services.get("dhcp"), services.get("tftp")
+        return ServiceCounters(dhcp=dhcp.stats if isinstance(dhcp, ProxyDHCP) else None,
+                               tftp=tftp.stats if isinstance(tftp, TftpServer) else None,
+                               tftp_active=tftp.active_transfers if isinstance(tftp, TftpServer) else 0)
 
     async def _build_template(self, name: str, version: str, source: str,
                               progress: Callable[[str], None]) -> Any:

@@ -417,6 +417,12 @@ def add_client_commands(subparsers: Any) -> None:
     from appliance.cli_lifecycle import add_lifecycle_commands
 
     add_lifecycle_commands(server, template, _common)
+    from appliance.cli_operator import add_operator_commands
+
+    add_operator_commands(subparsers, server, _common)
+    from appliance.cli_audit import add_audit_commands
+
+    add_audit_commands(subparsers, _common)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:

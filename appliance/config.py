@@ -16,6 +16,7 @@ from typing import Any, TypeVar, get_type_hints
 
 import naming
 from bootfiles.spec import Profile
+from domain.discovered import AdoptRule
 
 
 class ConfigError(ValueError):
@@ -120,6 +121,8 @@ class DhcpConfig:
     unknown: str = _opt("ignore", "unknown nodes: 'ignore' (no answer) or the name of a boot profile")
     unknown_template: str = _opt("", "what unknown nodes on a profile boot, diskless: that template's newest "
                                      "kernel and initrd; '' = the most recently built template")
+    adopt: AdoptRule | None = _opt(None, "[dhcp.adopt] mac_prefix, arch, template, user, profile: adopt discovered "
+                                         "nodes that match automatically; none = adopt only by hand")
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,35 @@ def _profiles(raw: Any) -> dict[str, Profile]:
     return out
 
 
+ADOPT_KEYS = ("mac_prefix", "arch", "template", "user", "profile")
+
+
+def _adopt_rule(raw: Any) -> AdoptRule:
+    where = "dhcp.adopt"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for key in raw:
+        if key not in ADOPT_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(ADOPT_KEYS)})")
+    for key in ("template", "user"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: required (the template and the user adopted nodes get)")
+    values = {k: _coerce(f"{where}.{k}", int if k == "arch" else str, v) for k, v in raw.items()}
+    prefix = naming.normalize_mac(values.get("mac_prefix", ""))
+    if prefix and not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){0,5}", prefix):
+        raise ConfigError(f"{where}.mac_prefix: must be 1 to 6 hex pairs like 52:54:00")
+    if "arch" in values and not 0 <= values["arch"] <= 65535:
+        raise ConfigError(f"{where}.arch: must be 0..65535 (RFC 4578 option 93: 0 BIOS, 7 x64 UEFI, ...)")
+    if not prefix and "arch" not in values:
+        raise ConfigError(f"{where}: needs mac_prefix or arch (a rule that adopts every stranger is refused)")
+    if not naming.TEMPLATE.ok(values["template"]):
+        raise ConfigError(f"{where}.template: {naming.TEMPLATE.explain}")
+    if not naming.USER.ok(values["user"]):
+        raise ConfigError(f"{where}.user: {naming.USER.explain}")
+    return AdoptRule(template=values["template"], user=values["user"], mac_prefix=prefix,
+                     arch=values.get("arch"), profile=values.get("profile", ""))
+
+
 def _section(name: str, cls: type[T], raw: Any) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: must be a table")
@@ -239,6 +271,9 @@ def _section(name: str, cls: type[T], raw: Any) -> T:
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
         if name == "boot" and key == "profiles":
             values[key] = _profiles(value)
+            continue
+        if name == "dhcp" and key == "adopt":
+            values[key] = _adopt_rule(value)
             continue
         coerced = _coerce(where, hints[key], value)
         check = known[key].metadata.get("check")
@@ -266,6 +301,9 @@ def _cross_check(config: Config) -> Config:
         raise ConfigError(f"boot.default_profile: no profile named {config.boot.default_profile!r}")
     if config.dhcp.unknown != "ignore" and config.dhcp.unknown not in profiles:
         raise ConfigError(f"dhcp.unknown: must be 'ignore' or a profile name ({', '.join(sorted(profiles))})")
+    adopt = config.dhcp.adopt
+    if adopt is not None and adopt.profile and adopt.profile not in profiles:
+        raise ConfigError(f"dhcp.adopt.profile: no profile named {adopt.profile!r}")
     if config.dhcp.unknown_template and not naming.TEMPLATE.ok(config.dhcp.unknown_template):
         raise ConfigError("dhcp.unknown_template: not a template name")
     if config.storage.backend == "zfs" and not config.storage.pool:

@@ -55,6 +55,18 @@ class BootSpec:
     hostname: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PxeClient:
+    """A PXE client as the proxyDHCP saw it in one boot request: what an operator needs to adopt it."""
+
+    mac: str
+    uuid: str | None  # SMBIOS UUID from option 97, canonical; None when absent or broken
+    arch: int  # option 93 (RFC 4578 §2.1)
+    vendor_class: str  # option 60, e.g. "PXEClient:Arch:00000:UNDI:002001"
+    user_class: str  # option 77, e.g. "iPXE"
+    address: str | None  # the address the packet says the client holds (dhcp.binding), if it says
+
+
 class BootPolicy(Protocol):
     """Implemented by the appliance from its state store."""
 
@@ -67,6 +79,12 @@ class BootPolicy(Protocol):
         """The proxyDHCP saw a DHCP packet of this client say it holds `address` (see
         `dhcp.binding`); called for packets it answers and for those it does not. Cheap and
         synchronous; the policy keeps it only for known servers."""
+        ...
+
+    def client_unknown(self, client: PxeClient) -> None:
+        """The proxyDHCP got a boot request from a client that no server record names (no boot spec,
+        or the unknown-node profile's). Called from the datagram handler: cheap, synchronous, never
+        blocking; the policy notes it (discovered nodes) and persists it later, off the loop."""
         ...
 
     def may_fetch(self, spec: BootSpec, address: str) -> bool:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bootfiles.spec import BootPolicy, EventSink
+from bootfiles.spec import BootPolicy, EventSink, PxeClient
 from udpio.ratelimit import RateLimitedLog
 from udpio.udp import bind_udp
 
@@ -62,6 +62,15 @@ class Stats:
     send_failures: int = 0  # a reply the socket would not take (UDP is lossy anyway)
     recv_errors: int = 0  # a receive that failed (an ICMP error reported on the socket, a raw socket's error)
     by_reason: dict[str, int] = field(default_factory=dict)
+    # by the client's firmware arch (option 93, RFC 4578 §2.1), for boot requests only (bounded: the
+    # supported arches); for /metrics
+    requests_by_arch: dict[int, int] = field(default_factory=dict)
+    offers_by_arch: dict[int, int] = field(default_factory=dict)
+    acks_by_arch: dict[int, int] = field(default_factory=dict)
+
+
+def _count(table: dict[int, int], key: int) -> None:
+    table[key] = table.get(key, 0) + 1
 
 
 class ProxyDHCP:
@@ -200,7 +209,10 @@ class ProxyDHCP:
         request = pxe.classify(request_packet, kind)
         if request is None:
             return self._ignore("not a boot request")
+        _count(self.stats.requests_by_arch, request.arch)
         spec = self.policy.boot_spec(uuid=request.uuid, mac=request.mac)
+        if spec is None or spec.root is None:  # no server record: none, or the unknown-node profile's
+            self.policy.client_unknown(_pxe_client(request_packet, request, source, kind))
         if spec is None:
             return self._ignore("no boot spec (unknown node)")
         choice = pxe.choose_boot(request, spec, self.pxe_config)
@@ -210,8 +222,10 @@ class ProxyDHCP:
         out = p.encode(reply)
         if kind is pxe.Kind.DISCOVER:
             self.stats.offers += 1
+            _count(self.stats.offers_by_arch, request.arch)
         else:
             self.stats.acks += 1
+            _count(self.stats.acks_by_arch, request.arch)
         self._emit(spec.server_uuid, request, choice, source, kind)
         dest = pxe.reply_destination(request_packet, source, kind, relay_port=self.port, client_port=self.reply_port,
                                      broadcast=self.broadcast)
@@ -293,3 +307,19 @@ class ProxyDHCP:
 
     def _on_raw(self, data: bytes, source: Address, ifindex: int) -> Reply | None:
         return self.serve_datagram(data, source, pxe.Kind.DISCOVER, ifindex)
+
+
+_CLASS_TEXT_MAX = 128  # an operator's listing shows the class options; nobody needs more of them
+
+
+def _class_text(raw: bytes) -> str:
+    """Printable ASCII of a class option (anything else shown as '?'), bounded."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in raw[:_CLASS_TEXT_MAX].decode("latin-1"))
+
+
+def _pxe_client(packet: p.DhcpPacket, request: pxe.BootRequest, source: Address, kind: pxe.Kind) -> PxeClient:
+    """Pure: what the proxy tells the policy of an unknown client (its discovered-node record)."""
+    return PxeClient(mac=request.mac, uuid=request.uuid, arch=request.arch,
+                     vendor_class=_class_text(packet.vendor_class or b""),
+                     user_class=",".join(_class_text(c) for c in packet.user_classes)[:_CLASS_TEXT_MAX],
+                     address=binding.client_address(packet, source, kind))

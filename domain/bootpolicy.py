@@ -13,8 +13,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bootfiles.spec import BootSpec, IscsiRoot, Profile
+from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
 from domain.bindings import BindingTable, ipv4_of
+from domain.discovered import DiscoveredNodes
 from domain.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
 from iscsi.model import ExportState
 
@@ -119,6 +120,7 @@ class ApplianceBootPolicy:
         lun_number: Callable[[int], int],
         unknown_template: str = "",
         bindings: BindingTable | None = None,
+        discovered: DiscoveredNodes | None = None,
     ) -> None:
         self._store = store
         self.profiles = dict(profiles)
@@ -133,6 +135,8 @@ class ApplianceBootPolicy:
         self.index = BootIndex({}, {})
         self.bindings = bindings if bindings is not None else BindingTable()
         self.nodes: Mapping[str, NodeAccess] = {}
+        self.discovered = discovered  # unknown PXE clients, noted for adoption
+        self._known_macs: frozenset[str] = frozenset()  # every server record's MACs, whatever its state
         self._refresh: asyncio.Task[None] | None = None
         self._dirty = False
 
@@ -155,6 +159,8 @@ class ApplianceBootPolicy:
         known_mac = mac in self.index.by_mac
         known_uuid = uuid is not None and uuid.lower() in self.index.by_uuid
         if not (known_mac or known_uuid):
+            if self.discovered is not None:
+                self.discovered.address(mac, address)  # a discovered node's listing shows its address
             return
         before = self.bindings.address_of_mac(mac) if known_mac else None
         if known_uuid and before is None:
@@ -162,6 +168,14 @@ class ApplianceBootPolicy:
         self.bindings.learn(address, mac=mac if known_mac else None, uuid=uuid if known_uuid else None)
         if before != address:
             log.info("binding: %s (uuid %s) is at %s%s", mac, uuid, address, f" (was {before})" if before else "")
+
+    def client_unknown(self, client: PxeClient) -> None:
+        """Note a PXE client no server record names (a record being made or in error names it: not noted)."""
+        if self.discovered is None:
+            return
+        if client.mac.lower() in self._known_macs or (client.uuid is not None and client.uuid.lower() in self.nodes):
+            return
+        self.discovered.seen(client)
 
     def may_fetch(self, spec: BootSpec, address: str) -> bool:
         """A config without a root disk (an unknown node's diskless boot) is anyone's; one with a root
@@ -190,6 +204,7 @@ class ApplianceBootPolicy:
         )
         self.unknown_files = unknown_node_files(versions, self.unknown_template)
         self.nodes = node_access(servers)
+        self._known_macs = frozenset(mac for node in self.nodes.values() for mac in node.macs)
 
     def changed(self) -> None:
         """Called after every store change; coalesces into one refresh at a time."""

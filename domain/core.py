@@ -10,7 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bootfiles.spec import Profile
+from domain.audit import AuditLog
 from domain.bootpolicy import ApplianceBootPolicy
+from domain.census import SessionCounts
+from domain.discovered import Adoption, AdoptRule, DiscoveredNodes
 from domain.events import EventBus
 from domain.exports import ChapMode, Naming, desired_targets
 from domain.lifecycle import BootFilesCopy, Lifecycle, PowerFor, Scrub
@@ -21,6 +24,7 @@ from domain.services import ServiceSwitches
 from domain.store import AsyncStore
 from domain.tasks import BackgroundTasks
 from domain.templates import SourceCheck, TemplateBuilder, TemplateWorkflows
+from domain.timings import Timings
 from domain.users import Users
 from iscsi.exports import ExportManager
 from iscsi.model import ExportDriver, VolumeBackend
@@ -40,6 +44,11 @@ class Domain:
     tasks: BackgroundTasks
     lifecycle: Lifecycle
     rolling: RollingUpgrades
+    audit: AuditLog
+    timings: Timings
+    census: SessionCounts
+    discovered: DiscoveredNodes
+    adoption: Adoption
 
     @property
     def driver(self) -> ExportDriver:
@@ -47,6 +56,8 @@ class Domain:
 
     async def start(self) -> None:
         await self.events.start()
+        await self.audit.start()
+        await self.discovered.start()
         await self.services.load()
 
     async def reconcile(self) -> ReconcileReport:
@@ -59,6 +70,8 @@ class Domain:
         except TimeoutError:
             pass
         await self.events.stop()
+        await self.audit.stop()
+        await self.discovered.stop()
         await asyncio.to_thread(self.store.close)
 
 
@@ -80,14 +93,19 @@ def build_domain(
     power_for: PowerFor = lambda server: None,
     copy_boot_files: BootFilesCopy | None = None,
     scrub: Scrub | None = None,
+    adopt_rule: AdoptRule | None = None,
 ) -> Domain:
     names = Naming(iqn_prefix)
     events = EventBus(store)
+    timings = Timings()
+    events.observers.append(timings.observe)
     tasks = BackgroundTasks()
     exports = ExportManager(driver, lambda: desired_targets(store, backend, names))
+    discovered = DiscoveredNodes(store, events)
     policy = ApplianceBootPolicy(
         store, profiles=profiles, iqn_prefix=iqn_prefix, portal=portal, http_base=http_base, unknown=unknown,
-        unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number)
+        unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number,
+        discovered=discovered)
     services = ServiceSwitches(store, events)
     users = Users(store)
     servers = ServerWorkflows(store, backend, exports, events, services, users, tasks, naming=names,
@@ -96,8 +114,11 @@ def build_domain(
     templates = TemplateWorkflows(store, backend, events, tasks, builder=builder, source_check=source_check,
                                   destroy=servers.destroy, on_change=policy.changed)
     lifecycle = Lifecycle(servers, templates, power_for=power_for, copy_boot_files=copy_boot_files, scrub=scrub)
+    adoption = Adoption(discovered, servers, tasks, events, adopt_rule)
+    discovered.on_seen = adoption.auto
     return Domain(store, events, backend, exports, services, users, servers, templates, policy, tasks, lifecycle,
-                  RollingUpgrades(lifecycle, tasks))
+                  RollingUpgrades(lifecycle, tasks), AuditLog(store), timings, SessionCounts(exports),
+                  discovered=discovered, adoption=adoption)
 
 
 def _names(profiles: Mapping[str, Profile]) -> Sequence[str]:

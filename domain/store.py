@@ -1,8 +1,8 @@
 """The state store: SQLite in WAL mode, the single source of desired state.
 
-This module owns all SQL (parameterised only). The schema is versioned with `PRAGMA user_version`;
-MIGRATIONS[i] upgrades version i to i+1, so an old store upgrades in place with its data kept.
+This module owns all SQL (parameterised only); the schema and its migrations are domain/schema.py.
 Methods are synchronous and short; async callers run them through `AsyncStore` on one worker thread.
+(About 500 lines, one idea: the rows and their transactions. Each table's methods are a section.)
 """
 
 from __future__ import annotations
@@ -21,152 +21,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from domain.errors import Conflict, QuotaExceeded, StoreError
+from domain.schema import MIGRATIONS, SCHEMA_VERSION
 from domain.states import may_move
 
 T = TypeVar("T")
 
-MIGRATIONS: tuple[str, ...] = (
-    # 0 → 1: the first schema.
-    """
-    CREATE TABLE templates (
-        name TEXT PRIMARY KEY,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE template_versions (
-        template TEXT NOT NULL REFERENCES templates(name),
-        version TEXT NOT NULL,
-        source TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        kernel TEXT NOT NULL,
-        initrd TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (template, version)
-    );
-    CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        max_volumes INTEGER NOT NULL,
-        max_data_gb INTEGER NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE servers (
-        uuid TEXT PRIMARY KEY,
-        template TEXT NOT NULL,
-        version TEXT NOT NULL,
-        profile TEXT NOT NULL,
-        owner TEXT NOT NULL,
-        state TEXT NOT NULL,
-        reason TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE TABLE server_macs (
-        mac TEXT PRIMARY KEY,
-        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE
-    );
-    CREATE TABLE volumes (
-        name TEXT PRIMARY KEY,
-        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
-        kind TEXT NOT NULL CHECK (kind IN ('os', 'data')),
-        idx INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        serial TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        UNIQUE (server, idx)
-    );
-    CREATE TABLE boot_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        kind TEXT NOT NULL,
-        server TEXT,
-        data TEXT NOT NULL
-    );
-    CREATE INDEX boot_events_server ON boot_events(server, id);
-    CREATE TABLE tokens (
-        hash TEXT PRIMARY KEY,
-        owner TEXT,
-        admin INTEGER NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    # 1 → 2: server host names and addresses (for DNS), and run-time service switches.
-    """
-    ALTER TABLE servers ADD COLUMN hostname TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN address TEXT NOT NULL DEFAULT '';
-    CREATE TABLE services (
-        name TEXT PRIMARY KEY,
-        enabled INTEGER NOT NULL
-    );
-    """,
-    # 2 → 3: per-server CHAP. Servers made before it keep none ('') until they are rebuilt: a secret
-    # set under a running node would refuse its next login (a session recovery after a target restart).
-    """
-    ALTER TABLE servers ADD COLUMN chap_user TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN chap_secret TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN chap_mutual_user TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN chap_mutual_secret TEXT NOT NULL DEFAULT '';
-    """,
-    # 3 → 4: the fleet lifecycle. A volume may be a server's restore point ('prev': the root before its
-    # last upgrade, not exported) and knows what it was cloned from; OS-volume snapshots; labels and a
-    # BMC per server. SQLite cannot change a CHECK, so the volumes table is made again, rows kept.
-    """
-    CREATE TABLE volumes_v4 (
-        name TEXT PRIMARY KEY,
-        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
-        kind TEXT NOT NULL CHECK (kind IN ('os', 'data', 'prev')),
-        idx INTEGER NOT NULL,
-        size INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        serial TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        origin TEXT NOT NULL DEFAULT '',
-        UNIQUE (server, idx)
-    );
-    INSERT INTO volumes_v4 (name, server, kind, idx, size, state, serial, created_at, origin)
-        SELECT v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, v.created_at,
-               CASE WHEN v.kind = 'os' THEN s.template || '@' || s.version ELSE '' END
-        FROM volumes v JOIN servers s ON s.uuid = v.server;
-    DROP TABLE volumes;
-    ALTER TABLE volumes_v4 RENAME TO volumes;
-    CREATE TABLE snapshots (
-        server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,
-        name TEXT NOT NULL,
-        volume TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (server, name)
-    );
-    ALTER TABLE servers ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
-    ALTER TABLE servers ADD COLUMN bmc_url TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN bmc_user TEXT NOT NULL DEFAULT '';
-    ALTER TABLE servers ADD COLUMN bmc_password TEXT NOT NULL DEFAULT '';
-    """,
-    # 4 → 5: the operator's view. PXE clients no server record knows (discovered nodes, to adopt), the
-    # audit log of API writes, and a token's scope ('' = what its owner may do; 'read' = look, not touch).
-    """
-    CREATE TABLE discovered (
-        mac TEXT PRIMARY KEY,
-        uuid TEXT NOT NULL DEFAULT '',
-        arch INTEGER NOT NULL DEFAULT -1,
-        vendor_class TEXT NOT NULL DEFAULT '',
-        user_class TEXT NOT NULL DEFAULT '',
-        address TEXT NOT NULL DEFAULT '',
-        first_seen REAL NOT NULL,
-        last_seen REAL NOT NULL,
-        count INTEGER NOT NULL DEFAULT 1
-    );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        who TEXT NOT NULL,
-        method TEXT NOT NULL,
-        path TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        detail TEXT NOT NULL DEFAULT ''
-    );
-    ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT '';
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
 # Volume indexes beside the exported ones (0 = OS, 1.. = data): a server's restore point, a rebuild's new
 # root while it is being made, the restore point mid-swap, and an old restore point on its way out.
 PREV_IDX, NEW_ROOT_IDX, SWAP_IDX, GONE_IDX = -1, -2, -3, -4
@@ -231,6 +90,21 @@ class ServerRow:
     def label_map(self) -> dict[str, str]:
         raw = json.loads(self.labels or "{}")
         return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+@dataclass(frozen=True)
+class DiscoveredRow:
+    """A PXE client no server record names, as the proxyDHCP saw it (domain/discovered.py)."""
+
+    mac: str
+    uuid: str  # '' = it sent none, or a broken one
+    arch: int  # option 93; -1 = not sent
+    vendor_class: str
+    user_class: str
+    address: str  # '' = not known
+    first_seen: float
+    last_seen: float
+    count: int  # boot requests seen (in a batch: seen since the last save)
 
 
 def hash_token(token: str) -> str:
@@ -373,6 +247,11 @@ class Store:
     def token(self, token: str) -> tuple[str | None, bool] | None:
         rows = self._all("SELECT owner, admin FROM tokens WHERE hash = ?", (hash_token(token),))
         return (rows[0]["owner"], bool(rows[0]["admin"])) if rows else None
+
+    def token_with_scope(self, token: str) -> tuple[str | None, bool, str] | None:
+        """(owner, admin, scope) of a token: scope '' = all its owner may do, 'read' = look, not touch."""
+        rows = self._all("SELECT owner, admin, scope FROM tokens WHERE hash = ?", (hash_token(token),))
+        return (rows[0]["owner"], bool(rows[0]["admin"]), str(rows[0]["scope"])) if rows else None
 
     def has_admin_token(self) -> bool:
         return bool(self._all("SELECT 1 FROM tokens WHERE admin = 1 LIMIT 1"))
@@ -558,6 +437,38 @@ class Store:
             db.execute("UPDATE servers SET bmc_url = ?, bmc_user = ?, bmc_password = ?, updated_at = ? "
                        "WHERE uuid = ?", (url, user, password, self._clock(), uuid))
 
+    # --- discovered nodes ------------------------------------------------------------------------
+
+    def save_discovered(self, rows: Sequence[DiscoveredRow], keep: int) -> None:
+        """Upsert a batch (each row's `count` is what was seen since the last save, added to the stored
+        one; an empty address keeps the known one), then keep only the `keep` most recently seen."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO discovered (mac, uuid, arch, vendor_class, user_class, address, first_seen, last_seen, "
+                "count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mac) DO UPDATE SET uuid = excluded.uuid, "
+                "arch = excluded.arch, vendor_class = excluded.vendor_class, user_class = excluded.user_class, "
+                "address = CASE WHEN excluded.address != '' THEN excluded.address ELSE discovered.address END, "
+                "first_seen = MIN(discovered.first_seen, excluded.first_seen), "
+                "last_seen = MAX(discovered.last_seen, excluded.last_seen), count = discovered.count + excluded.count",
+                [(r.mac, r.uuid, r.arch, r.vendor_class, r.user_class, r.address, r.first_seen, r.last_seen, r.count)
+                 for r in rows])
+            db.execute("DELETE FROM discovered WHERE mac NOT IN "
+                       "(SELECT mac FROM discovered ORDER BY last_seen DESC, mac LIMIT ?)", (keep,))
+
+    def discovered(self, limit: int = -1) -> list[DiscoveredRow]:
+        """Most recently seen first."""
+        rows = self._all("SELECT * FROM discovered ORDER BY last_seen DESC, mac LIMIT ?", (limit,))
+        return [DiscoveredRow(**dict(r)) for r in rows]
+
+    def discovered_node(self, mac: str) -> DiscoveredRow | None:
+        rows = self._all("SELECT * FROM discovered WHERE mac = ?", (mac,))
+        return DiscoveredRow(**dict(rows[0])) if rows else None
+
+    def forget_discovered(self, mac: str) -> bool:
+        """Whether there was such a record."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM discovered WHERE mac = ?", (mac,)).rowcount > 0
+
     # --- services and events ---------------------------------------------------------------------
 
     def set_service(self, name: str, enabled: bool) -> None:
@@ -581,6 +492,28 @@ class Store:
             rows = self._all("SELECT * FROM boot_events WHERE server = ? ORDER BY id DESC LIMIT ?", (server, limit))
         return [{"id": r["id"], "at": r["at"], "kind": r["kind"], "server": r["server"], **json.loads(r["data"])}
                 for r in reversed(rows)]
+
+
+    # --- the audit log of API writes ------------------------------------------------------------------
+
+    AUDIT_KEEP = 100_000  # rows kept; older ones go, like boot_events
+
+    def add_audit(self, rows: Sequence[tuple[float, str, str, str, int, str]]) -> None:
+        """(at, who, method, path, status, detail) rows, in one transaction; the table stays bounded."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO audit (at, who, method, path, status, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                           rows)
+            db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (self.AUDIT_KEEP,))
+
+    def audit(self, since: int | None = None, limit: int = 100) -> list[tuple[int, float, str, str, str, int, str]]:
+        """(id, at, who, method, path, status, detail), oldest first: the `limit` rows after id `since`, or
+        without `since` the newest `limit` rows."""
+        sql = "SELECT id, at, who, method, path, status, detail FROM audit"
+        if since is not None:
+            rows = self._all(sql + " WHERE id > ? ORDER BY id LIMIT ?", (since, limit))
+        else:
+            rows = list(reversed(self._all(sql + " ORDER BY id DESC LIMIT ?", (limit,))))
+        return [(int(r[0]), float(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]), str(r[6])) for r in rows]
 
 
 class AsyncStore:

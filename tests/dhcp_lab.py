@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bootfiles.spec import BootSpec, IscsiRoot, Profile
+from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
 from dhcp.proxy import ProxyDHCP
 
 
@@ -32,6 +32,7 @@ class StaticPolicy:
     by_mac: dict[str, BootSpec] = field(default_factory=dict)
     unknown: BootSpec | None = None
     seen: dict[str, str] = field(default_factory=dict)  # server uuid -> address its DHCP said it holds
+    unknown_clients: list[PxeClient] = field(default_factory=list)  # what client_unknown was told
 
     def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
         if uuid is not None and uuid in self.by_uuid:
@@ -45,6 +46,9 @@ class StaticPolicy:
         spec = spec or self.by_mac.get(mac)
         if spec is not None:
             self.seen[spec.server_uuid] = address
+
+    def client_unknown(self, client: PxeClient) -> None:
+        self.unknown_clients.append(client)
 
     def may_fetch(self, spec: BootSpec, address: str) -> bool:
         return spec.root is None or self.seen.get(spec.server_uuid) == address

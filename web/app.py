@@ -1,7 +1,8 @@
 """The aiohttp application: `create_app(deps)` builds it from one route table.
 
-Middlewares, outermost first: request metrics, then the error boundary (JSON errors, never a
-traceback). Access checks are per route (`web.auth.guarded`), from the route table's `access`.
+Middlewares, outermost first: request metrics, the audit log of API writes (web/audit.py), then the
+error boundary (JSON errors, never a traceback). Access checks are per route (`web.auth.guarded`),
+from the route table's `access`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from web import api_lifecycle, api_misc, api_servers, api_templates, dashboard, httpboot, metrics, openapi
+from web import (
+    api_lifecycle,
+    api_misc,
+    api_operator,
+    api_servers,
+    api_templates,
+    audit,
+    dashboard,
+    httpboot,
+    metrics,
+    openapi,
+)
 from web.auth import guarded
 from web.deps import WebDeps
 from web.errors import error_middleware
@@ -24,7 +36,7 @@ __all__ = ["WebDeps", "create_app", "routes"]
 
 def routes() -> tuple[Route, ...]:
     return (*api_misc.ROUTES, *api_servers.ROUTES, *api_lifecycle.ROUTES, *api_templates.ROUTES, openapi.ROUTE,
-            *httpboot.ROUTES, *metrics.ROUTES, *dashboard.ROUTES)
+            *httpboot.ROUTES, *metrics.ROUTES, *dashboard.ROUTES, *audit.ROUTES, *api_operator.ROUTES)
 
 
 async def _event_streams(app: web.Application) -> AsyncIterator[None]:
@@ -39,7 +51,7 @@ async def _end_event_streams(app: web.Application) -> None:
 
 def create_app(deps: WebDeps) -> web.Application:
     app = web.Application(client_max_size=deps.client_max_size,
-                          middlewares=[metrics.metrics_middleware, error_middleware])
+                          middlewares=[metrics.metrics_middleware, audit.audit_middleware, error_middleware])
     app[DEPS] = deps
     app[METRICS] = HttpMetrics()
     app[CLOSING] = asyncio.Event()
