@@ -5,9 +5,10 @@ build → encode (pure apart from the policy calls, which are synchronous and ch
 socket code around it stays small. Port 67 gets DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011
 gets the boot server DHCPREQUEST (ACK, PXE 2.1 §2.2.5). "learn" tells the policy which address a
 client's packet says it holds (`dhcp/binding.py`), for every packet, answered or not — the REQUEST to
-the site server on :67 too, which the raw listener's filter and the :67 socket both receive. When port
-67 is already bound on the host (a local DHCP server), the responder can listen on a raw socket instead
-(scapy; see `dhcp/raw.py`).
+the site server on :67 too, which the raw listener's filter and the :67 socket both receive. A boot
+request that no server record names (no boot spec, or the unknown-node profile's) is told to the
+policy too (`client_unknown`: discovered nodes, to adopt). When port 67 is already bound on the host
+(a local DHCP server), the responder can listen on a raw socket instead (scapy; see `dhcp/raw.py`).
 """
 
 from __future__ import annotations

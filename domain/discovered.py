@@ -6,7 +6,7 @@ can adopt them (make a server of one: `Adoption.adopt`), by hand or by a rule (c
 (every FLUSH_EVERY seconds, as the event bus saves its events). Bounded: at most `capacity` nodes in
 memory and in the table, the least recently seen going first, so a stranger inventing MAC addresses
 evicts its own inventions and grows nothing without end. The first time a node is seen, a
-`discovered` event is published.
+`discovered` event is published (at most EVENTS_PER_SECOND a second: a flood is counted, not streamed).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ log = logging.getLogger("cello.discovered")
 
 DEFAULT_CAPACITY = 4096  # nodes kept, in memory and in the store
 ADOPTED_QUIET = 120.0  # seconds an adopted MAC is not recorded again (its server is being made)
+# 'discovered' events per second at most: a flood of invented MACs is recorded (bounded) but does not
+# flood the event stream and its readers (the dashboard reloads the listing on each one).
+EVENTS_PER_SECOND = 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class DiscoveredNodes:
         self._adopted: dict[str, float] = {}  # mac -> until when it is not recorded again
         self._lock = asyncio.Lock()  # a save and a forget never interleave (no record comes back)
         self._flusher: asyncio.Task[None] | None = None
+        self._event_second = 0.0
+        self._events_this_second = 0
+        self.events_suppressed = 0  # 'discovered' events not published because of the rate limit
         # Called for every boot request of an unknown node (the auto-adopt rule); cheap, synchronous.
         self.on_seen: Callable[[DiscoveredRow], None] = lambda node: None
 
@@ -97,12 +103,22 @@ class DiscoveredNodes:
             gone, _ = self._nodes.popitem(last=False)
             self._unsaved.pop(gone, None)
         if old is None:
-            self._events.publish("discovered", {"mac": mac, "uuid": node.uuid, "arch": node.arch,
-                                                "vendor_class": node.vendor_class, "address": node.address})
+            self._publish(node)
         try:
             self.on_seen(node)
         except Exception:
             log.exception("auto-adopt of %s failed", mac)
+
+    def _publish(self, node: DiscoveredRow) -> None:
+        second = self._monotonic() // 1
+        if second != self._event_second:
+            self._event_second, self._events_this_second = second, 0
+        if self._events_this_second >= EVENTS_PER_SECOND:
+            self.events_suppressed += 1
+            return
+        self._events_this_second += 1
+        self._events.publish("discovered", {"mac": node.mac, "uuid": node.uuid, "arch": node.arch,
+                                            "vendor_class": node.vendor_class, "address": node.address})
 
     def address(self, mac: str, address: str) -> None:
         """A DHCP packet of a discovered node said which address it holds (its REQUEST to the site

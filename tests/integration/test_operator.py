@@ -329,3 +329,18 @@ async def test_the_cli_lists_adopts_and_diagnoses(tmp_path: Path) -> None:
         await s.policy.settled()
         code, text = await asyncio.to_thread(cli, "server", "diagnose", uuid)
         assert code == 1 and "problem: no_dhcp" in text and "DHCP offer sent" in text, text
+
+
+async def test_a_failing_adopt_rule_is_published_once_and_the_node_stays_listed(tmp_path: Path) -> None:
+    def rule(s: Stack) -> None:
+        s.domain.adoption.rule = AdoptRule(template="tiny", user="nobody", arch=0)  # no such user
+
+    async with lan(tmp_path, before_start=rule) as net:
+        s = net.s
+        for xid in (1, 2, 3):
+            await net.dhcp(dhcp_packet("discover", mac_n(5), uuid_n(0xE06), xid=xid))
+        await s.domain.tasks.drain()
+        failures = [e for e in s.events.recent() if e.kind == "adopted"]
+        assert len(failures) == 1 and failures[0].data["error"] and failures[0].data["server"] is None
+        assert (await s.req("GET", f"/api/v1/servers/{uuid_n(0xE06)}"))[0] == 404
+        assert [(n["mac"], n["count"]) for n in (await s.req("GET", "/api/v1/discovered"))[1]] == [(mac_n(5), 3)]

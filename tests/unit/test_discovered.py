@@ -18,7 +18,7 @@ from dhcp import packet as p
 from dhcp import pxe
 from dhcp.proxy import ProxyDHCP
 from domain.bootpolicy import ApplianceBootPolicy
-from domain.discovered import AdoptRule, DiscoveredNodes, usable_uuid
+from domain.discovered import EVENTS_PER_SECOND, AdoptRule, DiscoveredNodes, usable_uuid
 from domain.events import EventBus
 from domain.store import AsyncStore, DiscoveredRow, ServerRow, Store
 from tests.dhcp_lab import PROFILES, StaticPolicy, make_spec
@@ -79,6 +79,9 @@ def test_a_flood_of_invented_macs_stays_within_capacity_evicting_the_oldest() ->
     assert nodes.get("52:54:00:d1:00:00") is not None
     assert nodes.get("02:00:00:00:00:01") is None
     assert len(nodes._unsaved) <= 50
+    # nor the event stream: at most EVENTS_PER_SECOND 'discovered' events a second, the rest counted
+    published = sum(e.kind == "discovered" for e in bus.recent())
+    assert published <= 2 * EVENTS_PER_SECOND and published + nodes.events_suppressed == 5000
 
 
 async def test_batches_reach_the_store_with_counts_added_and_the_table_trimmed(tmp_path: Path) -> None:
@@ -87,6 +90,7 @@ async def test_batches_reach_the_store_with_counts_added_and_the_table_trimmed(t
         nodes = DiscoveredNodes(store, EventBus(), capacity=3)
         nodes.seen(client(1, uuid=UUID))
         nodes.seen(client(1, uuid=UUID))
+        assert await store.call(store.sync.discovered) == []  # the handler's side writes nothing
         await nodes.flush()
         rows = await store.call(store.sync.discovered)
         assert [(r.mac, r.count, r.uuid) for r in rows] == [("52:54:00:d1:00:01", 2, UUID)]
