@@ -13,6 +13,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from bootfiles import tftp_packet as tp
@@ -31,6 +32,22 @@ _TRANSFER_RECV_BYTES = 4096
 
 class Tree(Protocol):
     def open(self, name: str, client: Address) -> Awaitable[OpenedFile]: ...
+
+
+@dataclass
+class TftpStats:
+    """Counters since start, for /metrics. A request either starts a transfer or is refused (or dropped)
+    before one; every transfer that started ends once, with the outcome of its "tftp" event."""
+
+    started: int = 0
+    ended: dict[str, int] = field(default_factory=dict)  # outcome (ok, tsize-probe, timeout, not-found, ...) -> n
+    refused: dict[str, int] = field(default_factory=dict)  # before a transfer: refused-write, bad-mode, busy, disabled
+    bytes_sent: int = 0  # payload bytes of ended transfers
+    retransmits: int = 0  # window / OACK retransmissions of ended transfers
+
+
+def _count(table: dict[str, int], key: str) -> None:
+    table[key] = table.get(key, 0) + 1
 
 
 def to_netascii(data: bytes) -> bytes:
@@ -253,6 +270,7 @@ class TftpServer:
         self._buffer = bytearray(_TRANSFER_RECV_BYTES)
         self._family = socket.AF_INET
         self._bind_host = host
+        self.stats = TftpStats()
 
     @property
     def address(self) -> Address:
@@ -305,6 +323,7 @@ class TftpServer:
             if decision.replaces:
                 self._active.pop(key, None)
                 self._conn_by_key.pop(key, None)
+            self.stats.started += 1
             task = asyncio.get_running_loop().create_task(self._serve(decision.request, addr))
             self._active[key] = task
             task.add_done_callback(lambda t: self._forget(key, t))
@@ -312,8 +331,10 @@ class TftpServer:
         if isinstance(decision, policy.Ignore):
             log.log(decision.level, "tftp: %s:%s %s: %s", addr[0], addr[1], filename, decision.reason)
             if decision.outcome is not None:
+                _count(self.stats.refused, decision.outcome)
                 self._event(None, addr, filename, 0, 0.0, decision.outcome)
             return None
+        _count(self.stats.refused, decision.outcome)
         self._event(None, addr, filename, 0, 0.0, decision.outcome)
         error = tp.encode(tp.Error(decision.code, decision.message))
         if decision.from_listener:
@@ -341,6 +362,7 @@ class TftpServer:
         opened: OpenedFile | None = None
         outcome = "error"
         nbytes = 0
+        transfer: SendTransfer | None = None
         try:
             try:
                 opened = await self.tree.open(request.filename, addr)
@@ -383,6 +405,9 @@ class TftpServer:
         finally:
             if opened is not None:
                 opened.close()
+            _count(self.stats.ended, outcome)
+            self.stats.bytes_sent += nbytes
+            self.stats.retransmits += transfer.retransmissions if transfer is not None else 0
             self._event(server, addr, request.filename, nbytes, (loop.time() - started) * 1000.0, outcome)
 
     def _refuse(self, refusal: policy.Refuse, name: str, addr: Address) -> tuple[str, str | None]:

@@ -12,9 +12,10 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+from domain.periodic import Periodic
 from domain.store import AsyncStore
 
 log = logging.getLogger("cello.events")
@@ -41,13 +42,20 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._recent: deque[Event] = deque(maxlen=self.RECENT)
         self._unsaved: list[Event] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher = Periodic(self.flush, 0.5, "cello-events-flush")
         self.counts: Counter[str] = Counter()  # for /metrics
+        # Called with every event as it is published (domain/timings.py): synchronous and cheap.
+        self.observers: list[Callable[[Event], None]] = []
 
     def publish(self, kind: str, data: Mapping[str, object]) -> Event:
         event = Event(next(self._ids), time.time(), kind, dict(data))
         self.counts[kind] += 1
         self._recent.append(event)
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception:
+                log.exception("event observer failed on %s", kind)
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -76,20 +84,15 @@ class EventBus:
             self._subscribers.discard(queue)
 
     async def start(self) -> None:
-        if self._store is not None and self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="cello-events-flush")
+        if self._store is not None:
+            self._flusher.start()
 
     async def stop(self) -> None:
         for queue in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
         self._subscribers.clear()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        await self.flush()
+        await self._flusher.stop()
 
     async def flush(self) -> None:
         if self._store is None or not self._unsaved:
@@ -100,11 +103,6 @@ class EventBus:
             await self._store.call(self._store.sync.add_events, rows)
         except Exception:
             log.exception("could not save %d events", len(rows))
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            await self.flush()
 
 
 def _server_of(event: Event) -> str | None:

@@ -19,6 +19,7 @@ from domain.store import AsyncStore, Store, User
 GiB = 1 << 30
 TOKEN_PREFIX = "cello_"
 MAX_TOKEN_LEN = 256
+SCOPES = ("", "read")  # '' = all its owner may do; 'read' = look, not touch (monitoring)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,19 @@ class Caller:
 
     owner: str | None
     admin: bool
+    scope: str = ""
+
+    @property
+    def read_only(self) -> bool:
+        return self.scope == "read"
+
+
+def scope_of(value: str) -> str:
+    """A token scope from a request: "read", or "" / "full" for everything its owner may do."""
+    scope = "" if value == "full" else value
+    if scope not in SCOPES:
+        raise InvalidRequest(f"scope: must be 'read' or 'full', not {value!r}")
+    return scope
 
 
 def new_token() -> str:
@@ -85,9 +99,15 @@ class Users:
         """The user and its tokens; Conflict while it owns servers."""
         await self._store.call(_delete, self._store.sync, name)
 
-    async def new_token(self, name: str) -> str:
+    async def new_token(self, name: str, scope: str = "") -> str:
         token = new_token()
-        await self._store.call(_add_user_token, self._store.sync, name, token)
+        await self._store.call(_add_user_token, self._store.sync, name, token, scope_of(scope))
+        return token
+
+    async def new_admin_token(self, scope: str = "") -> str:
+        """Another admin token (a read-only one for monitoring, say), shown once to its maker."""
+        token = new_token()
+        await self._store.call(self._store.sync.add_token, token, None, True, scope_of(scope))
         return token
 
     async def ensure_admin_token(self, configured: str) -> str | None:
@@ -107,7 +127,7 @@ class Users:
         """Whom a bearer token speaks for; None for an unknown (or malformed) one."""
         if len(token) > MAX_TOKEN_LEN or not token.isprintable():
             return None
-        found = await self._store.call(self._store.sync.token, token)
+        found = await self._store.call(self._store.sync.token_with_scope, token)
         return None if found is None else Caller(*found)
 
 
@@ -156,6 +176,6 @@ def _delete(store: Store, name: str) -> None:
     store.delete_user(name)  # Conflict while the user owns servers
 
 
-def _add_user_token(store: Store, name: str, token: str) -> None:
+def _add_user_token(store: Store, name: str, token: str, scope: str) -> None:
     _existing(store, name)
-    store.add_token(token, name, False)
+    store.add_token(token, name, False, scope)

@@ -281,11 +281,19 @@ class CtldDriver:
 
     async def sessions(self, iqn: str) -> list[Session]:
         """The initiators logged in to the target now (`ctladm islist -x`, the kernel's own list)."""
+        return (await self.all_sessions()).get(iqn, [])
+
+    async def all_sessions(self) -> dict[str, list[Session]]:
+        """Every target's sessions from one `ctladm islist -x`."""
         res = await self._run(["ctladm", "islist", "-x"])
         try:
-            return [s for target, s in parse_islist(res.stdout) if target == iqn]
+            connections = parse_islist(res.stdout)
         except CtladmParseError as exc:
             raise StorageError(str(exc)) from None
+        out: dict[str, list[Session]] = {}
+        for target, session in connections:
+            out.setdefault(target, []).append(session)
+        return out
 
 
 def parse_islist(text: str) -> list[tuple[str, Session]]:

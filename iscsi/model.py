@@ -149,6 +149,16 @@ class ExportDriver(Protocol):
 
 
 @runtime_checkable
+class SessionCensus(Protocol):
+    """An export driver that lists every target's sessions in one read (for /metrics: one read per
+    scrape, however many targets)."""
+
+    async def all_sessions(self) -> dict[str, list[Session]]:
+        """Target IQN -> the initiators logged in to it now (targets without a session may be left out)."""
+        ...
+
+
+@runtime_checkable
 class LimitedDriver(Protocol):
     """An export driver whose target layer holds a fixed number of targets and LUNs (ctld: CTL's
     `kern.cam.ctl.max_ports` and `max_luns`), so a create can be refused before it fails at apply."""

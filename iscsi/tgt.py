@@ -325,15 +325,23 @@ class TgtDriver:
         Callers that ask together share one show (a burst of 1,000 deletes is one read of tgtd, not
         1,000); a reading is reused for SESSIONS_FRESH seconds at most.
         """
+        for t in (await self._shared_show()).values():
+            if t.iqn == iqn:
+                return [Session(initiator, address) for initiator, address in t.nexus.values()]
+        return []
+
+    async def all_sessions(self) -> dict[str, list[Session]]:
+        """Every target's sessions, from the same shared show as `sessions`."""
+        return {t.iqn: [Session(initiator, address) for initiator, address in t.nexus.values()]
+                for t in (await self._shared_show()).values()}
+
+    async def _shared_show(self) -> dict[int, TgtTarget]:
         loop = asyncio.get_running_loop()
         task = self._session_show
         if task is None or (task.done() and loop.time() - self._session_at > SESSIONS_FRESH):
             self._session_at = loop.time()
             task = self._session_show = loop.create_task(self._show())
-        for t in (await asyncio.shield(task)).values():
-            if t.iqn == iqn:
-                return [Session(initiator, address) for initiator, address in t.nexus.values()]
-        return []
+        return await asyncio.shield(task)
 
     async def actual(self) -> ExportState:
         shown = await self._show()

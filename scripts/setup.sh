@@ -20,6 +20,8 @@ APT_PACKAGES=(
   openipmi ipmitool openssl
   # the dashboard's browser test (tests/browser): headless Chromium and its WebDriver, driven by Selenium
   chromium chromium-driver
+  # promtool checks /metrics and the alert rules in contrib/prometheus (tests/integration/test_metrics_promtool.py)
+  prometheus
 )
 
 missing=()
@@ -33,7 +35,7 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # Debian starts these daemons on install where it can; the tests run their own on their own ports.
-for svc in tftpd-hpa dnsmasq tgt; do
+for svc in tftpd-hpa dnsmasq tgt prometheus; do
   if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then systemctl stop "$svc" || true; fi
 done
 pkill -x in.tftpd 2>/dev/null || true

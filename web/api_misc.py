@@ -82,10 +82,19 @@ async def delete_user(request: web.Request) -> web.StreamResponse:
 
 
 async def create_token(request: web.Request) -> web.StreamResponse:
-    """A new user token, shown only in this answer (the store keeps its hash)."""
+    """A new user token, shown only in this answer (the store keeps its hash); `{"scope": "read"}` makes
+    one that may look at what the user may, and touch nothing."""
     name = request.match_info["name"]
-    token = await request.app[DEPS].domain.users.new_token(name)
-    return web.json_response({"token": token, "user": name}, status=201)
+    scope = requests.token_scope(await json_body(request, required=False))
+    token = await request.app[DEPS].domain.users.new_token(name, scope)
+    return web.json_response({"token": token, "user": name, "scope": scope}, status=201)
+
+
+async def create_admin_token(request: web.Request) -> web.StreamResponse:
+    """Another admin token, shown once; `{"scope": "read"}` for monitoring (sees all, changes nothing)."""
+    scope = requests.token_scope(await json_body(request, required=False))
+    token = await request.app[DEPS].domain.users.new_admin_token(scope)
+    return web.json_response({"token": token, "user": None, "scope": scope}, status=201)
 
 
 # --- pools, services, reconcile ----------------------------------------------------------------
@@ -255,7 +264,9 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/api/v1/users/{name}", delete_user, "Delete a user and its tokens (409 while it owns servers)",
           "admin", "users", path_params=_NAME, responses={204: ("deleted", None)}),
     Route("POST", "/api/v1/users/{name}/tokens", create_token, "A new token for the user, shown once", "admin",
-          "users", path_params=_NAME, responses={201: ("the token", ref("NewToken"))}),
+          "users", path_params=_NAME, body=ref("CreateToken"), responses={201: ("the token", ref("NewToken"))}),
+    Route("POST", "/api/v1/admin/tokens", create_admin_token, "A new admin token (scope read: look, not touch)",
+          "admin", "users", body=ref("CreateToken"), responses={201: ("the token", ref("NewToken"))}),
     Route("GET", "/api/v1/pools", list_pools, "Storage pool capacity and status", "admin", "misc",
           responses={200: ("pools", array_of("Pool"))}),
     Route("GET", "/api/v1/services", list_services, "Services and whether each is enabled", "user", "services",

@@ -1,4 +1,5 @@
-"""Bearer tokens: admin tokens manage everything, user tokens only their own servers and volumes.
+"""Bearer tokens: admin tokens manage everything, user tokens only their own servers and volumes; a
+token of scope 'read' (admin or user) may look at what its owner may, and every write it tries is a 403.
 
 Only the SHA-256 of a token is stored (domain/users.py). Each route says its access level
 in the route table; `guarded` wraps its handler with the check, so no route can forget it.
@@ -13,6 +14,8 @@ from web.keys import DEPS, PRINCIPAL
 from web.routes import Access
 from web.state import Principal
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only token may do
+
 
 async def authenticate(request: web.Request) -> Principal:
     header = request.headers.get("Authorization", "")
@@ -23,7 +26,7 @@ async def authenticate(request: web.Request) -> Principal:
     caller = await request.app[DEPS].domain.users.caller(token.strip())
     if caller is None:
         raise ApiError(401, "unauthorized", "invalid token", challenge)
-    return Principal(owner=caller.owner, admin=caller.admin)
+    return Principal(owner=caller.owner, admin=caller.admin, read_only=caller.read_only)
 
 
 def guarded(handler: Handler, access: Access) -> Handler:
@@ -32,9 +35,11 @@ def guarded(handler: Handler, access: Access) -> Handler:
 
     async def check(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(request)
+        request[PRINCIPAL] = principal  # before the checks: the audit log names who was refused
         if access == "admin" and not principal.admin:
             raise ApiError(403, "forbidden", "this needs an admin token")
-        request[PRINCIPAL] = principal
+        if principal.read_only and request.method not in READ_METHODS:
+            raise ApiError(403, "forbidden", "read-only token")
         return await handler(request)
 
     check.__name__ = handler.__name__

@@ -6,9 +6,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootfiles.tftp_server import TftpStats
+from dhcp.proxy import Stats as DhcpStats
 from domain.core import Domain
 
 HealthReport = Mapping[str, Mapping[str, str]]  # {service: {"state": ..., "detail": ...}}
+
+
+@dataclass(frozen=True)
+class ServiceCounters:
+    """The counters the composition root's services keep, read at each /metrics scrape (None: that
+    service is not running in this process)."""
+
+    dhcp: DhcpStats | None = None
+    tftp: TftpStats | None = None
+    tftp_active: int = 0
 
 
 @dataclass
@@ -20,3 +32,4 @@ class WebDeps:
     client_max_size: int = 1 << 20  # request bodies above this get 413
     sse_heartbeat: float = 15.0  # seconds between keep-alive comments on /events
     loader_roots: Sequence[Path] = ()  # static loader folders, also under /boot/files/ (UEFI HTTP boot)
+    collect: Callable[[], ServiceCounters] = ServiceCounters  # the DHCP and TFTP counters, for /metrics

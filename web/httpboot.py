@@ -33,6 +33,7 @@ def _publish(request: web.Request, server: str | None, file: str, size: int, sta
     request.app[DEPS].domain.events.publish("http", {"server": server, "client": client, "file": file,
                                               "bytes": size, "status": status})
     request.app[METRICS].boot_bytes += size
+    request.app[METRICS].boot_fetches["script" if "uuid" in request.match_info else "file", status] += 1
 
 
 def _http_boot_enabled(request: web.Request) -> bool:

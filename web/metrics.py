@@ -1,14 +1,25 @@
-"""`GET /metrics` in the Prometheus text exposition format (0.0.4), and the middleware that counts requests."""
+"""`GET /metrics` in the Prometheus text exposition format (0.0.4), and the middleware that counts requests.
+
+Names follow Prometheus conventions: `cello_` first, `_total` on counters, the unit in the name
+(`_seconds`, `_bytes`). The proxyDHCP and TFTP counters come from the services themselves, read through
+`WebDeps.collect` (the composition root holds the services); iSCSI sessions from the export driver, one
+read per scrape at most (domain/census.py); the durations from the event stream (domain/timings.py).
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import Counter
 from collections.abc import Iterable
 
 from aiohttp import web
 
+from dhcp import pxe
 from domain.states import ServerState
+from domain.timings import Histogram
+from iscsi.model import StorageError
+from web.deps import ServiceCounters, WebDeps
 from web.errors import Handler
 from web.keys import DEPS, METRICS
 from web.routes import Route
@@ -57,6 +68,13 @@ class _Out:
     def sample(self, name: str, value: float, **labels: object) -> None:
         text = repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
         self.lines.append(f"{name}{_labels(**labels)} {text}")
+
+    def histogram(self, name: str, hist: Histogram, **labels: object) -> None:
+        for le, n in hist.cumulative():
+            self.sample(f"{name}_bucket", n, **labels, le=le)
+        self.sample(f"{name}_bucket", hist.count, **labels, le="+Inf")
+        self.lines.append(f"{name}_sum{_labels(**labels)} {float(hist.total)!r}")
+        self.sample(f"{name}_count", hist.count, **labels)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -127,7 +145,135 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         out.sample("cello_http_request_duration_seconds_bucket", m.duration_count[route], route=route, le="+Inf")
         out.lines.append(f"cello_http_request_duration_seconds_sum{_labels(route=route)} {m.duration_sum[route]!r}")
         out.sample("cello_http_request_duration_seconds_count", m.duration_count[route], route=route)
+    counters = deps.collect()
+    _dhcp(out, counters)
+    _tftp(out, counters)
+    out.family("cello_http_boot_fetches_total", "counter", "HTTP boot fetches by kind (script, file) and status")
+    for (kind, status), n in sorted(m.boot_fetches.items()):
+        out.sample("cello_http_boot_fetches_total", n, kind=kind, status=status)
+    await _sessions(out, deps)
+    _timings(out, deps)
+    await _service_up(out, deps)
     return web.Response(text=out.text(), headers={"Content-Type": CONTENT_TYPE})
+
+
+ARCH_NAMES = {pxe.ARCH_BIOS: "bios", pxe.ARCH_EFI_IA32: "efi-ia32", pxe.ARCH_EFI_BC: "efi-bc",
+              pxe.ARCH_EFI_X64: "efi-x64", pxe.ARCH_EFI_ARM64: "efi-arm64", pxe.ARCH_EFI_X64_HTTP: "efi-x64-http",
+              pxe.ARCH_EFI_ARM64_HTTP: "efi-arm64-http"}  # RFC 4578 §2.1 / IANA processor architecture types
+
+
+def _by_arch(out: _Out, name: str, kind_help: str, table: dict[int, int] | None) -> None:
+    out.family(name, "counter", kind_help)
+    for arch, n in sorted((table or {}).items()):
+        out.sample(name, n, arch=ARCH_NAMES.get(arch, str(arch)))
+
+
+def _counter(out: _Out, name: str, help_text: str, value: int | None) -> None:
+    out.family(name, "counter", help_text)
+    if value is not None:
+        out.sample(name, value)
+
+
+def _dhcp(out: _Out, counters: ServiceCounters) -> None:
+    s = counters.dhcp
+    _counter(out, "cello_dhcp_received_total", "Datagrams the proxyDHCP received (any DHCP traffic it hears)",
+             None if s is None else s.received)
+    _by_arch(out, "cello_dhcp_boot_requests_total", "PXE / iPXE / UEFI HTTP boot requests, by firmware arch",
+             None if s is None else s.requests_by_arch)
+    _by_arch(out, "cello_dhcp_offers_total", "proxyDHCP offers sent (port 67), by firmware arch",
+             None if s is None else s.offers_by_arch)
+    _by_arch(out, "cello_dhcp_acks_total", "PXE boot server ACKs sent (port 4011), by firmware arch",
+             None if s is None else s.acks_by_arch)
+    out.family("cello_dhcp_ignored_total", "counter", "Requests not answered, by reason")
+    for reason, n in sorted((s.by_reason if s else {}).items()):
+        out.sample("cello_dhcp_ignored_total", n, reason=reason)
+    for name, help_text, value in (
+            ("cello_dhcp_malformed_total", "Datagrams the DHCP codec refused", None if s is None else s.malformed),
+            ("cello_dhcp_errors_total", "Requests that failed inside the responder (a bug)",
+             None if s is None else s.errors),
+            ("cello_dhcp_send_failures_total", "Replies the socket would not take",
+             None if s is None else s.send_failures),
+            ("cello_dhcp_receive_errors_total", "Receives that failed", None if s is None else s.recv_errors)):
+        _counter(out, name, help_text, value)
+
+
+FINISHED = ("ok", "tsize-probe")  # a UEFI tsize probe ends with the client's ERROR 8 by design
+
+
+def _tftp(out: _Out, counters: ServiceCounters) -> None:
+    s = counters.tftp
+    _counter(out, "cello_tftp_transfers_started_total", "TFTP transfers started", None if s is None else s.started)
+    ended = sorted((s.ended if s else {}).items())
+    out.family("cello_tftp_transfers_finished_total", "counter", "TFTP transfers that ended well, by outcome")
+    for outcome, n in ended:
+        if outcome in FINISHED:
+            out.sample("cello_tftp_transfers_finished_total", n, outcome=outcome)
+    out.family("cello_tftp_transfers_failed_total", "counter",
+               "TFTP transfers that ended badly, by outcome (timeout, not-found, denied, aborted, error, ...)")
+    for outcome, n in ended:
+        if outcome not in FINISHED:
+            out.sample("cello_tftp_transfers_failed_total", n, outcome=outcome)
+    out.family("cello_tftp_requests_refused_total", "counter",
+               "TFTP requests refused or dropped before a transfer (refused-write, bad-mode, busy, disabled)")
+    for outcome, n in sorted((s.refused if s else {}).items()):
+        out.sample("cello_tftp_requests_refused_total", n, outcome=outcome)
+    _counter(out, "cello_tftp_sent_bytes_total", "Bytes sent by ended TFTP transfers",
+             None if s is None else s.bytes_sent)
+    _counter(out, "cello_tftp_retransmits_total", "Windows / OACKs sent again by ended TFTP transfers",
+             None if s is None else s.retransmits)
+    out.family("cello_tftp_transfers_active", "gauge", "TFTP transfers running now")
+    if s is not None:
+        out.sample("cello_tftp_transfers_active", counters.tftp_active)
+
+
+async def _sessions(out: _Out, deps: WebDeps) -> None:
+    try:
+        per_target = await deps.domain.census.per_target()
+    except (StorageError, OSError):  # the driver cannot say now: no figure rather than a wrong one
+        per_target = None
+    out.family("cello_iscsi_sessions_readable", "gauge", "1 when the export driver answered the session read")
+    out.sample("cello_iscsi_sessions_readable", 0 if per_target is None else 1)
+    out.family("cello_iscsi_sessions", "gauge", "iSCSI sessions (initiators logged in) per exported target")
+    for iqn, n in sorted((per_target or {}).items()):
+        out.sample("cello_iscsi_sessions", n, target=iqn, server=iqn.rpartition(":")[2])
+    try:
+        failed = await deps.domain.census.logins.total()
+    except OSError:
+        failed = None
+    out.family("cello_iscsi_login_failures_total", "counter",
+               "iSCSI logins the target refused (CHAP), from the supervised tgtd's log; absent where none is kept")
+    if failed is not None:
+        out.sample("cello_iscsi_login_failures_total", failed)
+
+
+def _timings(out: _Out, deps: WebDeps) -> None:
+    t = deps.domain.timings
+    out.family("cello_workflow_duration_seconds", "histogram",
+               "Workflow durations (create, delete, rebuild, rollback, ...) from first step to done or failed")
+    for (workflow, outcome), hist in sorted(t.workflows.items()):
+        out.histogram("cello_workflow_duration_seconds", hist, workflow=workflow, outcome=outcome)
+    out.family("cello_boot_power_on_to_root_seconds", "histogram",
+               "Power-on (through the BMC) to the node's iSCSI login, for reboots onto a new root")
+    out.histogram("cello_boot_power_on_to_root_seconds", t.power_on_to_root)
+    out.family("cello_server_last_dhcp_reply_timestamp_seconds", "gauge",
+               "When the server's node last got a proxyDHCP offer or ACK (Unix time)")
+    for server, at in sorted(t.last_dhcp_reply.items()):
+        out.lines.append(f"cello_server_last_dhcp_reply_timestamp_seconds{_labels(server=server)} {at!r}")
+
+
+UP_STATES = {"running": 1, "disabled": 1, "failed": 0, "unavailable": 0}  # "off": not configured, not shown
+
+
+async def _service_up(out: _Out, deps: WebDeps) -> None:
+    report = deps.health()
+    if inspect.isawaitable(report):
+        report = await report
+    out.family("cello_service_up", "gauge", "1 when the service runs (or is switched off on purpose), 0 when it "
+               "failed or is unavailable")
+    for name, h in sorted(report.items()):
+        up = UP_STATES.get(h.get("state", ""))
+        if up is not None:
+            out.sample("cello_service_up", up, service=name)
 
 
 ROUTES: tuple[Route, ...] = (

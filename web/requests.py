@@ -89,3 +89,9 @@ def build_source(body: Mapping[str, Any]) -> str:
     if not isinstance(source, str) or not source or len(source) > 4096:
         raise _invalid("source: required string (tiny, debian[:SUITE] or tar:/path/rootfs.tar)")
     return source
+
+
+def token_scope(body: Mapping[str, Any]) -> str:
+    """`{"scope": "read" | "full"}` (no body, or no scope: full)."""
+    require_fields(dict(body), {"scope"})
+    return string(body, "scope", limit=16) or "full"

@@ -151,7 +151,20 @@ COMPONENTS: dict[str, Schema] = {
     "NewToken": {
         "type": "object", "required": ["token", "user"],
         "properties": {"token": {"type": "string", "description": "shown once; only its hash is kept"},
-                       "user": {"type": "string"}},
+                       "user": {"type": ["string", "null"], "description": "null for an admin token"},
+                       "scope": {"type": "string", "enum": ["full", "read"]}},
+    },
+    "AuditEntry": {
+        "type": "object", "required": ["id", "at", "who", "method", "path", "status", "detail"],
+        "properties": {"id": {"type": "integer"}, "at": {"type": "number", "description": "Unix time"},
+                       "who": {"type": "string", "description": "the token's user, admin, or - (no valid token)"},
+                       "method": {"type": "string"}, "path": {"type": "string"}, "status": {"type": "integer"},
+                       "detail": {"type": "string", "description": "operation, query, error code; never a body"}},
+    },
+    "CreateToken": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"scope": {"type": "string", "enum": ["read", "full"],
+                                 "description": "read: GETs only, every write is 403 (default full)"}},
     },
     "Service": {
         "type": "object", "required": ["name", "enabled"],

@@ -12,6 +12,7 @@ class Principal:
 
     owner: str | None
     admin: bool
+    read_only: bool = False  # a 'read' scope token: every write is refused (403)
 
     def may_act_for(self, user: str) -> bool:
         return self.admin or self.owner == user
@@ -46,6 +47,7 @@ class HttpMetrics:
     duration_sum: dict[str, float] = field(default_factory=dict)
     duration_count: Counter[str] = field(default_factory=Counter)
     boot_bytes: int = 0
+    boot_fetches: Counter[tuple[str, int]] = field(default_factory=Counter)  # (script | file, status)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests[(route, method, status)] += 1
