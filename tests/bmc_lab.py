@@ -310,10 +310,12 @@ class SimNode:
 
 
 @contextlib.contextmanager
-def ipmi_sim(workdir: Path, qemu_argv: list[str] | None = None) -> Iterator[SimNode]:
+def ipmi_sim(workdir: Path, qemu_argv: list[str] | None = None, *, netns: str | None = None) -> Iterator[SimNode]:
     """OpenIPMI's ipmi_sim as the BMC of a qemu process (QEMU_NODE unless `qemu_argv` names another, such
     as a PXE node in a network namespace), on 127.0.0.1:<free UDP port>; power and boot device go through
-    tests/ipmi_sim_chassis.py. The machine is left powered off."""
+    tests/ipmi_sim_chassis.py. The machine is left powered off. With `netns`, ipmi_sim (and so the chassis
+    script) runs inside that network namespace, listening on its own loopback: an appliance in the same
+    namespace reaches it at 127.0.0.1, and nothing of it shows in the host's namespace."""
     require("ipmi_sim", "ipmitool", packages="openipmi ipmitool")
     require((qemu_argv or QEMU_NODE)[0], packages="qemu-system-x86")
     state = workdir / "sim-chassis"
@@ -325,15 +327,16 @@ def ipmi_sim(workdir: Path, qemu_argv: list[str] | None = None) -> Iterator[SimN
     (workdir / "lan.conf").write_text(SIM_LAN.format(port=port, guid=uuid.uuid4().hex, python=sys.executable,
                                                      chassis=chassis, state=state, user=USER, password=PASSWORD))
     log = open(workdir / "ipmi_sim.log", "wb")
-    process = subprocess.Popen(["ipmi_sim", "-n", "-c", str(workdir / "lan.conf"), "-f", str(workdir / "sim.emu"),
-                                "-s", str(state / "persist")], stdin=subprocess.DEVNULL, stdout=log,
-                               stderr=subprocess.STDOUT)
+    inside = ["ip", "netns", "exec", netns] if netns else []  # `ip netns exec` execs: the PID is ipmi_sim's
+    process = subprocess.Popen([*inside, "ipmi_sim", "-n", "-c", str(workdir / "lan.conf"), "-f",
+                                str(workdir / "sim.emu"), "-s", str(state / "persist")],
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     node = SimNode(f"ipmi://127.0.0.1:{port}?cipher=3", state)
     try:
         def answers() -> bool:
             assert process.poll() is None, (workdir / "ipmi_sim.log").read_text()
-            status = subprocess.run(["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(port), "-U", USER,
-                                     "-E", "-C", "3", "-N", "1", "-R", "1", "chassis", "power", "status"],
+            status = subprocess.run([*inside, "ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(port),
+                                     "-U", USER, "-E", "-C", "3", "-N", "1", "-R", "1", "chassis", "power", "status"],
                                     env={**os.environ, "IPMI_PASSWORD": PASSWORD}, capture_output=True, timeout=30)
             return status.returncode == 0
         wait_until("ipmi_sim", answers)
