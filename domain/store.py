@@ -292,7 +292,9 @@ class Store:
         with self._tx() as db:
             if quota_check is not None:
                 used_n, used_bytes = self.usage(owner)
-                if (problem := quota_check(used_n + 1, used_bytes + volume.size)) is not None:
+                # an OS root (an upgrade's new one) counts as a volume, not as data bytes
+                data = volume.size if volume.kind == "data" else 0
+                if (problem := quota_check(used_n + 1, used_bytes + data)) is not None:
                     raise QuotaExceeded(problem)
             self._insert_volumes(db, [volume])
 

@@ -380,3 +380,16 @@ async def test_every_step_of_a_capture_failed_leaves_no_version_and_no_orphan(ex
              {v.name for v in await backend.list()}, await backend.snapshots())
     assert after == before  # no fresh-template volume, no snapshot, no version
     assert (await s.servers.get(U)).state == "available"
+
+
+async def test_an_upgrade_counts_its_new_root_as_a_volume_not_as_data(tmp_path: Path) -> None:
+    """A user whose data quota is smaller than a root (roots are 100 GB sparse by default) can upgrade."""
+    async with open_stack(tmp_path, exports="memory") as s:
+        await s.add_user("alice", max_volumes=8, max_data_gb=0)
+        assert (await s.create(U))[0] == 202 and (await s.wait_state(U))["state"] == "available"
+        await s.store.call(s.store.sync.add_template_version,  # a root far above the 0 GB of data allowed
+                           TemplateVersion("tiny", "v2", "tiny", 100 << 30, KERNEL, INITRD, 0.0))
+        await s.backend.snapshot_template("tiny", "v2")
+        status, report = await s.req("POST", f"/api/v1/servers/{U}/rebuild", "alice", json={"to": "tiny@v2"})
+        assert status == 200 and report["after"] == "tiny@v2", report
+        assert await s.store.call(s.store.sync.usage, "alice") == (2, 0)  # root + restore point, no data

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from domain.errors import Conflict, QuotaExceeded
-from domain.store import MIGRATIONS, SCHEMA_VERSION, ServerRow, Store, User, VolumeRow
+from domain.schema import MIGRATIONS, SCHEMA_VERSION
+from domain.store import ServerRow, Store, User, VolumeRow
 
 
 def _server(uuid: str, owner: str = "alice", macs: tuple[str, ...] = ()) -> ServerRow:
