@@ -20,8 +20,11 @@ from typing import Any, TypeVar
 
 import pytest
 
+from bootfiles.spec import PxeClient
 from domain.store import TemplateVersion
+from iscsi.model import Session
 from tests.browser.chromium import WAIT, Page, chromium, script_errors
+from tests.export_standin import InMemoryExports
 from tests.integration.test_api_stack import INITRD, KERNEL, Stack, open_stack, uuid_n
 
 T = TypeVar("T")
@@ -121,6 +124,21 @@ def lab_boot(uuid: str, mac: str, ip: str) -> list[tuple[str, dict[str, object]]
 STEPS_SEEN = ["dhcp", "loader", "config", "kernel", "initrd"]
 
 
+def log_in_to_target(live: LiveStack, uuid: str, address: str) -> None:
+    """The node's initramfs logs in: its target now has a session (the in-memory exports' `logged_in`
+    is what tgtd's I_T nexus list is to the tgt driver)."""
+    exports = live.s.driver
+    assert isinstance(exports, InMemoryExports)
+    iqn, initiator = live.s.servers.iqn(uuid), live.s.servers.initiator(uuid)
+    live.loop.call_soon_threadsafe(exports.logged_in.__setitem__, iqn, [Session(initiator, address)])
+
+
+def log_out_of_target(live: LiveStack, uuid: str) -> None:
+    exports = live.s.driver
+    assert isinstance(exports, InMemoryExports)
+    live.loop.call_soon_threadsafe(exports.logged_in.pop, live.s.servers.iqn(uuid), None)
+
+
 def _panel_shown(page: Page, panel: str) -> bool:
     return bool(page.css(f"#panel-{panel} table")) or "not available" in page.text(f"#panel-{panel}")
 
@@ -163,6 +181,14 @@ def test_admin_creates_sees_boot_and_deletes(live: LiveStack, page: Page) -> Non
     assert "pxelinux.0" in cells["loader"][1] and "MiB" in cells["kernel"][1], cells
     assert "waiting" in cells["login"][0], cells
 
+    # its initramfs logs in to its target: the page sees the session (through the diagnosis) and says why
+    log_in_to_target(live, uuid, "10.77.0.120")
+    page.wait("the iSCSI login", lambda: "done" in page.steps(uuid).get("login", ("", ""))[0], within=15)
+    assert "node-" in page.steps(uuid)["login"][1]
+    page.click(f'button[data-action="diagnose-{uuid}"]')
+    page.wait("the diagnosis", lambda: page.css(f'#panel-diagnosis .diagnosis[data-server="{uuid}"]'))
+    assert "logged in" in page.text("#panel-diagnosis"), page.text("#panel-diagnosis")
+
     # a second node boots over HTTP for real (iPXE script, kernel, initrd from the stack's HTTP boot)
     other = uuid_n(0xD2)
     status, body = live.run(lambda: s.create(other, "bob", address="127.0.0.1"))
@@ -187,7 +213,8 @@ def test_admin_creates_sees_boot_and_deletes(live: LiveStack, page: Page) -> Non
     page.click('button[data-action="service-tftp"]')
     page.wait("tftp enabled", lambda: "yes" in page.text('tr[data-service="tftp"]'))
 
-    # delete it from the page (the button asks twice)
+    # delete it from the page (the button asks twice; the node logged out first)
+    log_out_of_target(live, uuid)
     page.click(f'button[data-action="delete-{uuid}"]')
     page.wait("the confirmation", lambda: "Really" in page.text(f'button[data-action="delete-{uuid}"]'))
     page.click(f'button[data-action="delete-{uuid}"]')
@@ -235,6 +262,26 @@ def test_a_refused_token_stays_on_the_login(live: LiveStack, page: Page) -> None
     page.wait("the refusal", lambda: "refused" in page.text("#login-error"))
     assert not page.one("#app-view").is_displayed()
     assert page.d.execute_script("return sessionStorage.getItem('cello.token')") is None
+
+
+def test_adopt_a_discovered_node(live: LiveStack, page: Page) -> None:
+    s = live.s
+    mac, uuid = "52:54:00:77:00:e7", uuid_n(0xE7)
+    page.login(live.url, s.admin_token)
+    page.wait("the discovered panel", lambda: "no unknown PXE client" in page.text("#panel-discovered"))
+    # an unknown PXE client asks for a boot: the proxyDHCP records it (as its policy does for a stranger)
+    client = PxeClient(mac=mac, uuid=uuid, arch=7, vendor_class="PXEClient:Arch:00007:UNDI:003016",
+                       user_class="", address=None)
+    live.loop.call_soon_threadsafe(lambda: s.domain.discovered.seen(client))
+    page.wait("the discovered node", lambda: page.css(f'#panel-discovered tr[data-mac="{mac}"]'))
+    row = page.text(f'#panel-discovered tr[data-mac="{mac}"]')
+    assert uuid in row and "7" in row, row
+    page.click(f'#panel-discovered tr[data-mac="{mac}"] option[value="bob"]')
+    page.click(f'button[data-action="adopt-{mac}"]')
+    page.wait("the adopted server", lambda: page.css(f'tr[data-server="{uuid}"][data-state="available"]'))
+    assert "bob" in page.text(f'tr[data-server="{uuid}"]')
+    page.wait("the node leaving the discovered list", lambda: not page.css(f'#panel-discovered tr[data-mac="{mac}"]'))
+    assert script_errors(page.console()) == []
 
 
 def test_a_template_build_shows_its_progress_live(live: LiveStack, page: Page) -> None:

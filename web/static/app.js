@@ -24,6 +24,7 @@ const st = {
   timelines: new Timelines(),
   stream: null,
   timer: null,
+  loginTimer: null,
   armed: new Map(), // button key -> time a destructive click was armed
   diagnosing: null,
   adoptChoice: new Map(), // mac -> {template, user} picked in its adopt form (kept across redraws)
@@ -66,14 +67,16 @@ async function login(token) {
   st.stream = new EventStream(api, { onEvent, onState: streamState, since: 0 }).start();
   await refreshAll();
   st.timer = setInterval(refreshAll, REFRESH_MS);
+  st.loginTimer = setInterval(checkLogins, LOGIN_POLL_MS);
 }
 
 function logout(reason = "") {
   sessionStorage.removeItem(TOKEN_KEY);
   if (st.stream) st.stream.stop();
   if (st.timer) clearInterval(st.timer);
+  if (st.loginTimer) clearInterval(st.loginTimer);
   Object.assign(st, { api: null, admin: false, me: null, servers: [], templates: [], users: [], stream: null,
-                      timer: null, timelines: new Timelines(), builds: new Map(), armed: new Map(),
+                      timer: null, loginTimer: null, timelines: new Timelines(), builds: new Map(), armed: new Map(),
                       adoptChoice: new Map() });
   // nothing of this token's page stays for the next one (its forms included)
   for (const el of document.querySelectorAll("#app-view section .body")) {
@@ -195,15 +198,28 @@ async function refreshAll() {
 
 async function refreshEverything() {
   await Promise.all([refreshHealth(), refreshServices(), refreshServers(), refreshTemplates(),
-                     st.admin ? refreshAdmin() : refreshOwnQuota(), refreshBuilds(), checkLogins()]);
+                     st.admin ? refreshAdmin() : refreshOwnQuota(), refreshBuilds()]);
 }
 
-// The iSCSI login is no event: the target knows the session, and the diagnosis asks it. A boot that
-// fetched its initrd within the last 10 minutes and has no login yet is asked about at each refresh.
+// The iSCSI login is no event: the target knows the session, and the diagnosis asks it. The boots that
+// fetched their initrd within the last 10 minutes and have no login yet are asked about every 2 s (the
+// 8 most recent: a boot storm must not become a storm of diagnoses).
+const LOGIN_POLL_MS = 2000;
+let checkingLogins = false;
 async function checkLogins() {
+  if (!st.api || checkingLogins) return;
+  checkingLogins = true;
+  try {
+    await askLogins();
+  } finally {
+    checkingLogins = false;
+  }
+}
+
+async function askLogins() {
   const now = Date.now() / 1000;
   const waiting = st.timelines.all().filter((b) => b.reached >= STEPS.findIndex(([s]) => s === "initrd")
-    && !b.steps.login?.ok && now - b.last < 600 && st.servers.some((s) => s.uuid === b.server));
+    && !b.steps.login?.ok && now - b.last < 600 && st.servers.some((s) => s.uuid === b.server)).slice(0, 8);
   await Promise.all(waiting.map(async (boot) => {
     let d;
     try {
@@ -609,7 +625,7 @@ function onEvent(e) {
     soon(() => Promise.all([refreshServers(), refreshTemplates(), st.admin ? refreshAdmin() : refreshOwnQuota()]));
   }
   if (e.kind === "service") refreshServices();
-  if (e.kind === "discovered" && st.admin) load("discovered", "/discovered", renderDiscovered);
+  if ((e.kind === "discovered" || e.kind === "adopted") && st.admin) load("discovered", "/discovered", renderDiscovered);
 }
 
 function streamState(state, detail) {
