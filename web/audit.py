@@ -28,7 +28,7 @@ def _who(request: web.Request) -> str:
     principal = request.get(PRINCIPAL)
     if principal is None:
         return "-"  # not authenticated (a 401), or a public route
-    return "admin" if principal.admin and principal.owner is None else principal.owner or "admin"
+    return principal.owner or "admin"  # admin tokens have no owner
 
 
 def _operation(request: web.Request) -> str:
