@@ -198,11 +198,12 @@ def test_admin_creates_sees_boot_and_deletes(live: LiveStack, page: Page) -> Non
                           "client": "0.0.0.0", "reply": "offer", "uuid": other})
     for path in (f"/boot/{other}.ipxe", f"/boot/files/{KERNEL}", f"/boot/files/{INITRD}"):
         time.sleep(0.15)
-        with urllib.request.urlopen(live.url + path, timeout=10) as resp:
-            assert resp.status == 200
+        with urllib.request.urlopen(live.url + path, timeout=10) as resp:  # read whole, as iPXE does
+            assert resp.status == 200 and resp.read()
     page.wait("the HTTP boot's steps", lambda: all("done" in page.steps(other).get(st, ("", ""))[0]
                                                    for st in ("dhcp", "config", "kernel", "initrd")))
-    assert "http" in page.steps(other)["config"][1]
+    http = page.steps(other)
+    assert "http" in http["config"][1] and "293.0 KiB" in http["kernel"][1] and "120.6 KiB" in http["initrd"][1], http
     page.wait("the event list", lambda: page.css('#event-list li[data-kind="http"]'))
     page.shot("admin-dashboard")
 
@@ -310,3 +311,32 @@ def test_a_template_build_shows_its_progress_live(live: LiveStack, page: Page) -
     page.wait("the finished build", lambda: "built mini@v1" in page.text('.build[data-state="done"]'))
     page.wait("the new template", lambda: "v1" in page.text('tr[data-template="mini"]'))
     assert script_errors(page.console()) == []
+
+
+DATA = Path(__file__).parent / "data"
+LAB_NODE = "3f1c2b4e-0000-4000-8000-0000000000e1"
+
+
+def test_the_timeline_of_a_captured_lab_boot(live: LiveStack, page: Page) -> None:
+    """The page's timeline module (web/static/timeline.js, pure) over a lab run's events.log: a pxelinux
+    boot of node e1 from 10.77.0.120, then a stranger at 10.77.0.66 asking for e1's configs (refused)
+    and for pxelinux.0. The loader fetches name no server; the stranger's refusals change nothing."""
+    lines = (DATA / "lab-boot-events.jsonl").read_text().splitlines()
+    page.d.get(live.url + "/")
+    got = page.d.execute_async_script("""
+        const [lines, uuid, done] = arguments;
+        import("/ui/timeline.js").then((m) => {
+          const t = new m.Timelines();
+          for (const line of lines) t.add(JSON.parse(line));
+          const boot = t.get(uuid);
+          done({ reached: boot.reached, servers: t.all().map((b) => b.server), steps: Object.fromEntries(
+            Object.entries(boot.steps).map(([k, v]) => [k, [m.offset(boot, k), v.ok, v.detail]])) });
+        }).catch((e) => done(String(e)));""", lines, LAB_NODE)
+    assert isinstance(got, dict), got
+    assert got["servers"] == [LAB_NODE]
+    steps = got["steps"]
+    assert {k: v[0] for k, v in steps.items()} == {
+        "dhcp": "+0.0 s", "loader": "+3.6 s", "config": "+3.7 s", "kernel": "+5.1 s", "initrd": "+6.1 s"}, steps
+    assert all(ok for _, ok, _ in steps.values()), steps
+    assert "pxelinux.0" in steps["loader"][2] and "01-52-54-00-77-00-e1" in steps["config"][2], steps
+    assert got["reached"] == 4  # initrd: the login is asked of the target, not in the events
