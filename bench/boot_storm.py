@@ -21,9 +21,11 @@ Every simulated node does what a real BIOS node does, in order, timing each step
      the first 32 MiB of the root, 512 KiB per READ(10), through libiscsi (the C initiator of
      libiscsi-bin, via ctypes, one thread per node); the login is tried again with a growing wait
      (1, 2, … s, 8 tries) for both stacks — it is the node's image, not the boot server, that retries.
-The client retransmits as firmware does: DHCP after 1, 2, 4, 8, 16 s; TFTP after 1 s without data,
-doubling up to 8 s, 10 tries a packet. Every wait is bounded; a node not done within --node-timeout
-seconds counts as failed.
+The client retransmits as firmware does: DHCP after 1, 2, 4, 8, 16 s; TFTP after 250 ms without
+data (iPXE's least timeout), doubling up to 8 s, 12 tries a packet; TFTP servers ignore a repeated
+ACK and resend a lost DATA on their own timer (in.tftpd: 1 s), so with loss lock-step TFTP pays about
+a second a lost packet. Every wait is bounded; a node not done within --node-timeout seconds (the
+loss run: twice that) counts as failed.
 
 The stacks, each started inside netns bstorm-srv (10.79.0.2/16; the nodes are 10.79.1.x.. on a veth
 from netns bstorm-cli, both made and removed here), one after the other, on the same nodes, files and
@@ -36,7 +38,8 @@ iSCSI volumes (reflink clones of one template on a loop-mounted xfs, the first 3
            same nodes by hand, as an operator would.
 Kernel 8 MiB and initrd 6 MiB (random bytes) per template. Printed per run: per-node total p50/p99, the
 time until the last node is done, each step's p50, the retries, and the Cello/classic ratios. The loss
-run puts `tc netem loss 1%` on both ends of the veth.
+run drops 1 % of the packets each end of the veth receives (tc netem's job; this kernel has no
+sch_netem, so iptables' statistic match does it) and prints how many it dropped.
 """
 
 from __future__ import annotations
@@ -313,7 +316,7 @@ class TftpError(BootFailed):
 
 
 class _TftpTransfer(asyncio.DatagramProtocol):
-    RTO0, RTO_MAX, TRIES = 1.0, 8.0, 10
+    RTO0, RTO_MAX, TRIES = 0.25, 8.0, 12  # iPXE: 250 ms at least, doubling (pxelinux starts lower)
 
     def __init__(self, rrq: bytes, server: tuple[str, int], keep: bool, result: NodeResult) -> None:
         self.rrq = rrq
@@ -827,10 +830,28 @@ def setup_netns(count: int, work: Path) -> None:
 
 
 def set_loss(percent: float) -> None:
+    """Drop `percent` % of the packets each end of the veth receives. tc netem would be the usual tool;
+    this machine's kernel has no sch_netem, so it is iptables' statistic match on INPUT (a drop there
+    is silent to the sender, as loss on the wire is)."""
     for name, dev in ((SRV, SRV_IF), (CLI, CLI_IF)):
-        run(ns(name, "tc", "qdisc", "del", "dev", dev, "root"), check=False)
+        run(ns(name, "iptables", "-F", "INPUT"), check=False)
         if percent > 0:
-            run(ns(name, "tc", "qdisc", "add", "dev", dev, "root", "netem", "loss", f"{percent}%"))
+            run(ns(name, "iptables", "-A", "INPUT", "-i", dev, "-m", "statistic", "--mode", "random",
+                   "--probability", f"{percent / 100:.4f}", "-j", "DROP"))
+            run(ns(name, "iptables", "-A", "INPUT", "-i", dev, "-j", "ACCEPT"))
+
+
+def loss_counts() -> tuple[int, int]:
+    """(dropped, received) packets on both ends since set_loss."""
+    dropped = seen = 0
+    for name in (SRV, CLI):
+        out = run(ns(name, "iptables", "-L", "INPUT", "-v", "-x", "-n"), check=False).stdout
+        rules = [ln.split() for ln in out.splitlines()[2:] if ln.strip()]
+        for r in rules:
+            if r[2] == "DROP":
+                dropped += int(r[0])
+            seen += int(r[0])
+    return dropped, seen
 
 
 @contextlib.contextmanager
@@ -1155,6 +1176,7 @@ class Summary:
     steps: dict[str, float]
     retries: dict[str, int]
     errors: list[str]
+    dropped: tuple[int, int] = (0, 0)  # packets dropped by the loss rule, of those received
 
     @classmethod
     def of(cls, label: str, res: dict[str, Any]) -> Summary:
@@ -1179,6 +1201,9 @@ class Summary:
         out = (f"  {self.label:8} done {self.done}/{self.nodes}  per node p50 {self.p50:.2f} s  p99 {self.p99:.2f} s"
                f"  last node done {last}\n           step p50 (s): {steps}\n"
                f"           retries: {retries or 'none'}")
+        if self.dropped[1]:
+            out += (f"\n           loss rule dropped {self.dropped[0]} of {self.dropped[1]} packets received"
+                    f" ({self.dropped[0] / self.dropped[1]:.2%})")
         for e in self.errors[:3]:
             out += f"\n           failed: {e[:160]}"
         return out
@@ -1213,7 +1238,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces, tgtd, a loop mount)", file=sys.stderr)
         return 2
-    missing = [t for t in ("dnsmasq", "in.tftpd", "nginx", "tgtd", "tgtadm", "tc", "mkfs.xfs")
+    missing = [t for t in ("dnsmasq", "in.tftpd", "nginx", "tgtd", "tgtadm", "iptables", "mkfs.xfs")
                if shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
     if missing:
         print(f"not installed: {', '.join(missing)}", file=sys.stderr)
@@ -1251,7 +1276,9 @@ def main() -> int:
                             for n, loss in cells:
                                 set_loss(loss)
                                 try:
-                                    s = Summary.of(stack.label, storm(n, node_timeout))
+                                    s = Summary.of(stack.label, storm(n, node_timeout * (2 if loss else 1)))
+                                    if loss:
+                                        s.dropped = loss_counts()
                                 finally:
                                     set_loss(0)
                                 results[(profile, n, loss, stack.label)] = s
