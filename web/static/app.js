@@ -6,6 +6,7 @@ import { Api, seg } from "./api.js";
 import { clock, h, replace, table, when } from "./dom.js";
 import { EventStream } from "./events.js";
 import { STEPS, Timelines, fmtBytes, offset } from "./timeline.js";
+import { badge, randomUuid, renderAudit, renderDiagnosis, renderPools, renderUsers, summarize } from "./views.js";
 
 const TOKEN_KEY = "cello.token";
 const REFRESH_MS = 5000;
@@ -159,20 +160,6 @@ function confirmButton(key, label, run) {
   return button;
 }
 
-function badge(state) {
-  return h("span", { class: `badge state-${String(state).replace(/[^a-z_-]/gi, "")}`, text: state });
-}
-
-function gb(bytes) {
-  return `${(Number(bytes) / (1 << 30)).toFixed(1)} GB`;
-}
-
-function bar(used, total) {
-  const pct = total > 0 ? Math.min(100, Math.round((100 * used) / total)) : 0;
-  const meter = h("meter", { min: 0, max: 100, value: pct, high: 85, optimum: 0, title: `${pct} %` });
-  return h("span", { class: "bar" }, meter, ` ${pct} %`);
-}
-
 function templateOptions(select, chosen) {
   const names = st.templates.filter((t) => t.versions.length).map((t) => t.name);
   replace(select, names.length ? names.map((n) => h("option", { value: n, text: n, selected: n === chosen }))
@@ -237,16 +224,16 @@ async function askLogins() {
 
 async function refreshAdmin() {
   await Promise.all([
-    load("pools", "/pools", renderPools),
-    load("users", "/users", (users) => { st.users = users; renderUsers(users); }),
+    load("pools", "/pools", (pools) => replace(body("pools"), renderPools(pools))),
+    load("users", "/users", (users) => { st.users = users; replace(body("users"), renderUsers(users)); }),
     load("discovered", "/discovered", renderDiscovered),
-    load("audit", "/audit?limit=50", renderAudit),
+    load("audit", "/audit?limit=50", (entries) => replace(body("audit"), renderAudit(entries))),
   ]);
 }
 
 async function refreshOwnQuota() {
   if (!st.me) return;
-  await load("users", `/users/${seg(st.me)}`, (u) => renderUsers([u]));
+  await load("users", `/users/${seg(st.me)}`, (u) => replace(body("users"), renderUsers([u])));
 }
 
 async function refreshHealth() {
@@ -283,24 +270,6 @@ function refreshServices() {
             () => st.api.call("PUT", `/services/${seg(s.name)}`, { enabled: !s.enabled })).then(refreshServices),
         }) : null)))));
   });
-}
-
-function renderPools(pools) {
-  replace(body("pools"), table(["pool", "used", "free", "export", "status"], pools.map((p) =>
-    h("tr", {},
-      h("td", { text: p.name }),
-      h("td", {}, `${gb(p.used)} of ${gb(p.total)}`, h("br"), bar(p.used, p.total)),
-      h("td", { text: gb(p.free) }),
-      h("td", { text: p.export?.driver ?? "" }),
-      h("td", { class: "detail", text: Object.entries(p.status || {}).map(([k, v]) => `${k}=${v}`).join(" ") })))));
-}
-
-function renderUsers(users) {
-  replace(body("users"), table(["user", "volumes", "data"], users.map((u) =>
-    h("tr", { dataset: { user: u.name } },
-      h("td", { text: u.name }),
-      h("td", {}, `${u.used_volumes} of ${u.max_volumes}`, h("br"), bar(u.used_volumes, u.max_volumes)),
-      h("td", {}, `${u.used_data_gb} of ${u.max_data_gb} GB`, h("br"), bar(u.used_data_gb, u.max_data_gb))))));
 }
 
 // --- servers ----------------------------------------------------------------------------------
@@ -341,14 +310,6 @@ function serverForm() {
     }
   });
   return form;
-}
-
-function randomUuid() {
-  const b = crypto.getRandomValues(new Uint8Array(16));
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const x = [...b].map((v) => v.toString(16).padStart(2, "0")).join("");
-  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
 }
 
 function renderServers() {
@@ -410,29 +371,6 @@ async function diagnose(uuid) {
     replace(out, h("p", { class: e.status === 404 ? "muted" : "error", text: `${uuid}: ${text}` }));
   }
   section.scrollIntoView({ block: "nearest" });
-}
-
-function renderDiagnosis(uuid, d) {
-  if (!d || !Array.isArray(d.steps)) return [h("p", {}, h("code", { text: uuid })), keyValues(d)];
-  return h("div", { class: `diagnosis ${d.ok ? "ok" : "problem"}`, dataset: { server: uuid, problem: d.problem || "" } },
-    h("p", {}, h("code", { text: uuid }), " ", badge(d.ok ? "ok" : d.problem || "problem"),
-      h("span", { class: "muted", text: ` reached: ${d.reached_text || d.reached || "nothing seen"}` })),
-    h("p", { class: "summary", text: d.summary || "" }),
-    d.hints?.length ? h("ul", { class: "hints" }, d.hints.map((t) => h("li", { text: t }))) : null,
-    table(["step", "seen", "when", "detail"], d.steps.map((s) => h("tr", { class: s.seen ? "seen" : "unseen" },
-      h("td", { text: s.text || s.step }), h("td", { text: s.seen ? "yes" : "no" }),
-      h("td", { text: s.at ? clock(s.at) : "" }), h("td", { class: "detail", text: s.detail || "" })))));
-}
-
-function keyValues(obj) {
-  if (obj === null || typeof obj !== "object") return h("span", { text: String(obj) });
-  if (Array.isArray(obj)) {
-    return h("ul", {}, obj.map((v) => h("li", {}, typeof v === "object" && v !== null ? keyValues(v) : String(v))));
-  }
-  return h("dl", { class: "kv" }, Object.entries(obj).flatMap(([k, v]) => [
-    h("dt", { text: k }),
-    h("dd", {}, v !== null && typeof v === "object" ? keyValues(v) : String(v ?? "")),
-  ]));
 }
 
 // --- boot timeline ----------------------------------------------------------------------------
@@ -586,31 +524,7 @@ function renderDiscovered(nodes) {
     }), "no unknown PXE client seen"));
 }
 
-function renderAudit(entries) {
-  const list = Array.isArray(entries) ? entries : entries?.entries || [];
-  const cell = (v) => (v !== null && typeof v === "object" ? JSON.stringify(v) : String(v ?? ""));
-  const rows = list.slice(0, 50).map((a) => h("tr", {},
-    h("td", { text: when(a.at ?? a.time ?? a.when) }),
-    h("td", { text: cell(a.who ?? a.actor ?? a.user) }),
-    h("td", { text: [a.method, a.path ?? a.what ?? a.action].filter(Boolean).join(" ") }),
-    h("td", { class: "detail", text: cell(a.result ?? a.status ?? a.outcome) })));
-  replace(body("audit"), table(["when", "who", "what", "result"], rows, "no entries"));
-}
-
 // --- events -----------------------------------------------------------------------------------
-
-const SUMMARY = { dhcp: ["reply", "file", "mac", "client"], tftp: ["file", "bytes", "outcome", "client"],
-                  http: ["file", "status", "bytes", "client"], workflow: ["workflow", "step", "state"],
-                  build: ["line"], service: ["service", "enabled"], export: ["reason", "targets"],
-                  denied: ["file", "client", "via"] };
-
-function summarize(e) {
-  const skip = new Set(["id", "at", "kind", "server"]);
-  const first = (SUMMARY[e.kind] || []).filter((k) => k in e);
-  const rest = Object.keys(e).filter((k) => !skip.has(k) && !first.includes(k)).sort();
-  return [...first, ...rest].filter((k) => e[k] !== "" && e[k] !== null && e[k] !== undefined)
-    .map((k) => `${k}=${typeof e[k] === "object" ? JSON.stringify(e[k]) : e[k]}`).join(" ");
-}
 
 function onEvent(e) {
   const list = $("event-list");
