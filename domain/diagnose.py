@@ -39,6 +39,9 @@ STEP_TEXT = {
     "initrd": "initrd fetched",
     "iscsi": "logged in to its iSCSI root disk",
 }
+# A node that fetched its initrd this recently and holds no session yet is still logging in (the initramfs
+# brings its link up first; after switch_root its iscsid logs in again).
+LOGIN_GRACE = 20.0  # seconds
 LOG_TAIL = 64 * 1024  # bytes of the target's log read for refused logins
 # Events further apart than this belong to different boot attempts; the latest attempt is diagnosed.
 BOOT_GAP = 300.0  # seconds
@@ -273,6 +276,9 @@ def diagnose(facts: BootFacts) -> Diagnosis:
                    "a wrong CHAP secret: the node must boot the config served now (its secret changes with an "
                    "upgrade), not an old copy" if facts.chap else "the initiator name must be the server's "
                    "(<iqn_prefix>:node-<uuid>)")
+    if after is not None and facts.now - after < LOGIN_GRACE:
+        return out("logging_in", f"the node fetched its kernel and initrd {_when(after, facts.now)} and holds no "
+                                 "iSCSI session yet: its initramfs is logging in", "ask again in a moment")
     hints = ["look at the node's console: the initramfs says why its iSCSI login failed",
              "the export driver's log says whether it refused a login (tgtd's log in the state dir)"]
     if facts.chap:

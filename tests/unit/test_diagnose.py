@@ -183,3 +183,9 @@ def test_a_login_the_targets_log_refused_is_named() -> None:
     assert (d.reached, d.problem) == ("initrd", "login_refused")
     assert "wrong secret" in d.summary and "CHAP secret" in d.hints[0]
     assert login_refusals(log, f"iqn.2026-11.io.cello:node-{UUID[:-1]}9") == ()
+
+
+def test_a_node_that_just_fetched_its_initrd_is_still_logging_in() -> None:
+    d = diagnose(facts(*fetched_all(NOW - 10)))
+    assert (d.reached, d.problem) == ("initrd", "logging_in") and not d.ok
+    assert diagnose(facts(*fetched_all(NOW - 10), sessions=("iqn.node from 10.0.0.9",))).ok
