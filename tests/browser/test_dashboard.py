@@ -340,3 +340,18 @@ def test_the_timeline_of_a_captured_lab_boot(live: LiveStack, page: Page) -> Non
     assert all(ok for _, ok, _ in steps.values()), steps
     assert "pxelinux.0" in steps["loader"][2] and "01-52-54-00-77-00-e1" in steps["config"][2], steps
     assert got["reached"] == 4  # initrd: the login is asked of the target, not in the events
+
+
+def test_a_read_only_admin_token_looks_and_is_told_no(live: LiveStack, page: Page) -> None:
+    s = live.s
+    status, made = live.run(lambda: s.req("POST", "/api/v1/admin/tokens", json={"scope": "read"}))
+    assert status == 201, made
+    page.login(live.url, made["token"])
+    page.wait("the users (an admin's panel)", lambda: page.css('#panel-users tr[data-user="alice"]'))
+    page.click('button[data-action="service-tftp"]')
+    page.wait("the refusal", lambda: "failed" in page.text("#message"))
+    assert "error" in (page.one("#message").get_attribute("class") or "")
+    status, services = live.run(lambda: s.req("GET", "/api/v1/services"))
+    assert next(x for x in services if x["name"] == "tftp")["enabled"] is True
+    assert "yes" in page.text('tr[data-service="tftp"]')
+    assert script_errors(page.console()) == []
