@@ -391,10 +391,13 @@ def _bmc_of(server: Any) -> Any:
     return bmc.controller(server.bmc_url, server.bmc_user, server.bmc_password)
 
 
-async def _scrub(image: str) -> list[str]:
-    from images.scrub import scrub_identity
+async def _scrub(image: str, template: str, version: str, source: str) -> list[str]:
+    """A captured root: the node's identity out, the new version's stamp in (images/scrub.py)."""
+    from images.scrub import scrub_identity, stamp_template
 
-    return await scrub_identity(image)
+    changed = await scrub_identity(image)
+    await stamp_template(image, template, version, source)
+    return changed
 
 
 async def _start_one(slot: ServiceSlot) -> None:

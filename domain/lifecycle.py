@@ -50,7 +50,8 @@ class PowerSwitch(Protocol):
 PowerFor = Callable[[ServerRow], PowerSwitch | None]  # None: the server has no BMC
 # Copies a version's kernel and initrd for a captured version: (from, to_template, to_version) -> paths
 BootFilesCopy = Callable[[TemplateVersion, str, str], Awaitable[tuple[str, str]]]
-Scrub = Callable[[str], Awaitable[list[str]]]  # empties a root image's identity; returns what changed
+# empties a root image's identity and stamps it as (template, version, source); returns what changed
+Scrub = Callable[[str, str, str, str], Awaitable[list[str]]]
 
 
 @dataclass
@@ -393,7 +394,7 @@ class Lifecycle:
             snapped = False
             try:
                 info = await backend.copy_volume(root.name, template)
-                changed = await self.scrub(backend.path(template))
+                changed = await self.scrub(backend.path(template), as_name, version, f"capture:{uuid}")
                 self.servers._step(uuid, "capture", "scrubbed", template=as_name, files=changed)
                 await backend.snapshot_template(as_name, version)
                 snapped = True

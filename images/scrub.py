@@ -46,6 +46,7 @@ _INCOMPAT_RECOVER = 0x4  # the journal holds transactions not yet replayed
 _EXT4_INCOMPAT = 0x40 | 0x80 | 0x200
 _EXT4_RO_COMPAT = 0x8 | 0x10 | 0x20 | 0x40 | 0x400
 # a name that can go into a debugfs request as it stands (debugfs splits requests at blanks and quotes)
+STAMP = "/etc/cello-template"
 _PLAIN_NAME = re.compile(r"\A[A-Za-z0-9_.@+-]+\Z")
 _MODE_TYPE = 0o170000
 _REGULAR, _DIRECTORY = 0o100000, 0o040000
@@ -206,3 +207,28 @@ async def scrub_identity(image: str) -> list[str]:
     if left:
         raise ScrubError(f"debugfs -w on {image} left {', '.join(left)} (read-only image, or in use?)")
     return changed
+
+
+async def stamp_template(image: str, os_name: str, version: str, source: str) -> None:
+    """Write the root's `/etc/cello-template` (what a template build stamps, images/rootfs.py) for a version
+    made by capture: a captured root still says which version it was cloned from, and its nodes would print
+    that version at boot."""
+    text = f"os={os_name}\nversion={version}\nsource={source}\n"
+    for value in (os_name, version, source):
+        if not _PLAIN_NAME.match(value.replace(":", "")):  # debugfs writes the file; the name rules hold
+            raise ScrubError(f"cannot stamp {value!r} into {image}")
+
+    def write_file() -> str:
+        with tempfile.NamedTemporaryFile("w", prefix="cello-stamp-", delete=False) as f:
+            f.write(text)
+            return f.name
+
+    host_file = await asyncio.to_thread(write_file)
+    cmdfile = await asyncio.to_thread(_write_requests, [f"rm {STAMP}", f"write {host_file} {STAMP}"])
+    try:
+        await _debugfs(image, "-w", "-f", cmdfile)
+    finally:
+        await asyncio.to_thread(Path(cmdfile).unlink, True)
+        await asyncio.to_thread(Path(host_file).unlink, True)
+    if (await _debugfs(image, "-R", f"cat {STAMP}")) != text:
+        raise ScrubError(f"debugfs -w on {image} did not write {STAMP}")

@@ -352,6 +352,8 @@ async def test_capture_makes_a_version_without_the_nodes_identity_and_a_new_serv
     assert debugfs_cat(clone, "/etc/machine-id") == b""  # its identity is not: emptied, regenerated at boot
     assert debugfs_cat(clone, "/cello-booted") is None and debugfs_cat(clone, "/etc/ssh/ssh_host_ed25519_key") is None
     assert debugfs_cat(root, "/etc/machine-id") == b"node-machine-id-node-machine-id\n"  # the source untouched
+    # the version is stamped as what it is (a node prints it at boot), not as the version it was cloned from
+    assert debugfs_cat(clone, "/etc/cello-template") == f"os=tiny\nversion=v2\nsource=capture:{U}\n".encode()
 
 
 @pytest.mark.parametrize("where", ["copy", "scrub", "snapshot", "record"])

@@ -70,11 +70,9 @@ BOOT_TIMEOUT = 150.0  # TCG: ~35 s from power-on to the marker here; more while 
 SWAP_TIMEOUT = 420.0  # --reboot: power off, session gone, swap, PXE once, power on, login
 BUILD_TIMEOUT = 300.0
 DATA_FILE = "cello-data"
-# The user's data quota. 1 GB of data would do, but the store's add_volume (the upgrade's new root) adds
-# the new volume's size to the data bytes whatever its kind, while usage() counts data volumes only: the
-# upgrade onto tiny@v2 is refused with "may have 16 GB of data volumes, this needs 101" (the tiny root
-# is a 100 GB sparse image). Room for that until the quota counts only data volumes there.
-MAX_DATA_GB = 128
+# The user's data quota: far below a root's size (100 GB sparse), which an upgrade's new root must not
+# count against (it is a volume, not data; this once refused the upgrade: "needs 101").
+MAX_DATA_GB = 16
 RECOVERED = "is operational after recovery"  # iscsid has taken the initramfs's session over
 
 # What the steps learn and later steps need.
@@ -396,6 +394,7 @@ def test_6_capture_becomes_v3_and_a_second_server_boots_it_with_its_own_identity
         lab.release(second)  # its last write was synced before the marker
     print(f"\nsecond server (tiny@v3): power-on → root in {took:.1f} s; "
           f"{console_line(second, 'cello-template ')}")
+    assert console_line(second, "cello-template ") == "cello-template tiny@v3"  # stamped as what it is
     assert uuid not in second.console(), "the second node shows the first node's identity"
     assert console_line(second, "cello-data ") == "cello-data none"
     (second_root,) = volumes(server, "os")
