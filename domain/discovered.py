@@ -12,7 +12,6 @@ evicts its own inventions and grows nothing without end. The first time a node i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid as uuidlib
@@ -24,6 +23,7 @@ import naming
 from bootfiles.spec import PxeClient
 from domain.errors import InvalidRequest, NotFound
 from domain.events import EventBus
+from domain.periodic import Periodic
 from domain.requests import CreateServer
 from domain.servers import ServerWorkflows
 from domain.store import AsyncStore, DiscoveredRow, ServerRow
@@ -76,7 +76,7 @@ class DiscoveredNodes:
         self._unsaved: dict[str, int] = {}  # mac -> boot requests seen since the last save
         self._adopted: dict[str, float] = {}  # mac -> until when it is not recorded again
         self._lock = asyncio.Lock()  # a save and a forget never interleave (no record comes back)
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher = Periodic(self.flush, self.FLUSH_EVERY, "cello-discovered-flush")
         self._event_second = 0.0
         self._events_this_second = 0
         self.events_suppressed = 0  # 'discovered' events not published because of the rate limit
@@ -177,16 +177,11 @@ class DiscoveredNodes:
 
     async def start(self) -> None:
         await self.load()
-        if self._store is not None and self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="cello-discovered-flush")
+        if self._store is not None:
+            self._flusher.start()
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        await self.flush()
+        await self._flusher.stop()
 
     async def flush(self) -> None:
         if self._store is None or not self._unsaved:
@@ -198,11 +193,6 @@ class DiscoveredNodes:
                 await self._store.call(self._store.sync.save_discovered, rows, self.capacity)
             except Exception:
                 log.exception("could not save %d discovered nodes", len(rows))
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.FLUSH_EVERY)
-            await self.flush()
 
 
 class Adoption:
