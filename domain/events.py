@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -38,7 +37,7 @@ class EventBus:
 
     def __init__(self, store: AsyncStore | None = None) -> None:
         self._store = store
-        self._ids = itertools.count(1)
+        self._last_id = 0
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._recent: deque[Event] = deque(maxlen=self.RECENT)
         self._unsaved: list[Event] = []
@@ -48,7 +47,8 @@ class EventBus:
         self.observers: list[Callable[[Event], None]] = []
 
     def publish(self, kind: str, data: Mapping[str, object]) -> Event:
-        event = Event(next(self._ids), time.time(), kind, dict(data))
+        self._last_id += 1
+        event = Event(self._last_id, time.time(), kind, dict(data))
         self.counts[kind] += 1
         self._recent.append(event)
         for observe in self.observers:
@@ -85,6 +85,9 @@ class EventBus:
 
     async def start(self) -> None:
         if self._store is not None:
+            # Ids go on from the stored ones: a reader resuming with `since` (Last-Event-ID) after a restart
+            # of the appliance must not see the new events' ids start again below the one it has.
+            self._last_id = max(self._last_id, await self._store.call(self._store.sync.last_event_id))
             self._flusher.start()
 
     async def stop(self) -> None:
@@ -98,7 +101,7 @@ class EventBus:
         if self._store is None or not self._unsaved:
             return
         batch, self._unsaved = self._unsaved, []
-        rows = [(e.at, e.kind, _server_of(e), dict(e.data)) for e in batch]
+        rows = [(e.id, e.at, e.kind, _server_of(e), dict(e.data)) for e in batch]
         try:
             await self._store.call(self._store.sync.add_events, rows)
         except Exception:

@@ -480,12 +480,16 @@ class Store:
     def services(self) -> dict[str, bool]:
         return {r[0]: bool(r[1]) for r in self._all("SELECT name, enabled FROM services")}
 
-    def add_events(self, events: Sequence[tuple[float, str, str | None, dict[str, object]]]) -> None:
+    def add_events(self, events: Sequence[tuple[int, float, str, str | None, dict[str, object]]]) -> None:
+        """(id, at, kind, server, data): the bus's own ids, so that stored and streamed ids are one sequence."""
         with self._tx() as db:
-            db.executemany("INSERT INTO boot_events (at, kind, server, data) VALUES (?, ?, ?, ?)",
-                           [(at, kind, server, json.dumps(data)) for at, kind, server, data in events])
+            db.executemany("INSERT OR IGNORE INTO boot_events (id, at, kind, server, data) VALUES (?, ?, ?, ?, ?)",
+                           [(i, at, kind, server, json.dumps(data)) for i, at, kind, server, data in events])
             # Keep the table bounded: a boot storm must not grow the store without end.
             db.execute("DELETE FROM boot_events WHERE id <= (SELECT MAX(id) FROM boot_events) - 100000")
+
+    def last_event_id(self) -> int:
+        return int(self._all("SELECT COALESCE(MAX(id), 0) FROM boot_events")[0][0])
 
     def events(self, server: str | None = None, limit: int = 100) -> list[dict[str, object]]:
         if server is None:

@@ -89,7 +89,7 @@ def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
 
 def test_events_are_bounded_and_filtered(tmp_path: Path) -> None:
     s = Store(tmp_path / "c.db")
-    s.add_events([(1.0, "tftp", "u1", {"file": "pxelinux.0"}), (2.0, "dhcp", None, {"mac": "x"})])
+    s.add_events([(1, 1.0, "tftp", "u1", {"file": "pxelinux.0"}), (2, 2.0, "dhcp", None, {"mac": "x"})])
     assert [e["kind"] for e in s.events()] == ["tftp", "dhcp"]
     assert s.events(server="u1") == [{"id": 1, "at": 1.0, "kind": "tftp", "server": "u1", "file": "pxelinux.0"}]
 
@@ -128,3 +128,24 @@ def test_version_4_keeps_every_volume_and_records_each_roots_origin(tmp_path: Pa
     assert s.usage("alice") == (2, 1 << 30)
     server = s.server("u1")
     assert server is not None and server.label_map == {} and server.bmc_url == ""
+
+
+async def test_event_ids_go_on_across_a_restart(tmp_path: Path) -> None:
+    """A reader resuming with Last-Event-ID after the appliance restarted must get the new events."""
+    from domain.events import EventBus
+    from domain.store import AsyncStore
+
+    first = AsyncStore(Store(tmp_path / "e.db"))
+    bus = EventBus(first)
+    await bus.start()
+    ids = [bus.publish("tftp", {"server": "u1"}).id for _ in range(3)]
+    await bus.stop()
+    first.close()
+    again = AsyncStore(Store(tmp_path / "e.db"))
+    bus = EventBus(again)
+    await bus.start()
+    after = bus.publish("dhcp", {"server": "u1"}).id
+    await bus.stop()
+    assert after > max(ids)
+    assert [e["id"] for e in again.sync.events("u1")] == [*ids, after]  # stored under the ids streamed
+    again.close()
