@@ -847,6 +847,17 @@ def set_loss(percent: float) -> None:
             run(ns(name, "iptables", "-A", "INPUT", "-i", dev, "-j", "ACCEPT"))
 
 
+def udp_drops() -> dict[str, int]:
+    """UDP datagrams each namespace dropped for a full socket buffer (/proc/net/snmp RcvbufErrors)."""
+    out: dict[str, int] = {}
+    for name in (SRV, CLI):
+        lines = [ln.split() for ln in run(ns(name, "cat", "/proc/net/snmp"), check=False).stdout.splitlines()
+                 if ln.startswith("Udp:")]
+        if len(lines) >= 2 and "RcvbufErrors" in lines[0]:
+            out[name] = int(lines[1][lines[0].index("RcvbufErrors")])
+    return out
+
+
 def loss_counts() -> tuple[int, int]:
     """(dropped, received) packets on both ends since set_loss."""
     dropped = seen = 0
@@ -1203,6 +1214,7 @@ class Summary:
     errors: list[str]
     dropped: tuple[int, int] = (0, 0)  # packets dropped by the loss rule, of those received
     client_cpu: float = 0.0  # the simulated nodes' process: CPU seconds per wall second
+    buffer_drops: tuple[int, int] = (0, 0)  # UDP datagrams dropped at a full socket buffer: servers, clients
 
     @classmethod
     def of(cls, label: str, res: dict[str, Any]) -> Summary:
@@ -1229,6 +1241,9 @@ class Summary:
                f"  last node done {last}  (the clients' process used {self.client_cpu:.0%} of a core)\n"
                f"           step p50 (s): {steps}\n"
                f"           retries: {retries or 'none'}")
+        if any(self.buffer_drops):
+            out += (f"\n           UDP datagrams dropped at a full socket buffer: {self.buffer_drops[0]} on the"
+                    f" servers' side, {self.buffer_drops[1]} on the nodes' side")
         if self.dropped[1]:
             out += (f"\n           loss rule dropped {self.dropped[0]} of {self.dropped[1]} packets received"
                     f" ({self.dropped[0] / self.dropped[1]:.2%})")
@@ -1304,8 +1319,12 @@ def main() -> int:
                             for n, loss in cells:
                                 warm(stack.images(n))
                                 set_loss(loss)
+                                drops0 = udp_drops()
                                 try:
                                     s = Summary.of(stack.label, storm(n, node_timeout * (2 if loss else 1)))
+                                    drops1 = udp_drops()
+                                    s.buffer_drops = (drops1.get(SRV, 0) - drops0.get(SRV, 0),
+                                                      drops1.get(CLI, 0) - drops0.get(CLI, 0))
                                     if loss:
                                         s.dropped = loss_counts()
                                 finally:
@@ -1336,6 +1355,9 @@ def main() -> int:
             print(f"    target (256 nodes: last node <= 0.5x classic): {'met' if target else 'NOT met'}")
         if loss > 0:
             print(f"    target (every node done in the loss run): {'met' if s.done == n else 'NOT met'}")
+        if profile == "ipxe" and (x := results.get(("pxelinux", n, loss, "classic"))) is not None:
+            print(f"    Cello on iPXE (HTTP) vs the classic stack on pxelinux (all TFTP): last node {s.last:.1f} vs"
+                  f" {x.last:.1f} s (x{ratio(s.last, x.last)}), p99 x{ratio(s.p99, x.p99)}")
     return 0
 
 
