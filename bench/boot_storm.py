@@ -1349,7 +1349,7 @@ def main() -> int:
         print(f"  {profile:8} {n:4d} nodes loss {loss:.0f} %: done {s.done}/{n} vs {c.done}/{n};"
               f" p50 {s.p50:.2f} vs {c.p50:.2f} s (x{ratio(s.p50, c.p50)}); p99 {s.p99:.2f} vs {c.p99:.2f} s"
               f" (x{ratio(s.p99, c.p99)}); last node {s.last:.1f} vs {c.last:.1f} s (x{ratio(s.last, c.last)});"
-              f" client retries {sum(s.retries.values())} vs {sum(c.retries.values())}")
+              f" retransmissions {sum(s.retries.values())} vs {sum(c.retries.values())}")
         if n == 256 and loss == 0:
             target = s.last <= 0.5 * c.last
             print(f"    target (256 nodes: last node <= 0.5x classic): {'met' if target else 'NOT met'}")
