@@ -18,6 +18,8 @@ APT_PACKAGES=(
   # is the BMC of a bare qemu process; ipmitool is the client.
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev
   openipmi ipmitool openssl
+  # bench/boot_storm.py's classic stack serves its iPXE scripts and kernels with nginx
+  nginx-light
   # the dashboard's browser test (tests/browser): headless Chromium and its WebDriver, driven by Selenium
   chromium chromium-driver
   # promtool checks /metrics and the alert rules in contrib/prometheus (tests/integration/test_metrics_promtool.py)
@@ -35,10 +37,14 @@ if ((${#missing[@]})); then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # Debian starts these daemons on install where it can; the tests run their own on their own ports.
-for svc in tftpd-hpa dnsmasq tgt prometheus; do
+for svc in tftpd-hpa dnsmasq tgt prometheus nginx; do
   if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then systemctl stop "$svc" || true; fi
 done
 pkill -x in.tftpd 2>/dev/null || true
+# without systemd, nginx's postinst starts it through its init script: the benchmark runs its own
+if [ -x /etc/init.d/nginx ] && pgrep -x nginx >/dev/null 2>&1 && ! command -v systemctl >/dev/null; then
+  /etc/init.d/nginx stop >/dev/null 2>&1 || true
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
