@@ -41,8 +41,8 @@ for svc in tftpd-hpa dnsmasq tgt prometheus nginx; do
   if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then systemctl stop "$svc" || true; fi
 done
 pkill -x in.tftpd 2>/dev/null || true
-# without systemd, nginx's postinst starts it through its init script: the benchmark runs its own
-if [ -x /etc/init.d/nginx ] && pgrep -x nginx >/dev/null 2>&1 && ! command -v systemctl >/dev/null; then
+# nginx's postinst may start it (no systemd: through its init script); the benchmark runs its own
+if [ -x /etc/init.d/nginx ] && pgrep -x nginx >/dev/null 2>&1; then
   /etc/init.d/nginx stop >/dev/null 2>&1 || true
 fi
 
