@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from domain.exports import desired_targets
 from domain.servers import ServerWorkflows
 from domain.states import BEING_MADE, ServerState, VolumeState
+from domain.store import GONE_IDX, NEW_ROOT_IDX
 from domain.tasks import reason
 from iscsi import names
 
@@ -36,6 +37,21 @@ async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
             made = [v.name for v in await store.call(store.sync.volumes, server.uuid) if v.name in present]
             await servers.compensate_create(server.uuid, made, "interrupted (appliance restarted mid-create)")
             report.repaired.append(f"server {server.uuid}: stuck in {server.state}, undone, now error")
+        elif server.state == ServerState.REBUILDING and not servers.busy(server.uuid):
+            # A crash mid-swap. The swap itself is one transaction, so the server is on its old root or
+            # on its new one, never between: what is left over is a new root never swapped in, or an
+            # older restore point the swap replaced. Both go; the server is exported again as it stands.
+            try:
+                for v in await store.call(store.sync.volumes, server.uuid):
+                    if v.idx in (NEW_ROOT_IDX, GONE_IDX):
+                        await servers.destroy(v.name)
+                        await store.call(store.sync.delete_volume, v.name)
+                await store.call(store.sync.set_server_state, server.uuid, ServerState.AVAILABLE,
+                                 f"interrupted root swap: on {server.template}@{server.version}")
+                report.repaired.append(f"server {server.uuid}: interrupted root swap undone, on "
+                                       f"{server.template}@{server.version}")
+            except Exception as e:
+                report.problems.append(f"server {server.uuid}: interrupted root swap: {reason(e)}")
         elif server.state == ServerState.DELETING and not servers.busy(server.uuid):
             # A crash mid-delete: the store says this server and its volumes go, so finishing the
             # delete destroys only what the store says should be destroyed.

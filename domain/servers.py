@@ -32,6 +32,7 @@ from iscsi.model import ExportState, InUseError, LimitedDriver, StorageError, Vo
 log = logging.getLogger("cello.servers")
 
 GiB = 1 << 30
+MAX_LABELS = 64
 S, V = ServerState, VolumeState
 
 
@@ -126,6 +127,8 @@ class ServerWorkflows:
     async def set_labels(self, uuid: str, labels: dict[str, str],
                          may_act_for: Callable[[str], bool] = lambda owner: True) -> None:
         await self.get(uuid, may_act_for)
+        if len(labels) > MAX_LABELS:
+            raise InvalidRequest(f"labels: at most {MAX_LABELS}")
         for key, value in labels.items():
             naming.LABEL.check(key, InvalidRequest, "label")
             naming.LABEL.check(value, InvalidRequest, f"label {key}'s value")
@@ -329,6 +332,10 @@ class ServerWorkflows:
             if vol.kind != "data":
                 raise InvalidRequest("the OS volume and the restore point go only with their server "
                                      "(or with an upgrade's --discard-old)")
+            held = await self.exports.driver.sessions(self.iqn(uuid))
+            if held:  # removing a LUN takes a disk away from a running node
+                raise InUseError(f"removing volume {name} refused: the node holds an iSCSI session "
+                                 f"({'; '.join(map(str, held))}); power it off first")
             await self._db(self.store.sync.set_volume_state, name, V.DELETING)
             state = await self.apply_exports(f"remove volume {name}")
             if name in state.targets.get(self.iqn(uuid), {}):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -116,6 +117,9 @@ class Store:
         self._clock = clock
         self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # it holds CHAP secrets and BMC passwords: the appliance's alone (SQLite gives -wal/-shm the same mode)
+        if str(path) != ":memory:":
+            os.chmod(path, 0o600)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")

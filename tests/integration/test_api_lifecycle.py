@@ -395,3 +395,46 @@ async def test_an_upgrade_counts_its_new_root_as_a_volume_not_as_data(tmp_path: 
         status, report = await s.req("POST", f"/api/v1/servers/{U}/rebuild", "alice", json={"to": "tiny@v2"})
         assert status == 200 and report["after"] == "tiny@v2", report
         assert await s.store.call(s.store.sync.usage, "alice") == (2, 0)  # root + restore point, no data
+
+
+async def test_a_root_swap_cut_short_by_a_crash_is_undone_at_the_next_reconcile(stack: Stack) -> None:
+    """The process died mid-rebuild: the server is `rebuilding` (not exported) with a clone never swapped
+    in. The start's reconcile destroys the clone and exports the server again on the root it has."""
+    from domain.store import NEW_ROOT_IDX, VolumeRow
+
+    s = stack
+    await new_version(s, "v2", b"tiny-v2!")
+    await s.store.call(s.store.sync.set_server_state, U, "rebuilding")
+    new = f"tiny-OS-{U}-g2"
+    await s.store.call(s.store.sync.add_volume, VolumeRow(new, U, "os", NEW_ROOT_IDX, TEMPLATE_SIZE, "creating",
+                                                          "s-g2", "tiny@v2"), "alice")
+    await s.backend.clone_os("tiny", "v2", U, 2)
+    await s.servers.apply_exports("the crash")
+    assert s.servers.iqn(U) not in exports(s).targets
+    report = await s.domain.reconcile()
+    assert any("interrupted root swap undone" in line for line in report.repaired), report
+    server = await s.servers.get(U)
+    assert (server.state, server.version) == ("available", "v1")
+    assert new not in {v.name for v in await s.backend.list()} and new not in await volumes(s)
+    assert exports(s).targets[s.servers.iqn(U)] == {f"tiny-OS-{U}": 1, f"tiny-DATA-{U}": 2}
+
+
+async def test_a_data_volume_is_not_removed_under_a_running_node(stack: Stack) -> None:
+    s = stack
+    exports(s).logged_in[s.servers.iqn(U)] = [Session(s.servers.initiator(U), "10.77.0.104")]
+    status, answer = await s.req("DELETE", f"/api/v1/servers/{U}/volumes/tiny-DATA-{U}", "alice")
+    assert status == 409 and "10.77.0.104" in answer["detail"], answer
+    assert f"tiny-DATA-{U}" in exports(s).targets[s.servers.iqn(U)]
+    exports(s).logged_in.clear()
+    status, _ = await s.req("DELETE", f"/api/v1/servers/{U}/volumes/tiny-DATA-{U}", "alice")
+    assert status == 204
+
+
+async def test_labels_are_bounded_and_the_store_is_the_appliances_alone(stack: Stack) -> None:
+    s = stack
+    status, answer = await s.req("PUT", f"/api/v1/servers/{U}/labels", "alice",
+                                 json={"labels": {f"k{i}": "v" for i in range(65)}})
+    assert status == 422 and "at most 64" in answer["detail"], answer
+    status, answer = await s.req("PUT", f"/api/v1/servers/{U}/labels", "alice", json={"labels": {"a b": "c"}})
+    assert status == 422, answer
+    assert (s.root / "cello.db").stat().st_mode & 0o777 == 0o600  # CHAP secrets and BMC passwords are in it
