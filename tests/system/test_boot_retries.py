@@ -32,7 +32,7 @@ from tests.system.test_e2e_boot import (
 pytestmark = pytest.mark.system
 
 NODE = ("retrier", "3f1c2b4e-0000-4000-8000-0000000000f1", "52:54:00:77:00:f1")
-FIRST_FAILURE = "iscsistart: Login I/O error"  # the target is not there: the login failed
+FIRST_FAILURE = "Kernel reported iSCSI connection 1:0 error"  # the target is not there: the login failed
 RETRY_TIMEOUT = 200.0  # power-on → root with one refused login and iscsistart's ~30 s retry under TCG
 
 
