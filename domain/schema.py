@@ -145,5 +145,36 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT '';
     """,
+    # 5 → 6: fleets, several appliances on one store. A server's volumes live on one appliance ('' = made
+    # before fleets: the first appliance that starts claims them) and a move names its target until it is
+    # done; the appliances themselves; which template versions each holds a copy of.
+    """
+    ALTER TABLE servers ADD COLUMN appliance TEXT NOT NULL DEFAULT '';
+    ALTER TABLE servers ADD COLUMN moving_to TEXT NOT NULL DEFAULT '';
+    CREATE TABLE appliances (
+        name TEXT PRIMARY KEY,
+        api_url TEXT NOT NULL,
+        advertise TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        capacity_bytes INTEGER NOT NULL DEFAULT 0,
+        free_bytes INTEGER NOT NULL DEFAULT 0,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        disabled_reason TEXT NOT NULL DEFAULT '',
+        answers_unknown INTEGER NOT NULL DEFAULT 0,
+        version TEXT NOT NULL DEFAULT '',
+        started_at REAL NOT NULL DEFAULT 0,
+        heartbeat_at REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE template_copies (
+        template TEXT NOT NULL,
+        version TEXT NOT NULL,
+        appliance TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('copying', 'ready', 'failed')),
+        detail TEXT NOT NULL DEFAULT '',
+        checksum TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (template, version, appliance)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

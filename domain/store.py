@@ -86,11 +86,52 @@ class ServerRow:
     bmc_url: str = ""  # redfish://host[:port]/SystemId or ipmi://host[:port]; "" = none
     bmc_user: str = ""
     bmc_password: str = field(default="", repr=False)
+    appliance: str = ""  # the appliance that holds the server's volumes ('' = made before fleets, unclaimed)
+    moving_to: str = ""  # the target appliance of a move in progress ('' = none)
 
     @property
     def label_map(self) -> dict[str, str]:
-        raw = json.loads(self.labels or "{}")
-        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+        return _label_map(self.labels)
+
+
+def _label_map(labels: str) -> dict[str, str]:
+    raw = json.loads(labels or "{}")
+    return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+@dataclass(frozen=True)
+class ApplianceRow:
+    """One appliance of a fleet sharing the store, as it registered itself and last reported."""
+
+    name: str
+    api_url: str  # where the other appliances reach its API
+    advertise: str  # the address its nodes boot from
+    labels: str = "{}"  # JSON object of label -> value
+    capacity_bytes: int = 0
+    free_bytes: int = 0
+    disabled: bool = False  # an operator's: no new placement on it
+    disabled_reason: str = ""
+    answers_unknown: bool = False  # it answers PXE clients no server names (discovered nodes)
+    version: str = ""  # the Cello version it runs
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return _label_map(self.labels)
+
+
+@dataclass(frozen=True)
+class TemplateCopyRow:
+    """An appliance's copy of a template version: being copied, ready to clone from, or failed (detail)."""
+
+    template: str
+    version: str
+    appliance: str
+    state: str  # copying | ready | failed
+    detail: str = ""
+    checksum: str = ""
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +147,12 @@ class DiscoveredRow:
     first_seen: float
     last_seen: float
     count: int  # boot requests seen (in a batch: seen since the last save)
+
+
+def _where(**filters: object) -> tuple[str, tuple[object, ...]]:
+    """`WHERE a = ? AND b = ?` over the filters that are not None (column names are ours, never input)."""
+    terms = {col: value for col, value in filters.items() if value is not None}
+    return ("WHERE " + " AND ".join(f"{col} = ?" for col in terms) if terms else ""), tuple(terms.values())
 
 
 def hash_token(token: str) -> str:
@@ -190,6 +237,7 @@ class Store:
     def delete_template_version(self, template: str, version: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM template_versions WHERE template = ? AND version = ?", (template, version))
+            db.execute("DELETE FROM template_copies WHERE template = ? AND version = ?", (template, version))
             left = db.execute("SELECT 1 FROM template_versions WHERE template = ?", (template,)).fetchone()
             if left is None:
                 db.execute("DELETE FROM templates WHERE name = ?", (template,))
@@ -281,12 +329,13 @@ class Store:
             db.execute(
                 "INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, "
                 "updated_at, hostname, address, chap_user, chap_secret, chap_mutual_user, chap_mutual_secret, "
-                "labels, bmc_url, bmc_user, bmc_password) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "?, ?, ?, ?)",
+                "labels, bmc_url, bmc_user, bmc_password, appliance, moving_to) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (server.uuid, server.template, server.version, server.profile, server.owner, server.state,
                  server.reason, server.created_at, server.updated_at, server.hostname, server.address,
                  server.chap_user, server.chap_secret, server.chap_mutual_user, server.chap_mutual_secret,
-                 server.labels, server.bmc_url, server.bmc_user, server.bmc_password),
+                 server.labels, server.bmc_url, server.bmc_user, server.bmc_password, server.appliance,
+                 server.moving_to),
             )
             db.executemany("INSERT INTO server_macs VALUES (?, ?)", [(m, server.uuid) for m in server.macs])
             self._insert_volumes(db, volumes)
@@ -351,10 +400,9 @@ class Store:
         rows = self._servers_where("WHERE uuid = ?", (uuid,))
         return rows[0] if rows else None
 
-    def servers(self, owner: str | None = None) -> list[ServerRow]:
-        if owner is None:
-            return self._servers_where("", ())
-        return self._servers_where("WHERE owner = ?", (owner,))
+    def servers(self, owner: str | None = None, *, appliance: str | None = None) -> list[ServerRow]:
+        """All servers, or those of an owner, or on an appliance, or both."""
+        return self._servers_where(*_where(owner=owner, appliance=appliance))
 
     def volumes(self, server: str | None = None) -> list[VolumeRow]:
         if server is None:
@@ -442,6 +490,110 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE servers SET bmc_url = ?, bmc_user = ?, bmc_password = ?, updated_at = ? "
                        "WHERE uuid = ?", (url, user, password, self._clock(), uuid))
+
+    # --- the fleet: appliances, where servers live, template copies -----------------------------------
+
+    def register_appliance(self, row: ApplianceRow) -> None:
+        """Upsert by name. A restart re-registers everything but disabled/disabled_reason: an operator's
+        setting outlives the appliance's restarts."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO appliances (name, api_url, advertise, labels, capacity_bytes, free_bytes, disabled, "
+                "disabled_reason, answers_unknown, version, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "api_url = excluded.api_url, advertise = excluded.advertise, labels = excluded.labels, "
+                "capacity_bytes = excluded.capacity_bytes, free_bytes = excluded.free_bytes, "
+                "answers_unknown = excluded.answers_unknown, version = excluded.version, "
+                "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+                (row.name, row.api_url, row.advertise, row.labels, row.capacity_bytes, row.free_bytes,
+                 int(row.disabled), row.disabled_reason, int(row.answers_unknown), row.version, row.started_at,
+                 row.heartbeat_at),
+            )
+
+    def heartbeat(self, name: str, at: float, capacity_bytes: int, free_bytes: int) -> bool:
+        """False when no such appliance (forgotten while it ran: it must register again)."""
+        with self._tx() as db:
+            return db.execute("UPDATE appliances SET heartbeat_at = ?, capacity_bytes = ?, free_bytes = ? "
+                              "WHERE name = ?", (at, capacity_bytes, free_bytes, name)).rowcount > 0
+
+    @staticmethod
+    def _appliance_row(r: Any) -> ApplianceRow:
+        d = dict(r)
+        return ApplianceRow(**{**d, "disabled": bool(d["disabled"]), "answers_unknown": bool(d["answers_unknown"])})
+
+    def appliances(self) -> list[ApplianceRow]:
+        return [self._appliance_row(r) for r in self._all("SELECT * FROM appliances ORDER BY name")]
+
+    def appliance(self, name: str) -> ApplianceRow | None:
+        rows = self._all("SELECT * FROM appliances WHERE name = ?", (name,))
+        return self._appliance_row(rows[0]) if rows else None
+
+    def set_appliance_disabled(self, name: str, disabled: bool, reason: str = "") -> bool:
+        """False when no such appliance."""
+        with self._tx() as db:
+            return db.execute("UPDATE appliances SET disabled = ?, disabled_reason = ? WHERE name = ?",
+                              (int(disabled), reason if disabled else "", name)).rowcount > 0
+
+    def forget_appliance(self, name: str) -> None:
+        """Conflict while a server's volumes live there or are on their way."""
+        with self._tx() as db:
+            row = db.execute("SELECT uuid FROM servers WHERE appliance = ? OR moving_to = ? ORDER BY uuid LIMIT 1",
+                             (name, name)).fetchone()
+            if row is not None:
+                raise Conflict(f"appliance {name} still holds servers (server {row[0]})")
+            db.execute("DELETE FROM template_copies WHERE appliance = ?", (name,))
+            db.execute("DELETE FROM appliances WHERE name = ?", (name,))
+
+    def claim_unowned_servers(self, name: str) -> int:
+        """Servers made before fleets belong to the first appliance that starts on the store: how many it got."""
+        with self._tx() as db:
+            return int(db.execute("UPDATE servers SET appliance = ? WHERE appliance = ''", (name,)).rowcount)
+
+    def placed(self) -> dict[str, tuple[int, int]]:
+        """Appliance -> (servers, provisioned bytes: the sizes of their volumes of every kind). A server
+        on the move counts on both ends: its target's space is taken from the move's start. Unclaimed
+        servers (appliance '') are on no appliance and not counted."""
+        rows = self._all(
+            "SELECT at, COUNT(*), COALESCE(SUM(bytes), 0) FROM ("
+            "SELECT s.appliance AS at, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
+            "AS bytes FROM servers s WHERE s.appliance != '' "
+            "UNION ALL "
+            "SELECT s.moving_to AS at, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
+            "AS bytes FROM servers s WHERE s.moving_to != '' AND s.moving_to != s.appliance"
+            ") placed GROUP BY at ORDER BY at")
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+    def set_server_appliance(self, uuid: str, appliance: str) -> None:
+        """The server's volumes are on `appliance` now: a move, if any, is over."""
+        with self._tx() as db:
+            db.execute("UPDATE servers SET appliance = ?, moving_to = '', updated_at = ? WHERE uuid = ?",
+                       (appliance, self._clock(), uuid))
+
+    def set_moving_to(self, uuid: str, appliance: str) -> None:
+        """A move of the server's volumes to `appliance` begins ('' = called off)."""
+        with self._tx() as db:
+            db.execute("UPDATE servers SET moving_to = ?, updated_at = ? WHERE uuid = ?",
+                       (appliance, self._clock(), uuid))
+
+    def set_template_copy(self, row: TemplateCopyRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO template_copies (template, version, appliance, state, detail, checksum, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(template, version, appliance) DO UPDATE SET "
+                "state = excluded.state, detail = excluded.detail, checksum = excluded.checksum, "
+                "updated_at = excluded.updated_at",
+                (row.template, row.version, row.appliance, row.state, row.detail, row.checksum, row.updated_at),
+            )
+
+    def template_copies(self, template: str | None = None, version: str | None = None) -> list[TemplateCopyRow]:
+        where, args = _where(template=template, version=version)
+        rows = self._all(f"SELECT * FROM template_copies {where} ORDER BY template, version, appliance", args)
+        return [TemplateCopyRow(**dict(r)) for r in rows]
+
+    def delete_template_copy(self, template: str, version: str, appliance: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM template_copies WHERE template = ? AND version = ? AND appliance = ?",
+                       (template, version, appliance))
 
     # --- discovered nodes ------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def test_an_old_schema_upgrades_with_its_data_kept(tmp_path: Path) -> None:
     db.close()
 
     s = Store(path)
-    assert s.version == SCHEMA_VERSION == 5
+    assert s.version == SCHEMA_VERSION == 6
     server = s.server("u1")
     assert server is not None and server.state == "available" and server.macs == ("52:54:00:00:00:01",)
     assert server.hostname == ""  # the column that version 2 added, with its default
@@ -149,3 +149,19 @@ async def test_event_ids_go_on_across_a_restart(tmp_path: Path) -> None:
     assert after > max(ids)
     assert [e["id"] for e in again.sync.events("u1")] == [*ids, after]  # stored under the ids streamed
     again.close()
+
+
+def test_version_6_gives_old_servers_no_appliance_yet(tmp_path: Path) -> None:
+    """5 → 6: a server from before fleets is on no appliance until the first one to start claims it."""
+    path = tmp_path / "v5.db"
+    db = sqlite3.connect(path)
+    db.executescript("".join(MIGRATIONS[:5]) + "; PRAGMA user_version = 5;")
+    db.execute("INSERT INTO servers (uuid, template, version, profile, owner, state, reason, created_at, updated_at)"
+               " VALUES ('u1', 'tiny', 'v1', 'compute', 'alice', 'available', '', 1, 1)")
+    db.commit()
+    db.close()
+    s = Store(path)
+    server = s.server("u1")
+    assert server is not None and (server.appliance, server.moving_to) == ("", "")
+    assert s.appliances() == [] and s.template_copies() == []
+    assert s.claim_unowned_servers("a") == 1
