@@ -9,19 +9,35 @@ the site server on :67 too, which the raw listener's filter and the :67 socket b
 request that no server record names (no boot spec, or the unknown-node profile's) is told to the
 policy too (`client_unknown`: discovered nodes, to adopt). When port 67 is already bound on the host
 (a local DHCP server), the responder can listen on a raw socket instead (scapy; see `dhcp/raw.py`).
+
+Threads: by default the sockets are served by a thread of the responder's own (a plain epoll loop), so
+that a saturated main loop (TFTP, HTTP, the API, SQLite calls) does not delay the replies (issue 15).
+On that thread run the decode, `policy.boot_spec` and `enabled()` — reads of state the main loop
+replaces whole (the appliance's boot index is an immutable snapshot swapped in when the store changes),
+never an await on the main loop. What the responder reports back — `client_seen`, `client_unknown`,
+the boot events — mutates main-loop state, so it is queued and run on the loop that called `start()`
+(one `call_soon_threadsafe` per batch, never a wait). A report is queued before the reply is sent, so
+the main loop learns a node's address before it can see the TFTP or HTTP request that follows the
+reply. `own_thread=False` serves the sockets on the calling loop instead (as before issue 15; the
+benchmark measures both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import ipaddress
 import logging
+import os
+import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from bootfiles.spec import BootPolicy, EventSink, PxeClient
 from udpio.ratelimit import RateLimitedLog
@@ -29,6 +45,7 @@ from udpio.udp import bind_udp
 
 from . import binding, pxe
 from . import packet as p
+from .raw import RawListener  # the module is light; scapy is imported only when a listener opens
 
 log = logging.getLogger("cello.dhcp")
 
@@ -40,6 +57,10 @@ _BUFSIZE = p.MAX_PACKET_SIZE + 1  # one more, so that an oversized datagram is s
 # A boot storm arrives in bursts (a rack powering on): room for a few thousand requests in the kernel.
 _RCVBUF = 4 * 1024 * 1024
 SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; beyond net.core.rmem_max, needs CAP_NET_ADMIN
+# Reports (bindings, unknown clients, events) waiting for the main loop: bounded, so that a main loop
+# stuck for a long time in a flood costs memory in proportion to this, not to the flood.
+_MAX_REPORTS = 65536
+_STOP_JOIN_SECONDS = 5.0  # the thread ends within one batch of datagrams; this only bounds a bug
 
 Address = tuple[str, int]
 
@@ -62,6 +83,7 @@ class Stats:
     errors: int = 0  # anything else: a bug (tests assert this stays 0)
     send_failures: int = 0  # a reply the socket would not take (UDP is lossy anyway)
     recv_errors: int = 0  # a receive that failed (an ICMP error reported on the socket, a raw socket's error)
+    reports_dropped: int = 0  # bindings / events not handed to a main loop that stayed busy too long
     by_reason: dict[str, int] = field(default_factory=dict)
     # by the client's firmware arch (option 93, RFC 4578 §2.1), for boot requests only (bounded: the
     # supported arches); for /metrics
@@ -70,8 +92,17 @@ class Stats:
     acks_by_arch: dict[int, int] = field(default_factory=dict)
 
 
-def _count(table: dict[int, int], key: int) -> None:
-    table[key] = table.get(key, 0) + 1
+K = TypeVar("K")
+
+
+def _counted(table: dict[K, int], key: K) -> dict[K, int]:
+    """`table` with one more `key`. The responder's thread counts while /metrics on the main thread
+    iterates: a new key goes into a new dict (a reader iterating the old one never sees it change
+    size); an existing one is bumped in place."""
+    if key in table:
+        table[key] += 1
+        return table
+    return {**table, key: 1}
 
 
 class ProxyDHCP:
@@ -93,6 +124,7 @@ class ProxyDHCP:
         broadcast: str = "255.255.255.255",
         pxe_config: pxe.PxeConfig = pxe.DEFAULT_CONFIG,
         clock: Callable[[], float] = time.monotonic,
+        own_thread: bool = True,
     ) -> None:
         ipaddress.IPv4Address(advertise)  # refuse a bad address here, not on the first packet
         self.policy = policy
@@ -108,12 +140,18 @@ class ProxyDHCP:
         self.broadcast = broadcast  # tests on loopback use 127.0.0.1: a real broadcast would leave lo
         self.pxe_config = pxe_config
         self.clock = clock
+        self.own_thread = own_thread
         self.stats = Stats()
         self.raw_mode = False
         self._log = RateLimitedLog(log, clock=clock)
         self._sockets: list[socket.socket] = []
-        self._raw: object | None = None  # dhcp.raw.RawListener when in raw mode
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._raw: RawListener | None = None  # when in raw mode
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on: where reports go
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None  # pipe that ends the thread's poll
+        # (callable, args) for the main loop; deque append/popleft are atomic, so the thread needs no lock
+        self._reports: collections.deque[tuple[Callable[..., None], tuple[object, ...]]] = collections.deque()
+        self._drain_scheduled = False
         self.bound: dict[str, Address] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -122,45 +160,86 @@ class ProxyDHCP:
         if self._sockets or self._raw is not None:
             return
         self._loop = asyncio.get_running_loop()
+        readers: list[tuple[int, Callable[[], None]]] = []
         try:
             try:
                 dhcp_sock = self._bind(self.port)
             except OSError as e:
                 if e.errno != errno.EADDRINUSE or not self.raw_fallback:
                     raise
-                await self._start_raw(e)
+                raw = await self._start_raw(e)
+                readers.append((raw.fileno(), raw.on_readable))
             else:
                 self._sockets.append(dhcp_sock)
                 self.bound["dhcp"] = dhcp_sock.getsockname()
-                self._loop.add_reader(dhcp_sock.fileno(), self._on_readable, dhcp_sock, pxe.Kind.DISCOVER)
+                readers.append((dhcp_sock.fileno(), lambda: self._on_readable(dhcp_sock, pxe.Kind.DISCOVER)))
             pxe_sock = self._bind(self.pxe_port)
             self._sockets.append(pxe_sock)
             self.bound["pxe"] = pxe_sock.getsockname()
-            self._loop.add_reader(pxe_sock.fileno(), self._on_readable, pxe_sock, pxe.Kind.REQUEST)
+            readers.append((pxe_sock.fileno(), lambda: self._on_readable(pxe_sock, pxe.Kind.REQUEST)))
+            if self.own_thread:
+                self._start_thread(readers)
+            else:
+                for fd, callback in readers:
+                    self._loop.add_reader(fd, callback)
         except BaseException:
             await self.stop()
             raise
-        log.info("proxyDHCP on %s (advertise %s%s)", self.bound, self.advertise, ", raw :67" * self.raw_mode)
+        log.info("proxyDHCP on %s (advertise %s%s%s)", self.bound, self.advertise, ", raw :67" * self.raw_mode,
+                 ", own thread" * self.own_thread)
         if self.listen not in ("0.0.0.0", "") and not self.listen.startswith("127.") and not self.raw_mode:
             log.warning("listening on %s: broadcast DISCOVERs only reach a socket bound to 0.0.0.0 "
                         "(use interface= to restrict the responder to one link)", self.listen)
 
-    async def _start_raw(self, cause: OSError) -> None:
-        from .raw import RawListener  # scapy is heavy: import only when needed
-
-        assert self._loop is not None
+    async def _start_raw(self, cause: OSError) -> RawListener:
         listener = RawListener(self.interface, self.advertise, self.port, self.reply_port, self._on_raw,
                                self.stats)
         try:
             await asyncio.to_thread(listener.open)
         except Exception as e:  # scapy raises several types for a missing interface or capability
             raise RuntimeError(f"{cause}, and the raw-socket fallback failed: {e}") from e
-        listener.attach(self._loop)
         self._raw = listener
         self.raw_mode = True
         self.bound["dhcp"] = (f"raw:{listener.interface}", self.port)
         log.warning("port %d is taken by another DHCP server: listening on a raw socket on %s",
                     self.port, listener.interface)
+        return listener
+
+    def _start_thread(self, readers: list[tuple[int, Callable[[], None]]]) -> None:
+        poller = select.epoll()
+        wake = os.pipe()
+        try:
+            for fd, _ in readers:
+                poller.register(fd, select.EPOLLIN)
+            poller.register(wake[0], select.EPOLLIN)
+            thread = threading.Thread(target=self._serve, args=(poller, wake[0], dict(readers)),
+                                      name="cello-dhcp", daemon=True)
+            thread.start()
+        except BaseException:
+            poller.close()
+            for fd in wake:
+                os.close(fd)
+            raise
+        self._wake, self._thread = wake, thread
+
+    def _serve(self, poller: select.epoll, wake_fd: int, readers: dict[int, Callable[[], None]]) -> None:
+        """The responder's thread: poll the sockets until the wake pipe is written; nothing escapes."""
+        try:
+            while True:
+                try:
+                    ready = poller.poll()
+                except InterruptedError:
+                    continue
+                for fd, _events in ready:
+                    if fd == wake_fd:
+                        return
+                    try:
+                        readers[fd]()
+                    except Exception:  # the handlers have their own boundaries: this is a bug, not a packet
+                        self.stats.errors += 1
+                        self._log.exception("bug", "the DHCP thread's handler failed")
+        finally:
+            poller.close()
 
     def _bind(self, port: int) -> socket.socket:
         return bind_udp(self.listen, port, configure=lambda sock: self._configure(sock, port))
@@ -182,19 +261,68 @@ class ProxyDHCP:
                 ) from e
 
     async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        wake, self._wake = self._wake, None
+        if thread is not None and wake is not None:
+            os.write(wake[1], b"x")
+            # Joined here, not in an executor: the thread ends within one batch (milliseconds), and a
+            # stop during the loop's shutdown must not depend on the default executor still running.
+            thread.join(_STOP_JOIN_SECONDS)
+            if thread.is_alive():
+                log.error("the DHCP thread did not end within %.0f s", _STOP_JOIN_SECONDS)
+        if wake is not None:
+            for fd in wake:
+                os.close(fd)
+        loop_open = self._loop is not None and not self._loop.is_closed()
         for sock in self._sockets:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(sock.fileno())
+            if loop_open and not self.own_thread:
+                self._loop.remove_reader(sock.fileno())  # type: ignore[union-attr]
             sock.close()
         self._sockets.clear()
         raw, self._raw = self._raw, None
         if raw is not None:
-            from .raw import RawListener
-
-            assert isinstance(raw, RawListener)
+            if loop_open and not self.own_thread:
+                self._loop.remove_reader(raw.fileno())  # type: ignore[union-attr]
             raw.close()
         self.raw_mode = False
         self.bound.clear()
+        self._drain_reports()  # what the thread reported last still reaches the policy and the event bus
+
+    # ---- reports to the main loop ---------------------------------------------------------------------
+
+    def _report(self, callback: Callable[..., None], *args: object) -> None:
+        """Run `callback(*args)` on the main loop: now when there is no thread (handle() called directly,
+        or own_thread=False), else queued for it without waiting."""
+        if self._thread is None:
+            callback(*args)
+            return
+        if len(self._reports) >= _MAX_REPORTS:
+            self.stats.reports_dropped += 1
+            return
+        self._reports.append((callback, args))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            loop = self._loop
+            try:
+                if loop is not None:
+                    loop.call_soon_threadsafe(self._drain_reports)
+            except RuntimeError:  # the main loop is closed: nobody is left to tell
+                self._reports.clear()
+
+    def _drain_reports(self) -> None:
+        # The flag is cleared before the queue is read: a report appended meanwhile either is read
+        # below or schedules another drain (an empty one at worst), never none.
+        self._drain_scheduled = False
+        for _ in range(len(self._reports)):
+            try:
+                callback, args = self._reports.popleft()
+            except IndexError:
+                return
+            try:
+                callback(*args)
+            except Exception:
+                self.stats.errors += 1
+                self._log.exception("report", "reporting a DHCP client to the boot policy failed")
 
     # ---- the pipeline (pure apart from the policy call) ------------------------------------------------
 
@@ -210,10 +338,11 @@ class ProxyDHCP:
         request = pxe.classify(request_packet, kind)
         if request is None:
             return self._ignore("not a boot request")
-        _count(self.stats.requests_by_arch, request.arch)
+        stats = self.stats
+        stats.requests_by_arch = _counted(stats.requests_by_arch, request.arch)
         spec = self.policy.boot_spec(uuid=request.uuid, mac=request.mac)
         if spec is None or spec.root is None:  # no server record: none, or the unknown-node profile's
-            self.policy.client_unknown(_pxe_client(request_packet, request, source, kind))
+            self._report(self.policy.client_unknown, _pxe_client(request_packet, request, source, kind))
         if spec is None:
             return self._ignore("no boot spec (unknown node)")
         choice = pxe.choose_boot(request, spec, self.pxe_config)
@@ -222,12 +351,13 @@ class ProxyDHCP:
         reply = pxe.build_reply(request_packet, request, choice, self.advertise, kind)
         out = p.encode(reply)
         if kind is pxe.Kind.DISCOVER:
-            self.stats.offers += 1
-            _count(self.stats.offers_by_arch, request.arch)
+            stats.offers += 1
+            stats.offers_by_arch = _counted(stats.offers_by_arch, request.arch)
         else:
-            self.stats.acks += 1
-            _count(self.stats.acks_by_arch, request.arch)
-        self._emit(spec.server_uuid, request, choice, source, kind)
+            stats.acks += 1
+            stats.acks_by_arch = _counted(stats.acks_by_arch, request.arch)
+        if self.events is not None:
+            self._report(self._emit, spec.server_uuid, request, choice, source, kind)
         dest = pxe.reply_destination(request_packet, source, kind, relay_port=self.port, client_port=self.reply_port,
                                      broadcast=self.broadcast)
         return Reply(out, dest, ifindex, request_packet.chaddr)
@@ -235,16 +365,20 @@ class ProxyDHCP:
     def _learn(self, packet: p.DhcpPacket, source: Address, kind: pxe.Kind) -> None:
         seen = binding.seen_client(packet, source, kind)
         if seen is not None:
-            self.policy.client_seen(mac=seen.mac, uuid=seen.uuid, address=seen.address)
+            self._report(self._tell_seen, seen)
+
+    def _tell_seen(self, seen: binding.SeenClient) -> None:
+        self.policy.client_seen(mac=seen.mac, uuid=seen.uuid, address=seen.address)
 
     def _ignore(self, reason: str) -> Reply | None:
         self.stats.ignored += 1
-        self.stats.by_reason[reason] = self.stats.by_reason.get(reason, 0) + 1
+        self.stats.by_reason = _counted(self.stats.by_reason, reason)
         return None
 
     def _emit(
         self, server: str, request: pxe.BootRequest, choice: pxe.BootChoice, source: Address, kind: pxe.Kind
     ) -> None:
+        """On the main loop (through `_report`): the event's fields are made there, off the reply path."""
         if self.events is None:
             return
         fields = {

@@ -7,7 +7,6 @@ each request to the local DHCP server as well: that server hands out addresses, 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 import struct
@@ -94,7 +93,6 @@ class RawListener:
         self._sock: Any = None
         self._mac = b""
         self._ifindex = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def open(self) -> None:
         """Blocking (scapy import, filter compilation): call it from a thread."""
@@ -109,19 +107,18 @@ class RawListener:
         self._sock = L2Socket(iface=self.interface, filter=f"udp and dst port {self.port}")
         self._sock.ins.setblocking(False)
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        loop.add_reader(self._sock.ins.fileno(), self._on_readable)
+    def fileno(self) -> int:
+        """The packet socket, for the caller's poller (the proxy's thread or its loop) to watch."""
+        return int(self._sock.ins.fileno())
 
     def close(self) -> None:
+        """Close the socket; the caller has stopped watching it."""
         if self._sock is None:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._sock.ins.fileno())
         self._sock.close()
         self._sock = None
 
-    def _on_readable(self) -> None:
+    def on_readable(self) -> None:
         for _ in range(256):
             try:
                 frame, addr = self._sock.ins.recvfrom(65535)

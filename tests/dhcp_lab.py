@@ -5,20 +5,26 @@ For the lab, the tests and the benchmark (test code: it ships in no package) —
 
     python -m tests.dhcp_lab --advertise 10.78.0.2 --interface dhv1 --node UUID=MAC --profile pxelinux
     python -m tests.dhcp_lab --advertise 10.78.0.2 --any --profile ipxe        # answer every PXE client
+
+With `--files DIR` the same process also serves DIR over TFTP (port 69, `bootfiles.tftp_server`) and over
+HTTP (`--http-port`, aiohttp's sendfile FileResponse under /boot/files/, as the appliance's HTTP boot
+does), on the main loop, as in the appliance: bench/dhcp_bench.py loads them while it measures DHCP.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import pathlib
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
 from dhcp.proxy import ProxyDHCP
@@ -100,22 +106,75 @@ async def _run(args: argparse.Namespace) -> None:
     # index is a multi-millisecond pause in the reply path. The appliance's composition root should do
     # the same once its boot index is loaded.
     gc.freeze()
-    proxy = ProxyDHCP(
+    proxy = None if args.no_dhcp else ProxyDHCP(
         policy, args.advertise, interface=args.interface, port=args.port, pxe_port=args.pxe_port,
         events=_event_printer if args.events else None, raw_fallback=not args.no_raw,
+        own_thread=not args.dhcp_on_main_loop,
     )
-    await proxy.start()
-    print(json.dumps({"kind": "ready", "bound": {k: list(v) for k, v in proxy.bound.items()},
-                      "raw": proxy.raw_mode}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    async with _file_servers(args, policy):
+        lags: list[float] = []
+        lag = loop.create_task(_loop_lag(lags))
+        if proxy is not None:
+            await proxy.start()
+        print(json.dumps({"kind": "ready", "bound": {k: list(v) for k, v in proxy.bound.items()} if proxy else {},
+                          "raw": proxy.raw_mode if proxy else False}), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            lag.cancel()
+            if proxy is not None:
+                await proxy.stop()
+            lags.sort()
+            print(json.dumps({"kind": "stats", **(vars(proxy.stats) if proxy else {}),
+                              "loop_lag_p99_ms": lags[int(0.99 * len(lags))] * 1000 if lags else 0.0,
+                              "loop_lag_max_ms": lags[-1] * 1000 if lags else 0.0}), flush=True)
+
+
+async def _loop_lag(into: list[float]) -> None:
+    """How late the main loop runs a 10 ms timer: shows how saturated the load kept it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + 0.01
+        await asyncio.sleep(0.01)
+        into.append(max(0.0, loop.time() - due))
+
+
+@contextlib.asynccontextmanager
+async def _file_servers(args: argparse.Namespace, policy: StaticPolicy) -> AsyncIterator[None]:
+    """TFTP and HTTP of --files on this loop (nothing without --files)."""
+    if not args.files:
+        yield
+        return
+    from aiohttp import web
+
+    from bootfiles.tftp_server import TftpServer
+    from bootfiles.tree import BootTree
+
+    root = Path(args.files)
+    tftp = TftpServer("0.0.0.0", 69, BootTree([root], None, policy), max_transfers=1024)
+    files = await asyncio.to_thread(lambda: {f.name: f for f in root.iterdir() if f.is_file()})
+
+    async def boot_file(request: web.Request) -> web.StreamResponse:
+        path = files.get(request.match_info["path"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    app = web.Application()
+    app.router.add_get("/boot/files/{path:.+}", boot_file)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await tftp.start()
     try:
-        await stop.wait()
+        await web.TCPSite(runner, args.advertise, args.http_port).start()
+        yield
     finally:
-        await proxy.stop()
-        print(json.dumps({"kind": "stats", **{k: v for k, v in vars(proxy.stats).items()}}), flush=True)
+        await runner.cleanup()
+        await tftp.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--any", action="store_true", help="answer unknown nodes too")
     ap.add_argument("--events", action="store_true", help="print boot events as JSON lines")
     ap.add_argument("--no-raw", action="store_true", help="no raw-socket fallback when :67 is taken")
+    ap.add_argument("--no-dhcp", action="store_true", help="no proxyDHCP (only the --files servers)")
+    ap.add_argument("--dhcp-on-main-loop", action="store_true",
+                    help="serve DHCP on the main loop, not on the responder's own thread (as before issue 15)")
+    ap.add_argument("--files", default="", help="also serve this folder over TFTP (:69) and HTTP, on this loop")
+    ap.add_argument("--http-port", type=int, default=8080, help="the --files HTTP port")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     asyncio.run(_run(args))

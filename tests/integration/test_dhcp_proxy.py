@@ -5,9 +5,12 @@ Replies that would be broadcast go to 127.0.0.1 (the `broadcast` knob) so nothin
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -65,8 +68,9 @@ class Client:
             await asyncio.wait_for(loop.sock_recv(self.sock, 4096), wait)
 
 
-@pytest.fixture
-async def setup() -> AsyncIterator[tuple[ProxyDHCP, Client, list[dict[str, object]], list[bool]]]:
+@pytest.fixture(params=[True, False], ids=["own-thread", "main-loop"])
+async def setup(request: pytest.FixtureRequest) -> AsyncIterator[
+        tuple[ProxyDHCP, Client, list[dict[str, object]], list[bool]]]:
     client = Client()
     events: list[dict[str, object]] = []
     enabled = [True]
@@ -76,7 +80,7 @@ async def setup() -> AsyncIterator[tuple[ProxyDHCP, Client, list[dict[str, objec
         policy.by_uuid[uuid_for(i)] = make_spec(uuid_for(i), profile, BASE)
     proxy = ProxyDHCP(policy, "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=0, reply_port=client.port,
                       broadcast="127.0.0.1", events=lambda k, f: events.append({"kind": k, **f}),
-                      enabled=lambda: enabled[0], raw_fallback=False)
+                      enabled=lambda: enabled[0], raw_fallback=False, own_thread=request.param)
     await proxy.start()
     yield proxy, client, events, enabled
     await proxy.stop()
@@ -235,3 +239,95 @@ async def test_bound_to_an_interface() -> None:
     finally:
         await proxy.stop()
         client.sock.close()
+
+
+def _dhcp_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cello-dhcp"]
+
+
+def _ask_from_a_thread(data: bytes, port: int, reply_port_sock: socket.socket, when: threading.Event,
+                       out: dict[str, object]) -> None:
+    """Off the main loop: wait until it is blocked, send, and time the reply (a blocking socket)."""
+    when.wait(5)
+    start = time.monotonic()
+    reply_port_sock.sendto(data, ("127.0.0.1", port))
+    try:
+        out["reply"] = reply_port_sock.recv(4096)
+    except TimeoutError:
+        out["reply"] = None
+    out["seconds"] = time.monotonic() - start
+
+
+@pytest.mark.parametrize("own_thread", [True, False], ids=["own-thread", "main-loop"])
+async def test_a_blocked_main_loop_does_not_delay_the_reply(own_thread: bool) -> None:
+    """The main loop sleeps a second (a saturated loop, a slow SQLite call): the responder's own thread
+    answers a DISCOVER in far less; the event it reports reaches the sink on the main loop afterwards.
+    On the main loop (as before issue 15) the same reply waits out the second."""
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(3)
+    sink_threads: list[int] = []
+    policy = StaticPolicy(by_uuid={uuid_for(1): make_spec(uuid_for(1), PROFILES["ipxe"], BASE)})
+    proxy = ProxyDHCP(policy, "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=0,
+                      reply_port=client.getsockname()[1], broadcast="127.0.0.1", raw_fallback=False,
+                      events=lambda k, f: sink_threads.append(threading.get_ident()), own_thread=own_thread)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    blocked = threading.Event()
+    out: dict[str, object] = {}
+    asker = threading.Thread(target=_ask_from_a_thread,
+                             args=(discover(1, 0, b"PXEClient"), proxy.bound["dhcp"][1], client, blocked, out))
+    try:
+        asker.start()
+
+        def block() -> None:
+            blocked.set()
+            time.sleep(1.0)  # the whole main loop stops here
+
+        loop.call_soon(block)
+        await asyncio.sleep(0)  # runs block()
+        await asyncio.to_thread(asker.join, 5)
+        for _ in range(100):  # the report is drained by the main loop, now free again
+            if sink_threads:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await proxy.stop()
+        client.close()
+    assert isinstance(out.get("reply"), bytes), "no reply"
+    assert p.decode(out["reply"]).message_type == p.DHCPOFFER  # type: ignore[arg-type]
+    seconds = float(out["seconds"])  # type: ignore[arg-type]
+    if own_thread:
+        assert seconds < 0.2, f"the reply took {seconds:.3f} s with the main loop blocked"
+    else:
+        assert seconds > 0.5, "on the main loop the reply should have waited for it"
+    assert sink_threads == [threading.get_ident()]  # the event sink ran on the main loop, once
+
+
+async def test_stop_leaves_no_thread_and_no_descriptor() -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    proxy = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=0, raw_fallback=False)
+    await proxy.start()
+    await proxy.start()  # a second start is a no-op: still one thread
+    assert len(_dhcp_threads()) == 1
+    await proxy.stop()
+    await proxy.stop()  # idempotent
+    assert _dhcp_threads() == [] and proxy.bound == {}
+    assert len(os.listdir("/proc/self/fd")) == fds  # sockets, epoll and the wake pipe all closed
+    await proxy.start()  # and it can start again
+    assert len(_dhcp_threads()) == 1 and proxy.bound["dhcp"][1] > 0
+    await proxy.stop()
+    assert _dhcp_threads() == []
+
+
+async def test_a_failed_bind_starts_no_thread() -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    proxy = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=holder.getsockname()[1],
+                      raw_fallback=False)
+    try:
+        with pytest.raises(BindError):
+            await proxy.start()
+        assert _dhcp_threads() == [] and proxy._sockets == []
+    finally:
+        holder.close()

@@ -54,7 +54,7 @@ def listener(ins: FakeIns, stats: Stats) -> RawListener:
 def test_a_receive_error_is_counted() -> None:
     stats = Stats()
     raw = listener(FakeIns([], OSError(errno.ENETDOWN, "Network is down")), stats)
-    raw._on_readable()
+    raw.on_readable()
     assert stats.recv_errors == 1 and stats.send_failures == 0
 
 
@@ -62,7 +62,7 @@ def test_the_end_of_the_queue_is_not_an_error() -> None:
     stats = Stats()
     ins = FakeIns([frame()], BlockingIOError())
     raw = listener(ins, stats)
-    raw._on_readable()
+    raw.on_readable()
     assert stats.recv_errors == 0 and len(ins.sent) == 1
     parsed = parse_udp_frame(ins.sent[0], 68)
     assert parsed is not None and parsed[2] == b"offer"
@@ -72,7 +72,7 @@ def test_a_send_error_is_counted_and_the_loop_goes_on() -> None:
     stats = Stats()
     ins = FakeIns([frame(), frame()], BlockingIOError(), send_error=OSError(errno.ENOBUFS, "No buffer space"))
     raw = listener(ins, stats)
-    raw._on_readable()
+    raw.on_readable()
     assert stats.send_failures == 2 and stats.recv_errors == 0  # both requests were tried
 
 
@@ -80,7 +80,7 @@ def test_our_own_outgoing_frames_are_skipped() -> None:
     stats = Stats()
     outgoing = (frame()[0], ("eth0", 0x0800, PACKET_OUTGOING))
     ins = FakeIns([outgoing], BlockingIOError())
-    listener(ins, stats)._on_readable()
+    listener(ins, stats).on_readable()
     assert ins.sent == [] and stats.recv_errors == 0
 
 
