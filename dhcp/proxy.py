@@ -348,8 +348,7 @@ class ProxyDHCP:
         choice = pxe.choose_boot(request, spec, self.pxe_config)
         if choice is None:
             return self._ignore(f"no loader for arch {request.arch}")
-        reply = pxe.build_reply(request_packet, request, choice, self.advertise, kind)
-        out = p.encode(reply)
+        out = pxe.reply_bytes(request_packet, request, choice, self.advertise, kind)
         if kind is pxe.Kind.DISCOVER:
             stats.offers += 1
             stats.offers_by_arch = _counted(stats.offers_by_arch, request.arch)

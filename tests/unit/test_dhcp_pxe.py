@@ -249,3 +249,46 @@ def test_rate_limited_log() -> None:
     now[0] = 11.0
     rl.warning("k", "bad %d", 100)
     assert records[3].startswith("97 more 'k' messages suppressed") and records[4] == "bad 100"
+
+
+SHAPES = [  # (arch, vendor, user class, profile): every kind of choice choose_boot makes
+    (0, b"PXEClient", None, "pxelinux"), (0, b"PXEClient", None, "ipxe"), (0, b"PXEClient", b"iPXE", "ipxe"),
+    (0, b"PXEClient", b"iPXE", "pxelinux"), (7, b"PXEClient", None, "ipxe"), (7, b"PXEClient", b"iPXE", "ipxe"),
+    (11, b"PXEClient", None, "ipxe"), (16, b"HTTPClient", None, "ipxe"), (19, b"HTTPClient", None, "ipxe"),
+]
+
+
+@pytest.mark.parametrize(("arch", "vendor", "user_class", "profile"), SHAPES)
+@pytest.mark.parametrize("kind", [pxe.Kind.DISCOVER, pxe.Kind.REQUEST])
+@pytest.mark.parametrize("guid", [True, False])
+def test_reply_bytes_is_the_encoded_reply(arch: int, vendor: bytes, user_class: bytes | None, profile: str,
+                                          kind: pxe.Kind, guid: bool) -> None:
+    """The template path gives, byte for byte, what build_reply + encode give — for clients that differ
+    in every field it writes (xid, flags, ciaddr, giaddr, chaddr, option 97, the boot item)."""
+    for n, (ciaddr, giaddr, flags, item) in enumerate([("0.0.0.0", "0.0.0.0", p.FLAG_BROADCAST, None),
+                                                       ("10.78.0.9", "10.78.5.1", 0, b"\x80\x00\x00\x01")]):
+        extra = {} if item is None else {p.OPT_VENDOR_SPECIFIC: b"\x47\x04" + item + b"\xff"}
+        mtype = p.DHCPDISCOVER if kind is pxe.Kind.DISCOVER else p.DHCPREQUEST
+        packet = request(arch, vendor=vendor, user_class=user_class, mtype=mtype, extra=extra,
+                         guid=bytes([n + 1]) * 16)
+        if not guid:
+            packet = packet.with_options(p.Options(tuple((c, v) for c, v in packet.options
+                                                         if c != p.OPT_CLIENT_GUID)))
+        packet = dataclasses.replace(packet, xid=0xA1B2C3D4 + n, ciaddr=ciaddr, giaddr=giaddr, flags=flags,
+                                     chaddr=bytes([2, 0, 0, 0, 0, n + 1]))
+        req = pxe.classify(packet, kind)
+        assert req is not None and (req.guid_option is not None) == guid
+        choice = pxe.choose_boot(req, make_spec(UUID, PROFILES[profile], BASE))
+        assert choice is not None
+        expected = p.encode(pxe.build_reply(packet, req, choice, "10.78.0.2", kind))
+        assert pxe.reply_bytes(packet, req, choice, "10.78.0.2", kind) == expected
+
+
+def test_smbios_uuid_is_uuid_modules_text() -> None:
+    import os
+    import uuid
+
+    for raw in [os.urandom(16) for _ in range(200)] + [bytes(range(16))]:
+        assert pxe.smbios_uuid(raw) == str(uuid.UUID(bytes_le=raw))
+    assert pxe.smbios_uuid(bytes(16)) is None and pxe.smbios_uuid(b"\xff" * 16) is None
+    assert pxe.smbios_uuid(b"\x01" * 15) is None
