@@ -1,8 +1,11 @@
-"""The state store: SQLite in WAL mode, the single source of desired state.
+"""The state store, the single source of desired state: SQLite in WAL mode by default, or PostgreSQL for
+a fleet of appliances sharing one store (`open_store`).
 
-This module owns all SQL (parameterised only); the schema and its migrations are domain/schema.py.
+This module owns all queries (parameterised only), written once in SQL that both engines accept; what
+differs per engine (connecting, transactions, migrations, placeholders) is domain/sqlengine.py and
+domain/pgengine.py, the schemas domain/schema.py and domain/schema_pg.py.
 Methods are synchronous and short; async callers run them through `AsyncStore` on one worker thread.
-(About 500 lines, one idea: the rows and their transactions. Each table's methods are a section.)
+(One idea: the rows and their transactions. Each table's methods are a section.)
 """
 
 from __future__ import annotations
@@ -10,19 +13,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from domain.errors import Conflict, QuotaExceeded, StoreError
-from domain.schema import MIGRATIONS, SCHEMA_VERSION
+from domain.sqlengine import Engine, Row, SqliteEngine, Tx
 from domain.states import may_move
 
 T = TypeVar("T")
@@ -159,66 +159,60 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")  # what libpq and psycopg take as a URL's scheme
+
+
+def open_store(url: str, sqlite_path: Path, clock: Callable[[], float] = time.time) -> Store:
+    """The store `[store] url` names: '' = the SQLite file at `sqlite_path`, `postgresql://…` = PostgreSQL
+    (the driver is imported only then). A PostgreSQL that cannot be reached now is a StoreError."""
+    if url == "":
+        return Store(sqlite_path, clock)
+    if url.split("://", 1)[0] in POSTGRES_SCHEMES:
+        from domain.pgengine import PgEngine
+
+        return Store(PgEngine(url), clock)
+    raise StoreError(f"store url: must be '' (SQLite) or postgresql://…, not {url.split('://', 1)[0]!r}")
+
+
 class Store:
-    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path | str | Engine, clock: Callable[[], float] = time.time) -> None:
+        """`path`: an SQLite file (or ':memory:'), or an engine (domain/pgengine.py); migrated on open."""
         self._clock = clock
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        # it holds CHAP secrets and BMC passwords: the appliance's alone (SQLite gives -wal/-shm the same mode)
-        if str(path) != ":memory:":
-            os.chmod(path, 0o600)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
+        self._engine: Engine = SqliteEngine(path) if isinstance(path, Path | str) else path
+        try:
+            self._engine.migrate()
+        except BaseException:
+            self._engine.close()
+            raise
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._engine.close()
 
     @property
     def version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        return self._engine.version
 
     def migrate(self) -> None:
-        with self._lock:
-            current = self.version
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"store schema {current} is newer than this Cello ({SCHEMA_VERSION})")
-            for target in range(current, SCHEMA_VERSION):
-                # executescript commits first; the migration and its version bump are one transaction.
-                self._db.executescript(
-                    f"BEGIN; {MIGRATIONS[target]}; PRAGMA user_version = {target + 1}; COMMIT;"
-                )
+        self._engine.migrate()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[Tx]:
+        return self._engine.tx()
 
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._engine.fetch(sql, args)
 
     # --- templates -------------------------------------------------------------------------------
 
     def add_template_version(self, tv: TemplateVersion) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO templates (name, created_at) VALUES (?, ?)",
+            db.execute("INSERT INTO templates (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                        (tv.template, tv.created_at))
             try:
                 db.execute(
                     "INSERT INTO template_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (tv.template, tv.version, tv.source, tv.size, tv.kernel, tv.initrd, tv.created_at),
                 )
-            except sqlite3.IntegrityError:
+            except self._engine.integrity_errors:
                 raise Conflict(f"template {tv.template} already has version {tv.version}") from None
 
     def template_versions(self, template: str | None = None) -> list[TemplateVersion]:
@@ -249,10 +243,12 @@ class Store:
         if version is not None:
             sql += " AND version = ?"
             args.append(version)
+        # a prefix compared exactly, not LIKE: PostgreSQL's is case-sensitive and SQLite's is not
+        prefix = f"{template}@{version}" if version is not None else f"{template}@"
         vsql = "SELECT server FROM volumes WHERE kind IN ('os', 'prev') AND "
-        vsql += "origin = ?" if version is not None else "origin LIKE ?"
-        varg = f"{template}@{version}" if version is not None else f"{template}@%"
-        found = {r[0] for r in self._all(sql, args)} | {r[0] for r in self._all(vsql, (varg,))}
+        vsql += "origin = ?" if version is not None else "substr(origin, 1, ?) = ?"
+        vargs = (prefix,) if version is not None else (len(prefix), prefix)
+        found = {r[0] for r in self._all(sql, args)} | {r[0] for r in self._all(vsql, vargs)}
         return sorted(found)
 
     # --- users and tokens ------------------------------------------------------------------------
@@ -293,7 +289,9 @@ class Store:
 
     def add_token(self, token: str, owner: str | None, admin: bool, scope: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO tokens (hash, owner, admin, created_at, scope) VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO tokens (hash, owner, admin, created_at, scope) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(hash) DO UPDATE SET owner = excluded.owner, admin = excluded.admin, "
+                       "created_at = excluded.created_at, scope = excluded.scope",
                        (hash_token(token), owner, int(admin), self._clock(), scope))
 
     def token(self, token: str) -> tuple[str | None, bool] | None:
@@ -351,8 +349,7 @@ class Store:
                     raise QuotaExceeded(problem)
             self._insert_volumes(db, [volume])
 
-    @staticmethod
-    def _insert_volumes(db: sqlite3.Connection, volumes: Sequence[VolumeRow]) -> None:
+    def _insert_volumes(self, db: Tx, volumes: Sequence[VolumeRow]) -> None:
         try:
             db.executemany(
                 "INSERT INTO volumes (name, server, kind, idx, size, state, serial, created_at, origin) "
@@ -360,7 +357,7 @@ class Store:
                 [(v.name, v.server, v.kind, v.idx, v.size, v.state, v.serial, time.time(), v.origin)
                  for v in volumes],
             )
-        except sqlite3.IntegrityError as e:
+        except self._engine.integrity_errors as e:
             raise Conflict(f"volume already exists: {e}") from None
 
     def set_server_state(self, uuid: str, state: str, reason: str = "") -> None:
@@ -385,16 +382,19 @@ class Store:
             db.execute("DELETE FROM servers WHERE uuid = ?", (uuid,))
 
     def _servers_where(self, where: str, params: tuple[object, ...]) -> list[ServerRow]:
-        # Two queries however many servers (not one more per server for its MACs): the boot index and
-        # every export apply read all of them.
-        with self._lock:  # both reads see the same rows
-            rows = self._db.execute(f"SELECT * FROM servers {where} ORDER BY created_at, uuid", params).fetchall()
-            pairs = self._db.execute(f"SELECT mac, server FROM server_macs WHERE server IN "
-                                     f"(SELECT uuid FROM servers {where}) ORDER BY mac", params).fetchall()
+        # One query however many servers (a row per MAC, not a query more per server): the boot index
+        # and every export apply read all of them, and one statement sees one state on either engine.
+        rows = self._all(f"SELECT s.*, m.mac AS mac FROM servers s LEFT JOIN server_macs m ON m.server = s.uuid "
+                         f"{where} ORDER BY s.created_at, s.uuid, m.mac", params)
+        servers: dict[str, dict[str, Any]] = {}
         macs: dict[str, list[str]] = {}
-        for mac, server in pairs:
-            macs.setdefault(server, []).append(mac)
-        return [ServerRow(macs=tuple(macs.get(r["uuid"], ())), **dict(r)) for r in rows]
+        for r in rows:
+            columns = dict(r)
+            mac = columns.pop("mac")
+            servers.setdefault(columns["uuid"], columns)
+            if mac is not None:
+                macs.setdefault(columns["uuid"], []).append(mac)
+        return [ServerRow(macs=tuple(macs.get(uuid, ())), **columns) for uuid, columns in servers.items()]
 
     def server(self, uuid: str) -> ServerRow | None:
         rows = self._servers_where("WHERE uuid = ?", (uuid,))
@@ -444,7 +444,7 @@ class Store:
             db.execute("UPDATE volumes SET idx = ? WHERE server = ? AND idx = ?", (PREV_IDX, uuid, SWAP_IDX))
             self._set_root(db, uuid, template, version, secrets)
 
-    def _set_root(self, db: sqlite3.Connection, uuid: str, template: str, version: str,
+    def _set_root(self, db: Tx, uuid: str, template: str, version: str,
                   secrets: dict[str, str]) -> None:
         sets = ["template = ?", "version = ?", "updated_at = ?"]
         args: list[object] = [template, version, self._clock()]
@@ -554,13 +554,13 @@ class Store:
         on the move counts on both ends: its target's space is taken from the move's start. Unclaimed
         servers (appliance '') are on no appliance and not counted."""
         rows = self._all(
-            "SELECT at, COUNT(*), COALESCE(SUM(bytes), 0) FROM ("
-            "SELECT s.appliance AS at, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
+            "SELECT place, COUNT(*), COALESCE(SUM(bytes), 0) FROM ("
+            "SELECT s.appliance AS place, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
             "AS bytes FROM servers s WHERE s.appliance != '' "
             "UNION ALL "
-            "SELECT s.moving_to AS at, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
+            "SELECT s.moving_to AS place, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
             "AS bytes FROM servers s WHERE s.moving_to != '' AND s.moving_to != s.appliance"
-            ") placed GROUP BY at ORDER BY at")
+            ") placed GROUP BY place ORDER BY place")
         return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
 
     def set_server_appliance(self, uuid: str, appliance: str) -> None:
@@ -606,16 +606,19 @@ class Store:
                 "count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(mac) DO UPDATE SET uuid = excluded.uuid, "
                 "arch = excluded.arch, vendor_class = excluded.vendor_class, user_class = excluded.user_class, "
                 "address = CASE WHEN excluded.address != '' THEN excluded.address ELSE discovered.address END, "
-                "first_seen = MIN(discovered.first_seen, excluded.first_seen), "
-                "last_seen = MAX(discovered.last_seen, excluded.last_seen), count = discovered.count + excluded.count",
+                "first_seen = CASE WHEN excluded.first_seen < discovered.first_seen THEN excluded.first_seen "
+                "ELSE discovered.first_seen END, "
+                "last_seen = CASE WHEN excluded.last_seen > discovered.last_seen THEN excluded.last_seen "
+                "ELSE discovered.last_seen END, count = discovered.count + excluded.count",
                 [(r.mac, r.uuid, r.arch, r.vendor_class, r.user_class, r.address, r.first_seen, r.last_seen, r.count)
                  for r in rows])
             db.execute("DELETE FROM discovered WHERE mac NOT IN "
                        "(SELECT mac FROM discovered ORDER BY last_seen DESC, mac LIMIT ?)", (keep,))
 
     def discovered(self, limit: int = -1) -> list[DiscoveredRow]:
-        """Most recently seen first."""
-        rows = self._all("SELECT * FROM discovered ORDER BY last_seen DESC, mac LIMIT ?", (limit,))
+        """Most recently seen first; limit -1 = all."""
+        sql = "SELECT * FROM discovered ORDER BY last_seen DESC, mac"
+        rows = self._all(sql + " LIMIT ?", (limit,)) if limit >= 0 else self._all(sql)
         return [DiscoveredRow(**dict(r)) for r in rows]
 
     def discovered_node(self, mac: str) -> DiscoveredRow | None:
@@ -631,7 +634,8 @@ class Store:
 
     def set_service(self, name: str, enabled: bool) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO services VALUES (?, ?)", (name, int(enabled)))
+            db.execute("INSERT INTO services VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET enabled = excluded.enabled",
+                       (name, int(enabled)))
 
     def services(self) -> dict[str, bool]:
         return {r[0]: bool(r[1]) for r in self._all("SELECT name, enabled FROM services")}
@@ -639,7 +643,8 @@ class Store:
     def add_events(self, events: Sequence[tuple[int, float, str, str | None, dict[str, object]]]) -> None:
         """(id, at, kind, server, data): the bus's own ids, so that stored and streamed ids are one sequence."""
         with self._tx() as db:
-            db.executemany("INSERT OR IGNORE INTO boot_events (id, at, kind, server, data) VALUES (?, ?, ?, ?, ?)",
+            db.executemany("INSERT INTO boot_events (id, at, kind, server, data) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT DO NOTHING",
                            [(i, at, kind, server, json.dumps(data)) for i, at, kind, server, data in events])
             # Keep the table bounded: a boot storm must not grow the store without end.
             db.execute("DELETE FROM boot_events WHERE id <= (SELECT MAX(id) FROM boot_events) - 100000")
@@ -679,7 +684,7 @@ class Store:
 
 
 class AsyncStore:
-    """Runs store calls on one worker thread so SQLite never blocks the event loop."""
+    """Runs store calls on one worker thread so the database never blocks the event loop."""
 
     def __init__(self, store: Store) -> None:
         self.sync = store

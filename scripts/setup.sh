@@ -24,6 +24,8 @@ APT_PACKAGES=(
   chromium chromium-driver
   # promtool checks /metrics and the alert rules in contrib/prometheus (tests/integration/test_metrics_promtool.py)
   prometheus
+  # the PostgreSQL store backend's tests: tests/pgserver.py runs a throwaway cluster with its initdb/pg_ctl
+  postgresql
 )
 
 missing=()
@@ -44,6 +46,13 @@ pkill -x in.tftpd 2>/dev/null || true
 # nginx's postinst may start it (no systemd: through its init script); the benchmark runs its own
 if [ -x /etc/init.d/nginx ] && pgrep -x nginx >/dev/null 2>&1; then
   /etc/init.d/nginx stop >/dev/null 2>&1 || true
+fi
+# postgresql's postinst makes a cluster (15/main) and starts it, whatever the init system; the tests start
+# their own on a unix socket in a temp folder and must never find this one in their way or rely on it
+if command -v pg_lsclusters >/dev/null; then
+  pg_lsclusters --no-header 2>/dev/null | while read -r ver name _port status _rest; do
+    case "$status" in online*) pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || true ;; esac
+  done
 fi
 
 PY=${PYTHON:-python3}
