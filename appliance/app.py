@@ -25,7 +25,8 @@ from appliance.host import StateDirBusy, first_ipv4, lock_state_dir, raise_open_
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
 from domain.core import Domain, build_domain
-from domain.store import AsyncStore, Store
+from domain.errors import StoreError
+from domain.store import AsyncStore, open_store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 from udpio.udp import BindError, bind_error_text
 
@@ -149,7 +150,8 @@ class Appliance:
 
         driver = driver or self._make_driver()
         self.domain = build_domain(
-            AsyncStore(Store(self.state_dir / "cello.db")), backend or self._make_backend(), driver,
+            AsyncStore(open_store(self.config.store.url, self.state_dir / "cello.db")),
+            backend or self._make_backend(), driver,
             iqn_prefix=self.config.iscsi.iqn_prefix, profiles=self.config.boot.profiles,
             default_profile=self.config.boot.default_profile, portal=self.portal(), http_base=self.http_base(),
             unknown=self.config.dhcp.unknown, unknown_template=self.config.dhcp.unknown_template,
@@ -443,7 +445,11 @@ class _WebService:
 
 async def serve(config: Config, config_path: Path | None = None) -> None:
     """`cello serve`: build (inside the loop that runs it), start, run until a signal or a fatal error."""
-    await run_until_signalled(Appliance.build(config, config_path=config_path))
+    try:
+        appliance = Appliance.build(config, config_path=config_path)
+    except StoreError as e:  # a PostgreSQL store out of reach, or a store newer than this Cello: one line
+        raise StartError(str(e)) from None
+    await run_until_signalled(appliance)
 
 
 async def run_until_signalled(appliance: Appliance, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:

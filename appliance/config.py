@@ -17,6 +17,7 @@ from typing import Any, TypeVar, get_type_hints
 import naming
 from bootfiles.spec import Profile
 from domain.discovered import AdoptRule
+from domain.store import POSTGRES_SCHEMES
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,19 @@ class ApplianceConfig:
                           _ipv4_or_empty)
 
 
+def _store_url(value: str) -> str | None:
+    if value == "" or (value.split("://", 1)[0] in POSTGRES_SCHEMES and "://" in value):
+        return None
+    return "must be '' (the SQLite file <state_dir>/cello.db) or a postgresql://… URL"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = _opt("", "'' = the SQLite file <state_dir>/cello.db; postgresql://USER@HOST/DB (libpq's URL, "
+                        "?host=/socket/dir for a unix socket) = a PostgreSQL the appliances of a fleet share",
+                    _store_url)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     listen: str = _opt("127.0.0.1:8080", "API, HTTP boot, /metrics", _host_port)
@@ -162,6 +176,7 @@ class BootConfig:
 @dataclass(frozen=True)
 class Config:
     appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)

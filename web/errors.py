@@ -71,7 +71,8 @@ def classify(e: BaseException) -> ApiError | None:
     if isinstance(e, StorageError):
         return ApiError(500, "storage_error", str(e))
     if isinstance(e, StoreError):
-        return ApiError(500, "store_error", str(e))
+        # the database is down or unreachable (a PostgreSQL store): the appliance is fine, try again later
+        return ApiError(503, "store_unavailable", str(e), {"Retry-After": "5"})
     return None
 
 

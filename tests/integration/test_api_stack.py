@@ -181,6 +181,7 @@ async def open_stack(
     client_max_size: int = 1 << 20,
     chap: ChapMode = "on",
     exports: Literal["tgt", "memory"] = "tgt",
+    sections: dict[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
     """The stack on a real tgtd, or with `exports="memory"` on the in-memory stand-in (no tgtd, no
     root): for the tests where tgtd adds nothing."""
@@ -190,8 +191,8 @@ async def open_stack(
     real_driver: ExportDriver = (TgtDriver(control_port, [portal], state_dir=tmp / "state") if exports == "tgt"
                                  else InMemoryExports())
     await real_driver.start()
-    appliance = Appliance.build(stack_config(tmp, portal, chap), backend=wrap_backend(real_backend),
-                                driver=wrap_driver(real_driver))
+    appliance = Appliance.build(stack_config(tmp, portal, chap, **(sections or {})),
+                                backend=wrap_backend(real_backend), driver=wrap_driver(real_driver))
     domain = appliance.built
     await add_template(domain.store, real_backend, files_root)
     await domain.start()

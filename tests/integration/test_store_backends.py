@@ -442,4 +442,3 @@ def test_an_unreachable_database_is_a_store_error(tmp_path: Path) -> None:
         open_store("postgresql://x/db?bogus=1", tmp_path / "unused.db")
     with pytest.raises(StoreError, match="store url"):
         open_store("mysql://x/db", tmp_path / "unused.db")
-

@@ -20,6 +20,12 @@ def test_embedded_defaults_match_the_design_contract() -> None:
     assert {"leader", "compute", "pxelinux", "ipxe"} <= set(c.boot.profiles)
 
 
+def test_the_store_is_sqlite_unless_a_postgresql_url_is_given() -> None:
+    assert parse_config({}).store.url == ""
+    url = "postgresql://cello@db.example:5432/cello?sslmode=require"
+    assert parse_config({"store": {"url": url}}).store.url == url
+
+
 def test_every_key_is_documented() -> None:
     rows = describe_defaults()
     assert len(rows) > 25
@@ -37,6 +43,9 @@ def test_every_key_is_documented() -> None:
         ({"dhcp": {"enabled": "yes"}}, "dhcp.enabled: must be true or false"),
         ({"dhcp": {"unknown": "nope"}}, "dhcp.unknown: must be 'ignore' or a profile name"),
         ({"api": {"listen": "8080"}}, "api.listen: must be HOST:PORT"),
+        ({"store": {"url": "mysql://db.example/cello"}}, "store.url: must be '' (the SQLite file"),
+        ({"store": {"url": "/var/lib/cello.db"}}, "store.url: must be '' (the SQLite file"),
+        ({"store": {"url": 5}}, "store.url: must be a string"),
         ({"api": {"listen": "example.com:80"}}, "api.listen: 'example.com' is not an IP address"),
         ({"storage": {"backend": "lvm"}}, "storage.backend: must be one of 'file', 'zfs'"),
         ({"storage": {"backend": "zfs"}}, "storage.pool: the zfs backend needs a pool"),
