@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from appliance.config import Config, split_host_port
-from appliance.host import StateDirBusy, first_ipv4, lock_state_dir, raise_open_file_limit
+from appliance.host import StateDirBusy, first_ipv4, host_label, lock_state_dir, raise_open_file_limit
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
 from domain.core import Domain, build_domain
 from domain.errors import StoreError
+from domain.fleet import FleetSettings
 from domain.store import AsyncStore, open_store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 from udpio.udp import BindError, bind_error_text
+from web.peers import HttpChannel
 
 if TYPE_CHECKING:
     from web.deps import ServiceCounters
@@ -133,6 +135,14 @@ class Appliance:
         host, port = split_host_port(self.config.api.listen)
         return f"http://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
 
+    def fleet_settings(self) -> FleetSettings:
+        cfg = self.config.fleet
+        return FleetSettings(
+            name=cfg.name or host_label(), api_url=cfg.api_url or self.http_base(), advertise=self.advertise,
+            labels=dict(cfg.labels or {}), capacity_bytes=cfg.capacity_gb << 30, secret=cfg.secret,
+            heartbeat_s=cfg.heartbeat_s, down_after_s=cfg.down_after_s, poll_s=cfg.poll_s,
+            answers_unknown=self.config.dhcp.unknown != "ignore", version=VERSION)
+
     @classmethod
     def build(cls, config: Config, *, config_path: Path | None = None, backend: VolumeBackend | None = None,
               driver: ExportDriver | None = None, template_builds: bool = True) -> Appliance:
@@ -159,7 +169,8 @@ class Appliance:
             builder=self._build_template if template_builds else None,
             source_check=validate_source if template_builds else None,
             power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub,
-            adopt_rule=self.config.dhcp.adopt)
+            adopt_rule=self.config.dhcp.adopt, fleet=self.fleet_settings(),
+            channel=HttpChannel(self.files_root, self.config.fleet.secret) if self.config.fleet.secret else None)
         self.slots = [
             ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),

@@ -173,6 +173,33 @@ class BootConfig:
     profiles: Mapping[str, Profile] = _opt(None, "extra profiles: [boot.profiles.NAME] loader, kernel_args, ...")
 
 
+def _fleet_name(value: str) -> str | None:
+    return None if value == "" or naming.APPLIANCE.ok(value) else naming.APPLIANCE.explain
+
+
+def _http_url_or_empty(value: str) -> str | None:
+    return None if value == "" or re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?", value) else \
+        "must be empty or http://HOST[:PORT]"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    name: str = _opt("", "this appliance's name in the fleet; '' = the host's name", _fleet_name)
+    api_url: str = _opt("", "where the other appliances reach this one's API; '' = http://<advertise>:<api port>",
+                        _http_url_or_empty)
+    labels: Mapping[str, str] = _opt(None, "[fleet.labels] placement labels of this appliance (rack = \"3\")")
+    capacity_gb: int = _opt(0, "placement capacity; 0 = the backend's pool size", _range(0, 1 << 30))
+    secret: str = _opt("", "shared by every appliance of a fleet: the channel templates and moved servers travel "
+                       "over; '' = neither", lambda v: None if v == "" or len(v) >= 16 else
+                       "must be empty or >= 16 chars")
+    heartbeat_s: float = _opt(5.0, "seconds between heartbeats", lambda v: None if 0.1 <= v <= 3600 else
+                              "must be 0.1..3600")
+    down_after_s: float = _opt(30.0, "an appliance without a heartbeat for this long is down (no placement there)",
+                               lambda v: None if 0.5 <= v <= 86400 else "must be 0.5..86400")
+    poll_s: float = _opt(1.0, "seconds between looks at the shared store for this appliance's work",
+                         lambda v: None if 0.05 <= v <= 600 else "must be 0.05..600")
+
+
 @dataclass(frozen=True)
 class Config:
     appliance: ApplianceConfig = field(default_factory=ApplianceConfig)
@@ -184,6 +211,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     iscsi: IscsiConfig = field(default_factory=IscsiConfig)
     boot: BootConfig = field(default_factory=BootConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
@@ -199,6 +227,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer")
         return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number")
+        return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string")
@@ -274,6 +306,15 @@ def _adopt_rule(raw: Any) -> AdoptRule:
                      arch=values.get("arch"), profile=values.get("profile", ""))
 
 
+def _labels(where: str, raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table of label = \"value\"")
+    for key, value in raw.items():
+        if not naming.LABEL.ok(key) or not isinstance(value, str) or not naming.LABEL.ok(value):
+            raise ConfigError(f"{where}.{key}: {naming.LABEL.explain}")
+    return dict(raw)
+
+
 def _section(name: str, cls: type[T], raw: Any) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: must be a table")
@@ -289,6 +330,9 @@ def _section(name: str, cls: type[T], raw: Any) -> T:
             continue
         if name == "dhcp" and key == "adopt":
             values[key] = _adopt_rule(value)
+            continue
+        if name == "fleet" and key == "labels":
+            values[key] = _labels(where, value)
             continue
         coerced = _coerce(where, hints[key], value)
         check = known[key].metadata.get("check")

@@ -69,3 +69,12 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def host_label() -> str:
+    """The host's name as a DNS label (an appliance's default name in its fleet)."""
+    import re
+    import socket
+
+    label = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-")[:63].strip("-")
+    return label or "cello"

@@ -121,8 +121,10 @@ class ApplianceBootPolicy:
         unknown_template: str = "",
         bindings: BindingTable | None = None,
         discovered: DiscoveredNodes | None = None,
+        appliance: str = "local",
     ) -> None:
         self._store = store
+        self.appliance = appliance  # only this appliance's servers are answered here (a fleet's others answer theirs)
         self.profiles = dict(profiles)
         self.iqn_prefix = iqn_prefix
         self.portal = portal
@@ -145,6 +147,10 @@ class ApplianceBootPolicy:
             return spec
         if mac is not None and (spec := self.index.by_mac.get(mac.lower())) is not None:
             return spec
+        # A server record names it, but it cannot boot from here: it is another appliance's node (that one
+        # answers), or its server is not ready. Never the strangers' diskless boot.
+        if (mac is not None and mac.lower() in self._known_macs) or (uuid is not None and uuid.lower() in self.nodes):
+            return None
         # Unknown node: 'ignore' sends nothing, so the firmware falls through to its next boot device.
         # A named profile boots the unknown-node template diskless: no server record, so no root disk.
         if self.unknown == "ignore" or self.unknown_files is None or self.unknown not in self.profiles:
@@ -198,8 +204,8 @@ class ApplianceBootPolicy:
     async def refresh(self) -> None:
         servers, volumes, versions = await self._store.call(_read_all, self._store.sync)
         self.index = build_index(
-            servers, volumes, versions, profiles=self.profiles, iqn_prefix=self.iqn_prefix,
-            portal=self.portal, http_base=self.http_base, exports=self._exports(),
+            [s for s in servers if s.appliance == self.appliance], volumes, versions, profiles=self.profiles,
+            iqn_prefix=self.iqn_prefix, portal=self.portal, http_base=self.http_base, exports=self._exports(),
             lun_number=self._lun_number,
         )
         self.unknown_files = unknown_node_files(versions, self.unknown_template)

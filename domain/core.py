@@ -16,6 +16,7 @@ from domain.census import SessionCounts
 from domain.discovered import Adoption, AdoptRule, DiscoveredNodes
 from domain.events import EventBus
 from domain.exports import ChapMode, Naming, desired_targets
+from domain.fleet import Fleet, FleetSettings, PeerChannel
 from domain.lifecycle import BootFilesCopy, Lifecycle, PowerFor, Scrub
 from domain.reconcile import ReconcileReport, reconcile
 from domain.rolling import RollingUpgrades
@@ -49,6 +50,7 @@ class Domain:
     census: SessionCounts
     discovered: DiscoveredNodes
     adoption: Adoption
+    fleet: Fleet
 
     @property
     def driver(self) -> ExportDriver:
@@ -59,6 +61,7 @@ class Domain:
         await self.audit.start()
         await self.discovered.start()
         await self.services.load()
+        await self.fleet.start()  # registers, and takes the servers made before fleets: before any reconcile
 
     async def reconcile(self) -> ReconcileReport:
         return await reconcile(self.servers)
@@ -69,6 +72,7 @@ class Domain:
             await asyncio.wait_for(self.tasks.drain(), timeout=2)
         except TimeoutError:
             pass
+        await self.fleet.stop()
         await self.events.stop()
         await self.audit.stop()
         await self.discovered.stop()
@@ -94,23 +98,28 @@ def build_domain(
     copy_boot_files: BootFilesCopy | None = None,
     scrub: Scrub | None = None,
     adopt_rule: AdoptRule | None = None,
+    fleet: FleetSettings | None = None,
+    channel: PeerChannel | None = None,
 ) -> Domain:
+    # a single appliance is a fleet of one, named "local" unless the config names it
+    settings = fleet or FleetSettings(name="local", api_url=http_base, advertise=portal[0])
+    me = settings.name
     names = Naming(iqn_prefix)
     events = EventBus(store)
     timings = Timings()
     events.observers.append(timings.observe)
     tasks = BackgroundTasks()
-    exports = ExportManager(driver, lambda: desired_targets(store, backend, names))
+    exports = ExportManager(driver, lambda: desired_targets(store, backend, names, me))
     discovered = DiscoveredNodes(store, events)
     policy = ApplianceBootPolicy(
         store, profiles=profiles, iqn_prefix=iqn_prefix, portal=portal, http_base=http_base, unknown=unknown,
         unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number,
-        discovered=discovered)
+        discovered=discovered, appliance=me)
     services = ServiceSwitches(store, events)
     users = Users(store)
     servers = ServerWorkflows(store, backend, exports, events, services, users, tasks, naming=names,
                               profiles=_names(profiles), default_profile=default_profile,
-                              on_change=policy.changed, chap=chap)
+                              on_change=policy.changed, chap=chap, appliance=me)
     templates = TemplateWorkflows(store, backend, events, tasks, builder=builder, source_check=source_check,
                                   destroy=servers.destroy, on_change=policy.changed)
     lifecycle = Lifecycle(servers, templates, power_for=power_for, copy_boot_files=copy_boot_files, scrub=scrub)
@@ -118,7 +127,7 @@ def build_domain(
     discovered.on_seen = adoption.auto
     return Domain(store, events, backend, exports, services, users, servers, templates, policy, tasks, lifecycle,
                   RollingUpgrades(lifecycle, tasks), AuditLog(store), timings, SessionCounts(exports),
-                  discovered=discovered, adoption=adoption)
+                  discovered=discovered, adoption=adoption, fleet=Fleet(settings, servers, policy, channel=channel))
 
 
 def _names(profiles: Mapping[str, Profile]) -> Sequence[str]:

@@ -65,8 +65,10 @@ class Naming:
         return f"{self.iqn_prefix}:node-{uuid}"
 
 
-async def desired_targets(store: AsyncStore, backend: VolumeBackend, names: Naming) -> list[TargetSpec]:
-    servers, volumes = await store.call(_snapshot, store.sync)
+async def desired_targets(store: AsyncStore, backend: VolumeBackend, names: Naming,
+                          appliance: str) -> list[TargetSpec]:
+    """The targets of the servers on `appliance` (this one: a fleet's others export theirs)."""
+    servers, volumes = await store.call(_snapshot, store.sync, appliance)
     by_server: dict[str, list[VolumeRow]] = {}
     for v in volumes:
         # a restore point (kind 'prev') and a root still being made (idx < 0) are never exported
@@ -86,5 +88,5 @@ async def desired_targets(store: AsyncStore, backend: VolumeBackend, names: Nami
     return targets
 
 
-def _snapshot(store: Any) -> tuple[list[ServerRow], list[VolumeRow]]:
-    return store.servers(), store.volumes()
+def _snapshot(store: Any, appliance: str) -> tuple[list[ServerRow], list[VolumeRow]]:
+    return store.servers(appliance=appliance), store.volumes()

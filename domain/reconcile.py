@@ -8,6 +8,7 @@ demand (`POST /api/v1/reconcile`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from domain.exports import desired_targets
 from domain.servers import ServerWorkflows
@@ -29,7 +30,8 @@ class ReconcileReport:
 async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
     report = ReconcileReport()
     store, backend = servers.store, servers.backend
-    for server in await store.call(store.sync.servers):
+    # Only this appliance's servers: a fleet's others reconcile their own.
+    for server in await store.call(partial(store.sync.servers, appliance=servers.appliance)):
         if server.state in BEING_MADE and not servers.busy(server.uuid):
             # A crash between steps: the volumes this server made are listed in the store, so
             # undoing them is what the store says; the record ends in error.
@@ -64,15 +66,16 @@ async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
     volumes = await store.call(store.sync.volumes)
     wanted = {v.name for v in volumes}
     templates = {names.template_volume(t.template) for t in await store.call(store.sync.template_versions)}
+    here = {s.uuid for s in await store.call(partial(store.sync.servers, appliance=servers.appliance))}
     for v in volumes:
-        if v.state == VolumeState.AVAILABLE and v.name not in real:
+        if v.server in here and v.state == VolumeState.AVAILABLE and v.name not in real:
             report.problems.append(f"volume {v.name} of server {v.server} is missing from {backend.name}")
     for name in sorted(set(real) - wanted - templates):
         report.problems.append(f"volume {name} is not in the store (left alone)")
     if servers.services["export"]:
         try:
             state = await servers.apply_exports("reconcile")
-            desired = {t.iqn for t in await desired_targets(store, backend, servers.naming)}
+            desired = {t.iqn for t in await desired_targets(store, backend, servers.naming, servers.appliance)}
             if state.available:
                 report.problems += [f"target {t} did not come up" for t in sorted(desired - set(state.targets))]
                 report.problems += [f"target {t} is exported but not desired"

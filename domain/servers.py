@@ -34,6 +34,7 @@ log = logging.getLogger("cello.servers")
 GiB = 1 << 30
 MAX_LABELS = 64
 S, V = ServerState, VolumeState
+WAITING = "placed on "  # the reason of a create recorded for another appliance, until that one takes it
 
 
 class ServerWorkflows:
@@ -52,6 +53,7 @@ class ServerWorkflows:
         default_profile: str,
         on_change: Callable[[], None] = lambda: None,
         chap: ChapMode = "on",
+        appliance: str = "local",
     ) -> None:
         self.store = store
         self.backend = backend
@@ -64,6 +66,7 @@ class ServerWorkflows:
         self.profiles = tuple(profiles)
         self.default_profile = default_profile
         self.chap: ChapMode = chap
+        self.appliance = appliance  # this appliance's name in the fleet: it makes and exports its servers only
         self.on_change = on_change  # the boot index refreshes from the store when told
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -155,9 +158,12 @@ class ServerWorkflows:
 
     # --- create ----------------------------------------------------------------------------------
 
-    async def create_server(self, req: CreateServer) -> ServerRow:
-        """Validate, reserve quota and record `creating`; the rest runs as a background workflow."""
+    async def create_server(self, req: CreateServer, appliance: str | None = None) -> ServerRow:
+        """Validate, reserve quota and record `creating`; the rest runs as a background workflow, on
+        `appliance` (default this one): another appliance of the fleet takes it from the store."""
         self.services.require("export")
+        appliance = appliance or self.appliance
+        here = appliance == self.appliance
         req = req.checked(self.profiles, self.default_profile)
         tv = await self._db(self.store.sync.newest_version, req.template)
         if tv is None:
@@ -165,17 +171,19 @@ class ServerWorkflows:
         user = await self.users.get(req.owner)
         now = time.time()
         row = ServerRow(uuid=req.uuid, template=req.template, version=tv.version, profile=req.profile,
-                        owner=req.owner, state=S.CREATING, reason="", macs=req.macs, hostname=req.hostname,
-                        address=req.address, created_at=now, updated_at=now, **chap_for(req.uuid, self.chap))
+                        owner=req.owner, state=S.CREATING, macs=req.macs, hostname=req.hostname,
+                        address=req.address, created_at=now, updated_at=now, appliance=appliance,
+                        reason="" if here else f"{WAITING}{appliance}; waiting for it to take the create",
+                        **chap_for(req.uuid, self.chap))
         vols = [VolumeRow(names.os_volume(req.template, req.uuid), req.uuid, "os", 0, tv.size, V.CREATING,
                           server_serial(names.os_volume(req.template, req.uuid)), f"{tv.template}@{tv.version}")]
         for i, gb in enumerate(req.data_gb, start=1):
             name = names.data_volume(req.template, req.uuid, i)
             vols.append(VolumeRow(name, req.uuid, "data", i, gb * GiB, V.CREATING, server_serial(name)))
         # ctld: CTL's port and LUN tables are fixed at boot
-        if isinstance(driver := self.exports.driver, LimitedDriver):
+        if here and isinstance(driver := self.exports.driver, LimitedDriver):
             servers, volumes = await self.listing()
-            live = {s.uuid for s in servers if s.state in BEING_MADE | EXPORTED}
+            live = {s.uuid for s in servers if s.state in BEING_MADE | EXPORTED and s.appliance == self.appliance}
             luns = sum(1 for v in volumes if v.server in live) + len(vols)
             if (problem := driver.refusal(len(live) + 1, luns)) is not None:
                 raise Conflict(f"server {req.uuid} does not fit the iSCSI target: {problem}")

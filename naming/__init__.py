@@ -75,6 +75,8 @@ IQN_PREFIX = Rule("IQN prefix", r"iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*[a-
                   "(the node's initiator name <prefix>:node-<uuid> must stay a valid IQN)", MAX_IQN_PREFIX)
 
 # A server label's name or value (rack=3, role=compute): what a selector can name.
+# An appliance of a fleet: a DNS label, so a host name serves as the default
+APPLIANCE = Rule("appliance name", r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", "must be a DNS label (a-z, 0-9, '-')")
 LABEL = Rule("label", r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", "must be [A-Za-z0-9][A-Za-z0-9_.-]*, up to 63 chars")
 
 # The SMBIOS UUIDs broken boards report: never a server's identity (give the MAC instead).

@@ -49,6 +49,7 @@ def server_json(deps: WebDeps, s: ServerRow, volumes: Iterable[VolumeRow]) -> di
         "state": s.state, "reason": s.reason, "macs": list(s.macs), "hostname": s.hostname,
         "address": s.address, "created_at": s.created_at, "updated_at": s.updated_at,
         "labels": s.label_map, "bmc": s.bmc_url,  # never the BMC's credentials
+        "appliance": s.appliance,
         "volumes": vols,
         "target": {
             "iqn": servers.iqn(s.uuid), "portal": portal, "initiator": servers.initiator(s.uuid),
@@ -85,9 +86,14 @@ async def create_server(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     servers = deps.domain.servers
     body = await json_body(request)
-    row = await servers.create_server(requests.create_server(body, _owner_for(principal(request), body)))
+    req = requests.create_server(body, _owner_for(principal(request), body))
+    pin, labels = requests.placement_wish(body)
+    placement = await deps.domain.fleet.place_create(req, pin=pin, labels=labels)
+    row = await servers.create_server(req, appliance=placement.chosen)
     out = server_json(deps, row, await servers.volumes_of(row.uuid))  # the record as recorded, before the workflow
-    deps.domain.tasks.spawn(servers.run_create(row.uuid), f"create-{row.uuid}")
+    out["placement"] = placement.as_dict()
+    if row.appliance == servers.appliance:  # else its appliance takes it from the store
+        deps.domain.tasks.spawn(servers.run_create(row.uuid), f"create-{row.uuid}")
     return web.json_response(out, status=202, headers={"Location": f"/api/v1/servers/{row.uuid}"})
 
 

@@ -1,7 +1,8 @@
 """The aiohttp application: `create_app(deps)` builds it from one route table.
 
-Middlewares, outermost first: request metrics, the audit log of API writes (web/audit.py), then the
-error boundary (JSON errors, never a traceback). Access checks are per route (`web.auth.guarded`),
+Middlewares, outermost first: request metrics, the audit log of API writes (web/audit.py), the
+error boundary (JSON errors, never a traceback), then the fleet's forwarding of a write on a server
+another appliance holds (web/api_fleet.py). Access checks are per route (`web.auth.guarded`),
 from the route table's `access`.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from web import (
+    api_fleet,
     api_lifecycle,
     api_misc,
     api_operator,
@@ -36,7 +38,8 @@ __all__ = ["WebDeps", "create_app", "routes"]
 
 def routes() -> tuple[Route, ...]:
     return (*api_misc.ROUTES, *api_servers.ROUTES, *api_lifecycle.ROUTES, *api_templates.ROUTES, openapi.ROUTE,
-            *httpboot.ROUTES, *metrics.ROUTES, *dashboard.ROUTES, *audit.ROUTES, *api_operator.ROUTES)
+            *httpboot.ROUTES, *metrics.ROUTES, *dashboard.ROUTES, *audit.ROUTES, *api_operator.ROUTES,
+            *api_fleet.ROUTES)
 
 
 async def _event_streams(app: web.Application) -> AsyncIterator[None]:
@@ -51,7 +54,8 @@ async def _end_event_streams(app: web.Application) -> None:
 
 def create_app(deps: WebDeps) -> web.Application:
     app = web.Application(client_max_size=deps.client_max_size,
-                          middlewares=[metrics.metrics_middleware, audit.audit_middleware, error_middleware])
+                          middlewares=[metrics.metrics_middleware, audit.audit_middleware, error_middleware,
+                                       api_fleet.forward_middleware])
     app[DEPS] = deps
     app[METRICS] = HttpMetrics()
     app[CLOSING] = asyncio.Event()

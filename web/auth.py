@@ -7,6 +7,8 @@ in the route table; `guarded` wraps its handler with the check, so no route can 
 
 from __future__ import annotations
 
+import hmac
+
 from aiohttp import web
 
 from web.errors import ApiError, Handler
@@ -32,6 +34,8 @@ async def authenticate(request: web.Request) -> Principal:
 def guarded(handler: Handler, access: Access) -> Handler:
     if access == "public":
         return handler
+    if access == "peer":
+        return _peer_only(handler)
 
     async def check(request: web.Request) -> web.StreamResponse:
         principal = await authenticate(request)
@@ -40,6 +44,24 @@ def guarded(handler: Handler, access: Access) -> Handler:
             raise ApiError(403, "forbidden", "this needs an admin token")
         if principal.read_only and request.method not in READ_METHODS:
             raise ApiError(403, "forbidden", "read-only token")
+        return await handler(request)
+
+    check.__name__ = handler.__name__
+    check.__doc__ = handler.__doc__
+    return check
+
+
+def _peer_only(handler: Handler) -> Handler:
+    """The fleet channel: the bearer is the fleet's shared secret; no secret configured, no channel."""
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        secret = request.app[DEPS].domain.fleet.settings.secret
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if not secret:
+            raise ApiError(403, "forbidden", "this appliance has no fleet channel ([fleet] secret)")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret.encode()):
+            raise ApiError(401, "unauthorized", "the fleet channel needs the fleet's secret",
+                           {"WWW-Authenticate": 'Bearer realm="cello-fleet"'})
         return await handler(request)
 
     check.__name__ = handler.__name__

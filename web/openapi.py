@@ -55,6 +55,8 @@ def _operation(route: Route) -> dict[str, Any]:
     op["security"] = [] if route.access == "public" else [{"bearer": []}]
     if route.access == "admin":
         op["description"] = "Needs an admin token."
+    if route.access == "peer":
+        op["description"] = "The fleet channel: the bearer is the fleet's shared secret ([fleet] secret)."
     return op
 
 

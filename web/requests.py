@@ -22,7 +22,8 @@ from domain.requests import (
 )
 from web.errors import ApiError, int_field, require_fields
 
-CREATE_SERVER_FIELDS = {"uuid", "template", "profile", "macs", "data_volumes", "hostname", "address", "user"}
+CREATE_SERVER_FIELDS = {"uuid", "template", "profile", "macs", "data_volumes", "hostname", "address", "user",
+                        "appliance", "appliance_labels"}
 
 
 def _invalid(detail: str) -> ApiError:
@@ -95,3 +96,13 @@ def token_scope(body: Mapping[str, Any]) -> str:
     """`{"scope": "read" | "full"}` (no body, or no scope: full)."""
     require_fields(dict(body), {"scope"})
     return string(body, "scope", limit=16) or "full"
+
+
+def placement_wish(body: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    """A create's `appliance` (pin) and `appliance_labels` (labels the appliance must carry)."""
+    pin = string(body, "appliance", limit=63)
+    labels = body.get("appliance_labels", {})
+    if not isinstance(labels, dict) or len(labels) > 16 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 63 and len(v) <= 63 for k, v in labels.items()):
+        raise _invalid("appliance_labels: must be an object of up to 16 label: value strings")
+    return pin, dict(labels)

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from web.errors import Handler
 
-Access = Literal["public", "user", "admin"]  # user = any valid token; admin = an admin token
+# user = any valid token; admin = an admin token; peer = another appliance of the fleet (the fleet's secret)
+Access = Literal["public", "user", "admin", "peer"]
 Schema = dict[str, Any]
 
 

@@ -82,6 +82,8 @@ COMPONENTS: dict[str, Schema] = {
             "updated_at": {"type": "number"},
             "volumes": array_of("Volume"),
             "target": ref("Target"),
+            "appliance": {"type": "string", "description": "the appliance that holds its volumes"},
+            "placement": {"type": "object", "description": "a create's answer: where it went and why not elsewhere"},
         },
     },
     "CreateServer": {
@@ -100,6 +102,23 @@ COMPONENTS: dict[str, Schema] = {
                 "properties": {"size_gb": SIZE_GB}}},
             "hostname": {"type": "string"},
             "address": {"type": "string"},
+            "appliance": {"type": "string", "description": "pin to this appliance of the fleet"},
+            "appliance_labels": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": 16,
+                                 "description": "labels the chosen appliance must carry"},
+        },
+    },
+    "Appliance": {
+        "type": "object",
+        "required": ["name", "state", "api_url", "servers", "templates"],
+        "properties": {
+            "name": {"type": "string"}, "state": {"type": "string", "enum": ["up", "down", "disabled"]},
+            "api_url": {"type": "string"}, "advertise": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "capacity_bytes": {"type": "integer"}, "free_bytes": {"type": "integer"},
+            "placed_bytes": {"type": "integer"}, "servers": {"type": "integer"},
+            "disabled_reason": {"type": "string"}, "templates": {"type": "array", "items": {"type": "string"}},
+            "copying": {"type": "array", "items": {"type": "string"}}, "version": {"type": "string"},
+            "heartbeat_age_s": {"type": "number"},
         },
     },
     "AddVolume": {

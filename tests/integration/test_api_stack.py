@@ -138,7 +138,8 @@ class Stack:
         volumes = {v.name for v in await self.store.call(sync.volumes)}
         real = {v.name for v in await self.backend.list()} - {"tiny-template"}
         assert real == volumes, f"backend {sorted(real)} vs store {sorted(volumes)}"
-        desired = {t.iqn for t in await desired_targets(self.store, self.backend, self.servers.naming)}
+        desired = {t.iqn for t in await desired_targets(self.store, self.backend, self.servers.naming,
+                                                        self.servers.appliance)}
         actual = await self.driver.actual()
         assert set(actual.targets) == desired
         for user in await self.store.call(sync.users):
@@ -182,6 +183,9 @@ async def open_stack(
     chap: ChapMode = "on",
     exports: Literal["tgt", "memory"] = "tgt",
     sections: dict[str, str] | None = None,
+    port: int | None = None,
+    template: bool = True,
+    admin_token: str = "",
 ) -> AsyncIterator[Stack]:
     """The stack on a real tgtd, or with `exports="memory"` on the in-memory stand-in (no tgtd, no
     root): for the tests where tgtd adds nothing."""
@@ -194,15 +198,19 @@ async def open_stack(
     appliance = Appliance.build(stack_config(tmp, portal, chap, **(sections or {})),
                                 backend=wrap_backend(real_backend), driver=wrap_driver(real_driver))
     domain = appliance.built
-    await add_template(domain.store, real_backend, files_root)
+    if template:
+        await add_template(domain.store, real_backend, files_root)
     await domain.start()
-    admin = await domain.users.ensure_admin_token("")
+    # a configured token (a fleet's stacks share one store: only the first would get a generated one)
+    admin = admin_token or await domain.users.ensure_admin_token("")
+    if admin_token:
+        await domain.users.ensure_admin_token(admin_token)
     assert admin is not None
     health: dict[str, dict[str, str]] = {"export": {"state": "running", "detail": "tgt"},
                                          "api": {"state": "running", "detail": "test"}}
     app = appliance.web_app(health=lambda: health, version="test", client_max_size=client_max_size,
                             sse_heartbeat=0.5, loader_roots=[Path("/usr/lib/ipxe")])
-    client = TestClient(TestServer(app, host="127.0.0.1"))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=port))
     await client.start_server()
     stack = Stack(tmp, appliance, client, files_root, admin, health_report=health)
     try:

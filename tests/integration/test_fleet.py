@@ -1,0 +1,191 @@
+"""Three appliances on one PostgreSQL store, in one process: each its own domain, file backend, exports
+(the in-memory stand-in) and aiohttp API on its own loopback port; the fleet channel between them is
+real HTTP. The template is built (stood in) on A only: B and C get it by replication.
+
+What a fleet must do, each shown here: replicate and verify a template version before placing on it;
+place by capacity and say why the others were filtered out; an appliance takes the creates placed on
+it from the store; disable and down stop placement; a write on another appliance's server is forwarded
+to it (or refused, 503, while it is down); a move hands a server over with its volumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_api_stack import PORTALS, Stack, open_stack, uuid_n
+from tests.pgserver import PgServer, fresh_database, pg_server
+
+__all__ = ["pg_server"]  # the session fixture, used by name
+
+SECRET = "fleet-secret-0123456789abcdef"
+CAPACITY_GB = {"a": 40, "b": 80, "c": 120}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sections(name: str, url: str, port: int, capacity_gb: int) -> dict[str, str]:
+    return {
+        "store": f'url = "{url}"',
+        "fleet": (f'name = "{name}"\napi_url = "http://127.0.0.1:{port}"\ncapacity_gb = {capacity_gb}\n'
+                  f'secret = "{SECRET}"\nheartbeat_s = 0.2\ndown_after_s = 1.5\npoll_s = 0.1\n'
+                  f'labels = {{ zone = "{"east" if name != "c" else "west"}" }}'),
+    }
+
+
+@contextlib.asynccontextmanager
+async def fleet_of_three(tmp: Path, pg: PgServer) -> AsyncIterator[dict[str, Stack]]:
+    _, url = fresh_database(pg)
+    stacks: dict[str, Stack] = {}
+    async with contextlib.AsyncExitStack() as exits:
+        for i, name in enumerate(CAPACITY_GB):
+            port = _free_port()
+            stacks[name] = await exits.enter_async_context(open_stack(
+                tmp / name, exports="memory", portal=PORTALS[i], port=port, template=(name == "a"),
+                admin_token="fleet-admin-token-0123456789",
+                sections=_sections(name, url, port, CAPACITY_GB[name])))
+        await stacks["a"].add_user("alice", max_volumes=64, max_data_gb=4096)
+        yield stacks
+
+
+async def _until(what: str, check: Any, within: float = 20.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        got = await check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _appliances(stack: Stack) -> dict[str, dict[str, Any]]:
+    status, body = await stack.req("GET", "/api/v1/appliances")
+    assert status == 200, body
+    return {a["name"]: a for a in body}
+
+
+async def _replicated(a: Stack) -> dict[str, dict[str, Any]]:
+    async def every_one_holds() -> dict[str, dict[str, Any]] | None:
+        view = await _appliances(a)
+        return view if all("tiny@v1" in v["templates"] for v in view.values()) and len(view) == 3 else None
+    got: dict[str, dict[str, Any]] = await _until("tiny@v1 replicated to b and c", every_one_holds, 60)
+    return got
+
+
+async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_server: PgServer) -> None:
+    async with fleet_of_three(tmp_path, pg_server) as fleet:
+        a, b, c = fleet["a"], fleet["b"], fleet["c"]
+        view = await _replicated(a)
+        assert {v["state"] for v in view.values()} == {"up"}
+        assert view["b"]["capacity_bytes"] == 80 << 30
+        # the copies are real and verified: B's template file has A's content (the checksum matched)
+        assert await b.backend.template_checksum("tiny", "v1") == await a.backend.template_checksum("tiny", "v1")
+        assert (b.files_root / "templates/tiny/v1/vmlinuz").read_bytes() == b"K" * 300_000
+
+        # six servers with 10 GiB of data each, all asked of A: spread by free capacity
+        placed: dict[str, str] = {}
+        for n in range(6):
+            status, body = await a.create(uuid_n(n), data_volumes=[{"size_gb": 10}])
+            assert status == 202, body
+            placed[body["uuid"]] = body["placement"]["chosen"]
+            assert body["appliance"] == body["placement"]["chosen"]
+        counts = {name: list(placed.values()).count(name) for name in "abc"}
+        assert counts["c"] >= counts["b"] >= counts["a"] and counts["c"] > counts["a"], counts
+        # each one is made by its own appliance, taken from the store, and exported there only
+        for uuid, where in placed.items():
+            server = await fleet[where].wait_state(uuid, within=30)
+            assert server["state"] == "available", server
+            iqn = fleet[where].servers.iqn(uuid)
+            for name, stack in fleet.items():
+                exported = iqn in (await stack.driver.actual()).targets
+                assert exported == (name == where), (uuid, name, where)
+            # only the owner answers the node
+            for name, stack in fleet.items():
+                await stack.policy.settled()
+                assert (stack.policy.boot_spec(uuid=uuid, mac=None) is not None) == (name == where)
+
+        # disabled: no placement there, and a request pinned there says why
+        status, body = await a.req("POST", "/api/v1/appliances/c/disable", json={"reason": "maintenance"})
+        assert status == 200 and body["state"] == "disabled", body
+        status, body = await a.create(uuid_n(10), appliance="c")
+        assert status == 409 and "maintenance" in body["detail"], body
+        status, body = await a.create(uuid_n(11))
+        assert status == 202 and body["placement"]["chosen"] != "c", body
+        assert "maintenance" in body["placement"]["rejected"]["c"]
+        await a.req("POST", "/api/v1/appliances/c/enable")
+
+        # a write on B's server asked of A is forwarded to B: B destroys its volumes
+        deleted = on_b = next(u for u, w in placed.items() if w == "b")
+        vols = [v["name"] for v in (await b.req("GET", f"/api/v1/servers/{on_b}"))[1]["volumes"]]
+        status, body = await a.req("DELETE", f"/api/v1/servers/{on_b}")
+        assert status == 204, body
+        assert not {v.name for v in await b.backend.list()} & set(vols)
+
+        # a move from B to C (the node is off: no session): C holds its volumes and exports it
+        on_b = next((u for u, w in placed.items() if w == "b" and u != deleted), None)
+        if on_b is None:
+            status, body = await a.create(uuid_n(12), appliance="b", data_volumes=[{"size_gb": 1}])
+            assert status == 202, body
+            on_b = body["uuid"]
+            await b.wait_state(on_b)
+        assert on_b is not None
+        vols = [v["name"] for v in (await b.req("GET", f"/api/v1/servers/{on_b}"))[1]["volumes"]]
+        status, body = await a.req("POST", f"/api/v1/servers/{on_b}/move", json={"appliance": "c"})
+        assert status == 200, body
+        assert body["appliance"] == "c" and body["state"] == "available", body
+        assert set(vols) <= {v.name for v in await c.backend.list()}
+        assert not set(vols) & {v.name for v in await b.backend.list()}
+        await _until("c exports the moved server",
+                     lambda: _has_target(c, on_b))
+        assert c.servers.iqn(on_b) not in (await b.driver.actual()).targets
+
+        # B goes quiet: shown down, no placement there, writes on its servers refused (503), reads served
+        status, body = await a.create(uuid_n(15), appliance="b")
+        assert status == 202, body
+        stays = body["uuid"]
+        await b.wait_state(stays)
+        await b.domain.fleet.stop()
+        await _until("b shown down", lambda: _state_is(a, "b", "down"))
+        status, body = await a.create(uuid_n(13), appliance="b")
+        assert status == 409 and "down" in body["detail"], body
+        status, body = await a.create(uuid_n(14))
+        assert status == 202 and body["placement"]["chosen"] != "b", body
+        status, body = await a.req("DELETE", f"/api/v1/servers/{stays}")
+        assert status == 503 and "down" in body["detail"], body
+        status, body = await a.req("GET", f"/api/v1/servers/{stays}")
+        assert status == 200 and body["appliance"] == "b" and body["state"] == "available", body
+        assert await _has_target(b, stays)  # its node keeps its root disk
+
+
+async def _has_target(stack: Stack, uuid: str) -> bool:
+    return stack.servers.iqn(uuid) in (await stack.driver.actual()).targets
+
+
+async def _state_is(stack: Stack, name: str, state: str) -> bool:
+    return (await _appliances(stack))[name]["state"] == state
+
+
+async def test_the_fleet_channel_refuses_strangers(tmp_path: Path, pg_server: PgServer) -> None:
+    async with fleet_of_three(tmp_path, pg_server) as fleet:
+        a = fleet["a"]
+        path = "/fleet/v1/templates/tiny/v1/stream"
+        status, _ = await a.req("GET", path, who=None)
+        assert status == 401
+        status, _ = await a.req("GET", path)  # the admin token is not the fleet's secret
+        assert status == 401
+        async with a.client.get(path, headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+            assert resp.status == 200 and resp.content_type == "application/octet-stream"
+            assert len(await resp.read()) > 0
+        # a volume that is not moving is not served, whoever asks
+        status, body = await a.req("GET", "/fleet/v1/volumes/tiny-template/stream", who=None,
+                                   headers={"Authorization": f"Bearer {SECRET}"})
+        assert status == 409, body

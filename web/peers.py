@@ -1,0 +1,71 @@
+"""The fleet channel's client side (domain.fleet.PeerChannel over HTTP): template versions and moving
+volumes are pulled as streams from another appliance's `/fleet/v1/…`, with the fleet's shared secret as
+bearer; boot files (kernel, initrd) come from its public HTTP boot path and are written into this
+appliance's boot tree at the same place, through a temporary file, so a broken copy never shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from domain.store import ApplianceRow
+from iscsi.model import StorageError
+
+CHUNK = 1 << 20
+# A stream may be long (a big template); a peer that goes silent for this long has failed.
+_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
+
+
+class HttpChannel:
+    def __init__(self, files_root: Path, secret: str) -> None:
+        self.files_root = files_root
+        self._auth = {"Authorization": f"Bearer {secret}"}
+
+    async def _get(self, url: str) -> AsyncIterator[bytes]:
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=self._auth) as r:
+            if r.status != 200:
+                raise StorageError(f"GET {url}: {r.status} {(await r.text())[:300]}")
+            async for chunk in r.content.iter_chunked(CHUNK):
+                yield chunk
+
+    def template_stream(self, peer: ApplianceRow, template: str, version: str,
+                        base: str | None) -> AsyncIterator[bytes]:
+        query = f"?base={base}" if base else ""
+        return self._get(f"{peer.api_url.rstrip('/')}/fleet/v1/templates/{template}/{version}/stream{query}")
+
+    def volume_stream(self, peer: ApplianceRow, volume: str,
+                      origin: tuple[str, str] | None) -> AsyncIterator[bytes]:
+        return self._get(f"{peer.api_url.rstrip('/')}/fleet/v1/volumes/{volume}/stream")
+
+    async def fetch_file(self, peer: ApplianceRow, rel: str) -> None:
+        dest = (self.files_root / rel).resolve()
+        if not dest.is_relative_to(self.files_root.resolve()):
+            raise StorageError(f"boot file {rel!r} is outside the boot tree")
+        await asyncio.to_thread(dest.parent.mkdir, parents=True, exist_ok=True)
+        part = dest.with_name(f".{dest.name}.part")
+        f = await asyncio.to_thread(open, part, "wb")
+        try:
+            async for chunk in self._get(f"{peer.api_url.rstrip('/')}/boot/files/{rel}"):
+                await asyncio.to_thread(f.write, chunk)
+            await asyncio.to_thread(f.flush)
+            await asyncio.to_thread(os.fsync, f.fileno())
+        except BaseException:
+            f.close()
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+        f.close()
+        await asyncio.to_thread(os.replace, part, dest)
+
+    async def ask_pull(self, peer: ApplianceRow, uuid: str) -> None:
+        url = f"{peer.api_url.rstrip('/')}/fleet/v1/servers/{uuid}/pull"
+        timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url, headers=self._auth) as r:
+            if r.status != 204:
+                raise StorageError(f"{peer.name} could not take the volumes: {r.status} {(await r.text())[:300]}")
