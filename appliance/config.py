@@ -252,7 +252,7 @@ PROFILE_KEYS = {f.name for f in fields(Profile)} - {"name"}
 
 
 def _profiles(raw: Any) -> dict[str, Profile]:
-    from bootfiles.profiles import BUILTIN_PROFILES  # the built-ins may be overridden by name
+    from bootfiles.profiles import BUILTIN_PROFILES, DEFAULT_BIOS_LOADER  # the built-ins may be overridden by name
 
     out = dict(BUILTIN_PROFILES)
     if not isinstance(raw, dict):
@@ -272,6 +272,10 @@ def _profiles(raw: Any) -> dict[str, Profile]:
         for k in ("bios_loader", "efi_loader"):
             if k in values and not re.fullmatch(r"[A-Za-z0-9_.+/-]{1,128}", values[k]):
                 raise ConfigError(f"{where}.{k}: must be a plain file name")
+        if "loader" in values and "bios_loader" not in values:
+            # A profile that names only its loader gets that loader's BIOS file, not the one of the profile
+            # it overrides (`compute` is iPXE now: loader = "pxelinux" alone must not chain undionly.kpxe).
+            values["bios_loader"] = DEFAULT_BIOS_LOADER[values["loader"]]
         base = out.get(name, Profile(name=name))
         out[name] = replace(base, **values)
     return out

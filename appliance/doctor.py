@@ -54,6 +54,7 @@ def _loader(name: str, roots: list[Path], package: str, needed: bool) -> Check:
 def checks(config: Config) -> list[Check]:
     out: list[Check] = []
     freebsd = sys.platform.startswith("freebsd")
+    default = (config.boot.profiles or {}).get(config.boot.default_profile)
     if config.dhcp.enabled:
         out.append(_port_check("dhcp", socket.SOCK_DGRAM, config.dhcp.listen or "0.0.0.0", config.dhcp.port, True))
         out.append(_port_check("dhcp", socket.SOCK_DGRAM, config.dhcp.listen or "0.0.0.0", config.dhcp.pxe_port,
@@ -63,12 +64,22 @@ def checks(config: Config) -> list[Check]:
         out.append(_port_check("tftp", socket.SOCK_DGRAM, host, port, True))
         roots = [Path(r) for r in config.tftp.roots] or list(OS_LOADER_ROOTS)
         syslinux = "syslinux" if freebsd else "pxelinux and syslinux-common"
-        out.append(_loader("pxelinux.0", roots, syslinux, True))
-        out.append(_loader("ldlinux.c32", roots, syslinux, True))
-        out.append(_loader("undionly.kpxe", roots, "ipxe", False))
-        out.append(_loader("ipxe.efi", roots, "ipxe", False))
+        # Needed: the default profile's BIOS loader (pxelinux.0 loads ldlinux.c32 next), and on an iPXE
+        # default its EFI loader too; the others only serve profiles a site may not use.
+        wanted = set() if default is None else \
+            {default.bios_loader, *((default.efi_loader,) if default.loader == "ipxe" else ())}
+        out.append(_loader("pxelinux.0", roots, syslinux, "pxelinux.0" in wanted))
+        out.append(_loader("ldlinux.c32", roots, syslinux, "pxelinux.0" in wanted))
+        out.append(_loader("undionly.kpxe", roots, "ipxe", "undionly.kpxe" in wanted))
+        out.append(_loader("ipxe.efi", roots, "ipxe", "ipxe.efi" in wanted))
     host, port = split_host_port(config.api.listen)
     out.append(_port_check("api", socket.SOCK_STREAM, host, port, True))
+    # iPXE fetches its script, kernel and initrd from the API listener: a loopback one serves no node.
+    reachable = host not in ("127.0.0.1", "localhost", "::1")
+    over_http = default is not None and default.loader == "ipxe"
+    out.append(Check("http-boot", f"nodes reach {host}:{port}", reachable, over_http,
+                     f'set api.listen to an address the nodes reach ("0.0.0.0:{port}"): the default profile '
+                     f"{config.boot.default_profile} fetches kernel and initrd over HTTP"))
     zfs = config.storage.backend == "zfs"
     out.append(_tool("storage", "zfs", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))
     out.append(_tool("storage", "zpool", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))

@@ -9,9 +9,10 @@ Every simulated node does what a real BIOS node does, in order, timing each step
      (broadcast, option 50: the proxy sees it); the :4011 boot-server REQUEST where the ROM would (no
      discovery-control bit 3 with a file in the offer) → the boot file.
   2. the loader over TFTP (pxelinux.0 / undionly.kpxe, the real files).
-  3. profile `pxelinux` (Cello's `compute`): ldlinux.c32, then the pxelinux.cfg names in pxelinux's order
+  3. profile `pxelinux` (Cello's `pxelinux-tftp`): ldlinux.c32, then the pxelinux.cfg names in pxelinux's order
      until one exists, then KERNEL and INITRD, all over TFTP.
-     profile `ipxe`: iPXE's own DHCP (user class "iPXE": DISCOVER → OFFER → REQUEST → :4011 REQUEST →
+     profile `ipxe` (Cello's `ipxe`, the path of its default `compute`): iPXE's own DHCP (user class
+     "iPXE": DISCOVER → OFFER → REQUEST → :4011 REQUEST →
      ACK naming the script), the script over HTTP, run by a small iPXE interpreter (set, inc, iseq,
      goto, labels, &&/||, sleep, chain, sanhook, kernel, initrd, boot): so Cello's retry loops run as
      written and the classic stack's stock script gives up at its first error, as iPXE would. sanhook is
@@ -101,7 +102,7 @@ BLKSIZE = 1468
 LOADERS = {"pxelinux.0": Path("/usr/lib/PXELINUX/pxelinux.0"),
            "ldlinux.c32": Path("/usr/lib/syslinux/modules/bios/ldlinux.c32"),
            "undionly.kpxe": Path("/usr/lib/ipxe/undionly.kpxe")}
-PROFILE_NAME = {"pxelinux": "compute", "ipxe": "ipxe"}  # Cello's built-in profiles
+PROFILE_NAME = {"pxelinux": "pxelinux-tftp", "ipxe": "ipxe"}  # Cello's built-ins (`compute` boots as `ipxe`)
 
 
 # ---- node identities ---------------------------------------------------------------------------------

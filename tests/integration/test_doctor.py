@@ -22,7 +22,10 @@ def test_doctor_names_each_missing_piece_with_its_fix(tmp_path: Path) -> None:
         r = _doctor(cfg)
     assert r.returncode == 1, r.stdout
     rows = {tuple(line.split()[:2]): line for line in r.stdout.splitlines()}
-    assert "MISSING" in rows[("tftp", "pxelinux.0")] and "install pxelinux" in rows[("tftp", "pxelinux.0")]
+    # the default profile (compute) is iPXE: its loaders are needed, pxelinux's are not
+    assert "MISSING" in rows[("tftp", "undionly.kpxe")] and "install ipxe" in rows[("tftp", "undionly.kpxe")]
+    assert "MISSING" in rows[("tftp", "ipxe.efi")]
+    assert "absent" in rows[("tftp", "pxelinux.0")] and "install pxelinux" in rows[("tftp", "pxelinux.0")]
     assert "MISSING" in rows[("tftp", "udp")] and "Address already in use" in rows[("tftp", "udp")]
     assert "MISSING" in rows[("export", "ctladm")]  # ctld was asked for, and this is Linux
     assert not any(k[0] == "dhcp" for k in rows)  # a disabled service needs nothing
@@ -36,7 +39,25 @@ def test_doctor_passes_when_everything_needed_is_there(tmp_path: Path) -> None:
         (loaders / name).write_bytes(b"x")
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[tftp]\nlisten = "127.0.0.1:0"\nroots = ["{loaders}"]\n[api]\nlisten = "127.0.0.1:0"\n'
-                   '[dhcp]\nenabled = false\n[iscsi]\ndriver = "none"\n')
+                   '[dhcp]\nenabled = false\n[iscsi]\ndriver = "none"\n[boot]\ndefault_profile = "pxelinux-tftp"\n')
     r = _doctor(cfg)
     assert r.returncode == 0, r.stdout
     assert "all needed pieces are there" in r.stdout
+
+
+def test_doctor_on_the_default_profile_needs_ipxe_and_an_api_listener_the_nodes_reach(tmp_path: Path) -> None:
+    """compute fetches its script, kernel and initrd over HTTP from api.listen: 127.0.0.1 serves no node."""
+    loaders = tmp_path / "loaders"
+    loaders.mkdir()
+    for name in ("undionly.kpxe", "ipxe.efi"):
+        (loaders / name).write_bytes(b"x")
+    base = f'[tftp]\nlisten = "127.0.0.1:0"\nroots = ["{loaders}"]\n[dhcp]\nenabled = false\n[iscsi]\ndriver = "none"\n'
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(base + '[api]\nlisten = "127.0.0.1:0"\n')
+    r = _doctor(cfg)
+    assert r.returncode == 1, r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("http-boot"))
+    assert "MISSING" in row and "api.listen" in row and "compute" in row, row
+    cfg.write_text(base + '[api]\nlisten = "0.0.0.0:0"\n')
+    r = _doctor(cfg)
+    assert r.returncode == 0, r.stdout

@@ -174,7 +174,7 @@ def test_sighup_reloads_boot_profiles_and_refuses_a_broken_file(tmp_path: Path) 
         _, err = stop(proc)
     entries = [json.loads(line) for line in err.splitlines()]  # --log-format json: every line is JSON
     messages = [e["msg"] for e in entries]
-    assert "reloaded boot profiles: compute, gpu, ipxe, leader, pxelinux" in messages, messages
+    assert "reloaded boot profiles: compute, gpu, ipxe, leader, pxelinux, pxelinux-tftp" in messages, messages
     assert any(m.startswith("reload refused: tftp.bogus:") for m in messages), messages
     assert any(m.startswith("admin token (shown once): ") for m in messages)
     assert health["services"]["api"]["state"] == "running"  # type: ignore[index]

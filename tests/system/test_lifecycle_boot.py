@@ -2,7 +2,8 @@
 rollback and capture (issue 13's system test).
 
 One lab for the module (tests/system/conftest.py), one qemu node reused across the steps (TCG, BIOS,
-pxelinux: the default `compute` profile, CHAP on). Its BMC is OpenIPMI's `ipmi_sim`, run inside cel-cello
+pxelinux: the default `compute` profile put back on pxelinux over TFTP with `loader = "pxelinux"`, as a
+site keeping hcc-cello's path does; CHAP on). Its BMC is OpenIPMI's `ipmi_sim`, run inside cel-cello
 on 127.0.0.1 (the appliance's ipmitool reaches it on its own loopback); its chassis power on/off starts and
 kills the node's qemu command line (`ip netns exec cel-site qemu-system-x86_64 …`, lab.Node's argv), and
 `chassis bootdev pxe` adds `-boot once=n` to the next start only (tests/ipmi_sim_chassis.py).
@@ -60,7 +61,7 @@ pytestmark = pytest.mark.system
 
 NODE = ("lifecycle", "3f1c2b4e-0000-4000-8000-0000000013a1", "52:54:00:77:13:a1")
 SECOND = ("fromv3", "3f1c2b4e-0000-4000-8000-0000000013b2", "52:54:00:77:13:b2")
-PROFILE = "compute"  # the default profile, given the data view of the tiny root's init
+PROFILE = "compute"  # the default profile, on pxelinux (its BIOS loader follows) + the tiny root's data view
 SHOWDATA_PROFILE = (
     f"[boot.profiles.{PROFILE}]\n"
     'loader = "pxelinux"\n'

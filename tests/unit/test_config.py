@@ -17,7 +17,8 @@ def test_embedded_defaults_match_the_design_contract() -> None:
     assert (c.dhcp.port, c.dhcp.pxe_port, c.dhcp.unknown) == (67, 4011, "ignore")
     assert (c.storage.backend, c.storage.kind) == ("file", "zvol")
     assert c.iscsi.driver == "auto" and c.iscsi.portals == ("0.0.0.0:3260",)
-    assert {"leader", "compute", "pxelinux", "ipxe"} <= set(c.boot.profiles)
+    assert {"leader", "compute", "pxelinux", "pxelinux-tftp", "ipxe"} <= set(c.boot.profiles)
+    assert c.boot.default_profile == "compute" and c.boot.profiles["compute"].loader == "ipxe"
 
 
 def test_the_store_is_sqlite_unless_a_postgresql_url_is_given() -> None:
@@ -75,7 +76,19 @@ def test_profiles_from_config_extend_and_override_the_builtins() -> None:
                                "default_profile": "gpu"}})
     assert c.boot.profiles["gpu"].loader == "ipxe"
     assert c.boot.profiles["compute"].kernel_args == "console=tty0"
-    assert c.boot.profiles["leader"].loader == "pxelinux"
+    assert c.boot.profiles["compute"].loader == "ipxe"  # an override keeps what it does not name
+    assert c.boot.profiles["pxelinux-tftp"].loader == "pxelinux"
+
+
+def test_a_profile_naming_only_its_loader_gets_that_loaders_bios_file() -> None:
+    """`compute` chains undionly.kpxe; switched back to pxelinux it must offer pxelinux.0, and a new iPXE
+    profile must not offer pxelinux.0 (the Profile dataclass's default) to a plain PXE ROM."""
+    c = parse_config({"boot": {"profiles": {"gpu": {"loader": "ipxe"}, "compute": {"loader": "pxelinux"},
+                                            "own": {"loader": "ipxe", "bios_loader": "snponly.kpxe"}}}})
+    assert c.boot.profiles["gpu"].bios_loader == "undionly.kpxe"
+    assert c.boot.profiles["compute"].bios_loader == "pxelinux.0"
+    assert c.boot.profiles["compute"].kernel_args == "console=ttyS0 quiet"
+    assert c.boot.profiles["own"].bios_loader == "snponly.kpxe"
 
 
 def test_load_config_file_errors(tmp_path: Path) -> None:

@@ -22,12 +22,12 @@ IQN = f"iqn.2026-11.io.cello:{UUID}"
 INIT = f"iqn.2026-11.io.cello:node-{UUID}"
 
 
-def spec(**root_changes: object) -> BootSpec:
+def spec(profile: str = "compute", **root_changes: object) -> BootSpec:
     root = IscsiRoot(target_iqn=IQN, portal_ip="10.77.0.2", portal_port=3260, lun=1, initiator_iqn=INIT)
     root = dataclasses.replace(root, **root_changes)  # type: ignore[arg-type]
     return BootSpec(
         server_uuid=UUID,
-        profile=BUILTIN_PROFILES["compute"],
+        profile=BUILTIN_PROFILES[profile],
         kernel="templates/tiny/v1/vmlinuz",
         initrd="templates/tiny/v1/initrd.img",
         root=root,
@@ -64,7 +64,8 @@ def test_ipv6_portal() -> None:
 
 
 def test_pxelinux() -> None:
-    assert render_pxelinux(spec()) == (
+    """The hcc-cello path: kernel and initrd are TFTP paths in the tree, not URLs."""
+    assert render_pxelinux(spec("pxelinux-tftp")) == (
         "DEFAULT cello\nPROMPT 0\nTIMEOUT 0\nLABEL cello\n"
         "  KERNEL /templates/tiny/v1/vmlinuz\n  INITRD /templates/tiny/v1/initrd.img\n"
         f"  APPEND {CMDLINE}\n"
@@ -113,9 +114,13 @@ def test_grub() -> None:
 
 
 def test_builtin_profiles() -> None:
-    assert {"leader", "compute", "pxelinux", "ipxe"} <= set(BUILTIN_PROFILES)
-    assert BUILTIN_PROFILES["ipxe"].loader == "ipxe" and BUILTIN_PROFILES["ipxe"].bios_loader == "undionly.kpxe"
-    assert BUILTIN_PROFILES["leader"].loader == "pxelinux"
+    assert {"leader", "compute", "pxelinux", "pxelinux-tftp", "ipxe"} <= set(BUILTIN_PROFILES)
+    for name in ("ipxe", "compute", "leader"):  # big files over HTTP
+        assert BUILTIN_PROFILES[name].loader == "ipxe" and BUILTIN_PROFILES[name].bios_loader == "undionly.kpxe"
+    for name in ("pxelinux", "pxelinux-tftp"):  # everything over TFTP, as hcc-cello
+        assert BUILTIN_PROFILES[name].loader == "pxelinux" and BUILTIN_PROFILES[name].bios_loader == "pxelinux.0"
+    # pxelinux-tftp is the old default exactly, kernel arguments included
+    assert BUILTIN_PROFILES["pxelinux-tftp"].kernel_args == BUILTIN_PROFILES["compute"].kernel_args
 
 
 def test_empty_kernel_args() -> None:
