@@ -7,10 +7,13 @@ netns cel-cello : cel-c0 10.77.0.2/24 (veth, its peer cel-c0br on br0) — `cell
                   proxyDHCP :67/:4011, TFTP :69, API + HTTP boot :8080, its own tgtd (portal :3260)
 ```
 
-Everything the lab starts is a subprocess it keeps the PID of; `down()` stops those by PID, then any
-process still inside its two namespaces (Cello's tgtd), then deletes the namespaces. Leftovers of a
-crashed run with the same names are removed before building. Logs (serial consoles, Cello's log, the
-event stream, dnsmasq's log, tgtadm output) go to one folder, which the caller keeps when a test fails.
+SiteLab is the site (cel-site, br0, taps, dnsmasq, the nodes, the host lock); Appliance is one `cello serve`
+in its own namespace; Lab is the site plus the appliance in cel-cello, tests/system/fleet_lab.py the site
+plus three. Everything a lab starts is a subprocess it keeps the PID of; `down()` stops those by PID, then
+any process still inside its namespaces (Cello's tgtd), then deletes the namespaces. Leftovers of a
+crashed run (its names are recorded next to the lock) are removed before building. Logs (serial consoles,
+Cello's log, the event stream, dnsmasq's log, tgtadm output) go to one folder, which the caller keeps when a
+test fails.
 
 The test process stays in the host's namespace; it reaches the API at 10.77.0.2:8080 from threads
 that entered `cel-cello` with setns(2), so no address of the lab leaks into the host's namespace.
@@ -55,6 +58,7 @@ API = f"http://{CELLO_IP}:{API_PORT}"
 
 CLONE_NEWNET = 0x40000000
 LOCK_PATH = "/run/lock/cello-e2e-lab.lock"
+BUILT_PATH = "/run/lock/cello-e2e-lab.built"  # what the lab holding LOCK_PATH builds (SiteLab._built)
 
 
 class LabError(RuntimeError):
@@ -108,11 +112,13 @@ def debugfs_cat(image: str | Path, path: str) -> str:
 
 
 class EventLog:
-    """Every event of Cello's SSE stream, read by a thread inside cel-cello, also written to events.log."""
+    """Every event of one Cello's SSE stream, read by a thread inside its namespace, also written to `path`."""
 
-    def __init__(self, path: Path, token: str) -> None:
+    def __init__(self, path: Path, token: str, ns: str = NS_CELLO, host: str = CELLO_IP) -> None:
         self.path = path
         self.token = token
+        self.ns = ns
+        self.host = host
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -134,7 +140,7 @@ class EventLog:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        enter_netns(NS_CELLO)
+        enter_netns(self.ns)
         last = 0
         with open(self.path, "a", encoding="utf-8") as out:
             while not self._stop.is_set():
@@ -146,11 +152,11 @@ class EventLog:
                     continue
 
     def _read_stream(self, out: Any, last: int) -> int:
-        sock = socket.create_connection((CELLO_IP, API_PORT), timeout=5)
+        sock = socket.create_connection((self.host, API_PORT), timeout=5)
         self._sock = sock
         sock.settimeout(None)
         query = f"?since={last}" if last else "?since=0"
-        sock.sendall((f"GET /api/v1/events{query} HTTP/1.1\r\nHost: {CELLO_IP}\r\n"
+        sock.sendall((f"GET /api/v1/events{query} HTTP/1.1\r\nHost: {self.host}\r\n"
                       f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n\r\n").encode())
         reader = sock.makefile("rb")
         status = reader.readline().decode("latin-1")
@@ -328,7 +334,7 @@ class Node:
             pass
 
 
-# --- the lab -----------------------------------------------------------------------------------------
+# --- one appliance -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -339,180 +345,112 @@ class CelloProcess:
 
 
 @dataclass
-class Lab:
-    workdir: Path
-    dhcp_unknown: str = "ignore"
-    extra_config: str = ""  # TOML appended to cello.toml (e.g. `[boot.profiles.NAME]` tables)
+class Appliance:
+    """One `cello serve` in its own namespace, on br0 through a veth: its config file, process, tgtd, API and
+    event stream. Lab has one (cel-cello), tests/system/fleet_lab.py three; what goes into the config beyond
+    the appliance's own addresses (base_config) is the lab's business, so start() takes the text."""
+
+    ns: str
+    ip: str
+    veth: str  # inside ns
+    veth_site: str  # its peer, on br0 in cel-site
+    tgt_control_port: int  # /var/run/tgtd/socket.N: one per appliance, so each runs its own tgtd
+    home: Path  # cello.toml and state/
+    logs: Path
+    log_tag: str = ""  # "-a" → cello-a.log, events-a.log: several appliances share one log folder
+    token: str = ADMIN_TOKEN
     cello: CelloProcess | None = None
-    dnsmasq: subprocess.Popen[bytes] | None = None
     events: EventLog | None = None
-    nodes: list[Node] = field(default_factory=list)
-    _free_taps: list[str] = field(default_factory=list)
     _pool: ThreadPoolExecutor | None = None
-    _lock: IO[str] | None = None
 
     @property
-    def logs(self) -> Path:
-        return self.workdir / "logs"
+    def config_path(self) -> Path:
+        return self.home / "cello.toml"
 
     @property
     def state_dir(self) -> Path:
-        return self.workdir / "state"
+        return self.home / "state"
 
-    # --- network ---------------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.ip}:{API_PORT}"
 
-    @staticmethod
-    def remove_leftovers() -> None:
-        """Whatever a crashed run of this lab left: processes in its namespaces, the namespaces, tgtd's socket."""
-        for ns in (NS_SITE, NS_CELLO):
-            if not Path(f"/run/netns/{ns}").exists():
-                continue
-            pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while run(["ip", "netns", "pids", ns], check=False).stdout.split() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            run(["ip", "netns", "del", ns], check=False)
-        for leftover in (f"socket.{TGT_CONTROL_PORT}", f"socket.{TGT_CONTROL_PORT}.lock"):
-            with contextlib.suppress(FileNotFoundError):
-                Path("/var/run/tgtd", leftover).unlink()
+    def log(self, stem: str) -> Path:
+        return self.logs / f"{stem}{self.log_tag}.log"
 
-    def _network(self) -> None:
-        s = NS_SITE
-        run(["ip", "netns", "add", s])
-        in_ns(s, "ip", "link", "set", "lo", "up")
-        in_ns(s, "ip", "link", "add", BRIDGE, "type", "bridge")
-        in_ns(s, "ip", "addr", "add", f"{SITE_IP}/24", "dev", BRIDGE)
-        in_ns(s, "ip", "-6", "addr", "add", f"{SITE_IP6}/64", "dev", BRIDGE, "nodad")
-        in_ns(s, "ip", "link", "set", BRIDGE, "up")
-        for i in range(TAPS):
-            tap = f"ctap{i}"
-            in_ns(s, "ip", "tuntap", "add", "dev", tap, "mode", "tap")
-            in_ns(s, "ip", "link", "set", tap, "master", BRIDGE)
-            in_ns(s, "ip", "link", "set", tap, "up")
-            self._free_taps.append(tap)
-        c = NS_CELLO
-        run(["ip", "netns", "add", c])
-        in_ns(c, "ip", "link", "set", "lo", "up")
-        run(["ip", "link", "add", VETH_CELLO, "netns", c, "type", "veth", "peer", "name", VETH_SITE, "netns", s])
-        in_ns(s, "ip", "link", "set", VETH_SITE, "master", BRIDGE)
-        in_ns(s, "ip", "link", "set", VETH_SITE, "up")
-        in_ns(c, "ip", "addr", "add", f"{CELLO_IP}/24", "dev", VETH_CELLO)
-        in_ns(c, "ip", "link", "set", VETH_CELLO, "up")
+    def plug(self, site_ns: str = NS_SITE) -> None:
+        """Its namespace and its veth into br0 of `site_ns`; the threads that reach its API from inside."""
+        run(["ip", "netns", "add", self.ns])
+        in_ns(self.ns, "ip", "link", "set", "lo", "up")
+        run(["ip", "link", "add", self.veth, "netns", self.ns, "type", "veth",
+             "peer", "name", self.veth_site, "netns", site_ns])
+        in_ns(site_ns, "ip", "link", "set", self.veth_site, "master", BRIDGE)
+        in_ns(site_ns, "ip", "link", "set", self.veth_site, "up")
+        in_ns(self.ns, "ip", "addr", "add", f"{self.ip}/24", "dev", self.veth)
+        in_ns(self.ns, "ip", "link", "set", self.veth, "up")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=self.ns,
+                                        initializer=enter_netns, initargs=(self.ns,))
 
-    def _site_dhcp(self) -> None:
-        conf = self.logs / "dnsmasq.conf"
-        conf.write_text(
-            "port=0\n"
-            f"interface={BRIDGE}\nbind-interfaces\nno-resolv\nno-hosts\n"
-            "dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h\n"
-            "enable-ra\ndhcp-range=fd77::,ra-only\n"
-            f"dhcp-leasefile={self.workdir}/dnsmasq.leases\n"
-            f"log-dhcp\nlog-facility={self.logs}/dnsmasq.log\n"
-        )
-        out = open(self.logs / "dnsmasq.stderr", "ab")
-        self.dnsmasq = subprocess.Popen(
-            ["ip", "netns", "exec", NS_SITE, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
-             f"--pid-file={self.workdir}/dnsmasq.pid", "--user=root"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        out.close()
-        time.sleep(0.3)
-        if self.dnsmasq.poll() is not None:
-            raise LabError(f"dnsmasq exited at start: {(self.logs / 'dnsmasq.stderr').read_text()}")
+    def unplug(self) -> None:
+        """The API threads; the namespace itself goes with the lab's leftovers (after every process in it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
-    def _take_lock(self, timeout: float) -> None:
-        """One lab at a time on this host: its names are fixed, and building one removes the leftovers of
-        another. The kernel drops the lock when its holder dies, so leftovers found under it are a crash's."""
-        self._lock = open(LOCK_PATH, "w")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self._lock.close()
-                    self._lock = None
-                    raise LabError(f"another Cello lab (system tests or `make demo`) holds {LOCK_PATH} "
-                                   f"for more than {timeout:.0f} s") from None
-                time.sleep(1)
-
-    def up(self, lock_timeout: float = 600) -> None:
-        """Network + site DHCP. Cello comes next with start_cello()."""
-        require_root()
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self._take_lock(lock_timeout)
-        self.remove_leftovers()
-        self._network()
-        self._site_dhcp()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cel-cello",
-                                        initializer=enter_netns, initargs=(NS_CELLO,))
-
-    # --- Cello ------------------------------------------------------------------------------------
-
-    def loader_roots(self) -> list[str]:
-        """The OS's loader folders, after one of copies of the loaders Debian installs as symlinks out of
-        them (/usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi), which Cello's TFTP rightly refuses to follow."""
-        own = self.workdir / "loaders"
-        own.mkdir(exist_ok=True)
-        for loader in (Path("/usr/lib/ipxe/ipxe.efi"), Path("/usr/lib/ipxe/snponly.efi")):
-            if loader.is_symlink() and loader.exists():
-                shutil.copyfile(loader.resolve(), own / loader.name)
-        dirs = ["/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios", "/usr/lib/ipxe"]
-        return [str(own), *(d for d in dirs if Path(d).is_dir())]
-
-    def cello_config(self) -> str:
-        roots = ", ".join(f'"{r}"' for r in self.loader_roots())
+    def base_config(self, loader_roots: list[str], dhcp_unknown: str) -> str:
+        """cello.toml for this appliance's addresses, file backend and tgt driver; a lab appends its tables."""
+        roots = ", ".join(f'"{r}"' for r in loader_roots)
         return (
             "[appliance]\n"
             f'state_dir = "{self.state_dir}"\n'
-            f'advertise = "{CELLO_IP}"\n'
+            f'advertise = "{self.ip}"\n'
             "[api]\n"
-            f'listen = "{CELLO_IP}:{API_PORT}"\n'
-            f'admin_token = "{ADMIN_TOKEN}"\n'
+            f'listen = "{self.ip}:{API_PORT}"\n'
+            f'admin_token = "{self.token}"\n'
             "[tftp]\n"
-            'listen = "0.0.0.0:69"\n'
+            'listen = "0.0.0.0:69"\n'  # the namespace holds only lo and the veth: this is the appliance's ip
             f"roots = [{roots}]\n"
             "[dhcp]\n"
-            'listen = "0.0.0.0"\n'
-            f'interface = "{VETH_CELLO}"\n'
-            f'unknown = "{self.dhcp_unknown}"\n'
+            'listen = "0.0.0.0"\n'  # broadcasts reach only a wildcard socket; `interface` pins it to the veth
+            f'interface = "{self.veth}"\n'
+            f'unknown = "{dhcp_unknown}"\n'
             "[storage]\n"
             'backend = "file"\n'
             "[iscsi]\n"
             'driver = "tgt"\n'
-            f'portals = ["{CELLO_IP}:3260"]\n'
-            f"tgt_control_port = {TGT_CONTROL_PORT}\n"
-        ) + self.extra_config
+            f'portals = ["{self.ip}:3260"]\n'
+            f"tgt_control_port = {self.tgt_control_port}\n"
+        )
 
-    def start_cello(self, timeout: float = 40) -> None:
-        config = self.workdir / "cello.toml"
-        config.write_text(self.cello_config())
-        log_path = self.logs / "cello.log"
+    def start(self, config: str, timeout: float = 40) -> None:
+        """Writes `config` as its cello.toml, starts `cello serve` and waits for /api/v1/health."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config)
+        log_path = self.log("cello")
         out = open(log_path, "ab")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", "serve", "--config", str(config),
+            ["ip", "netns", "exec", self.ns, PYTHON, "-m", "appliance", "serve", "--config", str(self.config_path),
              "--log-level", "debug"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         out.close()
-        self.cello = CelloProcess(proc, config, log_path)
+        self.cello = CelloProcess(proc, self.config_path, log_path)
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise LabError(f"cello serve exited ({proc.returncode}) at start:\n{log_path.read_text()[-3000:]}")
+                raise LabError(f"cello serve in {self.ns} exited ({proc.returncode}) at start:\n"
+                               f"{log_path.read_text()[-3000:]}")
             with contextlib.suppress(OSError, LabError):
                 status, _ = self.api("GET", "/api/v1/health", timeout=2)
                 if status == 200:
                     break
             if time.monotonic() > deadline:
-                raise LabError(f"cello serve: no /api/v1/health within {timeout:.0f} s")
+                raise LabError(f"cello serve in {self.ns}: no /api/v1/health within {timeout:.0f} s")
             time.sleep(0.3)
-        self.events = EventLog(self.logs / "events.log", ADMIN_TOKEN)
+        self.events = EventLog(self.log("events"), self.token, self.ns, self.ip)
         self.events.start()
 
-    def stop_cello(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM to `cello serve` (idempotent); its tgtd goes on serving, by design."""
         if self.events is not None:
             self.events.stop()
             self.events = None
@@ -528,13 +466,13 @@ class Lab:
                 proc.kill()
                 proc.wait(timeout=5)
 
-    def kill_cello(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 15) -> int:
+    def kill(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 15) -> int:
         """Send `sig` to `cello serve` (SIGKILL: a crash) and reap it; its exit status. What it started
         and did not stop (its tgtd, once tgtd outlives it) is left running."""
         if self.events is not None:
             self.events.stop()
             self.events = None
-        assert self.cello is not None, "cello serve is not running"
+        assert self.cello is not None, f"cello serve in {self.ns} is not running"
         proc = self.cello.proc
         self.cello = None
         proc.send_signal(sig)  # `ip netns exec` execs, so this is cello serve's own PID
@@ -545,26 +483,25 @@ class Lab:
             return proc.wait(timeout=5)
 
     def tgtd_pids(self) -> list[int]:
-        """PIDs of the tgtd processes on this lab's control port inside cel-cello (Cello's tgtd)."""
+        """PIDs of the tgtd processes on this appliance's control port inside its namespace (Cello's tgtd)."""
         pids = []
-        for pid in run(["ip", "netns", "pids", NS_CELLO], check=False).stdout.split():
+        for pid in run(["ip", "netns", "pids", self.ns], check=False).stdout.split():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
             if argv and Path(argv[0].decode(errors="replace")).name == "tgtd" \
-                    and b"-C" in argv and str(TGT_CONTROL_PORT).encode() in argv:
+                    and b"-C" in argv and str(self.tgt_control_port).encode() in argv:
                 pids.append(int(pid))
         return sorted(pids)
 
     def teardown_exports(self, timeout: float = 30) -> None:
         """With `cello serve` stopped: remove the exports on purpose (`cello teardown --yes`), then end any
-        tgtd of the lab still running (a tgtd outlives `cello serve` by design)."""
-        config = self.workdir / "cello.toml"
-        if config.exists() and self.tgtd_pids():
-            done = run(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", "teardown", "--config",
-                        str(config), "--yes"], check=False, timeout=timeout)
-            with open(self.logs / "teardown.log", "a") as f:
+        tgtd of this appliance still running (a tgtd outlives `cello serve` by design)."""
+        if self.config_path.exists() and self.tgtd_pids():
+            done = run(["ip", "netns", "exec", self.ns, PYTHON, "-m", "appliance", "teardown", "--config",
+                        str(self.config_path), "--yes"], check=False, timeout=timeout)
+            with open(self.log("teardown"), "a") as f:
                 f.write(f"--- exit {done.returncode}\n{done.stdout}{done.stderr}")
         deadline = time.monotonic() + 5
         while (pids := self.tgtd_pids()) and time.monotonic() < deadline:
@@ -573,33 +510,224 @@ class Lab:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
-    # --- the public interfaces: API and CLI ---------------------------------------------------------
+    def shut_down(self) -> None:
+        """Idempotent, for a lab's down(): what tgtd held (for the logs), `cello serve`, its exports and tgtd."""
+        with contextlib.suppress(Exception):
+            self.tgt_show()
+        with contextlib.suppress(Exception):
+            self.stop()
+        with contextlib.suppress(Exception):
+            self.teardown_exports()
 
     def api(self, method: str, path: str, body: object | None = None, *, timeout: float = 30,
             token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
-        """One API request from inside cel-cello; (status, decoded JSON or text)."""
-        assert self._pool is not None, "lab is not up"
-        return self._pool.submit(_http, method, path, body, timeout, token).result(timeout + 5)
+        """One API request from inside its namespace; (status, decoded JSON or text)."""
+        assert self._pool is not None, f"{self.ns} is not up"
+        return self._pool.submit(_http, self.ip, method, path, body, timeout, token).result(timeout + 5)
+
+    def _cli_env(self) -> dict[str, str]:
+        return {**os.environ, "CELLO_API": self.api_url, "CELLO_TOKEN": self.token}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """`cello ARGS` inside cel-cello, with CELLO_API and CELLO_TOKEN like an operator's shell."""
-        env = {**os.environ, "CELLO_API": API, "CELLO_TOKEN": ADMIN_TOKEN}
-        return run(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", *args],
-                   check=False, timeout=timeout, env=env)
+        """`cello ARGS` inside its namespace, with CELLO_API and CELLO_TOKEN like an operator's shell."""
+        return run(["ip", "netns", "exec", self.ns, PYTHON, "-m", "appliance", *args],
+                   check=False, timeout=timeout, env=self._cli_env())
 
     def cli_popen(self, *args: str) -> subprocess.Popen[str]:
-        env = {**os.environ, "CELLO_API": API, "CELLO_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(["ip", "netns", "exec", NS_CELLO, PYTHON, "-m", "appliance", *args],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(["ip", "netns", "exec", self.ns, PYTHON, "-m", "appliance", *args], cwd=REPO,
+                                env={**self._cli_env(), "PYTHONUNBUFFERED": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def tgt_show(self) -> str:
-        """What Cello's tgtd really holds (targets, LUNs, I_T nexus = logged-in initiators)."""
-        out = run(["tgtadm", "-C", str(TGT_CONTROL_PORT), "--lld", "iscsi", "--op", "show", "--mode", "target"],
-                  check=False)
+        """What its tgtd really holds (targets, LUNs, I_T nexus = logged-in initiators)."""
+        out = run(["tgtadm", "-C", str(self.tgt_control_port), "--lld", "iscsi", "--op", "show",
+                   "--mode", "target"], check=False)
         text = out.stdout + out.stderr
-        with open(self.logs / "tgtadm-show.log", "a") as f:
+        with open(self.log("tgtadm-show"), "a") as f:
             f.write(f"--- {time.strftime('%H:%M:%S')}\n{text}")
         return text
+
+
+# --- the site, shared by every lab -------------------------------------------------------------------
+
+
+def _remove_namespace(ns: str) -> None:
+    """Every process inside `ns` killed, then `ns` deleted (its veths go with it)."""
+    if not Path(f"/run/netns/{ns}").exists():
+        return
+    for pid in run(["ip", "netns", "pids", ns], check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while run(["ip", "netns", "pids", ns], check=False).stdout.split() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run(["ip", "netns", "del", ns], check=False)
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), '' when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _end_daemon(pid: int) -> None:
+    """SIGQUIT (PostgreSQL's immediate shutdown: it ends its own children), SIGKILL after 5 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGQUIT)
+    deadline = time.monotonic() + 5
+    while _process_start(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class SiteLab:
+    """What every lab of the system tests shares: the host lock, cel-site with br0, the taps of the qemu
+    nodes, dnsmasq as the site DHCP, the nodes and the log folder. Lab adds one appliance, FleetLab three
+    (appliances())."""
+
+    workdir: Path
+    dnsmasq: subprocess.Popen[bytes] | None = None
+    nodes: list[Node] = field(default_factory=list)
+    _free_taps: list[str] = field(default_factory=list)
+    _lock: IO[str] | None = None
+    _daemons: list[tuple[int, str, str]] = field(default_factory=list)  # see record_daemon
+    locked_at: float = 0.0  # monotonic time the lock was taken: how long building took, without the wait
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    def appliances(self) -> list[Appliance]:
+        return []
+
+    # --- network ---------------------------------------------------------------------------------
+
+    def _built(self) -> dict[str, Any]:
+        """The namespaces, tgtd control ports and daemons this lab builds, and those the lab before it
+        recorded in BUILT_PATH: labs of other shapes (FleetLab) share the lock, and a crash of one must not
+        leave its appliances or its database running under the next."""
+        built: dict[str, Any] = {
+            "namespaces": sorted({NS_SITE, *(a.ns for a in self.appliances())}),
+            "tgt_control_ports": sorted({a.tgt_control_port for a in self.appliances()}),
+            "daemons": [list(d) for d in self._daemons],
+        }
+        return built
+
+    def remove_leftovers(self) -> None:
+        """Whatever a crashed run of a lab left: processes in its namespaces, the namespaces, tgtd's sockets,
+        the daemons it recorded (by PID and start time, so a reused PID is spared) and their folders."""
+        mine = self._built()
+        try:
+            before = json.loads(Path(BUILT_PATH).read_text())
+        except (OSError, ValueError):
+            before = {}
+        for ns in sorted({*mine["namespaces"], *before.get("namespaces", [])}):
+            _remove_namespace(str(ns))
+        for port in {*mine["tgt_control_ports"], *before.get("tgt_control_ports", [])}:
+            for leftover in (f"socket.{port}", f"socket.{port}.lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path("/var/run/tgtd", leftover).unlink()
+        for pid, started, folder in [*mine["daemons"], *before.get("daemons", [])]:
+            if _process_start(int(pid)) == started:
+                _end_daemon(int(pid))
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _record_built(self) -> None:
+        Path(BUILT_PATH).write_text(json.dumps(self._built()))
+
+    def record_daemon(self, pid: int, folder: Path) -> None:
+        """A daemon the lab started outside its namespaces (it detached: no Popen to keep), and its folder:
+        both removed by the next lab's remove_leftovers() if this one crashes before its own down(). It
+        replaces what was recorded for `folder` (a restarted daemon)."""
+        self._daemons = [d for d in self._daemons if d[2] != str(folder)]
+        self._daemons.append((pid, _process_start(pid), str(folder)))
+        self._record_built()
+
+    def _site_network(self) -> None:
+        s = NS_SITE
+        run(["ip", "netns", "add", s])
+        in_ns(s, "ip", "link", "set", "lo", "up")
+        in_ns(s, "ip", "link", "add", BRIDGE, "type", "bridge")
+        in_ns(s, "ip", "addr", "add", f"{SITE_IP}/24", "dev", BRIDGE)
+        in_ns(s, "ip", "-6", "addr", "add", f"{SITE_IP6}/64", "dev", BRIDGE, "nodad")
+        in_ns(s, "ip", "link", "set", BRIDGE, "up")
+        for i in range(TAPS):
+            tap = f"ctap{i}"
+            in_ns(s, "ip", "tuntap", "add", "dev", tap, "mode", "tap")
+            in_ns(s, "ip", "link", "set", tap, "master", BRIDGE)
+            in_ns(s, "ip", "link", "set", tap, "up")
+            self._free_taps.append(tap)
+
+    def _site_dhcp(self) -> None:
+        conf = self.logs / "dnsmasq.conf"
+        conf.write_text(
+            "port=0\n"
+            f"interface={BRIDGE}\nbind-interfaces\nno-resolv\nno-hosts\n"
+            "dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h\n"
+            "enable-ra\ndhcp-range=fd77::,ra-only\n"
+            f"dhcp-leasefile={self.leases}\n"
+            f"log-dhcp\nlog-facility={self.logs}/dnsmasq.log\n"
+        )
+        out = open(self.logs / "dnsmasq.stderr", "ab")
+        self.dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", NS_SITE, "dnsmasq", f"--conf-file={conf}", "--keep-in-foreground",
+             f"--pid-file={self.workdir}/dnsmasq.pid", "--user=root"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        out.close()
+        time.sleep(0.3)
+        if self.dnsmasq.poll() is not None:
+            raise LabError(f"dnsmasq exited at start: {(self.logs / 'dnsmasq.stderr').read_text()}")
+
+    @property
+    def leases(self) -> Path:
+        """dnsmasq's lease file: `<expiry> <mac> <ip> <hostname> <client-id>` a line."""
+        return self.workdir / "dnsmasq.leases"
+
+    def _take_lock(self, timeout: float) -> None:
+        """One lab at a time on this host: its names are fixed, and building one removes the leftovers of
+        another. The kernel drops the lock when its holder dies, so leftovers found under it are a crash's."""
+        self._lock = open(LOCK_PATH, "w")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.locked_at = time.monotonic()
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self._lock.close()
+                    self._lock = None
+                    raise LabError(f"another Cello lab (system tests or `make demo`) holds {LOCK_PATH} "
+                                   f"for more than {timeout:.0f} s") from None
+                time.sleep(1)
+
+    def up(self, lock_timeout: float = 600) -> None:
+        """Network (the site, each appliance's namespace and veth) + site DHCP; the appliances start later."""
+        require_root()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self._take_lock(lock_timeout)
+        self.remove_leftovers()
+        self._record_built()
+        self._site_network()
+        for appliance in self.appliances():
+            appliance.plug()
+        self._site_dhcp()
+
+    def loader_roots(self) -> list[str]:
+        """The OS's loader folders, after one of copies of the loaders Debian installs as symlinks out of
+        them (/usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi), which Cello's TFTP rightly refuses to follow."""
+        own = self.workdir / "loaders"
+        own.mkdir(exist_ok=True)
+        for loader in (Path("/usr/lib/ipxe/ipxe.efi"), Path("/usr/lib/ipxe/snponly.efi")):
+            if loader.is_symlink() and loader.exists():
+                shutil.copyfile(loader.resolve(), own / loader.name)
+        dirs = ["/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios", "/usr/lib/ipxe"]
+        return [str(own), *(d for d in dirs if Path(d).is_dir())]
 
     # --- nodes --------------------------------------------------------------------------------------
 
@@ -619,17 +747,15 @@ class Lab:
     # --- teardown -----------------------------------------------------------------------------------
 
     def down(self) -> None:
-        """Idempotent: nodes, Cello, its exports and tgtd (which outlives Cello), dnsmasq, then anything left,
-        then the namespaces."""
+        """Idempotent: nodes, each appliance (Cello, its exports and tgtd, which outlives Cello), dnsmasq,
+        then anything left, then the namespaces."""
         for node in list(self.nodes):
             with contextlib.suppress(Exception):
                 node.power_off()
+        for appliance in self.appliances():
+            appliance.shut_down()
         with contextlib.suppress(Exception):
-            self.tgt_show()
-        with contextlib.suppress(Exception):
-            self.stop_cello()
-        with contextlib.suppress(Exception):
-            self.teardown_exports()
+            self.after_appliances_down()
         if self.dnsmasq is not None:
             proc, self.dnsmasq = self.dnsmasq, None
             proc.terminate()
@@ -638,13 +764,17 @@ class Lab:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for appliance in self.appliances():
+            appliance.unplug()
         if self._lock is not None:
             self.remove_leftovers()
+            with contextlib.suppress(FileNotFoundError):
+                Path(BUILT_PATH).unlink()
             self._lock.close()  # releases the flock
             self._lock = None
+
+    def after_appliances_down(self) -> None:
+        """What the appliances used and a lab of its own started (FleetLab's database), stopped in down()."""
 
     def log_tail(self, limit: int = 2500) -> str:
         """The end of every log, for a failure message."""
@@ -655,8 +785,72 @@ class Lab:
         return "\n".join(parts)
 
 
-def _http(method: str, path: str, body: object | None, timeout: float, token: str | None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection(CELLO_IP, API_PORT, timeout=timeout)
+# --- the lab of one appliance ------------------------------------------------------------------------
+
+
+@dataclass
+class Lab(SiteLab):
+    """The site and one appliance in cel-cello; its methods are the appliance's, under the names the tests
+    have always used."""
+
+    dhcp_unknown: str = "ignore"
+    extra_config: str = ""  # TOML appended to cello.toml (e.g. `[boot.profiles.NAME]` tables)
+    appliance: Appliance = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.appliance = Appliance(NS_CELLO, CELLO_IP, VETH_CELLO, VETH_SITE, TGT_CONTROL_PORT,
+                                   self.workdir, self.logs)
+
+    def appliances(self) -> list[Appliance]:
+        return [self.appliance]
+
+    @property
+    def cello(self) -> CelloProcess | None:
+        return self.appliance.cello
+
+    @property
+    def events(self) -> EventLog | None:
+        return self.appliance.events
+
+    @property
+    def state_dir(self) -> Path:
+        return self.appliance.state_dir
+
+    def cello_config(self) -> str:
+        return self.appliance.base_config(self.loader_roots(), self.dhcp_unknown) + self.extra_config
+
+    def start_cello(self, timeout: float = 40) -> None:
+        self.appliance.start(self.cello_config(), timeout)
+
+    def stop_cello(self, timeout: float = 15) -> None:
+        self.appliance.stop(timeout)
+
+    def kill_cello(self, sig: signal.Signals = signal.SIGKILL, timeout: float = 15) -> int:
+        return self.appliance.kill(sig, timeout)
+
+    def tgtd_pids(self) -> list[int]:
+        return self.appliance.tgtd_pids()
+
+    def teardown_exports(self, timeout: float = 30) -> None:
+        self.appliance.teardown_exports(timeout)
+
+    def api(self, method: str, path: str, body: object | None = None, *, timeout: float = 30,
+            token: str | None = ADMIN_TOKEN) -> tuple[int, Any]:
+        return self.appliance.api(method, path, body, timeout=timeout, token=token)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.appliance.cli(*args, timeout=timeout)
+
+    def cli_popen(self, *args: str) -> subprocess.Popen[str]:
+        return self.appliance.cli_popen(*args)
+
+    def tgt_show(self) -> str:
+        return self.appliance.tgt_show()
+
+
+def _http(host: str, method: str, path: str, body: object | None, timeout: float,
+          token: str | None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(host, API_PORT, timeout=timeout)
     try:
         headers = {"Accept": "application/json"}
         if token is not None:
