@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
+import functools
 import ipaddress
 import logging
-import os
-import select
 import socket
 import struct
 import threading
@@ -60,7 +60,8 @@ SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; beyond net.core.rmem_max, needs C
 # Reports (bindings, unknown clients, events) waiting for the main loop: bounded, so that a main loop
 # stuck for a long time in a flood costs memory in proportion to this, not to the flood.
 _MAX_REPORTS = 65536
-_STOP_JOIN_SECONDS = 5.0  # the thread ends within one batch of datagrams; this only bounds a bug
+_STOP_JOIN_SECONDS = 5.0  # a thread ends within one datagram; this only bounds a bug
+_RAW_POLL_SECONDS = 0.25  # a packet socket cannot be woken by shutdown(): its thread looks this often
 
 Address = tuple[str, int]
 
@@ -147,8 +148,8 @@ class ProxyDHCP:
         self._sockets: list[socket.socket] = []
         self._raw: RawListener | None = None  # when in raw mode
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on: where reports go
-        self._thread: threading.Thread | None = None
-        self._wake: tuple[int, int] | None = None  # pipe that ends the thread's poll
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
         # (callable, args) for the main loop; deque append/popleft are atomic, so the thread needs no lock
         self._reports: collections.deque[tuple[Callable[..., None], tuple[object, ...]]] = collections.deque()
         self._drain_scheduled = False
@@ -161,6 +162,7 @@ class ProxyDHCP:
             return
         self._loop = asyncio.get_running_loop()
         readers: list[tuple[int, Callable[[], None]]] = []
+        raw: RawListener | None = None
         try:
             try:
                 dhcp_sock = self._bind(self.port)
@@ -178,7 +180,7 @@ class ProxyDHCP:
             self.bound["pxe"] = pxe_sock.getsockname()
             readers.append((pxe_sock.fileno(), lambda: self._on_readable(pxe_sock, pxe.Kind.REQUEST)))
             if self.own_thread:
-                self._start_thread(readers)
+                self._start_threads(raw)
             else:
                 for fd, callback in readers:
                     self._loop.add_reader(fd, callback)
@@ -205,41 +207,32 @@ class ProxyDHCP:
                     self.port, listener.interface)
         return listener
 
-    def _start_thread(self, readers: list[tuple[int, Callable[[], None]]]) -> None:
-        poller = select.epoll()
-        wake = os.pipe()
-        try:
-            for fd, _ in readers:
-                poller.register(fd, select.EPOLLIN)
-            poller.register(wake[0], select.EPOLLIN)
-            thread = threading.Thread(target=self._serve, args=(poller, wake[0], dict(readers)),
-                                      name="cello-dhcp", daemon=True)
+    def _start_threads(self, raw: RawListener | None) -> None:
+        """One thread per socket, each blocked in its receive: per datagram the thread gives up the GIL
+        only for the receive and the send. (A poller would add the poll and a last receive that finds
+        nothing, and each time the GIL is given up a busy main loop may keep it for a switch interval.)"""
+        self._stopping.clear()
+        serve: list[tuple[str, Callable[[], object]]] = []
+        for sock in self._sockets:
+            sock.setblocking(True)
+            kind = pxe.Kind.DISCOVER if sock.getsockname() == self.bound.get("dhcp") else pxe.Kind.REQUEST
+            serve.append((f"cello-dhcp:{sock.getsockname()[1]}", functools.partial(self._receive_one, sock, kind)))
+        if raw is not None:
+            raw.settimeout(_RAW_POLL_SECONDS)
+            serve.append((f"cello-dhcp:raw:{self.port}", raw.on_readable))
+        for name, receive in serve:
+            thread = threading.Thread(target=self._serve, args=(receive,), name=name, daemon=True)
             thread.start()
-        except BaseException:
-            poller.close()
-            for fd in wake:
-                os.close(fd)
-            raise
-        self._wake, self._thread = wake, thread
+            self._threads.append(thread)
 
-    def _serve(self, poller: select.epoll, wake_fd: int, readers: dict[int, Callable[[], None]]) -> None:
-        """The responder's thread: poll the sockets until the wake pipe is written; nothing escapes."""
-        try:
-            while True:
-                try:
-                    ready = poller.poll()
-                except InterruptedError:
-                    continue
-                for fd, _events in ready:
-                    if fd == wake_fd:
-                        return
-                    try:
-                        readers[fd]()
-                    except Exception:  # the handlers have their own boundaries: this is a bug, not a packet
-                        self.stats.errors += 1
-                        self._log.exception("bug", "the DHCP thread's handler failed")
-        finally:
-            poller.close()
+    def _serve(self, receive: Callable[[], object]) -> None:
+        """A responder thread: receive and answer until stop(); nothing escapes."""
+        while not self._stopping.is_set():
+            try:
+                receive()
+            except Exception:  # the handlers have their own boundaries: this is a bug, not a packet
+                self.stats.errors += 1
+                self._log.exception("bug", "a DHCP thread's handler failed")
 
     def _bind(self, port: int) -> socket.socket:
         return bind_udp(self.listen, port, configure=lambda sock: self._configure(sock, port))
@@ -261,18 +254,19 @@ class ProxyDHCP:
                 ) from e
 
     async def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        wake, self._wake = self._wake, None
-        if thread is not None and wake is not None:
-            os.write(wake[1], b"x")
-            # Joined here, not in an executor: the thread ends within one batch (milliseconds), and a
-            # stop during the loop's shutdown must not depend on the default executor still running.
+        threads, self._threads = self._threads, []
+        self._stopping.set()
+        for sock in self._sockets:
+            # Wakes a thread blocked in recvmsg (it returns empty). On an unconnected UDP socket Linux
+            # says ENOTCONN, and wakes the receiver all the same.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            # Joined here, not in an executor: the threads end within a receive (the raw one within
+            # _RAW_POLL_SECONDS), and a stop during the loop's shutdown must not need the default executor.
             thread.join(_STOP_JOIN_SECONDS)
             if thread.is_alive():
-                log.error("the DHCP thread did not end within %.0f s", _STOP_JOIN_SECONDS)
-        if wake is not None:
-            for fd in wake:
-                os.close(fd)
+                log.error("DHCP thread %s did not end within %.0f s", thread.name, _STOP_JOIN_SECONDS)
         loop_open = self._loop is not None and not self._loop.is_closed()
         for sock in self._sockets:
             if loop_open and not self.own_thread:
@@ -286,14 +280,14 @@ class ProxyDHCP:
             raw.close()
         self.raw_mode = False
         self.bound.clear()
-        self._drain_reports()  # what the thread reported last still reaches the policy and the event bus
+        self._drain_reports()  # what the threads reported last still reaches the policy and the event bus
 
     # ---- reports to the main loop ---------------------------------------------------------------------
 
     def _report(self, callback: Callable[..., None], *args: object) -> None:
         """Run `callback(*args)` on the main loop: now when there is no thread (handle() called directly,
         or own_thread=False), else queued for it without waiting."""
-        if self._thread is None:
+        if not self._threads:
             callback(*args)
             return
         if len(self._reports) >= _MAX_REPORTS:
@@ -411,22 +405,32 @@ class ProxyDHCP:
     # ---- sockets --------------------------------------------------------------------------------------
 
     def _on_readable(self, sock: socket.socket, kind: pxe.Kind) -> None:
+        """A non-blocking socket is readable (the main-loop mode): answer a batch, then yield."""
         for _ in range(_RECV_BATCH):
-            try:
-                data, ancdata, _flags, source = sock.recvmsg(_BUFSIZE, _CMSG_SPACE)
-            except (BlockingIOError, InterruptedError):
+            if not self._receive_one(sock, kind):
                 return
-            except OSError as e:  # e.g. ICMP errors reported on the socket; the socket stays usable
-                self.stats.recv_errors += 1
-                self._log.warning("recv", "receive error on %s: %s", kind.value, e)
-                return
-            ifindex = 0
-            for level, ctype, cdata in ancdata:
-                if level == socket.IPPROTO_IP and ctype == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
-                    ifindex = _PKTINFO.unpack_from(cdata)[0]
-            reply = self.serve_datagram(data, source, kind, ifindex)
-            if reply is not None:
-                self._send(sock, reply)
+
+    def _receive_one(self, sock: socket.socket, kind: pxe.Kind) -> bool:
+        """Receive and answer one datagram; False when there was none (nothing queued, an error, or the
+        socket shut down by stop())."""
+        try:
+            data, ancdata, _flags, source = sock.recvmsg(_BUFSIZE, _CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:  # e.g. ICMP errors reported on the socket; the socket stays usable
+            self.stats.recv_errors += 1
+            self._log.warning("recv", "receive error on %s: %s", kind.value, e)
+            return False
+        if source is None:  # shut down: a receive on it returns at once, empty and from nobody
+            return False
+        ifindex = 0
+        for level, ctype, cdata in ancdata:
+            if level == socket.IPPROTO_IP and ctype == IP_PKTINFO and len(cdata) >= _PKTINFO.size:
+                ifindex = _PKTINFO.unpack_from(cdata)[0]
+        reply = self.serve_datagram(data, source, kind, ifindex)
+        if reply is not None:
+            self._send(sock, reply)
+        return True
 
     def _send(self, sock: socket.socket, reply: Reply) -> None:
         anc = []

@@ -111,6 +111,10 @@ class RawListener:
         """The packet socket, for the caller's poller (the proxy's thread or its loop) to watch."""
         return int(self._sock.ins.fileno())
 
+    def settimeout(self, seconds: float) -> None:
+        """Receive blocking, for at most `seconds` at a time (a thread of its own serves it)."""
+        self._sock.ins.settimeout(seconds)
+
     def close(self) -> None:
         """Close the socket; the caller has stopped watching it."""
         if self._sock is None:
@@ -122,7 +126,7 @@ class RawListener:
         for _ in range(256):
             try:
                 frame, addr = self._sock.ins.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, TimeoutError):  # nothing queued (now, or for a while)
                 return
             except OSError:  # e.g. ENETDOWN: the interface went down; the socket stays ours
                 self.stats.recv_errors += 1

@@ -221,7 +221,7 @@ async def test_raw_fallback_when_port_is_taken() -> None:
         sniffer.close()
         holder.close()
         client.sock.close()
-    assert not proxy.raw_mode
+    assert not proxy.raw_mode and _dhcp_threads() == []  # the raw socket's thread ended too
 
 
 async def test_bound_to_an_interface() -> None:
@@ -242,7 +242,7 @@ async def test_bound_to_an_interface() -> None:
 
 
 def _dhcp_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "cello-dhcp"]
+    return [t for t in threading.enumerate() if t.name.startswith("cello-dhcp")]
 
 
 def _ask_from_a_thread(data: bytes, port: int, reply_port_sock: socket.socket, when: threading.Event,
@@ -308,14 +308,14 @@ async def test_stop_leaves_no_thread_and_no_descriptor() -> None:
     fds = len(os.listdir("/proc/self/fd"))
     proxy = ProxyDHCP(StaticPolicy(), "127.0.0.1", listen="127.0.0.1", port=0, pxe_port=0, raw_fallback=False)
     await proxy.start()
-    await proxy.start()  # a second start is a no-op: still one thread
-    assert len(_dhcp_threads()) == 1
+    await proxy.start()  # a second start is a no-op: still one thread per socket
+    assert len(_dhcp_threads()) == 2  # :67 and :4011
     await proxy.stop()
     await proxy.stop()  # idempotent
     assert _dhcp_threads() == [] and proxy.bound == {}
     assert len(os.listdir("/proc/self/fd")) == fds  # sockets, epoll and the wake pipe all closed
     await proxy.start()  # and it can start again
-    assert len(_dhcp_threads()) == 1 and proxy.bound["dhcp"][1] > 0
+    assert len(_dhcp_threads()) == 2 and proxy.bound["dhcp"][1] > 0
     await proxy.stop()
     assert _dhcp_threads() == []
 
