@@ -257,8 +257,13 @@ class Appliance:
                           enabled=self._enabled("tftp"), on_fatal=self._fatal_for("tftp"))
 
     def _make_dhcp(self) -> Service:
-        from dhcp.proxy import ProxyDHCP
+        import sys
 
+        from dhcp.proxy import GIL_SWITCH_INTERVAL, ProxyDHCP
+
+        # The responder answers on threads of its own; this bounds how long they wait for the GIL
+        # while TFTP, HTTP and the API keep the loop busy (dhcp/proxy.py says what it was measured at).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         cfg = self.config.dhcp
         return ProxyDHCP(self.built.policy, self.advertise, listen=cfg.listen, port=cfg.port, pxe_port=cfg.pxe_port,
                          interface=cfg.interface, events=self._event_sink(), enabled=self._enabled("dhcp"))

@@ -1,18 +1,19 @@
 """The proxyDHCP responder: boot server and boot file for PXE / iPXE / UEFI HTTP clients, never an address.
 
 Mechanism only: `handle()` runs the pipeline decode → learn → enabled? → classify → policy → choose →
-build → encode (pure apart from the policy calls, which are synchronous and cheap by contract), and the
-socket code around it stays small. Port 67 gets DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011
-gets the boot server DHCPREQUEST (ACK, PXE 2.1 §2.2.5). "learn" tells the policy which address a
-client's packet says it holds (`dhcp/binding.py`), for every packet, answered or not — the REQUEST to
-the site server on :67 too, which the raw listener's filter and the :67 socket both receive. A boot
-request that no server record names (no boot spec, or the unknown-node profile's) is told to the
-policy too (`client_unknown`: discovered nodes, to adopt). When port 67 is already bound on the host
-(a local DHCP server), the responder can listen on a raw socket instead (scapy; see `dhcp/raw.py`).
+build and encode (`pxe.reply_bytes`, from a template per reply shape), pure apart from the policy calls,
+which are synchronous and cheap by contract, and the socket code around it stays small. Port 67 gets
+DHCPDISCOVERs (proxy OFFER, PXE 2.1 §2.2.3); port 4011 gets the boot server DHCPREQUEST (ACK, PXE 2.1
+§2.2.5). "learn" tells the policy which address a client's packet says it holds (`dhcp/binding.py`),
+for every packet, answered or not — the REQUEST to the site server on :67 too, which the raw listener's
+filter and the :67 socket both receive. A boot request that no server record names (no boot spec, or
+the unknown-node profile's) is told to the policy too (`client_unknown`: discovered nodes, to adopt).
+When port 67 is already bound on the host (a local DHCP server), the responder can listen on a raw
+socket instead (scapy; see `dhcp/raw.py`).
 
-Threads: by default the sockets are served by a thread of the responder's own (a plain epoll loop), so
-that a saturated main loop (TFTP, HTTP, the API, SQLite calls) does not delay the replies (issue 15).
-On that thread run the decode, `policy.boot_spec` and `enabled()` — reads of state the main loop
+Threads: by default each socket is served by a thread of the responder's own, blocked in its receive,
+so that a saturated main loop (TFTP, HTTP, the API, SQLite calls) does not delay the replies (issue 15).
+On those threads run the decode, `policy.boot_spec` and `enabled()` — reads of state the main loop
 replaces whole (the appliance's boot index is an immutable snapshot swapped in when the store changes),
 never an await on the main loop. What the responder reports back — `client_seen`, `client_unknown`,
 the boot events — mutates main-loop state, so it is queued and run on the loop that called `start()`
@@ -61,6 +62,12 @@ SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; beyond net.core.rmem_max, needs C
 # stuck for a long time in a flood costs memory in proportion to this, not to the flood.
 _MAX_REPORTS = 65536
 _STOP_JOIN_SECONDS = 5.0  # a thread ends within one datagram; this only bounds a bug
+# For the process that runs the responder's threads (set by its composition root: it is the
+# interpreter's, not this module's). A thread that gets a datagram waits for the GIL until the main loop
+# gives it up: at its next system call, or after this interval at the latest (CPython's default, 5 ms,
+# made a busy loop's TFTP and HTTP work show up in the replies' p99: measured 13-16 ms at 2,000/s under
+# full TFTP+HTTP load against 8-11 ms at 1 ms, TFTP and HTTP throughput unchanged; bench/dhcp_bench.py).
+GIL_SWITCH_INTERVAL = 0.001
 _RAW_POLL_SECONDS = 0.25  # a packet socket cannot be woken by shutdown(): its thread looks this often
 
 Address = tuple[str, int]

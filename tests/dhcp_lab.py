@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
-from dhcp.proxy import ProxyDHCP
+from dhcp.proxy import GIL_SWITCH_INTERVAL, ProxyDHCP
 
 
 @dataclass
@@ -106,6 +106,7 @@ async def _run(args: argparse.Namespace) -> None:
     # index is a multi-millisecond pause in the reply path. The appliance's composition root should do
     # the same once its boot index is loaded.
     gc.freeze()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as the appliance does: see dhcp/proxy.py
     proxy = None if args.no_dhcp else ProxyDHCP(
         policy, args.advertise, interface=args.interface, port=args.port, pxe_port=args.pxe_port,
         events=_event_printer if args.events else None, raw_fallback=not args.no_raw,
