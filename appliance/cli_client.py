@@ -116,7 +116,14 @@ def server_create(c: Client, args: argparse.Namespace, out: TextIO) -> int:
         body["hostname"] = args.hostname
     if args.address:
         body["address"] = args.address
+    if args.appliance:
+        body["appliance"] = args.appliance
+    if args.appliance_label:
+        body["appliance_labels"] = dict(kv.partition("=")[::2] for kv in args.appliance_label)
     server = c.call("POST", "/api/v1/servers", body)
+    placement = server.get("placement") or {}
+    if len(placement.get("weights", {})) + len(placement.get("rejected", {})) > 1 and not args.json:
+        print(f"placement: {placement['explain']}", file=out)  # a fleet chose: say where and why
     if args.wait:
         deadline = time.monotonic() + args.wait_timeout
         while server["state"] in ("creating", "exporting") and time.monotonic() < deadline:
@@ -365,6 +372,9 @@ def add_client_commands(subparsers: Any) -> None:
     p.add_argument("--user", help="owner (required with an admin token)")
     p.add_argument("--hostname", help="DNS name (the DNS responder answers it with --address)")
     p.add_argument("--address", help="the node's IPv4 address, for DNS")
+    p.add_argument("--appliance", help="fleet: place it on this appliance")
+    p.add_argument("--appliance-label", action="append", metavar="KEY=VALUE",
+                   help="fleet: the appliance must carry this label (repeatable)")
     p.add_argument("--wait", action="store_true", help="wait until available (exit 1 on error)")
     p.add_argument("--wait-timeout", type=float, default=300.0)
     p = _common(server.add_parser("list", help="list servers"), server_list)
@@ -423,6 +433,9 @@ def add_client_commands(subparsers: Any) -> None:
     from appliance.cli_audit import add_audit_commands
 
     add_audit_commands(subparsers, _common)
+    from appliance.cli_fleet import add_fleet_commands
+
+    add_fleet_commands(subparsers, server, _common)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.test_api_stack import PORTALS, Stack, open_stack, uuid_n
+from tests.integration.test_cli_client import cello
 from tests.pgserver import PgServer, fresh_database, pg_server
 
 __all__ = ["pg_server"]  # the session fixture, used by name
@@ -114,8 +116,11 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
                 assert (stack.policy.boot_spec(uuid=uuid, mac=None) is not None) == (name == where)
 
         # disabled: no placement there, and a request pinned there says why
-        status, body = await a.req("POST", "/api/v1/appliances/c/disable", json={"reason": "maintenance"})
-        assert status == 200 and body["state"] == "disabled", body
+        code, out, err = await cello(a, "appliance", "disable", "c", "--reason", "maintenance")
+        assert code == 0 and "appliance c: disabled" in out, err
+        code, out, err = await cello(a, "appliance", "list")
+        rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+        assert code == 0 and set(rows) == {"a", "b", "c"} and "disabled (maintenance)" in rows["c"], out
         status, body = await a.create(uuid_n(10), appliance="c")
         assert status == 409 and "maintenance" in body["detail"], body
         status, body = await a.create(uuid_n(11))
@@ -139,8 +144,9 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
             await b.wait_state(on_b)
         assert on_b is not None
         vols = [v["name"] for v in (await b.req("GET", f"/api/v1/servers/{on_b}"))[1]["volumes"]]
-        status, body = await a.req("POST", f"/api/v1/servers/{on_b}/move", json={"appliance": "c"})
-        assert status == 200, body
+        code, out, err = await cello(a, "server", "move", on_b, "--to", "c", "--json")
+        assert code == 0, err
+        body = json.loads(out)
         assert body["appliance"] == "c" and body["state"] == "available", body
         assert set(vols) <= {v.name for v in await c.backend.list()}
         assert not set(vols) & {v.name for v in await b.backend.list()}
