@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from domain.exports import desired_targets
-from domain.servers import ServerWorkflows
+from domain.servers import WAITING, ServerWorkflows
 from domain.states import BEING_MADE, ServerState, VolumeState
 from domain.store import GONE_IDX, NEW_ROOT_IDX
 from domain.tasks import reason
@@ -32,8 +32,9 @@ async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
     store, backend = servers.store, servers.backend
     # Only this appliance's servers: a fleet's others reconcile their own.
     for server in await store.call(partial(store.sync.servers, appliance=servers.appliance)):
-        if server.state in BEING_MADE and not servers.busy(server.uuid):
-            # A crash between steps: the volumes this server made are listed in the store, so
+        if server.state in BEING_MADE and not servers.busy(server.uuid) and not server.reason.startswith(WAITING):
+            # A crash between steps (a create placed here by another appliance and not yet taken is no
+            # crash: the fleet's poll takes it): the volumes this server made are listed in the store, so
             # undoing them is what the store says; the record ends in error.
             present = {v.name for v in await backend.list()}
             made = [v.name for v in await store.call(store.sync.volumes, server.uuid) if v.name in present]

@@ -154,6 +154,16 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
                      lambda: _has_target(c, on_b))
         assert c.servers.iqn(on_b) not in (await b.driver.actual()).targets
 
+        # a create placed on B while B restarts: its reconcile leaves it alone, its poll takes it
+        await b.domain.fleet.stop()
+        status, body = await a.create(uuid_n(16), appliance="b")
+        assert status == 202, body
+        await b.domain.reconcile()
+        status, body = await b.req("GET", f"/api/v1/servers/{uuid_n(16)}")
+        assert body["state"] == "creating" and body["reason"].startswith("placed on b"), body
+        await b.domain.fleet.start()
+        assert (await b.wait_state(uuid_n(16)))["state"] == "available"
+
         # B goes quiet: shown down, no placement there, writes on its servers refused (503), reads served
         status, body = await a.create(uuid_n(15), appliance="b")
         assert status == 202, body
