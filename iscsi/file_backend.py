@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import naming
-from iscsi import names
+from iscsi import names, pipes, volstream
+from iscsi.image_stream import ImageEncoder, ImageWriter, data_ranges, digest_file
 from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
 from iscsi.runner import CommandRunner
 
@@ -34,6 +36,7 @@ _ZEROS = bytes(_CHUNK)
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS, errno.EPERM}
 CloneMethod = Literal["reflink", "sparse-copy"]
 ExportedGuard = Callable[[str], bool]
+MAX_RECEIVE_SIZE = 64 << 40  # a stream claiming a larger volume is refused before anything is made
 
 
 def reflink(src: Path, dst: Path) -> bool:
@@ -60,20 +63,10 @@ def sparse_copy(src: Path, dst: Path) -> None:
     """Copy only the data regions of `src` (SEEK_DATA/SEEK_HOLE), then fsync: holes stay holes."""
     with open(src, "rb") as s, open(dst, "xb") as d:
         size = os.fstat(s.fileno()).st_size
-        sfd, dfd = s.fileno(), d.fileno()
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(sfd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            end = os.lseek(sfd, start, os.SEEK_HOLE)
-            _copy_range(sfd, dfd, start, end)
-            pos = end
-        os.ftruncate(dfd, size)
-        os.fsync(dfd)
+        for start, end in data_ranges(s.fileno(), size):
+            _copy_range(s.fileno(), d.fileno(), start, end)
+        os.ftruncate(d.fileno(), size)
+        os.fsync(d.fileno())
 
 
 def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
@@ -151,6 +144,11 @@ class FileBackend:
         self._runner = runner  # unused: this backend runs no external command
         self._lock = asyncio.Lock()
         self.clone_method: CloneMethod | None = None  # what the last clone really used
+        self.max_receive_size = MAX_RECEIVE_SIZE
+        self._receiving: set[str] = set()  # names being received now: a second receive is refused
+        # sha256 of immutable snapshot images, by (path, inode, size, mtime): hashing a 100G sparse
+        # template costs a minute of CPU for its holes alone
+        self._digests: dict[tuple[str, int, int, int], str] = {}
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -431,6 +429,173 @@ class FileBackend:
             return out
 
         return await asyncio.to_thread(scan)
+
+
+    # -- streams to and from another appliance (template replication, moving a server) -------------
+    #
+    # Sent as volstream frames (full, or a delta against a template snapshot both sides hold), received
+    # into a hidden `.<name>.img.recv` beside the target and renamed into place only once complete and
+    # verified: nothing half-made is ever visible under a volume's or snapshot's name.
+
+    def send_template(self, os_name: str, version: str, *, base: str | None = None) -> AsyncIterator[bytes]:
+        """`<os>-template@<version>`; with `base`, a delta against `<os>-template@<base>` (the
+        receiver applies it to its own copy of that version: on a reflink filesystem the new version
+        shares the old one's blocks there as it does here)."""
+        snap = names.snapshot_name(os_name, version)
+        base_img = self._img(names.snapshot_name(os_name, base)) if base is not None else None
+        return self._send(snap, self._img(snap), base_img, cache=True)
+
+    def send_volume(self, volume: str, *, origin: tuple[str, str] | None = None) -> AsyncIterator[bytes]:
+        """A server's volume (the node is off, so it does not change meanwhile); with `origin` (an OS
+        clone's template version, which the receiver holds) a delta against that snapshot."""
+        vol = movable_volume(volume, origin)
+        base_img = self._img(names.snapshot_name(*origin)) if origin is not None else None
+        return self._send(vol, self._img(vol), base_img, cache=False)
+
+    async def _send(self, name: str, img: Path, base: Path | None, *, cache: bool) -> AsyncIterator[bytes]:
+        try:
+            enc = await asyncio.to_thread(ImageEncoder, img, base)
+        except FileNotFoundError as exc:
+            missing = Path(exc.filename or img).name.removesuffix(".img")
+            raise StorageError(f"{missing} does not exist") from None
+        try:
+            while (frame := await asyncio.to_thread(enc.next_frame)) is not None:
+                yield frame
+        finally:
+            await asyncio.to_thread(enc.close)
+        if cache and enc.digest is not None:
+            key = await asyncio.to_thread(_digest_key, img)
+            if key is not None:
+                self._digests[key] = volstream.checksum_text(enc.digest)
+
+    async def receive_template(self, os_name: str, version: str, chunks: AsyncIterator[bytes], *,
+                               base: str | None = None) -> str:
+        """`<os>-template@<version>` from a stream (a delta needs `base` held here); the template
+        volume is made from it too when this appliance has none yet (an existing one is left as it
+        is: a build or capture rewrites it whole). Returns "sha256:<hex>" of the content."""
+        template = names.template_volume(os_name)
+        snap = names.snapshot_name(os_name, version)
+        base_img = self._img(names.snapshot_name(os_name, base)) if base is not None else None
+
+        def finish(tmp: Path) -> None:
+            os.chmod(tmp, 0o444)
+            made = None
+            if not self._img(template).exists():
+                made = self._img(template)
+                self._clone(tmp, template, None, False)
+            try:
+                os.replace(tmp, self._img(snap))  # last: once the snapshot is there, all of it is
+            except BaseException:
+                if made is not None:
+                    made.unlink(missing_ok=True)
+                raise
+
+        checksum = await self._receive(snap, chunks, base_img, finish)
+        key = await asyncio.to_thread(_digest_key, self._img(snap))
+        if key is not None:
+            self._digests[key] = checksum
+        return checksum
+
+    async def receive_volume(self, volume: str, chunks: AsyncIterator[bytes], *,
+                             origin: tuple[str, str] | None = None) -> str:
+        """A server's volume from a stream; with `origin` it becomes a clone of that template snapshot
+        here (a delta is applied to a reflink or sparse copy of it; `list()` reports the origin)."""
+        vol = movable_volume(volume, origin)
+        snap = names.snapshot_name(*origin) if origin is not None else None
+
+        def finish(tmp: Path) -> None:
+            if snap is not None:
+                _write_json(self._sidecar(vol), {"origin": snap})
+            try:
+                os.replace(tmp, self._img(vol))
+            except BaseException:
+                self._sidecar(vol).unlink(missing_ok=True)
+                raise
+
+        return await self._receive(vol, chunks, self._img(snap) if snap is not None else None, finish)
+
+    async def _receive(self, name: str, chunks: AsyncIterator[bytes], base: Path | None,
+                       finish: Callable[[Path], None]) -> str:
+        """Decode into `.<name>.img.recv`, then `finish(tmp)` renames it into place under the lock."""
+        if name in self._receiving:
+            raise StorageError(f"{name} is being received already")
+        self._receiving.add(name)
+        tmp = self.directory / f".{name}.img.recv"
+        writer: ImageWriter | None = None
+        try:
+            async with self._lock:
+                if await asyncio.to_thread(self._img(name).exists):
+                    raise StorageError(f"{name} already exists here: a copy never overwrites it")
+            await asyncio.to_thread(self._prepare_receive, tmp, base)
+            writer = ImageWriter(tmp, base_copied=base is not None)
+            decoder = volstream.Decoder(self.max_receive_size)
+            async with contextlib.aclosing(pipes.guarded(chunks, f"receiving {name}")) as source:
+                async for chunk in source:
+                    await asyncio.to_thread(writer.absorb, decoder, chunk)
+            decoder.close()
+            await asyncio.to_thread(writer.close)
+            assert writer.digest is not None  # the decoder saw the trailer, the writer checked it
+            async with self._lock:
+                if await asyncio.to_thread(self._img(name).exists):
+                    raise StorageError(f"{name} already exists here: a copy never overwrites it")
+                await asyncio.to_thread(finish, tmp)
+            return volstream.checksum_text(writer.digest)
+        except BaseException:
+            if writer is not None:
+                await asyncio.to_thread(writer.close)
+            await asyncio.to_thread(tmp.unlink, True)
+            raise
+        finally:
+            self._receiving.discard(name)
+
+    def _prepare_receive(self, tmp: Path, base: Path | None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # left by a receive a crash cut short
+        if base is None:
+            return
+        try:
+            self.clone_method = clone_file(base, tmp)  # a delta patches a copy of the base
+        except FileNotFoundError:
+            raise StorageError(f"{base.name.removesuffix('.img')} does not exist here: "
+                               "the stream's base must be received first") from None
+
+    async def template_checksum(self, os_name: str, version: str) -> str:
+        """"sha256:<hex>" of `<os>-template@<version>`'s content (cached: snapshots never change)."""
+        img = self._img(names.snapshot_name(os_name, version))
+        key = await asyncio.to_thread(_digest_key, img)
+        if key is None:
+            raise StorageError(f"snapshot {img.name.removesuffix('.img')} does not exist")
+        if key not in self._digests:
+            self._digests[key] = volstream.checksum_text(await asyncio.to_thread(digest_file, img))
+        return self._digests[key]
+
+    async def volume_checksum(self, volume: str) -> str:
+        """"sha256:<hex>" of a volume's content now (what `send_volume` sends while its node is off)."""
+        img = self._img(names.volume(volume))
+        try:
+            return volstream.checksum_text(await asyncio.to_thread(digest_file, img))
+        except FileNotFoundError:
+            raise StorageError(f"volume {names.volume(volume)} does not exist") from None
+
+
+def movable_volume(volume: str, origin: tuple[str, str] | None) -> str:
+    """A server's volume (templates travel by send_template); only an OS volume has an origin."""
+    vol = names.parse_volume(volume)
+    if vol.kind == "template":
+        raise StorageError(f"{vol.name} is a template volume: send its versions with send_template")
+    if origin is not None:
+        names.snapshot_name(*origin)
+        if vol.kind != "os":
+            raise StorageError(f"{vol.name} is a data volume: only an OS volume is a clone of a template")
+    return vol.name
+
+
+def _digest_key(img: Path) -> tuple[str, int, int, int] | None:
+    try:
+        st = img.stat()
+    except FileNotFoundError:
+        return None
+    return str(img), st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_restorable(volume: str, snap: str, snapshots: builtins.list[str] | None) -> None:

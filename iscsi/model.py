@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -75,6 +75,42 @@ class VolumeBackend(Protocol):
         ...
     async def capacity(self) -> PoolCapacity: ...
     def path(self, volume: str) -> str: ...
+
+    # -- streams to and from another appliance (template replication, moving a server) -------------
+    # Transport-agnostic: a sender is an async iterator of bytes (chunks of at most 1 MiB plus a frame
+    # header), a receiver consumes one. Only two backends of the same kind understand each other.
+    def send_template(self, os_name: str, version: str, *, base: str | None = None) -> AsyncIterator[bytes]:
+        """`<os>-template@<version>` as a stream; with `base` (an older version the receiver holds:
+        for zfs the newest it holds) the difference from it (`zfs send -i`; file: a delta of the
+        pieces that differ). Errors (a missing snapshot, `zfs send` failing) raise StorageError from
+        the iterator; closing it early stops and reaps whatever reads for it."""
+        ...
+    async def receive_template(self, os_name: str, version: str, chunks: AsyncIterator[bytes], *,
+                               base: str | None = None) -> str:
+        """Make `<os>-template@<version>` here (the template volume too where none is here) from a
+        `send_template` stream with the same `base`; return its checksum (`template_checksum`'s form).
+        On any failure (cut or corrupt stream, wrong snapshot, checksum mismatch, zfs recv error, an
+        existing snapshot: never overwritten) nothing of it is left and StorageError is raised."""
+        ...
+    async def template_checksum(self, os_name: str, version: str) -> str:
+        """What sender and receiver compare to call a copy verified: zfs "zfs-guid:<n>" (the snapshot's
+        guid, which send/recv carries over), file "sha256:<hex>" of the logical content."""
+        ...
+    def send_volume(self, volume: str, *, origin: tuple[str, str] | None = None) -> AsyncIterator[bytes]:
+        """A server's OS or data volume (its node is off); with `origin=(os, version)` of an OS clone
+        whose template version the receiver holds, only what differs from that snapshot (zfs: of a
+        snapshot `<volume>@cello:move` taken first, which stays until the volume is destroyed)."""
+        ...
+    async def receive_volume(self, volume: str, chunks: AsyncIterator[bytes], *,
+                             origin: tuple[str, str] | None = None) -> str:
+        """Make the volume here from a `send_volume` stream with the same `origin` (it becomes a clone
+        of that snapshot: `VolumeInfo.origin`); return its checksum (`volume_checksum`'s form, checked
+        against the stream already). A volume of that name here is refused (StorageError naming it);
+        on any failure nothing of it is left."""
+        ...
+    async def volume_checksum(self, volume: str) -> str:
+        """zfs: the guid of what `send_volume` last sent; file: the sha256 of the content now."""
+        ...
     def status(self) -> Mapping[str, object]: ...
 
 

@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
 import naming
-from iscsi import names
-from iscsi.file_backend import check_restorable, replace_with_copy
+from iscsi import names, pipes
+from iscsi.file_backend import check_restorable, movable_volume, replace_with_copy
 from iscsi.model import InUseError, NameError_, PoolCapacity, StorageError, VolumeInfo
 from iscsi.runner import CommandError, CommandRunner, default_runner
+from iscsi.zfs_stream import BEGIN_SIZE, SendBegin, parse_begin
 
 ZfsKind = Literal["zvol", "file"]
 ExportedGuard = Callable[[str], bool]
 IMAGE = "disk.img"
 LIST_PROPS = "type,volsize,used,referenced,origin,mountpoint,available"
 ZVOL_ALIGN = 128 * 1024  # round zvol sizes up to the largest volblocksize: `zfs create -V` needs a multiple
+# What send_volume snapshots and sends. Outside naming.SNAPSHOT (the ':'), so no operator's snapshot can
+# have this name and volume_snapshots() does not list it.
+MOVE_SNAPSHOT = "cello:move"
 
 
 class ZfsOutputError(ValueError):
@@ -101,6 +106,7 @@ class ZfsBackend:
         self._mountpoint = Path(mountpoint) if mountpoint is not None else None
         self._device_timeout = device_timeout
         self._lock = asyncio.Lock()
+        self._receiving: set[str] = set()  # datasets being received now: a second receive is refused
 
     # -- names and paths ----------------------------------------------------------------------
 
@@ -432,6 +438,182 @@ class ZfsBackend:
         got = (await self._get("used,available", self.pool)).get(self.pool, {})
         used, free = _int(got, "used", self.pool), _int(got, "available", self.pool)
         return PoolCapacity(used + free, used, free)
+
+    # -- streams to and from another appliance (template replication, moving a server) -------------
+    #
+    # `zfs send` streamed from its stdout, `zfs recv` fed through its stdin (pipes). Before recv sees a
+    # byte, the stream's BEGIN record is checked against what was asked for (the snapshot it carries,
+    # full or from the right base): `zfs recv pool/x@snap` would otherwise take whatever came under
+    # that name. Verification is zfs's own: recv checks the stream's checksums, and the received
+    # snapshot's guid (carried over by send/recv) must be the stream's toguid and the sender's.
+
+    def send_template(self, os_name: str, version: str, *, base: str | None = None) -> AsyncIterator[bytes]:
+        snap = self._ds(names.snapshot_name(os_name, version))
+        since = ["-i", self._ds(names.snapshot_name(os_name, base))] if base is not None else []
+        return pipes.stream_output(["zfs", "send", *since, snap])
+
+    def send_volume(self, volume: str, *, origin: tuple[str, str] | None = None) -> AsyncIterator[bytes]:
+        """`zfs send [-i <pool>/<os>-template@<v>] <pool>/<volume>@cello:move`, of a snapshot taken
+        now (a stale one from an earlier attempt is replaced: the volume may have changed since)."""
+        name = movable_volume(volume, origin)
+        since = ["-i", self._ds(names.snapshot_name(*origin))] if origin is not None else []
+        return self._send_volume(name, since)
+
+    async def _send_volume(self, name: str, since: builtins.list[str]) -> AsyncIterator[bytes]:
+        snap = self._ds(f"{name}@{MOVE_SNAPSHOT}")
+        async with self._lock:
+            existing = await self._snapshots_of(self._ds(name))
+            if existing is None:
+                raise StorageError(f"volume {name} does not exist")
+            if MOVE_SNAPSHOT in existing:
+                await self._zfs_patiently("destroy", snap)
+            await self._zfs("snapshot", snap)
+        async for chunk in pipes.stream_output(["zfs", "send", *since, snap]):
+            yield chunk
+
+    async def template_checksum(self, os_name: str, version: str) -> str:
+        return f"zfs-guid:{await self._guid(self._ds(names.snapshot_name(os_name, version)))}"
+
+    async def volume_checksum(self, volume: str) -> str:
+        """The guid of `<volume>@cello:move`, the snapshot the last `send_volume` sent."""
+        snap = self._ds(f"{movable_volume(volume, None)}@{MOVE_SNAPSHOT}")
+        return f"zfs-guid:{await self._guid(snap)}"
+
+    async def _guid(self, snap: str) -> int:
+        result = await self._run(["zfs", "get", "-Hp", "-o", "name,property,value", "guid", snap], check=False)
+        if result.returncode != 0:
+            if "does not exist" in result.stderr:
+                raise StorageError(f"snapshot {snap.removeprefix(self.pool + '/')} does not exist")
+            raise CommandError(result)
+        value = parse_get(result.stdout).get(snap, {}).get("guid", "")
+        if not value.isdigit():
+            raise StorageError(f"zfs get: {snap} guid={value!r} is not a number")
+        return int(value)
+
+    async def receive_template(self, os_name: str, version: str, chunks: AsyncIterator[bytes], *,
+                               base: str | None = None) -> str:
+        """`zfs recv <pool>/<os>-template@<version>`: a full stream makes the template dataset (none may
+        be here), an incremental one adds the snapshot to it (`base` must be its newest snapshot, and
+        the dataset unchanged since: no `-F`, which would roll back or destroy what is here)."""
+        template = names.template_volume(os_name)
+        snap = names.snapshot_name(os_name, version)
+        base_snap = names.snapshot_name(os_name, base) if base is not None else None
+
+        async def check() -> int:
+            everything = await self._all()
+            if self._ds(snap) in everything:
+                raise StorageError(f"snapshot {snap} already exists here: a copy never overwrites it")
+            if base_snap is None:
+                if self._ds(template) in everything:
+                    raise StorageError(f"template {template} exists here: send {version} incrementally "
+                                       "from a version it holds (base)")
+                return 0
+            return await self._guid(self._ds(base_snap))
+
+        def expect(begin: SendBegin, base_guid: int) -> None:
+            _expect(begin, snap, base_guid, clone=False, base=base_snap)
+
+        return await self._receive(self._ds(template), self._ds(snap), chunks, check, expect,
+                                   undo=self._ds(template) if base_snap is None else self._ds(snap))
+
+    async def receive_volume(self, volume: str, chunks: AsyncIterator[bytes], *,
+                             origin: tuple[str, str] | None = None) -> str:
+        """`zfs recv <pool>/<volume>@cello:move`; with `origin` the stream is a clone's, incremental
+        from that snapshot, and the volume becomes its clone here (`zfs get origin`). The received
+        `@cello:move` snapshot is destroyed once checked (the volume goes on from there)."""
+        name = movable_volume(volume, origin)
+        origin_snap = names.snapshot_name(*origin) if origin is not None else None
+        ds = self._ds(name)
+
+        async def check() -> int:
+            if ds in await self._all():
+                raise StorageError(f"volume {name} already exists here: a move never overwrites it")
+            return await self._guid(self._ds(origin_snap)) if origin_snap is not None else 0
+
+        def expect(begin: SendBegin, base_guid: int) -> None:
+            _expect(begin, f"{name}@{MOVE_SNAPSHOT}", base_guid, clone=origin_snap is not None, base=origin_snap)
+
+        checksum = await self._receive(ds, f"{ds}@{MOVE_SNAPSHOT}", chunks, check, expect, undo=ds)
+        try:
+            async with self._lock:
+                await self._zfs_patiently("destroy", f"{ds}@{MOVE_SNAPSHOT}")
+            if self.kind == "zvol":
+                await self._wait_device(name)
+        except BaseException:
+            await self._undo_receive(ds)
+            raise
+        return checksum
+
+    async def _receive(self, ds: str, target: str, chunks: AsyncIterator[bytes],
+                       check: Callable[[], Awaitable[int]], expect: Callable[[SendBegin, int], None], *,
+                       undo: str) -> str:
+        """Check (under the lock) that nothing is in the way, check the stream's BEGIN record, `zfs recv
+        target`, compare the guids; on any failure destroy `undo` if the receive made it."""
+        if ds in self._receiving:
+            raise StorageError(f"{ds.removeprefix(self.pool + '/')} is being received already")
+        self._receiving.add(ds)
+        began = False
+        try:
+            async with self._lock:
+                base_guid = await check()
+                await self._learn_mountpoint()
+            async with contextlib.aclosing(pipes.guarded(chunks, f"receiving {target}")) as source:
+                head = await _read_at_least(source, BEGIN_SIZE)
+                begin = parse_begin(head)
+                expect(begin, base_guid)
+                began = True
+                async with contextlib.aclosing(_chain(head, source)) as stream:
+                    await pipes.feed_input(["zfs", "recv", target], stream)
+            guid = await self._guid(target)
+            if guid != begin.toguid:
+                raise StorageError(f"received {target} has guid {guid}, the stream's is {begin.toguid}")
+            return f"zfs-guid:{guid}"
+        except BaseException:
+            if began:  # zfs recv removes what it began on a cut stream; this is for what it finished
+                await self._undo_receive(undo)
+            raise
+        finally:
+            self._receiving.discard(ds)
+
+    async def _undo_receive(self, what: str) -> None:
+        """Destroy a dataset (with its snapshots) or a snapshot a failed receive left, if it is here."""
+        async with self._lock:
+            if what not in await self._all():
+                return
+            if "@" not in what and self.kind == "file":
+                await self._run(["zfs", "umount", what], check=False)
+            await self._zfs_patiently("destroy", *([] if "@" in what else ["-r"]), what)
+
+
+def _expect(begin: SendBegin, snapshot: str, base_guid: int, *, clone: bool, base: str | None) -> None:
+    """Refuse a stream that is not of `snapshot` (without its pool), not from the base held here (guid
+    `base_guid`, 0 for none) or not a clone's where a clone is asked for."""
+    if begin.snapshot != snapshot:
+        raise StorageError(f"the stream carries {begin.toname}, not {snapshot}")
+    if begin.fromguid != base_guid:
+        if base_guid == 0:
+            raise StorageError(f"the stream of {snapshot} is incremental, but no base was named for it")
+        if begin.fromguid == 0:
+            raise StorageError(f"the stream of {snapshot} is a full one, not incremental from {base}")
+        raise StorageError(f"the stream of {snapshot} is incremental from another snapshot than {base} here "
+                           f"(guid {begin.fromguid}, {base} is {base_guid})")
+    if begin.clone != clone:
+        raise StorageError(f"the stream of {snapshot} is {'' if begin.clone else 'not '}a clone's")
+
+
+async def _read_at_least(source: AsyncIterator[bytes], n: int) -> bytes:
+    head = b""
+    async for chunk in source:
+        head += chunk
+        if len(head) >= n:
+            break
+    return head
+
+
+async def _chain(head: bytes, rest: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    yield head
+    async for chunk in rest:
+        yield chunk
 
 
 def _make_sparse(img: Path, size: int) -> None:
