@@ -196,6 +196,8 @@ class FleetConfig:
                               "must be 0.1..3600")
     down_after_s: float = _opt(30.0, "an appliance without a heartbeat for this long is down (no placement there)",
                                lambda v: None if 0.5 <= v <= 86400 else "must be 0.5..86400")
+    os_reserve_gb: int = _opt(10, "what placement counts per OS clone (thin: it holds only what its node writes; "
+                              "data volumes count in full)", _range(0, 1 << 20))
     poll_s: float = _opt(1.0, "seconds between looks at the shared store for this appliance's work",
                          lambda v: None if 0.05 <= v <= 600 else "must be 0.05..600")
 

@@ -57,6 +57,7 @@ class FleetSettings:
     heartbeat_s: float = 5.0
     down_after_s: float = 30.0
     poll_s: float = 1.0
+    os_reserve_bytes: int = 10 << 30  # what placement counts per OS clone (thin: it holds what its node writes)
     answers_unknown: bool = False
     version: str = ""
 
@@ -213,7 +214,7 @@ class Fleet:
         return "disabled" if row.disabled else "up"
 
     async def view(self) -> list[ApplianceView]:
-        rows, placed, copies = await self._db(_fleet_rows, self.store.sync)
+        rows, placed, copies = await self._db(_fleet_rows, self.store.sync, self.settings.os_reserve_bytes)
         now = self._clock()
         out = []
         for r in rows:
@@ -249,7 +250,8 @@ class Fleet:
                     labels: Mapping[str, str] | None = None) -> Placement:
         """Where a new server of this template version goes; NoPlacement naming why each appliance
         was filtered out when none fits."""
-        request = PlacementRequest(template=tv.template, version=tv.version, os_bytes=tv.size, data_bytes=data_bytes,
+        request = PlacementRequest(template=tv.template, version=tv.version,
+                                   os_bytes=min(tv.size, self.settings.os_reserve_bytes), data_bytes=data_bytes,
                                    labels=dict(labels or {}), pin=pin)
         candidates = await self.candidates()
         if pin and pin not in {c.name for c in candidates}:
@@ -362,8 +364,9 @@ class Fleet:
                 raise Conflict(f"server {uuid} has a restore point or snapshots; a move carries only its root "
                                "and data volumes (remove them first)")
             target = await self.appliance(to)
-            request = PlacementRequest(template=server.template, version=server.version, os_bytes=0,
-                                       data_bytes=sum(v.size for v in volumes), labels={}, pin=to)
+            request = PlacementRequest(template=server.template, version=server.version,
+                                       os_bytes=self.settings.os_reserve_bytes,
+                                       data_bytes=sum(v.size for v in volumes if v.kind == "data"), labels={}, pin=to)
             placement = self.scheduler.place(await self.candidates(), request)
             if placement.chosen != to:
                 raise NoPlacement(f"server {uuid} cannot move to {to}: {placement.rejected.get(to, '?')}")
@@ -436,8 +439,9 @@ def _vnum(version: str) -> int:
     return int(version[1:])
 
 
-def _fleet_rows(store: Any) -> tuple[list[ApplianceRow], dict[str, tuple[int, int]], list[TemplateCopyRow]]:
-    return store.appliances(), store.placed(), store.template_copies()
+def _fleet_rows(store: Any, os_reserve: int) -> tuple[list[ApplianceRow], dict[str, tuple[int, int]],
+                                                      list[TemplateCopyRow]]:
+    return store.appliances(), store.placed(os_reserve), store.template_copies()
 
 
 def _versions_and_copies(store: Any) -> tuple[Sequence[TemplateVersion], list[TemplateCopyRow]]:

@@ -549,18 +549,20 @@ class Store:
         with self._tx() as db:
             return int(db.execute("UPDATE servers SET appliance = ? WHERE appliance = ''", (name,)).rowcount)
 
-    def placed(self) -> dict[str, tuple[int, int]]:
-        """Appliance -> (servers, provisioned bytes: the sizes of their volumes of every kind). A server
-        on the move counts on both ends: its target's space is taken from the move's start. Unclaimed
-        servers (appliance '') are on no appliance and not counted."""
+    def placed(self, os_reserve: int = 0) -> dict[str, tuple[int, int]]:
+        """Appliance -> (servers, provisioned bytes). Data volumes count at their size (promised in full);
+        an OS clone, restore point or any other volume at `os_reserve` (a clone holds only what its node
+        wrote, its size is the template's virtual one). A server on the move counts on both ends: its
+        target's space is taken from the move's start. Unclaimed servers (appliance '') are not counted."""
+        per_server = ("COALESCE((SELECT SUM(CASE WHEN v.kind = 'data' THEN v.size ELSE ? END) FROM volumes v "
+                      "WHERE v.server = s.uuid), 0)")
         rows = self._all(
             "SELECT place, COUNT(*), COALESCE(SUM(bytes), 0) FROM ("
-            "SELECT s.appliance AS place, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
-            "AS bytes FROM servers s WHERE s.appliance != '' "
+            f"SELECT s.appliance AS place, {per_server} AS bytes FROM servers s WHERE s.appliance != '' "
             "UNION ALL "
-            "SELECT s.moving_to AS place, COALESCE((SELECT SUM(v.size) FROM volumes v WHERE v.server = s.uuid), 0) "
-            "AS bytes FROM servers s WHERE s.moving_to != '' AND s.moving_to != s.appliance"
-            ") placed GROUP BY place ORDER BY place")
+            f"SELECT s.moving_to AS place, {per_server} AS bytes FROM servers s "
+            "WHERE s.moving_to != '' AND s.moving_to != s.appliance"
+            ") placed GROUP BY place ORDER BY place", (os_reserve, os_reserve))
         return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
 
     def set_server_appliance(self, uuid: str, appliance: str) -> None:

@@ -304,15 +304,17 @@ def test_servers_filter_by_owner_appliance_or_both(store: Store) -> None:
     assert store.servers("bob", appliance="b") == []
 
 
-def test_placed_counts_a_moving_server_on_both_ends(store: Store) -> None:
+def test_placed_counts_data_in_full_clones_at_the_reserve_and_a_move_on_both_ends(store: Store) -> None:
     big = 5 << 40  # beyond 2^32: provisioned bytes are 64-bit
     store.create_server(_server("u1", appliance="a"), [_vol("u1", 0, 100), _vol("u1", 1, big), _vol("u1", -1, 7)])
     store.create_server(_server("u2", appliance="a", moving_to="b"), [_vol("u2", 0, 10)])
     store.create_server(_server("u3", appliance="c"), [])
     store.create_server(_server("u4"), [_vol("u4", 0, 1)])  # unclaimed: on no appliance
-    assert store.placed() == {"a": (2, 100 + big + 7 + 10), "b": (1, 10), "c": (1, 0)}
+    # data volumes at their size; the OS clone and the restore point at the reserve, whatever their size
+    assert store.placed(3) == {"a": (2, 3 + big + 3 + 3), "b": (1, 3), "c": (1, 0)}
+    assert store.placed() == {"a": (2, big), "b": (1, 0), "c": (1, 0)}
     store.set_moving_to("u2", "")
-    assert store.placed()["a"] == (2, 100 + big + 7 + 10) and "b" not in store.placed()
+    assert store.placed(3)["a"] == (2, 3 + big + 3 + 3) and "b" not in store.placed(3)
 
 
 def test_a_move_begins_and_ends(store: Store) -> None:
