@@ -109,7 +109,8 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    listen: str = _opt("127.0.0.1:8080", "API, HTTP boot, /metrics", _host_port)
+    # every interface: the default profile's nodes fetch their script, kernel and initrd here
+    listen: str = _opt("0.0.0.0:8080", "API, HTTP boot, /metrics (nodes must reach it)", _host_port)
     admin_token: str = _opt("", "'' = generate one on first start and print it once",
                             lambda v: None if v == "" or len(v) >= 16 else "must be empty or >= 16 chars")
 

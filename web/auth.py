@@ -7,10 +7,11 @@ in the route table; `guarded` wraps its handler with the check, so no route can 
 
 from __future__ import annotations
 
-import hmac
+import time
 
 from aiohttp import web
 
+from web import fleetauth
 from web.errors import ApiError, Handler
 from web.keys import DEPS, PRINCIPAL
 from web.routes import Access
@@ -52,16 +53,17 @@ def guarded(handler: Handler, access: Access) -> Handler:
 
 
 def _peer_only(handler: Handler) -> Handler:
-    """The fleet channel: the bearer is the fleet's shared secret; no secret configured, no channel."""
+    """The fleet channel: a request signed with the fleet's shared secret (web/fleetauth.py); no secret
+    configured, no channel."""
 
     async def check(request: web.Request) -> web.StreamResponse:
         secret = request.app[DEPS].domain.fleet.settings.secret
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if not secret:
             raise ApiError(403, "forbidden", "this appliance has no fleet channel ([fleet] secret)")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret.encode()):
-            raise ApiError(401, "unauthorized", "the fleet channel needs the fleet's secret",
-                           {"WWW-Authenticate": 'Bearer realm="cello-fleet"'})
+        why = fleetauth.problem(secret, request.headers.get("Authorization", ""), request.method,
+                                request.path_qs, time.time())
+        if why is not None:
+            raise ApiError(401, "unauthorized", why, {"WWW-Authenticate": fleetauth.SCHEME})
         return await handler(request)
 
     check.__name__ = handler.__name__

@@ -1,7 +1,8 @@
 """The fleet channel's client side (domain.fleet.PeerChannel over HTTP): template versions and moving
-volumes are pulled as streams from another appliance's `/fleet/v1/…`, with the fleet's shared secret as
-bearer; boot files (kernel, initrd) come from its public HTTP boot path and are written into this
-appliance's boot tree at the same place, through a temporary file, so a broken copy never shows.
+volumes are pulled as streams from another appliance's `/fleet/v1/…`, each request signed with the
+fleet's shared secret (web/fleetauth.py); boot files (kernel, initrd) come from its public HTTP boot
+path and are written into this appliance's boot tree at the same place, through a temporary file, so
+a broken copy never shows.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import aiohttp
 
 from domain.store import ApplianceRow
 from iscsi.model import StorageError
+from web import fleetauth
 
 CHUNK = 1 << 20
 # A stream may be long (a big template); a peer that goes silent for this long has failed.
@@ -25,10 +29,16 @@ _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
 class HttpChannel:
     def __init__(self, files_root: Path, secret: str) -> None:
         self.files_root = files_root
-        self._auth = {"Authorization": f"Bearer {secret}"}
+        self._secret = secret
+
+    def _auth(self, method: str, url: str) -> dict[str, str]:
+        parts = urllib.parse.urlsplit(url)
+        path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
+        return {"Authorization": fleetauth.sign(self._secret, method, path_qs, time.time())}
 
     async def _get(self, url: str) -> AsyncIterator[bytes]:
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=self._auth) as r:
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, \
+                session.get(url, headers=self._auth("GET", url)) as r:
             if r.status != 200:
                 raise StorageError(f"GET {url}: {r.status} {(await r.text())[:300]}")
             async for chunk in r.content.iter_chunked(CHUNK):
@@ -66,6 +76,7 @@ class HttpChannel:
     async def ask_pull(self, peer: ApplianceRow, uuid: str) -> None:
         url = f"{peer.api_url.rstrip('/')}/fleet/v1/servers/{uuid}/pull"
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(url, headers=self._auth) as r:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.post(url, headers=self._auth("POST", url)) as r:
             if r.status != 204:
                 raise StorageError(f"{peer.name} could not take the volumes: {r.status} {(await r.text())[:300]}")

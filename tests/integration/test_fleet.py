@@ -22,6 +22,7 @@ from typing import Any
 from tests.integration.test_api_stack import PORTALS, Stack, open_stack, uuid_n
 from tests.integration.test_cli_client import cello
 from tests.pgserver import PgServer, fresh_database, pg_server
+from web import fleetauth
 
 __all__ = ["pg_server"]  # the session fixture, used by name
 
@@ -198,10 +199,19 @@ async def test_the_fleet_channel_refuses_strangers(tmp_path: Path, pg_server: Pg
         assert status == 401
         status, _ = await a.req("GET", path)  # the admin token is not the fleet's secret
         assert status == 401
-        async with a.client.get(path, headers={"Authorization": f"Bearer {SECRET}"}) as resp:
+        status, body = await a.req("GET", path, who=None, headers={"Authorization": f"Bearer {SECRET}"})
+        assert status == 401, body  # nor is the secret itself: it never travels
+        now = time.time()
+        for wrong in (fleetauth.sign("another-secret-0123456789", "GET", path, now),  # another fleet's
+                      fleetauth.sign(SECRET, "GET", "/fleet/v1/templates/tiny/v2/stream", now),  # another path
+                      fleetauth.sign(SECRET, "GET", path, now - 600)):  # an old capture
+            status, body = await a.req("GET", path, who=None, headers={"Authorization": wrong})
+            assert status == 401, body
+        async with a.client.get(path, headers={"Authorization": fleetauth.sign(SECRET, "GET", path, now)}) as resp:
             assert resp.status == 200 and resp.content_type == "application/octet-stream"
             assert len(await resp.read()) > 0
         # a volume that is not moving is not served, whoever asks
-        status, body = await a.req("GET", "/fleet/v1/volumes/tiny-template/stream", who=None,
-                                   headers={"Authorization": f"Bearer {SECRET}"})
+        vpath = "/fleet/v1/volumes/tiny-template/stream"
+        status, body = await a.req("GET", vpath, who=None,
+                                   headers={"Authorization": fleetauth.sign(SECRET, "GET", vpath, now)})
         assert status == 409, body

@@ -12,7 +12,7 @@ from appliance.config import ConfigError, describe_defaults, load_config, parse_
 def test_embedded_defaults_match_the_design_contract() -> None:
     c = parse_config({})
     assert c.appliance.state_dir == Path("./var/cello")
-    assert c.api.listen == "127.0.0.1:8080"
+    assert c.api.listen == "0.0.0.0:8080"  # the default profile's nodes boot over HTTP from it
     assert c.tftp.listen == "0.0.0.0:69" and c.tftp.blksize_max == 1468 and c.tftp.windowsize_max == 64
     assert (c.dhcp.port, c.dhcp.pxe_port, c.dhcp.unknown) == (67, 4011, "ignore")
     assert (c.storage.backend, c.storage.kind) == ("file", "zvol")
