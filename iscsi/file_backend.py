@@ -516,7 +516,13 @@ class FileBackend:
 
     async def _receive(self, name: str, chunks: AsyncIterator[bytes], base: Path | None,
                        finish: Callable[[Path], None]) -> str:
-        """Decode into `.<name>.img.recv`, then `finish(tmp)` renames it into place under the lock."""
+        """Decode into `.<name>.img.recv`, then `finish(tmp)` renames it into place under the lock. The
+        source is closed however this ends (a refusal before its first byte included)."""
+        async with contextlib.aclosing(pipes.guarded(chunks, f"receiving {name}")) as source:
+            return await self._receive_from(name, source, base, finish)
+
+    async def _receive_from(self, name: str, source: AsyncIterator[bytes], base: Path | None,
+                            finish: Callable[[Path], None]) -> str:
         if name in self._receiving:
             raise StorageError(f"{name} is being received already")
         self._receiving.add(name)
@@ -529,9 +535,8 @@ class FileBackend:
             await asyncio.to_thread(self._prepare_receive, tmp, base)
             writer = ImageWriter(tmp, base_copied=base is not None)
             decoder = volstream.Decoder(self.max_receive_size)
-            async with contextlib.aclosing(pipes.guarded(chunks, f"receiving {name}")) as source:
-                async for chunk in source:
-                    await asyncio.to_thread(writer.absorb, decoder, chunk)
+            async for chunk in source:
+                await asyncio.to_thread(writer.absorb, decoder, chunk)
             decoder.close()
             await asyncio.to_thread(writer.close)
             assert writer.digest is not None  # the decoder saw the trailer, the writer checked it

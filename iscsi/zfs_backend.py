@@ -548,16 +548,17 @@ class ZfsBackend:
                        check: Callable[[], Awaitable[int]], expect: Callable[[SendBegin, int], None], *,
                        undo: str) -> str:
         """Check (under the lock) that nothing is in the way, check the stream's BEGIN record, `zfs recv
-        target`, compare the guids; on any failure destroy `undo` if the receive made it."""
+        target`, compare the guids; on any failure destroy `undo` if the receive made it. The source is
+        closed however this ends (a refusal before its first byte included)."""
         if ds in self._receiving:
             raise StorageError(f"{ds.removeprefix(self.pool + '/')} is being received already")
         self._receiving.add(ds)
         began = False
         try:
-            async with self._lock:
-                base_guid = await check()
-                await self._learn_mountpoint()
             async with contextlib.aclosing(pipes.guarded(chunks, f"receiving {target}")) as source:
+                async with self._lock:
+                    base_guid = await check()
+                    await self._learn_mountpoint()
                 head = await _read_at_least(source, BEGIN_SIZE)
                 begin = parse_begin(head)
                 expect(begin, base_guid)
