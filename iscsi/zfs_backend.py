@@ -513,8 +513,15 @@ class ZfsBackend:
         def expect(begin: SendBegin, base_guid: int) -> None:
             _expect(begin, snap, base_guid, clone=False, base=base_snap)
 
-        return await self._receive(self._ds(template), self._ds(snap), chunks, check, expect,
-                                   undo=self._ds(template) if base_snap is None else self._ds(snap))
+        checksum = await self._receive(self._ds(template), self._ds(snap), chunks, check, expect,
+                                       undo=self._ds(template) if base_snap is None else self._ds(snap))
+        if self.kind == "zvol" and base_snap is None:
+            try:
+                await self._wait_device(template)  # a build or capture writes it through /dev/zvol later
+            except BaseException:
+                await self._undo_receive(self._ds(template))
+                raise
+        return checksum
 
     async def receive_volume(self, volume: str, chunks: AsyncIterator[bytes], *,
                              origin: tuple[str, str] | None = None) -> str:
