@@ -171,7 +171,7 @@ async def _file_servers(args: argparse.Namespace, policy: StaticPolicy) -> Async
     await runner.setup()
     await tftp.start()
     try:
-        await web.TCPSite(runner, args.advertise, args.http_port).start()
+        await web.TCPSite(runner, "0.0.0.0", args.http_port).start()
         yield
     finally:
         await runner.cleanup()
