@@ -219,12 +219,16 @@ def render_ipxe(spec: BootSpec) -> str:
         lines += _retried("sanhook", f"sanhook --drive 0x80 iscsi:{c.ip_uri}::{c.port}:{c.lun:x}:{c.iqn}")
     # The initrd is named, and named on the command line, because a kernel started through its EFI
     # stub (UEFI iPXE) finds its initrd only that way; under BIOS the extra word is ignored.
-    lines += _retried("kernel", f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} initrd={IPXE_INITRD_NAME}")
+    # The address iPXE got from the site DHCP goes to the initramfs (`ip=client:server:gateway:netmask`,
+    # expanded by iPXE): a node of a boot storm asks the site DHCP once, not twice.
+    lines += _retried("kernel", f"kernel {base}/boot/files/{c.kernel} {_cmdline(c)} {IPXE_IP_ARG} "
+                                f"initrd={IPXE_INITRD_NAME}")
     lines += _retried("initrd", f"initrd --name {IPXE_INITRD_NAME} {base}/boot/files/{c.initrd}")
     lines += ["boot", ":cello_failed", "echo cello: giving up, back to the next boot device", "exit 1"]
     return "\n".join(lines) + "\n"
 
 
+IPXE_IP_ARG = "ip=${ip}:${next-server}:${gateway}:${netmask}"
 IPXE_TRIES = 8  # per step; waits 1, 2, … 7 s between tries (28 s in all) — a target restarting, a storm
 
 

@@ -311,8 +311,11 @@ class Fleet:
             held = {c.version for c in mine.values() if c.template == tv.template and c.state == "ready"}
             theirs = {c.version for c in copies if c.appliance == source.appliance and c.template == tv.template
                       and c.state == "ready"}
-            older = sorted((v for v in held & theirs if _vnum(v) < _vnum(tv.version)), key=_vnum)
-            await self.replicate(tv, rows[source.appliance], source.checksum, base=older[-1] if older else None)
+            # incremental from the newest version held here, if the source holds it too (zfs receives an
+            # increment only on top of the newest snapshot; an older version after a newer one goes whole)
+            newest = max(held, key=_vnum) if held else None
+            base = newest if newest in theirs and newest is not None and _vnum(newest) < _vnum(tv.version) else None
+            await self.replicate(tv, rows[source.appliance], source.checksum, base=base)
 
     async def replicate(self, tv: TemplateVersion, source: ApplianceRow, checksum: str, *,
                         base: str | None = None) -> None:

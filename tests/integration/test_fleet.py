@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_api_stack import PORTALS, Stack, open_stack, uuid_n
+from domain.store import TemplateVersion
+from tests.integration.test_api_stack import INITRD, KERNEL, PORTALS, TEMPLATE_SIZE, Stack, open_stack, uuid_n
 from tests.integration.test_cli_client import cello
 from tests.pgserver import PgServer, fresh_database, pg_server
 from web import fleetauth
@@ -93,6 +94,27 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         # the copies are real and verified: B's template file has A's content (the checksum matched)
         assert await b.backend.template_checksum("tiny", "v1") == await a.backend.template_checksum("tiny", "v1")
         assert (b.files_root / "templates/tiny/v1/vmlinuz").read_bytes() == b"K" * 300_000
+
+        # a newer version built on A travels as an increment from the one B holds
+        bases: list[str | None] = []
+        receive = b.backend.receive_template
+
+        async def noting_base(os_name: str, version: str, chunks: Any, *, base: str | None = None) -> str:
+            bases.append(base)
+            return await receive(os_name, version, chunks, base=base)
+        b.backend.receive_template = noting_base  # type: ignore[method-assign]
+        await asyncio.to_thread(_scribble, a.backend.path("tiny-template"))  # the build's change: one block
+        await a.backend.snapshot_template("tiny", "v2")
+        for rel in (KERNEL.replace("v1", "v2"), INITRD.replace("v1", "v2")):
+            (a.files_root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (a.files_root / rel).write_bytes(b"2" * 1000)
+        await a.store.call(a.store.sync.add_template_version, TemplateVersion(
+            "tiny", "v2", "tiny", TEMPLATE_SIZE, KERNEL.replace("v1", "v2"), INITRD.replace("v1", "v2"), time.time()))
+        await _until("tiny@v2 on b", lambda: _holds(a, "b", "tiny@v2"), 30)
+        assert bases == ["v1"]
+        assert await b.backend.template_checksum("tiny", "v2") == await a.backend.template_checksum("tiny", "v2")
+        assert await b.backend.template_checksum("tiny", "v2") != await b.backend.template_checksum("tiny", "v1")
+        await _until("tiny@v2 on c", lambda: _holds(a, "c", "tiny@v2"), 30)
 
         # six servers with 10 GiB of data each, all asked of A: spread by free capacity
         placed: dict[str, str] = {}
@@ -181,6 +203,16 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         status, body = await a.req("GET", f"/api/v1/servers/{stays}")
         assert status == 200 and body["appliance"] == "b" and body["state"] == "available", body
         assert await _has_target(b, stays)  # its node keeps its root disk
+
+
+def _scribble(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"v2" * 2048)
+
+
+async def _holds(stack: Stack, name: str, version: str) -> bool:
+    return version in (await _appliances(stack))[name]["templates"]
 
 
 async def _has_target(stack: Stack, uuid: str) -> bool:

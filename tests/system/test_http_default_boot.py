@@ -98,6 +98,14 @@ def boot_and_check(lab: Lab, who: tuple[str, str, str], firmware: str) -> tuple[
     return node, since, lab.events.snapshot()
 
 
+def no_second_dhcp(node: Node) -> None:
+    """The initramfs took the address iPXE had (ip= on the command line) instead of asking the site DHCP
+    again: one DHCP exchange per node in a boot storm, not two."""
+    console = node.console()
+    assert f"cello-initramfs: static address {node_address(node)} " in console, console[-2000:]
+    assert "cello-initramfs: DHCP on" not in console, console[-2000:]
+
+
 def test_servers_created_without_a_profile_get_compute(lab: Lab) -> None:
     cli_ok(lab, "user", "create", USER, "--max-volumes", "8", "--max-data-gb", "8")
     cli_ok(lab, "template", "build", "tiny", "--from", "tiny", timeout=240)
@@ -113,6 +121,7 @@ def test_bios_node_on_the_default_profile_boots_with_kernel_and_initrd_over_http
         steps = big_files_over_http(events, since, node_address(node), BIOS[1], files)
     finally:
         lab.release(node)
+    no_second_dhcp(node)
     # qemu's ROM is iPXE already: it is offered its script by URL and TFTP is not used at all
     assert not any(e["kind"] == "tftp" for e in events if e.get("id", 0) > since), steps
     print(" → ".join(steps))
@@ -129,6 +138,7 @@ def test_uefi_pxe_node_on_the_default_profile_gets_only_ipxe_efi_over_tftp(lab: 
         steps = big_files_over_http(events, since, node_address(node), UEFI[1], files)
     finally:
         lab.release(node)
+    no_second_dhcp(node)
     assert [s.split(" ")[1] for s in steps if s.startswith("tftp ")] == ["ipxe.efi"], steps
     print(" → ".join(steps))
 

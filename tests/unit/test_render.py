@@ -79,7 +79,7 @@ def test_ipxe() -> None:
     assert commands == [
         f"sanhook --drive 0x80 iscsi:10.77.0.2::3260:1a:{IQN}",
         f"kernel http://10.77.0.2:8080/boot/files/templates/tiny/v1/vmlinuz {CMDLINE.replace(':1:', ':26:')}".replace(
-            "cello.lun=1", "cello.lun=26") + " initrd=initrd.img",
+            "cello.lun=1", "cello.lun=26") + " ip=${ip}:${next-server}:${gateway}:${netmask} initrd=initrd.img",
         "initrd --name initrd.img http://10.77.0.2:8080/boot/files/templates/tiny/v1/initrd.img",
     ]
     assert text.endswith("boot\n:cello_failed\necho cello: giving up, back to the next boot device\nexit 1\n")
