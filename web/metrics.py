@@ -154,6 +154,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     await _sessions(out, deps)
     _timings(out, deps)
     await _service_up(out, deps)
+    await _fleet(out, deps)
     return web.Response(text=out.text(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -280,3 +281,22 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/metrics", metrics, "Prometheus metrics (text format 0.0.4)", "public", "misc",
           content="text/plain", responses={200: ("metrics", {"type": "string"})}),
 )
+
+
+async def _fleet(out: _Out, deps: WebDeps) -> None:
+    """The fleet as the shared store says, seen from this appliance (every appliance says the same)."""
+    views = await deps.domain.fleet.view()
+    out.family("cello_fleet_appliance_up", "gauge", "1 when the appliance heartbeats (0: down)")
+    out.family("cello_fleet_appliance_disabled", "gauge", "1 when an operator disabled placement there")
+    out.family("cello_fleet_appliance_bytes", "gauge", "Placement capacity and what is placed, by appliance")
+    out.family("cello_fleet_appliance_servers", "gauge", "Servers whose volumes the appliance holds")
+    out.family("cello_fleet_template_copies", "gauge", "Template version copies on the appliance, by state")
+    for v in views:
+        name = v.row.name
+        out.sample("cello_fleet_appliance_up", 0 if v.state == "down" else 1, appliance=name)
+        out.sample("cello_fleet_appliance_disabled", 1 if v.row.disabled else 0, appliance=name)
+        out.sample("cello_fleet_appliance_bytes", v.row.capacity_bytes, appliance=name, kind="capacity")
+        out.sample("cello_fleet_appliance_bytes", v.placed_bytes, appliance=name, kind="placed")
+        out.sample("cello_fleet_appliance_servers", v.servers, appliance=name)
+        out.sample("cello_fleet_template_copies", len(v.templates), appliance=name, state="ready")
+        out.sample("cello_fleet_template_copies", len(v.copying), appliance=name, state="copying")

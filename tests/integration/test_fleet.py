@@ -194,6 +194,10 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         await b.wait_state(stays)
         await b.domain.fleet.stop()
         await _until("b shown down", lambda: _state_is(a, "b", "down"))
+        status, text = await a.req("GET", "/metrics", who=None)
+        assert status == 200
+        assert 'cello_fleet_appliance_up{appliance="b"} 0' in text and 'cello_fleet_appliance_up{appliance="c"} 1' in text
+        assert 'cello_fleet_appliance_bytes{appliance="c",kind="capacity"} 128849018880' in text
         status, body = await a.create(uuid_n(13), appliance="b")
         assert status == 409 and "down" in body["detail"], body
         status, body = await a.create(uuid_n(14))
