@@ -121,7 +121,7 @@ def build_domain(
                               profiles=_names(profiles), default_profile=default_profile,
                               on_change=policy.changed, chap=chap, appliance=me)
     templates = TemplateWorkflows(store, backend, events, tasks, builder=builder, source_check=source_check,
-                                  destroy=servers.destroy, on_change=policy.changed)
+                                  destroy=servers.destroy, on_change=policy.changed, appliance=me)
     lifecycle = Lifecycle(servers, templates, power_for=power_for, copy_boot_files=copy_boot_files, scrub=scrub)
     adoption = Adoption(discovered, servers, tasks, events, adopt_rule)
     discovered.on_seen = adoption.auto

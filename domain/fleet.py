@@ -185,6 +185,7 @@ class Fleet:
                 await self._register()  # forgotten by an operator while running: register again
             self._last_heartbeat = now
             self._alone = len(await self._db(self.store.sync.appliances)) <= 1
+            await self.reap_deleted_copies()
             await self.note_local_copies()
         if self._alone:
             return  # nobody else writes this appliance's servers: its own workflows keep exports and index
@@ -288,6 +289,26 @@ class Fleet:
                 tv.template, tv.version, self.name, "ready", "", checksum, self._clock()))
             log.info("fleet: %s@%s is held here (%s)", tv.template, tv.version, checksum[:16])
 
+    async def reap_deleted_copies(self) -> None:
+        """A version deleted through another appliance: destroy its snapshot here (and the template volume
+        when no version of it is left), then the mark. Refused ones (a clone here) stay marked, with why."""
+        versions, copies = await self._db(_versions_and_copies, self.store.sync)
+        left = {tv.template for tv in versions}
+        for c in copies:
+            if c.appliance != self.name or c.state != "deleting":
+                continue
+            try:
+                await self.backend.destroy_snapshot(c.template, c.version)
+                if c.template not in left:
+                    await self.servers.destroy(names.template_volume(c.template))
+            except Exception as e:
+                await self._db(self.store.sync.set_template_copy, TemplateCopyRow(
+                    c.template, c.version, self.name, "deleting", f"version deleted; here: {reason(e)}", "",
+                    self._clock()))
+                continue
+            await self._db(self.store.sync.delete_template_copy, c.template, c.version, self.name)
+            log.info("fleet: %s@%s deleted elsewhere: its copy here is gone", c.template, c.version)
+
     async def replicate_missing(self) -> None:
         """Pull, one at a time, each template version this appliance has no verified copy of, from an
         up appliance that has one."""
@@ -299,7 +320,7 @@ class Fleet:
         mine = {(c.template, c.version): c for c in copies if c.appliance == self.name}
         for tv in versions:
             current = mine.get((tv.template, tv.version))
-            if current is not None and (current.state == "ready" or (
+            if current is not None and (current.state in ("ready", "deleting") or (
                     current.state == "failed" and now - current.updated_at < RETRY_FAILED_COPY_S)):
                 continue
             sources = [c for c in copies if c.template == tv.template and c.version == tv.version

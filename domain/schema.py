@@ -169,7 +169,7 @@ MIGRATIONS: tuple[str, ...] = (
         template TEXT NOT NULL,
         version TEXT NOT NULL,
         appliance TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('copying', 'ready', 'failed')),
+        state TEXT NOT NULL CHECK (state IN ('copying', 'ready', 'failed', 'deleting')),
         detail TEXT NOT NULL DEFAULT '',
         checksum TEXT NOT NULL DEFAULT '',
         updated_at REAL NOT NULL,

@@ -137,7 +137,7 @@ PG_MIGRATIONS: tuple[str, ...] = (
         template TEXT NOT NULL,
         version TEXT NOT NULL,
         appliance TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('copying', 'ready', 'failed')),
+        state TEXT NOT NULL CHECK (state IN ('copying', 'ready', 'failed', 'deleting')),
         detail TEXT NOT NULL DEFAULT '',
         checksum TEXT NOT NULL DEFAULT '',
         updated_at DOUBLE PRECISION NOT NULL,

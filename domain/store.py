@@ -228,10 +228,15 @@ class Store:
         versions = self.template_versions(template)
         return versions[-1] if versions else None
 
-    def delete_template_version(self, template: str, version: str) -> None:
+    def delete_template_version(self, template: str, version: str, here: str = "") -> None:
+        """The version goes; so does the copy on `here` (the appliance that destroyed its snapshot). Copies
+        elsewhere are marked `deleting`: each of those appliances destroys its snapshot, then the row."""
         with self._tx() as db:
             db.execute("DELETE FROM template_versions WHERE template = ? AND version = ?", (template, version))
-            db.execute("DELETE FROM template_copies WHERE template = ? AND version = ?", (template, version))
+            db.execute("DELETE FROM template_copies WHERE template = ? AND version = ? AND appliance = ?",
+                       (template, version, here))
+            db.execute("UPDATE template_copies SET state = 'deleting', detail = 'version deleted' "
+                       "WHERE template = ? AND version = ?", (template, version))
             left = db.execute("SELECT 1 FROM template_versions WHERE template = ?", (template,)).fetchone()
             if left is None:
                 db.execute("DELETE FROM templates WHERE name = ?", (template,))

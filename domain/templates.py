@@ -45,8 +45,10 @@ class BuildJob:
 class TemplateWorkflows:
     def __init__(self, store: AsyncStore, backend: VolumeBackend, events: EventBus, tasks: BackgroundTasks, *,
                  builder: TemplateBuilder | None, source_check: SourceCheck | None,
-                 destroy: Callable[[str], Awaitable[None]], on_change: Callable[[], None]) -> None:
+                 destroy: Callable[[str], Awaitable[None]], on_change: Callable[[], None],
+                 appliance: str = "local") -> None:
         self._store = store
+        self.appliance = appliance  # the other appliances of a fleet destroy their copies themselves
         self._backend = backend
         self._events = events
         self._tasks = tasks
@@ -111,7 +113,7 @@ class TemplateWorkflows:
             if clones:
                 raise InUseError(f"{name}@{version} has {len(clones)} clone(s): {', '.join(clones[:5])}")
             await self._backend.destroy_snapshot(name, version)
-            await self._store.call(self._store.sync.delete_template_version, name, version)
+            await self._store.call(self._store.sync.delete_template_version, name, version, self.appliance)
             self._on_change()
             if versions == {version}:
                 await self._destroy(names.template_volume(name))

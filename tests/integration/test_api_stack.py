@@ -91,7 +91,7 @@ class Stack:
         d = self.domain
         d.templates = TemplateWorkflows(d.store, d.backend, d.events, d.tasks, builder=builder,
                                         source_check=source_check, destroy=d.servers.destroy,
-                                        on_change=d.policy.changed)
+                                        on_change=d.policy.changed, appliance=d.servers.appliance)
 
     def auth(self, who: str = "admin") -> dict[str, str]:
         token = self.admin_token if who == "admin" else self.tokens[who]

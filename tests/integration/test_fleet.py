@@ -116,6 +116,15 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         assert await b.backend.template_checksum("tiny", "v2") != await b.backend.template_checksum("tiny", "v1")
         await _until("tiny@v2 on c", lambda: _holds(a, "c", "tiny@v2"), 30)
 
+        # deleted through C: C destroys its snapshot at once, A and B theirs at their next heartbeat
+        status, body = await c.req("DELETE", "/api/v1/templates/tiny/versions/v2")
+        assert status == 204, body
+        for stack in (a, b, c):
+            await _until(f"tiny@v2 gone from {stack.domain.fleet.name}",
+                         lambda s=stack: _snapshot_gone(s, "tiny-template@v2"), 10)  # type: ignore[misc]
+        await _until("the marks gone", lambda: _no_copies(a, "tiny", "v2"), 10)
+        assert "tiny-template@v1" in await b.backend.snapshots()  # the other version stays
+
         # six servers with 10 GiB of data each, all asked of A: spread by free capacity
         placed: dict[str, str] = {}
         for n in range(6):
@@ -196,7 +205,8 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         await _until("b shown down", lambda: _state_is(a, "b", "down"))
         status, text = await a.req("GET", "/metrics", who=None)
         assert status == 200
-        assert 'cello_fleet_appliance_up{appliance="b"} 0' in text and 'cello_fleet_appliance_up{appliance="c"} 1' in text
+        assert 'cello_fleet_appliance_up{appliance="b"} 0' in text
+        assert 'cello_fleet_appliance_up{appliance="c"} 1' in text
         assert 'cello_fleet_appliance_bytes{appliance="c",kind="capacity"} 128849018880' in text
         status, body = await a.create(uuid_n(13), appliance="b")
         assert status == 409 and "down" in body["detail"], body
@@ -213,6 +223,14 @@ def _scribble(path: str) -> None:
     with open(path, "r+b") as f:
         f.seek(5 << 20)
         f.write(b"v2" * 2048)
+
+
+async def _no_copies(stack: Stack, template: str, version: str) -> bool:
+    return not await stack.store.call(stack.store.sync.template_copies, template, version)
+
+
+async def _snapshot_gone(stack: Stack, snapshot: str) -> bool:
+    return snapshot not in await stack.backend.snapshots()
 
 
 async def _holds(stack: Stack, name: str, version: str) -> bool:

@@ -327,7 +327,7 @@ def test_a_move_begins_and_ends(store: Store) -> None:
     assert s is not None and (s.appliance, s.moving_to) == ("b", "")
 
 
-def test_template_copies_upsert_filter_and_go_with_their_version(store: Store) -> None:
+def test_template_copies_upsert_filter_and_are_marked_when_their_version_goes(store: Store) -> None:
     for v in ("v1", "v2"):
         store.add_template_version(TemplateVersion("tiny", v, "src", 64, "vmlinuz", "initrd", 1.0))
     store.set_template_copy(TemplateCopyRow("tiny", "v1", "b", "copying", updated_at=1.0))
@@ -343,8 +343,11 @@ def test_template_copies_upsert_filter_and_go_with_their_version(store: Store) -
     assert store.template_copies("other") == []
     store.delete_template_copy("tiny", "v1", "b")
     assert [(c.version, c.appliance) for c in store.template_copies()] == [("v1", "a"), ("v2", "a")]
-    store.delete_template_version("tiny", "v1")
-    assert [(c.version, c.appliance) for c in store.template_copies()] == [("v2", "a")]
+    store.set_template_copy(TemplateCopyRow("tiny", "v1", "c", "ready", updated_at=5.0))
+    store.delete_template_version("tiny", "v1", here="a")
+    # a's copy goes with it (a destroyed its snapshot); c's stays, marked, until c has destroyed its own
+    assert [(c.version, c.appliance, c.state) for c in store.template_copies()] == [
+        ("v1", "c", "deleting"), ("v2", "a", "copying")]
     with pytest.raises(Exception, match=r"(?i)check"):  # the driver's own error: a bug, not a request
         store.set_template_copy(TemplateCopyRow("tiny", "v2", "a", "bogus", updated_at=1.0))
 
