@@ -55,6 +55,13 @@ async def reconcile(servers: ServerWorkflows) -> ReconcileReport:
                                        f"{server.template}@{server.version}")
             except Exception as e:
                 report.problems.append(f"server {server.uuid}: interrupted root swap: {reason(e)}")
+        elif server.state == ServerState.MOVING and not servers.busy(server.uuid):
+            # A restart mid-move: the record never changed hands, so the volumes here are the server's;
+            # it stays here and is exported again (the other appliance's partial copy went with its pull).
+            await store.call(store.sync.set_moving_to, server.uuid, "")
+            await store.call(store.sync.set_server_state, server.uuid, ServerState.AVAILABLE,
+                             f"interrupted move to {server.moving_to or '?'}: stays on {servers.appliance}")
+            report.repaired.append(f"server {server.uuid}: interrupted move undone, still here")
         elif server.state == ServerState.DELETING and not servers.busy(server.uuid):
             # A crash mid-delete: the store says this server and its volumes go, so finishing the
             # delete destroys only what the store says should be destroyed.

@@ -186,6 +186,18 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
                      lambda: _has_target(c, on_b))
         assert c.servers.iqn(on_b) not in (await b.driver.actual()).targets
 
+        # a move cut short by a restart of its owner: the next start's reconcile keeps the server there
+        status, body = await a.create(uuid_n(17), appliance="b")
+        assert status == 202, body
+        await b.wait_state(uuid_n(17))
+        await b.store.call(b.store.sync.set_moving_to, uuid_n(17), "c")
+        await b.store.call(b.store.sync.set_server_state, uuid_n(17), "moving", "moving to c")
+        report = await b.domain.reconcile()
+        assert f"server {uuid_n(17)}: interrupted move undone, still here" in report.repaired, report
+        status, body = await b.req("GET", f"/api/v1/servers/{uuid_n(17)}")
+        assert body["state"] == "available" and body["appliance"] == "b", body
+        assert await _has_target(b, uuid_n(17))
+
         # a create placed on B while B restarts: its reconcile leaves it alone, its poll takes it
         await b.domain.fleet.stop()
         status, body = await a.create(uuid_n(16), appliance="b")
