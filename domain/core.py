@@ -105,7 +105,7 @@ def build_domain(
     settings = fleet or FleetSettings(name="local", api_url=http_base, advertise=portal[0])
     me = settings.name
     names = Naming(iqn_prefix)
-    events = EventBus(store)
+    events = EventBus(store, me)
     timings = Timings()
     events.observers.append(timings.observe)
     tasks = BackgroundTasks()

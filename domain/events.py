@@ -35,8 +35,9 @@ class EventBus:
     SUBSCRIBER_QUEUE = 1000
     RECENT = 1000
 
-    def __init__(self, store: AsyncStore | None = None) -> None:
+    def __init__(self, store: AsyncStore | None = None, appliance: str = "") -> None:
         self._store = store
+        self.appliance = appliance  # its stored events are numbered apart from a fleet's other appliances'
         self._last_id = 0
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._recent: deque[Event] = deque(maxlen=self.RECENT)
@@ -87,7 +88,7 @@ class EventBus:
         if self._store is not None:
             # Ids go on from the stored ones: a reader resuming with `since` (Last-Event-ID) after a restart
             # of the appliance must not see the new events' ids start again below the one it has.
-            self._last_id = max(self._last_id, await self._store.call(self._store.sync.last_event_id))
+            self._last_id = max(self._last_id, await self._store.call(self._store.sync.last_event_id, self.appliance))
             self._flusher.start()
 
     async def stop(self) -> None:
@@ -103,7 +104,7 @@ class EventBus:
         batch, self._unsaved = self._unsaved, []
         rows = [(e.id, e.at, e.kind, _server_of(e), dict(e.data)) for e in batch]
         try:
-            await self._store.call(self._store.sync.add_events, rows)
+            await self._store.call(self._store.sync.add_events, rows, self.appliance)
         except Exception:
             log.exception("could not save %d events", len(rows))
 

@@ -147,7 +147,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 5 → 6: fleets, several appliances on one store. A server's volumes live on one appliance ('' = made
     # before fleets: the first appliance that starts claims them) and a move names its target until it is
-    # done; the appliances themselves; which template versions each holds a copy of.
+    # done; the appliances themselves; which template versions each holds a copy of; boot events kept per
+    # appliance (each numbers its own: one shared sequence would have two appliances' events collide).
     """
     ALTER TABLE servers ADD COLUMN appliance TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN moving_to TEXT NOT NULL DEFAULT '';
@@ -175,6 +176,20 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL,
         PRIMARY KEY (template, version, appliance)
     );
+    CREATE TABLE boot_events_v6 (
+        appliance TEXT NOT NULL DEFAULT '',
+        id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        server TEXT,
+        data TEXT NOT NULL,
+        PRIMARY KEY (appliance, id)
+    );
+    INSERT INTO boot_events_v6 (appliance, id, at, kind, server, data)
+        SELECT '', id, at, kind, server, data FROM boot_events;
+    DROP TABLE boot_events;
+    ALTER TABLE boot_events_v6 RENAME TO boot_events;
+    CREATE INDEX boot_events_server ON boot_events(server, at);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

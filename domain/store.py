@@ -647,24 +647,32 @@ class Store:
     def services(self) -> dict[str, bool]:
         return {r[0]: bool(r[1]) for r in self._all("SELECT name, enabled FROM services")}
 
-    def add_events(self, events: Sequence[tuple[int, float, str, str | None, dict[str, object]]]) -> None:
-        """(id, at, kind, server, data): the bus's own ids, so that stored and streamed ids are one sequence."""
+    def add_events(self, events: Sequence[tuple[int, float, str, str | None, dict[str, object]]],
+                   appliance: str = "") -> None:
+        """(id, at, kind, server, data) of one appliance: its bus's own ids, so that its stored and streamed
+        ids are one sequence (each appliance of a fleet numbers its own)."""
         with self._tx() as db:
-            db.executemany("INSERT INTO boot_events (id, at, kind, server, data) VALUES (?, ?, ?, ?, ?) "
+            db.executemany("INSERT INTO boot_events (appliance, id, at, kind, server, data) VALUES (?, ?, ?, ?, ?, ?) "
                            "ON CONFLICT DO NOTHING",
-                           [(i, at, kind, server, json.dumps(data)) for i, at, kind, server, data in events])
+                           [(appliance, i, at, kind, server, json.dumps(data)) for i, at, kind, server, data in events])
             # Keep the table bounded: a boot storm must not grow the store without end.
-            db.execute("DELETE FROM boot_events WHERE id <= (SELECT MAX(id) FROM boot_events) - 100000")
+            db.execute("DELETE FROM boot_events WHERE appliance = ? AND id <= "
+                       "(SELECT MAX(id) FROM boot_events WHERE appliance = ?) - 100000", (appliance, appliance))
 
-    def last_event_id(self) -> int:
-        return int(self._all("SELECT COALESCE(MAX(id), 0) FROM boot_events")[0][0])
+    def last_event_id(self, appliance: str = "") -> int:
+        """The appliance's newest id, or the newest of before fleets ('') if higher: ids never go back."""
+        return int(self._all("SELECT COALESCE(MAX(id), 0) FROM boot_events WHERE appliance IN (?, '')",
+                             (appliance,))[0][0])
 
     def events(self, server: str | None = None, limit: int = 100) -> list[dict[str, object]]:
+        """The newest `limit` events (of one server), oldest first, from every appliance (each names it)."""
         if server is None:
-            rows = self._all("SELECT * FROM boot_events ORDER BY id DESC LIMIT ?", (limit,))
+            rows = self._all("SELECT * FROM boot_events ORDER BY at DESC, id DESC LIMIT ?", (limit,))
         else:
-            rows = self._all("SELECT * FROM boot_events WHERE server = ? ORDER BY id DESC LIMIT ?", (server, limit))
-        return [{"id": r["id"], "at": r["at"], "kind": r["kind"], "server": r["server"], **json.loads(r["data"])}
+            rows = self._all("SELECT * FROM boot_events WHERE server = ? ORDER BY at DESC, id DESC LIMIT ?",
+                             (server, limit))
+        return [{"id": r["id"], "at": r["at"], "kind": r["kind"], "server": r["server"],
+                 **({"appliance": r["appliance"]} if r["appliance"] else {}), **json.loads(r["data"])}
                 for r in reversed(rows)]
 
 

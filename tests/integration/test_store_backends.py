@@ -138,6 +138,17 @@ def test_events_are_bounded_and_filtered(store: Store) -> None:
     assert store.last_event_id() == 2
 
 
+def test_each_appliance_numbers_its_own_events(store: Store) -> None:
+    store.add_events([(1, 1.0, "tftp", "u1", {"file": "pxelinux.0"})])  # before fleets: appliance ''
+    store.add_events([(2, 5.0, "dhcp", "u1", {"mac": "x"}), (3, 6.0, "tftp", "u1", {})], appliance="a")
+    store.add_events([(2, 5.5, "dhcp", "u2", {"mac": "y"})], appliance="b")  # b's id 2 is not a's
+    assert [(e["kind"], e.get("appliance"), e["at"]) for e in store.events()] == [
+        ("tftp", None, 1.0), ("dhcp", "a", 5.0), ("dhcp", "b", 5.5), ("tftp", "a", 6.0)]  # by time
+    assert store.last_event_id("a") == 3 and store.last_event_id("b") == 2
+    assert store.last_event_id("c") == 1  # a new appliance goes on above the ids of before fleets
+    assert [e["server"] for e in store.events(server="u2")] == ["u2"]
+
+
 def test_the_audit_log_numbers_its_rows(store: Store) -> None:
     store.add_audit([(1.0, "admin", "POST", "/api/v1/users", 201, ""), (2.0, "bob", "DELETE", "/x", 404, "%_")])
     rows = store.audit()
