@@ -115,7 +115,7 @@ def build_domain(
         store, profiles=profiles, iqn_prefix=iqn_prefix, portal=portal, http_base=http_base, unknown=unknown,
         unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number,
         discovered=discovered, appliance=me)
-    services = ServiceSwitches(store, events)
+    services = ServiceSwitches(store, events, me)
     users = Users(store)
     servers = ServerWorkflows(store, backend, exports, events, services, users, tasks, naming=names,
                               profiles=_names(profiles), default_profile=default_profile,

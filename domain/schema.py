@@ -148,7 +148,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 5 → 6: fleets, several appliances on one store. A server's volumes live on one appliance ('' = made
     # before fleets: the first appliance that starts claims them) and a move names its target until it is
     # done; the appliances themselves; which template versions each holds a copy of; boot events kept per
-    # appliance (each numbers its own: one shared sequence would have two appliances' events collide).
+    # appliance (each numbers its own: one shared sequence would have two appliances' events collide), and
+    # the service switches (disabling one appliance's DHCP is not the fleet's).
     """
     ALTER TABLE servers ADD COLUMN appliance TEXT NOT NULL DEFAULT '';
     ALTER TABLE servers ADD COLUMN moving_to TEXT NOT NULL DEFAULT '';
@@ -190,6 +191,15 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE boot_events;
     ALTER TABLE boot_events_v6 RENAME TO boot_events;
     CREATE INDEX boot_events_server ON boot_events(server, at);
+    CREATE TABLE services_v6 (
+        appliance TEXT NOT NULL DEFAULT '',
+        name TEXT NOT NULL,
+        enabled INTEGER NOT NULL,
+        PRIMARY KEY (appliance, name)
+    );
+    INSERT INTO services_v6 (appliance, name, enabled) SELECT '', name, enabled FROM services;
+    DROP TABLE services;
+    ALTER TABLE services_v6 RENAME TO services;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -91,8 +91,10 @@ PG_MIGRATIONS: tuple[str, ...] = (
         scope TEXT NOT NULL DEFAULT ''
     );
     CREATE TABLE services (
-        name TEXT PRIMARY KEY,
-        enabled BIGINT NOT NULL
+        appliance TEXT NOT NULL DEFAULT '',
+        name TEXT NOT NULL,
+        enabled BIGINT NOT NULL,
+        PRIMARY KEY (appliance, name)
     );
     CREATE TABLE snapshots (
         server TEXT NOT NULL REFERENCES servers(uuid) ON DELETE CASCADE,

@@ -18,8 +18,9 @@ SERVICES = ("dhcp", "tftp", "http-boot", "export")
 class ServiceSwitches(Mapping[str, bool]):
     """name -> enabled, for every service in SERVICES."""
 
-    def __init__(self, store: AsyncStore, events: EventBus) -> None:
+    def __init__(self, store: AsyncStore, events: EventBus, appliance: str = "") -> None:
         self._store = store
+        self.appliance = appliance  # a fleet's appliances switch their own services
         self._events = events
         self._enabled: dict[str, bool] = dict.fromkeys(SERVICES, True)
 
@@ -33,13 +34,13 @@ class ServiceSwitches(Mapping[str, bool]):
         return len(self._enabled)
 
     async def load(self) -> None:
-        stored = await self._store.call(self._store.sync.services)
+        stored = await self._store.call(self._store.sync.services, self.appliance)
         self._enabled.update({k: v for k, v in stored.items() if k in SERVICES})
 
     async def set(self, name: str, enabled: bool) -> None:
         if name not in SERVICES:
             raise NotFound(f"no service {name!r} (services: {', '.join(SERVICES)})")
-        await self._store.call(self._store.sync.set_service, name, enabled)
+        await self._store.call(self._store.sync.set_service, name, enabled, self.appliance)
         self._enabled[name] = enabled
         self._events.publish("service", {"service": name, "enabled": enabled})
 

@@ -639,13 +639,18 @@ class Store:
 
     # --- services and events ---------------------------------------------------------------------
 
-    def set_service(self, name: str, enabled: bool) -> None:
+    def set_service(self, name: str, enabled: bool, appliance: str = "") -> None:
+        """One appliance's switch (each appliance of a fleet switches its own services)."""
         with self._tx() as db:
-            db.execute("INSERT INTO services VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET enabled = excluded.enabled",
-                       (name, int(enabled)))
+            db.execute("INSERT INTO services (appliance, name, enabled) VALUES (?, ?, ?) "
+                       "ON CONFLICT(appliance, name) DO UPDATE SET enabled = excluded.enabled",
+                       (appliance, name, int(enabled)))
 
-    def services(self) -> dict[str, bool]:
-        return {r[0]: bool(r[1]) for r in self._all("SELECT name, enabled FROM services")}
+    def services(self, appliance: str = "") -> dict[str, bool]:
+        """The appliance's switches; those set before fleets ('') where it has set none of its own."""
+        rows = self._all("SELECT appliance, name, enabled FROM services WHERE appliance IN (?, '') "
+                         "ORDER BY appliance", (appliance,))
+        return {r[1]: bool(r[2]) for r in rows}  # '' sorts first: the appliance's own rows win
 
     def add_events(self, events: Sequence[tuple[int, float, str, str | None, dict[str, object]]],
                    appliance: str = "") -> None:

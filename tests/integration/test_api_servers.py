@@ -160,7 +160,7 @@ async def test_users_pools_services_health_reconcile(api_stack: Stack) -> None:
     status, body = await s.req("PUT", "/api/v1/services/dhcp", json={"enabled": False})
     assert status == 200 and body == {"name": "dhcp", "enabled": False, "state": "disabled", "detail": ""}
     assert s.domain.services["dhcp"] is False
-    assert (await s.store.call(s.store.sync.services))["dhcp"] is False
+    assert (await s.store.call(s.store.sync.services, s.domain.services.appliance))["dhcp"] is False
     status, body = await s.req("PUT", "/api/v1/services/gopher", json={"enabled": False})
     assert status == 404
     status, body = await s.req("PUT", "/api/v1/services/export", json={"enabled": "no"})

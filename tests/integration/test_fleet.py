@@ -160,6 +160,13 @@ async def test_a_fleet_replicates_places_forwards_and_moves(tmp_path: Path, pg_s
         assert "maintenance" in body["placement"]["rejected"]["c"]
         await a.req("POST", "/api/v1/appliances/c/enable")
 
+        # service switches are each appliance's own: A's DHCP off is not B's
+        status, body = await a.req("PUT", "/api/v1/services/dhcp", json={"enabled": False})
+        assert status == 200 and a.domain.services["dhcp"] is False, body
+        await b.domain.services.load()  # what B reads at its next start
+        assert b.domain.services["dhcp"] is True
+        await a.req("PUT", "/api/v1/services/dhcp", json={"enabled": True})
+
         # a write on B's server asked of A is forwarded to B: B destroys its volumes
         deleted = on_b = next(u for u, w in placed.items() if w == "b")
         vols = [v["name"] for v in (await b.req("GET", f"/api/v1/servers/{on_b}"))[1]["volumes"]]

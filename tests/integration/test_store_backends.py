@@ -211,6 +211,11 @@ def test_snapshots_labels_bmc_and_services(store: Store) -> None:
     store.set_service("dhcp", True)
     store.set_service("tftp", False)
     assert store.services() == {"dhcp": True, "tftp": False}
+    # an appliance's own switches, over those of before fleets; another appliance's are not its
+    store.set_service("dhcp", False, appliance="a")
+    store.set_service("export", False, appliance="b")
+    assert store.services("a") == {"dhcp": False, "tftp": False}
+    assert store.services("b") == {"dhcp": True, "tftp": False, "export": False}
 
 
 def test_discovered_nodes_upsert_and_are_trimmed(store: Store) -> None:
