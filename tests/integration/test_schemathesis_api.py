@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
 
+from domain.services import SERVICES
 from tests.integration.test_api_stack import PORTALS, TGT_CONTROL_PORTS, needs_tgt, open_stack, uuid_n
 from web.app import routes
 from web.openapi import document
@@ -79,7 +81,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         stack.stop()
 
 
+def _services_on(live: LiveStack) -> None:
+    """Every service enabled again: a generated PUT /api/v1/services/http-boot {"enabled": false} would
+    make every later /boot case a 503 by design, whatever order the cases run in."""
+    for name in SERVICES:
+        req = urllib.request.Request(f"{live.base_url}/api/v1/services/{name}", data=b'{"enabled": true}',
+                                     method="PUT", headers={"Authorization": f"Bearer {live.token}",
+                                                            "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+
 @schema.parametrize()
 def test_no_server_errors(case: Any, live: LiveStack) -> None:
+    _services_on(live)
     case.call_and_validate(base_url=live.base_url, headers={"Authorization": f"Bearer {live.token}"},
                            checks=[not_a_server_error], timeout=10)
