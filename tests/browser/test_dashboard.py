@@ -14,87 +14,18 @@ import functools
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-import pytest
 
 from bootfiles.spec import PxeClient
 from domain.store import TemplateVersion
 from iscsi.model import Session
-from tests.browser.chromium import WAIT, Page, chromium, script_errors
+from tests.browser.chromium import WAIT, Page, script_errors
+from tests.browser.live import LiveStack
 from tests.export_standin import InMemoryExports
-from tests.integration.test_api_stack import INITRD, KERNEL, Stack, open_stack, uuid_n
-
-T = TypeVar("T")
-
-
-class LiveStack:
-    """The appliance stack serving on 127.0.0.1 from a loop that runs in a thread; `run` calls into it."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="dashboard-stack", daemon=True)
-        self.opened = open_stack(tmp, exports="memory")
-        self.stack: Stack | None = None
-
-    def start(self) -> None:
-        self.thread.start()
-        self.stack = self.run(self.opened.__aenter__, within=60)
-        for user in ("alice", "bob"):
-            self.run(functools.partial(self.s.add_user, user))
-
-    def stop(self) -> None:
-        try:
-            if self.stack is not None:
-                self.run(functools.partial(self.opened.__aexit__, None, None, None), within=60)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(30)
-            self.loop.close()
-
-    @property
-    def s(self) -> Stack:
-        assert self.stack is not None
-        return self.stack
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.s.client.port}"
-
-    def run(self, make: Callable[[], Coroutine[Any, Any, T]], within: float = WAIT) -> T:
-        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(within)
-
-    def publish(self, kind: str, data: dict[str, object]) -> None:
-        """As the DHCP/TFTP services publish: on the loop, through the domain's event bus."""
-        self.run(lambda: _publish(self.s, kind, data))
-
-
-async def _publish(stack: Stack, kind: str, data: dict[str, object]) -> None:
-    stack.domain.events.publish(kind, data)
-
-
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[LiveStack]:
-    stack = LiveStack(tmp_path / "stack")
-    stack.start()
-    try:
-        yield stack
-    finally:
-        stack.stop()
-
+from tests.integration.test_api_stack import INITRD, KERNEL, uuid_n
 
 # --- the page -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Page]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    print(f"browser test logs: {logs}")
-    with chromium(tmp_path / "chromium-profile") as driver:
-        yield Page(driver, logs)
 
 
 def _offsets(cells: dict[str, tuple[str, str]], steps: list[str]) -> list[float]:

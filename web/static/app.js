@@ -6,7 +6,8 @@ import { Api, seg } from "./api.js";
 import { clock, h, replace, table, when } from "./dom.js";
 import { EventStream } from "./events.js";
 import { STEPS, Timelines, fmtBytes, offset } from "./timeline.js";
-import { badge, randomUuid, renderAudit, renderDiagnosis, renderPools, renderUsers, summarize } from "./views.js";
+import { badge, randomUuid, renderAppliances, renderAudit, renderDiagnosis, renderPools, renderUsers, summarize }
+  from "./views.js";
 
 const TOKEN_KEY = "cello.token";
 const REFRESH_MS = 5000;
@@ -228,7 +229,35 @@ async function refreshAdmin() {
     load("users", "/users", (users) => { st.users = users; replace(body("users"), renderUsers(users)); }),
     load("discovered", "/discovered", renderDiscovered),
     load("audit", "/audit?limit=50", (entries) => replace(body("audit"), renderAudit(entries))),
+    refreshAppliances(),
   ]);
+}
+
+// --- the fleet --------------------------------------------------------------------------------
+
+// Admin only (refreshAdmin): a user token never asks, the route would refuse it.
+function refreshAppliances() {
+  return load("appliances", "/appliances", (appliances) =>
+    replace(body("appliances"), renderAppliances(appliances, applianceButton)));
+}
+
+function applianceButton(a) {
+  const path = `/appliances/${seg(a.name)}`;
+  if (a.disabled_reason || a.state === "disabled") {
+    return h("button", { type: "button", text: "Enable", dataset: { action: `enable-${a.name}` },
+      onclick: () => act(`appliance ${a.name}: enabled`, () => st.api.call("POST", `${path}/enable`))
+        .then(refreshAppliances) });
+  }
+  return h("button", { type: "button", class: "danger", text: "Disable", dataset: { action: `disable-${a.name}` },
+    onclick: async () => {
+      // the reason is what other operators (and a refused placement) will read: ask for it
+      const reason = window.prompt(`Disable ${a.name}: no new placement there (what it holds keeps running). Reason:`,
+                                   "maintenance");
+      if (reason === null) return;
+      await act(`appliance ${a.name}: disabled`,
+        () => st.api.call("POST", `${path}/disable`, reason.trim() ? { reason: reason.trim() } : {}));
+      await refreshAppliances();
+    } });
 }
 
 async function refreshOwnQuota() {
@@ -336,6 +365,7 @@ function renderServers() {
       h("td", {}, h("code", { text: s.uuid }), s.hostname ? h("div", { class: "muted", text: s.hostname }) : null,
         s.macs?.length ? h("div", { class: "muted", text: s.macs.join(" ") }) : null),
       h("td", { text: s.user }),
+      h("td", { text: s.appliance || "" }),
       h("td", {}, badge(s.state), s.reason ? h("div", { class: "detail", text: s.reason }) : null),
       h("td", { text: s.version ? `${s.template}@${s.version}` : s.template }),
       h("td", { class: "target" }, h("code", { text: t.iqn || "" }), h("div", { class: "muted", text:
@@ -352,7 +382,7 @@ function renderServers() {
           await refreshServers();
         })));
   });
-  replace(panel.querySelector(".list"), table(["server", "user", "state", "template", "target", "CHAP", "labels",
+  replace(panel.querySelector(".list"), table(["server", "user", "appliance", "state", "template", "target", "CHAP", "labels",
     "boot", ""], rows, "no servers"));
 }
 

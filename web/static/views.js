@@ -35,6 +35,35 @@ export function renderUsers(users) {
       h("td", {}, `${u.used_data_gb} of ${u.max_data_gb} GB`, h("br"), bar(u.used_data_gb, u.max_data_gb)))));
 }
 
+// The fleet (GET appliances): one row each; `actions(a)` gives the row's buttons (none for a token that
+// may not use them). A fleet of one is the usual appliance: its row is drawn compact (class "single").
+export function renderAppliances(appliances, actions) {
+  const gib = (bytes) => (Number(bytes) / (1 << 30)).toFixed(1);
+  const rows = appliances.map((a) => h("tr", { dataset: { appliance: a.name, state: a.state } },
+    h("td", {}, h("strong", { text: a.name }), a.api_url ? h("div", { class: "muted", text: a.api_url }) : null),
+    h("td", {}, badge(a.state),
+      // a down appliance may be disabled too: its state says down, the reason still says why it is off
+      a.disabled_reason ? h("div", { class: "detail", text: `disabled: ${a.disabled_reason}` }) : null),
+    h("td", { text: a.servers }),
+    h("td", {}, `${gib(a.placed_bytes)} / ${gib(a.capacity_bytes)} GiB`, h("br"), bar(a.placed_bytes, a.capacity_bytes)),
+    h("td", { class: "templates" }, (a.templates || []).map((t) => h("span", { class: "label", text: t })),
+      (a.copying || []).map((t) => h("span", { class: "label copying", text: `${t} copying` }))),
+    h("td", { text: age(a.heartbeat_age_s) }),
+    h("td", { class: "actions" }, actions(a))));
+  const out = table(["appliance", "state", "servers", "placed / capacity", "templates", "heartbeat", ""], rows,
+                    "no appliance registered");
+  out.classList.toggle("single", appliances.length === 1);
+  return out;
+}
+
+function age(seconds) {
+  const s = Number(seconds);
+  if (!Number.isFinite(s)) return "";
+  if (s < 60) return `${s.toFixed(1)} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  return `${(s / 3600).toFixed(1)} h ago`;
+}
+
 export function randomUuid() {
   const b = crypto.getRandomValues(new Uint8Array(16));
   b[6] = (b[6] & 0x0f) | 0x40;
