@@ -28,10 +28,25 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 _TRANSFER_RECV_BYTES = 4096
+_REQUESTS_PER_WAKEUP = 64
 
 
 class Tree(Protocol):
     def open(self, name: str, client: Address) -> Awaitable[OpenedFile]: ...
+
+    def open_now(self, name: str, client: Address) -> OpenedFile | None:
+        """The opened file if no waiting is needed, else None (then `open` is asked)."""
+        ...
+
+
+@dataclass
+class _Started:
+    """A transfer begun in the listener's callback, handed to the task that sees it through."""
+
+    opened: OpenedFile
+    transfer: SendTransfer
+    conn: _TransferSocket
+    done: asyncio.Future[None]
 
 
 @dataclass
@@ -260,7 +275,10 @@ class TftpServer:
         self.max_transfers = max_transfers
         self.events = events
         self.enabled = enabled
-        self.listener = UdpListener("tftp", host, port, self._on_request, on_fatal=on_fatal, logger=log)
+        # A boot storm's RRQs arrive in bursts while the loop is busy with transfers: take up to 64 per
+        # readiness, not one per trip through the loop (the first byte of the 64th waited for 63 trips).
+        self.listener = UdpListener("tftp", host, port, self._on_request, on_fatal=on_fatal, logger=log,
+                                    max_batch=_REQUESTS_PER_WAKEUP)
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
         self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
         self._transfers: set[_TransferSocket] = set()
@@ -301,6 +319,9 @@ class TftpServer:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._transfers):  # begun at once, but its task was cancelled before it ran
+            self._transfers.discard(conn)
+            conn.close()
         self._active.clear()
         self._conn_by_key.clear()
         if self._poller is not None:
@@ -324,8 +345,12 @@ class TftpServer:
                 self._active.pop(key, None)
                 self._conn_by_key.pop(key, None)
             self.stats.started += 1
-            task = asyncio.get_running_loop().create_task(self._serve(decision.request, addr))
+            loop = asyncio.get_running_loop()
+            started = self._start_now(decision.request, addr, loop)
+            task = loop.create_task(self._serve(decision.request, addr, started))
             self._active[key] = task
+            if started is not None:
+                self._conn_by_key[key] = started.conn
             task.add_done_callback(lambda t: self._forget(key, t))
             return None
         if isinstance(decision, policy.Ignore):
@@ -355,7 +380,42 @@ class TftpServer:
             del self._active[key]
             self._conn_by_key.pop(key, None)
 
-    async def _serve(self, request: tp.ReadRequest, addr: Address) -> None:
+    def _start_now(self, request: tp.ReadRequest, addr: Address,
+                   loop: asyncio.AbstractEventLoop) -> _Started | None:
+        """Begin the transfer at once when the tree can answer without waiting (a cached file, a
+        rendered config): its OACK or first DATA leaves in this callback, not a loop trip later when
+        the task first runs. None: the task opens the file itself, refusals included (they are rare and
+        need the refusal's event, which the task sends)."""
+        try:
+            opened = self.tree.open_now(request.filename, addr)
+        except TreeError:
+            return None
+        if opened is None:
+            return None
+        if policy.refuse_netascii(request.mode, opened.data is not None) is not None:
+            opened.close()
+            return None
+        try:
+            transfer, conn, done = self._begin(request, addr, opened, loop)
+        except OSError as exc:  # no port to spare (EMFILE in a storm): the task tries again, and reports
+            log.debug("tftp: %s:%s %s: not started at once: %s", addr[0], addr[1], request.filename, exc)
+            opened.close()
+            return None
+        return _Started(opened, transfer, conn, done)
+
+    def _begin(self, request: tp.ReadRequest, addr: Address, opened: OpenedFile,
+               loop: asyncio.AbstractEventLoop) -> tuple[SendTransfer, _TransferSocket, asyncio.Future[None]]:
+        source = opened.source
+        if request.mode == "netascii" and opened.data is not None:
+            source = BytesSource(to_netascii(opened.data))
+        transfer = SendTransfer(source, request.options, self.limits, loop.time())
+        done: asyncio.Future[None] = loop.create_future()
+        conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._poller_for(loop), self._buffer)
+        self._transfers.add(conn)
+        conn.kick()
+        return transfer, conn, done
+
+    async def _serve(self, request: tp.ReadRequest, addr: Address, started_now: _Started | None = None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         server: str | None = None
@@ -364,30 +424,27 @@ class TftpServer:
         nbytes = 0
         transfer: SendTransfer | None = None
         try:
-            try:
-                opened = await self.tree.open(request.filename, addr)
-            except TreeError as exc:
-                log.info("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
-                outcome, server = self._refuse(policy.refuse_open(exc), request.filename, addr)
-                return
-            server = opened.server_uuid
-            refusal = policy.refuse_netascii(request.mode, opened.data is not None)
-            if refusal is not None:
-                outcome, _ = self._refuse(refusal, request.filename, addr)
-                return
-            source = opened.source
-            if request.mode == "netascii" and opened.data is not None:
-                source = BytesSource(to_netascii(opened.data))
-            transfer = SendTransfer(source, request.options, self.limits, loop.time())
-            done: asyncio.Future[None] = loop.create_future()
-            conn = _TransferSocket(self._transfer_socket(), transfer, addr, done, self._poller_for(loop),
-                                   self._buffer)
-            self._transfers.add(conn)
+            if started_now is not None:
+                opened, transfer, conn, done = (started_now.opened, started_now.transfer, started_now.conn,
+                                                started_now.done)
+                server = opened.server_uuid
+            else:
+                try:
+                    opened = await self.tree.open(request.filename, addr)
+                except TreeError as exc:
+                    log.info("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
+                    outcome, server = self._refuse(policy.refuse_open(exc), request.filename, addr)
+                    return
+                server = opened.server_uuid
+                refusal = policy.refuse_netascii(request.mode, opened.data is not None)
+                if refusal is not None:
+                    outcome, _ = self._refuse(refusal, request.filename, addr)
+                    return
+                transfer, conn, done = self._begin(request, addr, opened, loop)
             key = (addr, request.filename)
             if self._active.get(key) is asyncio.current_task():
                 self._conn_by_key[key] = conn
             try:
-                conn.kick()
                 await done
             finally:
                 self._transfers.discard(conn)

@@ -232,13 +232,37 @@ class BootTree:
         self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
         self._clients: dict[str, tuple[str, float]] = {}  # client address -> (server, until)
 
+    def open_now(self, name: str, client: tuple[str, int]) -> OpenedFile | None:
+        """`open` when the answer needs no thread: a rendered config, or a static file whose name was
+        resolved within resolve_ttl and whose bytes are in the cache (every request of a boot storm
+        after the first). None means "ask `open`". Raises TreeError as `open` does.
+
+        The server calls this in the listener's callback, so that such a request's OACK or first DATA
+        leaves before the loop turns (a task would start only on the next trip through it)."""
+        parts = split_name(name)
+        rendered = self._open_rendered(parts, client[0])
+        if rendered is not None:
+            return rendered
+        hit = self._resolved.get("/".join(parts))
+        if hit is None or hit[0] <= self.clock():
+            return None
+        found = hit[1]
+        if found is None:
+            if len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
+                return None  # the name under its <uuid>/ prefix may be resolved yet: `open` looks
+            raise NotFound(name)
+        _, st = found
+        data = self.cache.peek(st) if self.cache.cacheable(st.st_size) else None
+        if data is None:
+            return None
+        server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else self.server_of(client[0])
+        return OpenedFile(BytesSource(data), len(data), server, "static", data)
+
     async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:
         parts = split_name(name)
-        route = _route(parts)
-        if route is not None:
-            opened = self._render(*route, client=client[0])
-            self._remember_client(client[0], opened.server_uuid)
-            return opened
+        rendered = self._open_rendered(parts, client[0])
+        if rendered is not None:
+            return rendered
         found = await self._lookup(parts)
         if found is None and len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
             found = await self._lookup(parts[1:])
@@ -258,6 +282,15 @@ class BootTree:
             self.cache.prefetch(real, st)
         reader = await asyncio.to_thread(FileSource, real, st.st_size)
         return OpenedFile(reader, st.st_size, server, "static", None, reader)
+
+    def _open_rendered(self, parts: list[str], client: str) -> OpenedFile | None:
+        """A rendered name's config (None for a static name)."""
+        route = _route(parts)
+        if route is None:
+            return None
+        opened = self._render(*route, client=client)
+        self._remember_client(client, opened.server_uuid)
+        return opened
 
     def _remember_client(self, address: str, server: str | None) -> None:
         if server is None:

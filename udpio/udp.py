@@ -82,6 +82,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.owner._datagram(data, addr)
+        self.owner._drain()
 
     def error_received(self, exc: Exception) -> None:
         self.owner.on_socket_error(exc)
@@ -107,7 +108,10 @@ class UdpListener:
         on_fatal: Callable[[BaseException], None] | None = None,
         on_socket_error: Callable[[Exception], None] = _log_socket_error,
         logger: logging.Logger = log,
+        max_batch: int = 1,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.name = name
         self.host = host
         self.port = port
@@ -115,6 +119,12 @@ class UdpListener:
         self.on_fatal = on_fatal
         self.on_socket_error = on_socket_error  # an ICMP error for an earlier reply: the socket goes on
         self.log = logger
+        # asyncio's transport reads one datagram per readiness, i.e. per trip through the event loop.
+        # A service whose loop is busy with other sockets (TFTP transfers) would then take a burst of
+        # n requests in n trips; with max_batch > 1 the datagrams already queued are read at once,
+        # from a duplicate of the socket's descriptor (same socket, same queue), up to the bound.
+        self.max_batch = max_batch
+        self._drain_sock: socket.socket | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
     @property
@@ -140,11 +150,20 @@ class UdpListener:
         except OSError as e:
             raise BindError(self.host, self.port, e) from e
         self.transport = transport
+        if self.max_batch > 1:
+            self._drain_sock = transport.get_extra_info("socket").dup()
+            self._drain_sock.setblocking(False)
 
     async def stop(self) -> None:
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
+        self._close_drain()
+
+    def _close_drain(self) -> None:
+        sock, self._drain_sock = self._drain_sock, None
+        if sock is not None:
+            sock.close()
 
     def sendto(self, data: bytes, addr: Address) -> None:
         if self.transport is not None:
@@ -159,10 +178,26 @@ class UdpListener:
         if reply is not None:
             self.sendto(reply, addr)
 
+    def _drain(self) -> None:
+        """After the datagram asyncio read: the ones queued behind it, up to max_batch in all."""
+        sock = self._drain_sock
+        for _ in range(self.max_batch - 1):
+            if sock is None or self._drain_sock is None:  # stopped by a handler
+                return
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # an ICMP error for an earlier reply, as asyncio reports it
+                self.on_socket_error(exc)
+                return
+            self._datagram(data, addr)
+
     def _lost(self, exc: Exception | None) -> None:
         if self.transport is None:
             return  # stop() closed it
         self.transport = None
+        self._close_drain()
         error = RuntimeError(f"listening socket closed: {exc or 'closed'}")
         self.log.error("%s: %s", self.name, error)
         if self.on_fatal is not None:

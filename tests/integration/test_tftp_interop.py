@@ -582,3 +582,38 @@ async def test_tsize_probe_then_rrq_from_the_same_port_at_once(env: Env) -> None
         assert isinstance(packet, tp.Data) and packet.block == 1 and addr2 != addr
     finally:
         raw.close()
+
+
+async def test_a_cached_file_is_answered_in_the_listeners_callback(env: Env) -> None:
+    """Once a file is resolved and cached, its OACK leaves while the RRQ is handled, before the loop
+    turns: no task hop and no await before the first answer (the storm's time to first byte)."""
+    await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.setblocking(False)
+    try:
+        rrq = tp.encode(tp.ReadRequest("pxelinux.0", "octet", {"blksize": "1468"}))
+        env.server._on_request(rrq, client.getsockname())  # as the listener would, with no await after
+        answer, peer = client.recvfrom(2048)  # already queued: loopback delivers within the send
+        assert tp.decode(answer) == tp.OptionAck({"blksize": "1468"})
+        client.sendto(tp.encode_ack(0), peer)
+        for _ in range(200):  # and the transfer it began goes on through the task as any other
+            await asyncio.sleep(0.01)
+            try:
+                data = client.recv(2048)
+            except BlockingIOError:
+                continue
+            assert tp.decode(data) == tp.Data(1, (env.root / "pxelinux.0").read_bytes()[:1468])
+            break
+        else:
+            raise AssertionError("no DATA 1")
+        client.sendto(tp.encode(tp.Error(0, "enough")), peer)
+        host, port = client.getsockname()
+        mine = f"{host}:{port}"
+        for _ in range(200):
+            if any(e["client"] == mine for e in env.events):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        client.close()
+    assert [e["outcome"] for e in env.events if e["client"] == mine] == ["aborted"]

@@ -107,3 +107,32 @@ async def test_a_lost_socket_is_the_services_fatal_error(caplog: pytest.LogCaptu
     await listener.stop()  # nothing left to stop
     assert len(fatal) == 1
 
+
+
+async def test_max_batch_reads_the_queued_datagrams_in_one_readiness() -> None:
+    """A burst queued on the socket is handled before the loop turns (asyncio reads one per turn)."""
+    loop = asyncio.get_running_loop()
+    seen: list[bytes] = []
+    at_next_turn: list[int] = []
+
+    def handler(data: bytes, addr: tuple[str, int]) -> bytes | None:
+        if not seen:
+            loop.call_soon(lambda: at_next_turn.append(len(seen)))  # runs before the next readiness
+        seen.append(data)
+        return None
+
+    listener = UdpListener("test", "127.0.0.1", 0, handler, max_batch=16)
+    await listener.start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(8):  # queued before the loop looks at the socket
+            client.sendto(b"d%d" % i, listener.address)
+        for _ in range(100):
+            if at_next_turn:
+                break
+            await asyncio.sleep(0.01)
+        assert at_next_turn == [8] and seen == [b"d%d" % i for i in range(8)]
+    finally:
+        client.close()
+        await listener.stop()
+    assert listener._drain_sock is None  # the duplicate descriptor is closed with the listener

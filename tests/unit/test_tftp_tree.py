@@ -342,3 +342,17 @@ async def test_a_config_with_a_root_disk_goes_only_to_its_node(tree: BootTree, p
         assert "only to its node's own address" in denied.value.reply_text()
     # a stranger is not remembered as the node: its kernel fetch names no server
     assert (await tree.open("templates/tiny/v1/vmlinuz", ("127.0.0.2", 40001))).server_uuid is None
+
+
+async def test_open_now_answers_only_what_needs_no_waiting(layout: dict[str, Path], policy: StorePolicy) -> None:
+    tree = BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000, link_targets=())
+    assert tree.open_now("pxelinux.0", CLIENT) is None  # not resolved yet: the caller awaits open()
+    await tree.open("pxelinux.0", CLIENT)  # resolves and loads it into the cache
+    opened = tree.open_now("pxelinux.0", CLIENT)
+    assert opened is not None and opened.data == b"PXE" * 100 and opened.kind == "static"
+    rendered = tree.open_now(f"pxelinux.cfg/{UUID}", CLIENT)  # rendered configs never wait
+    assert rendered is not None and rendered.server_uuid == UUID
+    with pytest.raises(Denied):
+        tree.open_now(f"pxelinux.cfg/{UUID}", ("127.0.0.9", 1))
+    with pytest.raises(Refused):
+        tree.open_now("../secret/passwd", CLIENT)
