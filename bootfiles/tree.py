@@ -230,6 +230,7 @@ class BootTree:
         self.cache = FileCache(cache_bytes, max_entry_bytes)
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
+        self._resolving: dict[str, asyncio.Future[tuple[Path, os.stat_result] | None]] = {}
         self._clients: dict[str, tuple[str, float]] = {}  # client address -> (server, until)
 
     def open_now(self, name: str, client: tuple[str, int]) -> OpenedFile | None:
@@ -314,7 +315,22 @@ class BootTree:
         hit = self._resolved.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        found = await asyncio.to_thread(self._resolve_static, parts)
+        # Single flight: a storm's burst of RRQs for one name, arriving after its answer expired, waits
+        # for one resolution instead of queueing one worker-thread job each ahead of its first byte.
+        pending = self._resolving.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[tuple[Path, os.stat_result] | None] = asyncio.get_running_loop().create_future()
+        self._resolving[key] = future
+        try:
+            found = await asyncio.to_thread(self._resolve_static, parts)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters (if any) get it raised
+            raise
+        finally:
+            self._resolving.pop(key, None)
+        future.set_result(found)
         if len(self._resolved) >= 4096:
             self._resolved.clear()
         if self.resolve_ttl > 0:

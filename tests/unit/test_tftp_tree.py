@@ -356,3 +356,22 @@ async def test_open_now_answers_only_what_needs_no_waiting(layout: dict[str, Pat
         tree.open_now(f"pxelinux.cfg/{UUID}", ("127.0.0.9", 1))
     with pytest.raises(Refused):
         tree.open_now("../secret/passwd", CLIENT)
+
+
+async def test_concurrent_opens_of_one_name_share_one_resolution(layout: dict[str, Path], policy: StorePolicy,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = BootTree([layout["loaders"]], layout["files"], policy, cache_bytes=10_000, link_targets=())
+    calls: list[list[str]] = []
+    resolve = tree._resolve_static
+
+    def counted(parts: list[str]) -> object:
+        calls.append(parts)
+        return resolve(parts)
+
+    monkeypatch.setattr(tree, "_resolve_static", counted)
+    opened = await asyncio.gather(*(tree.open("pxelinux.0", CLIENT) for _ in range(20)))
+    assert {o.data for o in opened} == {b"PXE" * 100}
+    assert calls == [["pxelinux.0"]]  # one worker-thread resolution for the whole burst
+    with pytest.raises(NotFound):  # a missing name's burst: each gets NotFound, from one resolution
+        await asyncio.gather(*(tree.open("absent.0", CLIENT) for _ in range(3)))
+    assert calls[1:] == [["absent.0"]]
