@@ -12,15 +12,13 @@ The steps run in file order on one fleet:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.system.fleet_lab import FleetLab
 from tests.system.lab import LabError, Node
-from tests.system.test_e2e_boot import BOOT_TIMEOUT, IQN_PREFIX, marker, target_block
+from tests.system.test_e2e_boot import BOOT_TIMEOUT, IQN_PREFIX, marker, target_block, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -38,23 +36,12 @@ def ok(fleet: FleetLab, name: str, method: str, path: str, body: object | None =
     return answer
 
 
-def until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(every)
-
-
 def wait_available(fleet: FleetLab, name: str, uuid: str, timeout: float = 90) -> dict[str, Any]:
     def available() -> dict[str, Any] | None:
         server = ok(fleet, name, "GET", f"/api/v1/servers/{uuid}")
         assert server["state"] != "error", server
         return server if server["state"] == "available" else None
-    got: dict[str, Any] = until(f"server {uuid} available", available, timeout)
+    got: dict[str, Any] = wait_until(f"server {uuid} available", available, timeout)
     return got
 
 
@@ -67,7 +54,7 @@ def boot_from(fleet: FleetLab, node: Node, owner: str) -> float:
     except LabError as e:
         raise AssertionError(f"{e}\nlogs in {fleet.logs}") from None
     initiator = f"Initiator: {IQN_PREFIX}:node-{node.uuid}"
-    until(f"{owner}'s tgtd holds the node's session",
+    wait_until(f"{owner}'s tgtd holds the node's session",
           lambda: initiator in target_block(fleet.tgt_show(owner), IQN), 30)
     for other in fleet.names:
         if other != owner:
@@ -83,7 +70,7 @@ def test_1_a_template_built_on_a_replicates_to_b_and_c(fleet: FleetLab) -> None:
     def replicated() -> dict[str, Any] | None:
         view = {v["name"]: v for v in ok(fleet, "a", "GET", "/api/v1/appliances")}
         return view if len(view) == 3 and all("tiny@v1" in v["templates"] for v in view.values()) else None
-    view = until("tiny@v1 held (verified) by a, b and c", replicated, 180)
+    view = wait_until("tiny@v1 held (verified) by a, b and c", replicated, 180)
     assert {v["state"] for v in view.values()} == {"up"}, view
     print("\nfleet: " + "; ".join(f"{n}: {v['templates']} {v['capacity_bytes'] >> 30} GiB" for n, v in view.items()))
 
@@ -139,12 +126,12 @@ def test_5_moved_from_b_to_c_while_off_it_boots_from_c(fleet: FleetLab) -> None:
     name, uuid, mac = NODE
     # the node was killed: tgtd drops its session after its NOP-Ins go unanswered (a move waits for that)
     initiator = f"Initiator: {IQN_PREFIX}:node-{uuid}"
-    until("b's tgtd drops the powered-off node's session",
+    wait_until("b's tgtd drops the powered-off node's session",
           lambda: initiator not in target_block(fleet.tgt_show("b"), IQN), 60)
     moved = ok(fleet, "b", "POST", f"/api/v1/servers/{uuid}/move", {"appliance": "c"})
     assert moved["appliance"] == "c" and moved["state"] == "available", moved
-    until("c exports the moved server", lambda: IQN in fleet.tgt_show("c"), 30)
-    until("b no longer exports it", lambda: IQN not in fleet.tgt_show("b"), 30)
+    wait_until("c exports the moved server", lambda: IQN in fleet.tgt_show("c"), 30)
+    wait_until("b no longer exports it", lambda: IQN not in fleet.tgt_show("b"), 30)
     node = fleet.node(name, uuid, mac)
     try:
         took = boot_from(fleet, node, "c")
