@@ -141,7 +141,7 @@ class Appliance:
             name=cfg.name or host_label(), api_url=cfg.api_url or self.http_base(), advertise=self.advertise,
             labels=dict(cfg.labels or {}), capacity_bytes=cfg.capacity_gb << 30, secret=cfg.secret,
             heartbeat_s=cfg.heartbeat_s, down_after_s=cfg.down_after_s, poll_s=cfg.poll_s,
-            os_reserve_bytes=cfg.os_reserve_gb << 30,
+            os_reserve_bytes=cfg.os_reserve_gb << 30, sole=not self.config.store.url,
             answers_unknown=self.config.dhcp.unknown != "ignore", version=VERSION)
 
     @classmethod

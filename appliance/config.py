@@ -372,6 +372,10 @@ def _cross_check(config: Config) -> Config:
         raise ConfigError(f"dhcp.adopt.profile: no profile named {adopt.profile!r}")
     if config.dhcp.unknown_template and not naming.TEMPLATE.ok(config.dhcp.unknown_template):
         raise ConfigError("dhcp.unknown_template: not a template name")
+    if config.store.url and not config.fleet.name:
+        # on a shared store a server belongs to the appliance its record names: a name that changed with
+        # the host name would leave this appliance's servers to nobody (and their targets unexported)
+        raise ConfigError("fleet.name: a PostgreSQL store ([store] url) needs this appliance's name set")
     if config.storage.backend == "zfs" and not config.storage.pool:
         raise ConfigError("storage.pool: the zfs backend needs a pool or parent dataset")
     return config

@@ -57,6 +57,7 @@ class FleetSettings:
     heartbeat_s: float = 5.0
     down_after_s: float = 30.0
     poll_s: float = 1.0
+    sole: bool = True  # its store is its own (SQLite): every server there is this appliance's, whatever its name
     os_reserve_bytes: int = 10 << 30  # what placement counts per OS clone (thin: it holds what its node writes)
     answers_unknown: bool = False
     version: str = ""
@@ -125,7 +126,7 @@ class Fleet:
         """Register (capacity, labels, address), take the servers made before fleets, note the template
         versions this appliance holds; then poll the store for this appliance's work."""
         await self._register()
-        claimed = await self._db(self.store.sync.claim_unowned_servers, self.name)
+        claimed = await self._db(self.store.sync.claim_unowned_servers, self.name, self.settings.sole)
         if claimed:
             log.info("fleet: %d server(s) made before fleets now belong to appliance %s", claimed, self.name)
         self._alone = len(await self._db(self.store.sync.appliances)) <= 1

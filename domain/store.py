@@ -549,9 +549,15 @@ class Store:
             db.execute("DELETE FROM template_copies WHERE appliance = ?", (name,))
             db.execute("DELETE FROM appliances WHERE name = ?", (name,))
 
-    def claim_unowned_servers(self, name: str) -> int:
-        """Servers made before fleets belong to the first appliance that starts on the store: how many it got."""
+    def claim_unowned_servers(self, name: str, every: bool = False) -> int:
+        """Servers made before fleets belong to the first appliance that starts on the store: how many it got.
+        `every`: all servers, whatever appliance they name (a store only one appliance can open, SQLite:
+        the same appliance under a new name — a renamed host must not find its own servers foreign)."""
         with self._tx() as db:
+            if every:
+                db.execute("DELETE FROM appliances WHERE name != ?", (name,))
+                return int(db.execute("UPDATE servers SET appliance = ?, moving_to = '' WHERE appliance != ?",
+                                      (name, name)).rowcount)
             return int(db.execute("UPDATE servers SET appliance = ? WHERE appliance = ''", (name,)).rowcount)
 
     def placed(self, os_reserve: int = 0) -> dict[str, tuple[int, int]]:

@@ -13,7 +13,8 @@ async def test_the_api_answers_503_while_the_store_is_down_and_recovers(tmp_path
     pg = PgServer.start()  # its own cluster, not the session's: this test takes it down
     try:
         url = pg.create_database("cello")
-        async with open_stack(tmp_path, exports="memory", sections={"store": f'url = "{url}"'}) as s:
+        sections = {"store": f'url = "{url}"', "fleet": 'name = "a"'}
+        async with open_stack(tmp_path, exports="memory", sections=sections) as s:
             await s.add_user("alice")
             status, body = await s.req("GET", "/api/v1/servers")
             assert status == 200, body

@@ -288,3 +288,23 @@ async def test_the_fleet_channel_refuses_strangers(tmp_path: Path, pg_server: Pg
         status, body = await a.req("GET", vpath, who=None,
                                    headers={"Authorization": fleetauth.sign(SECRET, "GET", vpath, now)})
         assert status == 409, body
+
+
+async def test_a_renamed_appliance_keeps_its_own_servers_on_its_sqlite_store(tmp_path: Path) -> None:
+    """SQLite is one appliance's own store: started again under another name (a renamed host), it still
+    exports and answers every server there — none becomes a stranger's, no target goes away."""
+    token = "renamed-admin-token-0123456789"
+    async with open_stack(tmp_path, exports="memory", admin_token=token, sections={"fleet": 'name = "old-host"'}) as s:
+        await s.add_user("alice")
+        status, body = await s.create(uuid_n(1))
+        assert status == 202, body
+        await s.wait_state(uuid_n(1))
+    async with open_stack(tmp_path, exports="memory", template=False, admin_token=token,
+                          sections={"fleet": 'name = "new-host"'}) as s:
+        await s.domain.reconcile()
+        server = await s.servers.get(uuid_n(1))
+        assert server.appliance == "new-host"
+        assert await _has_target(s, uuid_n(1))
+        await s.policy.settled()
+        assert s.policy.boot_spec(uuid=uuid_n(1), mac=None) is not None
+        assert [v.row.name for v in await s.domain.fleet.view()] == ["new-host"]

@@ -24,7 +24,9 @@ def test_embedded_defaults_match_the_design_contract() -> None:
 def test_the_store_is_sqlite_unless_a_postgresql_url_is_given() -> None:
     assert parse_config({}).store.url == ""
     url = "postgresql://cello@db.example:5432/cello?sslmode=require"
-    assert parse_config({"store": {"url": url}}).store.url == url
+    assert parse_config({"store": {"url": url}, "fleet": {"name": "a"}}).store.url == url
+    with pytest.raises(ConfigError, match=r"fleet\.name: a PostgreSQL store"):
+        parse_config({"store": {"url": url}})  # a shared store: the appliance's name must not drift
 
 
 def test_every_key_is_documented() -> None:
