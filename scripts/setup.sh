@@ -18,8 +18,9 @@ APT_PACKAGES=(
   # is the BMC of a bare qemu process; ipmitool is the client.
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev
   openipmi ipmitool openssl
-  # bench/boot_storm.py's classic stack serves its iPXE scripts and kernels with nginx
-  nginx-light
+  # bench/boot_storm.py's classic stack serves its iPXE scripts and kernels with nginx; bench/http_bench.py
+  # measures Cello's HTTP boot against it with wrk
+  nginx-light wrk
   # the dashboard's browser test (tests/browser): headless Chromium and its WebDriver, driven by Selenium
   chromium chromium-driver
   # promtool checks /metrics and the alert rules in contrib/prometheus (tests/integration/test_metrics_promtool.py)
