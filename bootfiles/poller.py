@@ -8,6 +8,13 @@ call. Level-triggered like the loop's own selector, so a socket with a second da
 returned again. Elsewhere (kqueue on FreeBSD) each socket is a reader on the loop, as asyncio offers it.
 
 Handlers are called with the time (`clock`, the loop's by default), read once per round.
+
+A transfer that has sent its first answer (OACK or DATA 1) and waits for the client's first ACK is
+*fresh*: its socket sits in a second epoll, which the TFTP listener polls between the requests of a
+burst (`poll_fresh`), so that each transfer's first block leaves as soon as its client asks for it
+instead of after the whole burst's setup (the time to first byte of a boot storm; bench/tftp_bench.py).
+Only fresh sockets are served there: running transfers wait for the burst to end, by at most one batch
+of requests, far below any retransmission timer. A socket leaves the fresh set with `promote`.
 """
 
 from __future__ import annotations
@@ -52,39 +59,70 @@ def platform_epoll() -> Epoll | None:
 
 
 class Poller:
-    def __init__(self, loop: Loop, epoll: Epoll | None, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, loop: Loop, epoll: Epoll | None, *, clock: Callable[[], float] | None = None,
+                 fresh_epoll: Epoll | None = None) -> None:
         self.loop = loop
         self.clock = clock or loop.time
         self._handlers: dict[int, Handler] = {}
         self._epoll = epoll
+        self._fresh_epoll: Epoll | None = None
+        self._fresh: set[int] = set()
         if epoll is not None:
             loop.add_reader(epoll.fileno(), self._ready)
+            if fresh_epoll is not None:
+                self._fresh_epoll = fresh_epoll
+                loop.add_reader(fresh_epoll.fileno(), self.poll_fresh)
 
     @property
     def fds(self) -> frozenset[int]:
         return frozenset(self._handlers)
 
-    def add(self, fd: int, handler: Handler) -> None:
+    def add(self, fd: int, handler: Handler, *, fresh: bool = False) -> None:
+        """Call `handler` when `fd` is readable; `fresh`: in the fresh set until `promote(fd)`."""
         self._handlers[fd] = handler
-        if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
-        else:
+        if self._epoll is None:
             self.loop.add_reader(fd, self._call, handler)
+        elif fresh and self._fresh_epoll is not None:
+            self._fresh_epoll.register(fd, select.EPOLLIN)
+            self._fresh.add(fd)
+        else:
+            self._epoll.register(fd, select.EPOLLIN)
+
+    def promote(self, fd: int) -> None:
+        """`fd` leaves the fresh set (a no-op for a socket that is not in it)."""
+        if fd not in self._fresh:
+            return
+        self._fresh.discard(fd)
+        assert self._fresh_epoll is not None and self._epoll is not None
+        self._fresh_epoll.unregister(fd)
+        self._epoll.register(fd, select.EPOLLIN)
 
     def remove(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is None:
             return
-        if self._epoll is not None:
-            self._epoll.unregister(fd)
-        else:
+        if self._epoll is None:
             self.loop.remove_reader(fd)
+        elif fd in self._fresh:
+            self._fresh.discard(fd)
+            assert self._fresh_epoll is not None
+            self._fresh_epoll.unregister(fd)
+        else:
+            self._epoll.unregister(fd)
+
+    def poll_fresh(self) -> None:
+        """Serve the fresh sockets that are readable now, once (never waits)."""
+        if not self._fresh:
+            return
+        assert self._fresh_epoll is not None
+        self._serve(self._fresh_epoll.poll(0, POLL_EVENTS))
 
     def close(self) -> None:
         for fd in list(self._handlers):
             self.remove(fd)
-        if self._epoll is not None and not self._epoll.closed:
-            self.loop.remove_reader(self._epoll.fileno())
-            self._epoll.close()
+        for epoll in (self._epoll, self._fresh_epoll):
+            if epoll is not None and not epoll.closed:
+                self.loop.remove_reader(epoll.fileno())
+                epoll.close()
 
     def _call(self, handler: Handler) -> None:
         try:
@@ -95,21 +133,23 @@ class Poller:
     def _ready(self) -> None:
         assert self._epoll is not None
         poll = self._epoll.poll
-        handlers = self._handlers
-        clock = self.clock
         # Under load the ACKs answering the DATA just sent are queued by the time a round ends: polling
         # again at once serves them without a trip through the event loop. Only a busy round pays for
         # that extra poll, and the rounds are bounded so that the other services still get the loop.
         for _ in range(DRAIN_ROUNDS):
             events = poll(0, POLL_EVENTS)
-            now = clock()  # one clock read per round: the timeouts are counted in seconds
-            for fd, _mask in events:
-                handler = handlers.get(fd)
-                if handler is None:
-                    continue  # closed by an earlier handler of this round
-                try:
-                    handler(now)
-                except Exception:  # the error boundary: one transfer's bug never stalls the others
-                    log.exception("tftp: transfer socket handler failed")
+            self._serve(events)
             if len(events) < DRAIN_MIN_EVENTS:
                 return
+
+    def _serve(self, events: list[tuple[int, int]]) -> None:
+        handlers = self._handlers
+        now = self.clock()  # one clock read per round: the timeouts are counted in seconds
+        for fd, _mask in events:
+            handler = handlers.get(fd)
+            if handler is None:
+                continue  # closed by an earlier handler of this round
+            try:
+                handler(now)
+            except Exception:  # the error boundary: one transfer's bug never stalls the others
+                log.exception("tftp: transfer socket handler failed")

@@ -70,6 +70,11 @@ def to_netascii(data: bytes) -> bytes:
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
 
 
+# Blocks acknowledged before a transfer gets its connected twin: past a burst's setup, and more than a
+# config file has (16 blocks of 1468 bytes: 23 KB), so that only big files pay for the second socket.
+_TWIN_AFTER_BLOCKS = 16
+
+
 class _TransferSocket:
     """One transfer's port: feeds the state machine, sends what it yields, runs its timer.
 
@@ -80,6 +85,11 @@ class _TransferSocket:
     converts an address per block, which takes about 15 % off the cost of a block. The first socket,
     unconnected, then hears only strangers (RFC 1350 §4: they get error 5 and the transfer goes on).
     Without the twin (no SO_REUSEPORT, no descriptor to spare) the first socket does both jobs.
+    The twin is made after the client has acknowledged _TWIN_AFTER_BLOCKS blocks, not at the request:
+    in a boot storm the requests of a burst are set up one after another, and every microsecond of
+    setup is paid by the first byte of the requests behind it; a small file (a config) never needs one.
+    Until the client's first answer the socket is *fresh* (the `Poller` serves it between the requests
+    of a burst).
     UDP gives no delivery promise anyway: a send that would block is dropped and the state machine's
     retransmission covers it, exactly as for a datagram lost on the wire.
     """
@@ -103,31 +113,40 @@ class _TransferSocket:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
-        self.twin = _connected_twin(sock, peer)
-        poller.add(sock.fileno(), self._from_anyone)
-        if self.twin is not None:
-            self._send_to_client: Callable[[bytes], object] = self.twin.send
-            self._recv_into = self.twin.recv_into
-            poller.add(self.twin.fileno(), self._from_client)
-        else:
-            self._send_to_client = lambda datagram: sock.sendto(datagram, peer)
+        self._fresh = True
+        self._twin_due = True
+        self.twin: socket.socket | None = None
+        self._send_to_client: Callable[[bytes], object] = lambda datagram: sock.sendto(datagram, peer)
+        poller.add(sock.fileno(), self._from_anyone, fresh=True)
 
     def kick(self) -> None:
         self._flush()
+
+    def _twin_up(self) -> None:
+        """The connected twin for the rest of the transfer (see the class docstring)."""
+        self._twin_due = False
+        twin = _connected_twin(self.sock, self.peer)
+        if twin is not None:
+            self.twin = twin
+            self._send_to_client = twin.send
+            self._recv_into = twin.recv_into
+            self.poller.add(twin.fileno(), self._from_client)
 
     # One datagram per readiness: the poll is level-triggered, so a second queued datagram comes back
     # in the next round, and a lock-step transfer rarely has one, so draining would only add a failing
     # receive (a syscall and an exception) to every block.
     def _from_client(self, now: float) -> None:
         """The connected twin: the kernel lets only the client's datagrams through."""
+        buf = self._buffer
         try:
-            size = self._recv_into(self._buffer)
+            size = self._recv_into(buf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # an ICMP error for an earlier send; the retransmission timer copes
             log.debug("tftp: transfer socket for %s: %s", self.peer, exc)
             return
-        self._received(size, now)
+        if not self._next_block(size, now):
+            self._received(size, now)
 
     def _from_anyone(self, now: float) -> None:
         buf = self._buffer
@@ -143,7 +162,31 @@ class _TransferSocket:
                 # RFC 1350 §4: a packet from a wrong TID gets error 5; the transfer goes on.
                 self._send(tp.encode(tp.Error(tp.ErrorCode.UNKNOWN_TID, "unknown TID")), addr)
             return
-        self._received(size, now)
+        if not self._next_block(size, now):
+            self._received(size, now)
+        if self._fresh:  # the client has its first answer: off the fresh set (poller.py)
+            self._fresh = False
+            self.poller.promote(self.sock.fileno())
+        if self._twin_due and self.transfer.blocks_acked >= _TWIN_AFTER_BLOCKS and not self.transfer.done:
+            self._twin_up()
+
+    def _next_block(self, size: int, now: float) -> bool:
+        """Lock-step: the ACK of the block just sent is answered with the next one at once, without
+        the state machine's outbox (its timer deadline moved with it; the lazy timer re-arms itself,
+        `_flush`). False: not such an ACK, `_received` takes it."""
+        buf = self._buffer
+        if size != 4 or buf[1] != tp.OP_ACK or buf[0] != 0:
+            return False
+        datagram = self.transfer.next_block_for((buf[2] << 8) | buf[3], now)
+        if datagram is None:
+            return False
+        try:
+            self._send_to_client(datagram)
+        except (BlockingIOError, InterruptedError):
+            pass  # as in _flush
+        except OSError as exc:
+            log.debug("tftp: send to %s failed: %s", self.peer, exc)
+        return True
 
     def _received(self, size: int, now: float) -> None:
         buf = self._buffer
@@ -277,8 +320,10 @@ class TftpServer:
         self.enabled = enabled
         # A boot storm's RRQs arrive in bursts while the loop is busy with transfers: take up to 64 per
         # readiness, not one per trip through the loop (the first byte of the 64th waited for 63 trips).
+        # Between two requests of a batch the fresh transfers are served: a client that has its OACK
+        # gets its first block then, not after the whole batch is set up (poller.py).
         self.listener = UdpListener("tftp", host, port, self._on_request, on_fatal=on_fatal, logger=log,
-                                    max_batch=_REQUESTS_PER_WAKEUP)
+                                    max_batch=_REQUESTS_PER_WAKEUP, between=self._serve_fresh)
         self._active: dict[tuple[Address, str], asyncio.Task[None]] = {}
         self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
         self._transfers: set[_TransferSocket] = set()
@@ -441,6 +486,9 @@ class TftpServer:
                     outcome, _ = self._refuse(refusal, request.filename, addr)
                     return
                 transfer, conn, done = self._begin(request, addr, opened, loop)
+                # A burst that waited for one resolution resumes here task after task, in one trip
+                # through the loop: serve the fresh transfers in between, as the listener does.
+                self._serve_fresh()
             key = (addr, request.filename)
             if self._active.get(key) is asyncio.current_task():
                 self._conn_by_key[key] = conn
@@ -476,8 +524,13 @@ class TftpServer:
 
     def _poller_for(self, loop: asyncio.AbstractEventLoop) -> Poller:
         if self._poller is None:
-            self._poller = Poller(loop, platform_epoll() if self._use_epoll else None)
+            epoll = platform_epoll() if self._use_epoll else None
+            self._poller = Poller(loop, epoll, fresh_epoll=platform_epoll() if epoll is not None else None)
         return self._poller
+
+    def _serve_fresh(self) -> None:
+        if self._poller is not None:
+            self._poller.poll_fresh()
 
     def _transfer_socket(self) -> socket.socket:
         """A fresh ephemeral port on the listening address (the transfer ID), bound without a resolver

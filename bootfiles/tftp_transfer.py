@@ -100,6 +100,24 @@ def negotiate(requested: dict[str, str], size: int, limits: Limits) -> Negotiate
     return Negotiated(blksize, windowsize, timeout, from_client, accepted)
 
 
+# A boot storm's requests ask for the same options of the same file: negotiate each combination once.
+_NEGOTIATED: dict[tuple[tuple[tuple[str, str], ...], int, Limits], tuple[Negotiated, bytes]] = {}
+_NEGOTIATED_MAX = 1024  # bounded: a flood of odd option values costs no memory
+
+
+def negotiated(requested: dict[str, str], size: int, limits: Limits) -> tuple[Negotiated, bytes]:
+    """`negotiate`, remembered, with its OACK encoded (b"" when nothing was accepted)."""
+    key = (tuple(requested.items()), size, limits)
+    hit = _NEGOTIATED.get(key)
+    if hit is None:
+        params = negotiate(requested, size, limits)
+        hit = (params, tp.encode(tp.OptionAck(params.accepted)) if params.accepted else b"")
+        if len(_NEGOTIATED) >= _NEGOTIATED_MAX:
+            _NEGOTIATED.clear()
+        _NEGOTIATED[key] = hit
+    return hit
+
+
 Outcome = Literal["ok", "tsize-probe", "aborted", "timeout", "error"]
 
 _ACK = struct.Struct("!HH")  # opcode + block: the header of ACK and DATA
@@ -119,7 +137,7 @@ class SendTransfer:
         self.source = source
         self.size = source.size
         self.limits = limits
-        self.params = negotiate(requested, self.size, limits)
+        self.params, self._oack = negotiated(requested, self.size, limits)
         self.requested = requested
         self.blksize = self.params.blksize
         self.windowsize = self.params.windowsize
@@ -150,6 +168,10 @@ class SendTransfer:
     def bytes_sent(self) -> int:
         """Payload bytes the client has acknowledged."""
         return min(self._acked * self.blksize, self.size)
+
+    @property
+    def blocks_acked(self) -> int:
+        return self._acked
 
     def datagrams_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
@@ -198,6 +220,22 @@ class SendTransfer:
             return
         self._send_window(now)
 
+    def next_block_for(self, block: int, now: float) -> bytes | None:
+        """The lock-step hot path: for the ACK of the block just sent (windowsize 1, not the last
+        block), the next DATA, with the state moved on exactly as `on_ack` + `datagrams_to_send` would;
+        None for every other ACK, which then goes to `on_ack`. One call and no list per block."""
+        acked = self._acked + 1
+        if (block != acked & 0xFFFF or self.windowsize != 1 or self._sent_upto != acked or self.done
+                or acked >= self.total_blocks or self._state != "data" or self._outbox):
+            return None
+        self._acked = acked
+        if self._retries:
+            self._reset_retries()
+        self._sent_upto = acked + 1
+        self._deadline = now + self._timeout
+        blksize = self.blksize
+        return _ACK.pack(_OP_DATA, (acked + 1) & 0xFFFF) + self._read(acked * blksize, blksize)
+
     def on_timeout(self, now: float) -> None:
         """Call at or after next_timeout(); earlier calls are ignored."""
         if self.done or self._deadline is None or now < self._deadline:
@@ -235,7 +273,7 @@ class SendTransfer:
         self._timeout = self.params.timeout
 
     def _send_oack(self, now: float) -> None:
-        self._outbox.append(tp.encode(tp.OptionAck(self.params.accepted)))
+        self._outbox.append(self._oack)
         self._deadline = now + self._timeout
 
     def _send_window(self, now: float) -> None:

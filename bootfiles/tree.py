@@ -232,6 +232,8 @@ class BootTree:
         self.resolve_ttl = resolve_ttl
         self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
         self._resolving: dict[str, asyncio.Future[tuple[Path, os.stat_result] | None]] = {}
+        # requested name -> (until, bytes, server of its <uuid>/ prefix): open_now's answers (static only)
+        self._served_now: dict[str, tuple[float, bytes, str | None]] = {}
         self._clients: dict[str, tuple[str, float]] = {}  # client address -> (server, until)
 
     def open_now(self, name: str, client: tuple[str, int]) -> OpenedFile | None:
@@ -241,12 +243,21 @@ class BootTree:
 
         The server calls this in the listener's callback, so that such a request's OACK or first DATA
         leaves before the loop turns (a task would start only on the next trip through it)."""
+        now = self.clock()
+        # A storm asks for one static name hundreds of times: its answer, found below once, is kept
+        # until its resolution expires (checking and routing the name cost ~20 us of each request).
+        # Only static names get here: a rendered name never reaches the end of this method.
+        served = self._served_now.get(name)
+        if served is not None and served[0] > now:
+            _, kept, kept_server = served
+            server = kept_server if kept_server is not None else self.server_of(client[0])
+            return OpenedFile(BytesSource(kept), len(kept), server, "static", kept)
         parts = split_name(name)
         rendered = self._open_rendered(parts, client[0])
         if rendered is not None:
             return rendered
         hit = self._resolved.get("/".join(parts))
-        if hit is None or hit[0] <= self.clock():
+        if hit is None or hit[0] <= now:
             return None
         found = hit[1]
         if found is None:
@@ -257,7 +268,11 @@ class BootTree:
         data = self.cache.peek(st) if self.cache.cacheable(st.st_size) else None
         if data is None:
             return None
-        server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else self.server_of(client[0])
+        prefix_server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else None
+        if len(self._served_now) >= 4096:  # bounded like _resolved: a flood of names costs no memory
+            self._served_now.clear()
+        self._served_now[name] = (hit[0], data, prefix_server)
+        server = prefix_server if prefix_server is not None else self.server_of(client[0])
         return OpenedFile(BytesSource(data), len(data), server, "static", data)
 
     async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:

@@ -109,6 +109,7 @@ class UdpListener:
         on_socket_error: Callable[[Exception], None] = _log_socket_error,
         logger: logging.Logger = log,
         max_batch: int = 1,
+        between: Callable[[], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -124,6 +125,9 @@ class UdpListener:
         # n requests in n trips; with max_batch > 1 the datagrams already queued are read at once,
         # from a duplicate of the socket's descriptor (same socket, same queue), up to the bound.
         self.max_batch = max_batch
+        # Called between two datagrams of a batch: the service's chance to answer what the ones before
+        # produced (TFTP: the first blocks of the transfers just begun) before it reads the next one.
+        self.between = between
         self._drain_sock: socket.socket | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -181,7 +185,13 @@ class UdpListener:
     def _drain(self) -> None:
         """After the datagram asyncio read: the ones queued behind it, up to max_batch in all."""
         sock = self._drain_sock
+        between = self.between
         for _ in range(self.max_batch - 1):
+            if between is not None:
+                try:
+                    between()
+                except Exception:  # the error boundary, as for a datagram's handler
+                    self.log.exception("%s: serving between datagrams failed", self.name)
             if sock is None or self._drain_sock is None:  # stopped by a handler
                 return
             try:

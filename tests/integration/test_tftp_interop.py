@@ -410,6 +410,7 @@ async def test_every_socket_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     epoll: FreeBSD), with or without the connected twin socket (no SO_REUSEPORT, no descriptor to spare).
     Each serves a windowed fetch, retransmits, and answers a stranger with error 5."""
     monkeypatch.setattr(TftpServer, "_use_epoll", use_epoll)
+    monkeypatch.setattr(tftp_server, "_TWIN_AFTER_BLOCKS", 1)  # the twin after the first ACKed block
     if not twin:
         monkeypatch.setattr(tftp_server, "_connected_twin", lambda sock, peer: None)
     e = make_env(tmp_path)
@@ -617,3 +618,62 @@ async def test_a_cached_file_is_answered_in_the_listeners_callback(env: Env) -> 
     finally:
         client.close()
     assert [e["outcome"] for e in env.events if e["client"] == mine] == ["aborted"]
+
+
+async def test_a_burst_serves_first_blocks_between_its_requests(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose OACK is out gets its first DATA between the requests of a burst that arrived
+    before its ACK, not after the whole burst is set up (the storm's time to first byte)."""
+    await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
+    order: list[str] = []
+    on_request = env.server._on_request
+
+    def recording(data: bytes, addr: tuple[str, int]) -> bytes | None:
+        order.append("rrq")
+        return on_request(data, addr)
+
+    monkeypatch.setattr(env.server.listener, "handler", recording)
+    received = tftp_server._TransferSocket._received
+
+    def first_ack(self: tftp_server._TransferSocket, size: int, now: float) -> None:
+        order.append("ack")
+        received(self, size, now)
+
+    monkeypatch.setattr(tftp_server._TransferSocket, "_received", first_ack)
+    first = Raw(env.port)
+    burst = [Raw(env.port) for _ in range(20)]
+    try:
+        first.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
+        oack, peer = await in_thread(first.recv)  # type: ignore[misc]
+        assert oack == tp.OptionAck({"blksize": "1468"})
+        order.clear()
+        # No await from here to the sleep: the loop sees all of it queued at once, the burst first.
+        for raw in burst:
+            raw.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
+        first.sock.sendto(tp.encode_ack(0), peer)
+        await asyncio.sleep(0.2)
+        data, _ = await in_thread(first.recv)  # type: ignore[misc]
+        assert isinstance(data, tp.Data) and data.block == 1
+        assert order.count("rrq") == 20 and "ack" in order
+        assert order.index("ack") < 5, order  # served after the burst's first request or so, not its 20th
+    finally:
+        for raw in [first, *burst]:
+            raw.close()
+
+
+async def test_only_a_big_transfer_gets_its_connected_twin(env: Env) -> None:
+    """The second (connected) socket is made after _TWIN_AFTER_BLOCKS acknowledged blocks: a config-sized
+    transfer never pays for it, a kernel-sized one has it for the rest of the way."""
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", options=b"blksize\x00512\x00")  # 42,430 bytes: 83 blocks of 512
+        oack, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        assert oack == tp.OptionAck({"blksize": "512"})
+        (conn,) = env.server._transfers
+        for block in range(tftp_server._TWIN_AFTER_BLOCKS + 2):
+            assert (conn.twin is not None) == (block > tftp_server._TWIN_AFTER_BLOCKS), block
+            raw.sock.sendto(tp.encode_ack(block), peer)
+            data, _ = await in_thread(raw.recv)  # type: ignore[misc]
+            assert isinstance(data, tp.Data) and data.block == block + 1
+        assert conn.twin is not None and conn.twin.getpeername() == raw.sock.getsockname()
+    finally:
+        raw.close()

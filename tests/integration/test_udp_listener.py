@@ -136,3 +136,34 @@ async def test_max_batch_reads_the_queued_datagrams_in_one_readiness() -> None:
         client.close()
         await listener.stop()
     assert listener._drain_sock is None  # the duplicate descriptor is closed with the listener
+
+
+async def test_between_runs_after_each_datagram_of_a_batch(caplog: pytest.LogCaptureFixture) -> None:
+    """The service's hook runs between two datagrams of a batch (TFTP serves its fresh transfers there);
+    a failing hook is logged and the batch goes on."""
+    order: list[str] = []
+
+    def handler(data: bytes, addr: tuple[str, int]) -> bytes | None:
+        order.append(data.decode())
+        return None
+
+    def between() -> None:
+        order.append("|")
+        if order.count("|") == 2:
+            raise ValueError("a bug")
+
+    listener = UdpListener("test", "127.0.0.1", 0, handler, max_batch=16, between=between)
+    await listener.start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(3):
+            client.sendto(b"d%d" % i, listener.address)
+        for _ in range(100):
+            if order.count("d2"):
+                break
+            await asyncio.sleep(0.01)
+        assert order[:5] == ["d0", "|", "d1", "|", "d2"]
+        assert "serving between datagrams failed" in caplog.text
+    finally:
+        client.close()
+        await listener.stop()

@@ -32,14 +32,15 @@ class FakeLoop:
 class FakeEpoll:
     """Returns the scripted rounds of ready fds, one per poll, then nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, fileno: int = 999) -> None:
+        self._fileno = fileno
         self.registered: set[int] = set()
         self.rounds: list[list[int]] = []
         self.polls = 0
         self.closed = False
 
     def fileno(self) -> int:
-        return 999
+        return self._fileno
 
     def register(self, fd: int, eventmask: int = 0) -> None:
         assert fd not in self.registered
@@ -146,3 +147,39 @@ def test_without_epoll_each_socket_is_a_reader_on_the_loop() -> None:
     loop.fire(6)  # the error boundary holds here too
     poller.close()
     assert loop.readers == {}
+
+
+def test_fresh_sockets_are_served_apart_until_promoted() -> None:
+    """A fresh socket is in the second epoll: poll_fresh serves it (and only it); promote moves it to the
+    main one; remove finds it in either; close closes both."""
+    loop, epoll, fresh = FakeLoop(), FakeEpoll(), FakeEpoll(998)
+    poller = Poller(loop, epoll, fresh_epoll=fresh)
+    assert set(loop.readers) == {999, 998}
+    calls: list[int] = []
+    poller.add(5, lambda now: calls.append(5), fresh=True)  # type: ignore[func-returns-value]
+    poller.add(6, lambda now: calls.append(6))  # type: ignore[func-returns-value]
+    assert fresh.registered == {5} and epoll.registered == {6}
+    fresh.rounds = [[5]]
+    poller.poll_fresh()
+    assert calls == [5] and epoll.polls == 0
+    poller.promote(5)
+    poller.promote(5)  # twice: no longer fresh, nothing to move
+    assert fresh.registered == set() and epoll.registered == {5, 6}
+    polls = fresh.polls
+    poller.poll_fresh()  # nothing fresh: not even a poll
+    assert fresh.polls == polls
+    poller.add(7, lambda now: None, fresh=True)
+    poller.remove(7)
+    assert fresh.registered == set()
+    poller.close()
+    assert epoll.closed and fresh.closed and loop.readers == {}
+
+
+def test_without_a_fresh_epoll_fresh_sockets_are_ordinary() -> None:
+    loop, epoll = FakeLoop(), FakeEpoll()
+    poller = Poller(loop, epoll)
+    poller.add(5, lambda now: None, fresh=True)
+    assert epoll.registered == {5}
+    poller.poll_fresh()
+    poller.promote(5)
+    assert epoll.registered == {5} and epoll.polls == 0

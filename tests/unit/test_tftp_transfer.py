@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from bootfiles import tftp_packet as tp
-from bootfiles.tftp_transfer import BytesSource, Limits, ReceiveTransfer, SendTransfer, negotiate
+from bootfiles.tftp_transfer import BytesSource, Limits, ReceiveTransfer, SendTransfer, negotiate, negotiated
 
 
 @dataclass
@@ -256,3 +256,62 @@ def test_garbage_on_transfer_port_is_ignored() -> None:
     for junk in (b"", b"\x00", b"\x00\x09zz", tp.encode(tp.Data(1, b"x")), b"\x00\x01a\x00octet\x00"):
         server.receive(junk, 0.01)
     assert not server.done and server.datagrams_to_send() == []
+
+
+def _lockstep(data: bytes, options: dict[str, str], fast: bool, lose_every: int = 0) -> list[tuple[float, bytes]]:
+    """What the server sends, at what time, to a client that ACKs each block at once (dropping every
+    lose_every-th ACK, which the server's timer recovers); with `fast` the hot path answers first."""
+    now = 0.0
+    t = SendTransfer(BytesSource(data), options, Limits(), now)
+    sent = [(now, d) for d in t.datagrams_to_send()]
+    acks = 0
+    while not t.done:
+        assert now < 1000
+        last = sent[-1][1]
+        block = 0 if last[1] == tp.OP_OACK else (last[2] << 8) | last[3]
+        acks += 1
+        if lose_every and acks % lose_every == 0:
+            deadline = t.next_timeout()
+            assert deadline is not None
+            now = deadline
+            t.on_timeout(now)
+        else:
+            now += 0.001
+            datagram = t.next_block_for(block, now) if fast else None
+            if datagram is None:
+                t.on_ack(block, now)
+            else:
+                sent.append((now, datagram))
+                assert t.next_timeout() == now + t.params.timeout
+        sent += [(now, d) for d in t.datagrams_to_send()]
+    return sent
+
+
+@pytest.mark.parametrize("size", [0, 1, 1467, 1468, 1469, 1468 * 40, 1468 * 40 + 7])
+@pytest.mark.parametrize("options", [{}, {"blksize": "1468"}, {"blksize": "1468", "tsize": "0"}])
+@pytest.mark.parametrize("lose_every", [0, 7])
+def test_lockstep_hot_path_sends_exactly_what_on_ack_would(size: int, options: dict[str, str], lose_every: int) -> None:
+    data = random.Random(size).randbytes(size)
+    assert _lockstep(data, options, fast=True, lose_every=lose_every) == \
+        _lockstep(data, options, fast=False, lose_every=lose_every)
+
+
+def test_lockstep_hot_path_declines_what_is_not_the_next_block() -> None:
+    t = SendTransfer(BytesSource(bytes(1468 * 4)), {"windowsize": "2"}, Limits(), 0.0)
+    assert t.next_block_for(1, 0.1) is None  # windowed: on_ack's job
+    t = SendTransfer(BytesSource(bytes(1468 * 4)), {"blksize": "1468"}, Limits(), 0.0)
+    assert t.next_block_for(0, 0.1) is None  # the OACK's ACK
+    t.on_ack(0, 0.1)
+    t.datagrams_to_send()
+    assert t.next_block_for(0, 0.2) is None and t.next_block_for(2, 0.2) is None  # duplicate, from the future
+    assert t.next_block_for(1, 0.2) is not None
+
+
+def test_negotiated_is_negotiate_remembered_with_its_oack() -> None:
+    requested = {"blksize": "1400", "tsize": "0", "bogus": "1"}
+    params, oack = negotiated(requested, 5000, Limits())
+    assert params == negotiate(requested, 5000, Limits())
+    assert oack == tp.encode(tp.OptionAck({"blksize": "1400", "tsize": "5000"}))
+    assert negotiated(dict(requested), 5000, Limits())[0] is params  # the same answer, not computed again
+    assert negotiated(requested, 5001, Limits())[1] != oack  # another size: another tsize
+    assert negotiated({}, 5000, Limits())[1] == b""  # nothing accepted: no OACK

@@ -292,6 +292,24 @@ async def test_resolution_is_reused_for_a_short_while(layout: dict[str, Path], p
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
 
 
+async def test_open_now_keeps_its_answer_no_longer_than_the_resolution(layout: dict[str, Path],
+                                                                        policy: StorePolicy) -> None:
+    """open_now remembers a static name's answer (a storm asks for it hundreds of times), only until its
+    resolution expires: a replaced file shows after resolve_ttl on that path too."""
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, clock=lambda: now[0])
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"
+    first = tree.open_now("ldlinux.c32", CLIENT)
+    again = tree.open_now("ldlinux.c32", CLIENT)
+    assert first is not None and again is not None and first.data == again.data == b"LDL"
+    (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
+    now[0] += 0.21
+    assert tree.open_now("ldlinux.c32", CLIENT) is None  # expired: the caller awaits open()
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
+    fresh = tree.open_now("ldlinux.c32", CLIENT)
+    assert fresh is not None and fresh.data == b"LDL2"
+
+
 async def test_big_cold_file_served_from_disk_while_it_loads(layout: dict[str, Path], policy: StorePolicy) -> None:
     big = os.urandom(3 << 20)
     (layout["loaders"] / "kernel").write_bytes(big)
