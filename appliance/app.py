@@ -260,14 +260,25 @@ class Appliance:
     def _make_dhcp(self) -> Service:
         import sys
 
+        from dhcp.process import ProcessProxyDHCP
         from dhcp.proxy import GIL_SWITCH_INTERVAL, ProxyDHCP
 
-        # The responder answers on threads of its own; this bounds how long they wait for the GIL
-        # while TFTP, HTTP and the API keep the loop busy (dhcp/proxy.py says what it was measured at).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         cfg = self.config.dhcp
-        return ProxyDHCP(self.built.policy, self.advertise, listen=cfg.listen, port=cfg.port, pxe_port=cfg.pxe_port,
-                         interface=cfg.interface, events=self._event_sink(), enabled=self._enabled("dhcp"))
+        policy = self.built.policy
+        options: dict[str, Any] = {"listen": cfg.listen, "port": cfg.port, "pxe_port": cfg.pxe_port,
+                                   "interface": cfg.interface, "events": self._event_sink(),
+                                   "enabled": self._enabled("dhcp")}
+        if cfg.responder == "process":
+            proxy = ProcessProxyDHCP(policy, self.advertise, mirror=policy.snapshot, **options)
+            policy.listeners.append(proxy.mirror_changed)  # the boot index swapped
+            self.built.events.observers.append(
+                lambda event: proxy.mirror_changed() if event.kind == "service" else None)  # a switch flipped
+            return proxy
+        if cfg.responder == "thread":
+            # The responder answers on threads of its own; this bounds how long they wait for the GIL
+            # while TFTP, HTTP and the API keep the loop busy (dhcp/proxy.py says what it was measured at).
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        return ProxyDHCP(policy, self.advertise, own_thread=cfg.responder == "thread", **options)
 
     def _make_dns(self) -> Service:
         from dnsd.server import DnsResponder

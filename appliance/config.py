@@ -138,6 +138,9 @@ class DhcpConfig:
                                      "kernel and initrd; '' = the most recently built template")
     adopt: AdoptRule | None = _opt(None, "[dhcp.adopt] mac_prefix, arch, template, user, profile: adopt discovered "
                                          "nodes that match automatically; none = adopt only by hand")
+    responder: str = _opt("process", "where DHCP is answered: 'process' (a child process of its own, no GIL shared "
+                                     "with TFTP/HTTP/API), 'thread' (threads of the appliance's process), 'loop' "
+                                     "(its main loop)", _one_of("process", "thread", "loop"))
 
 
 @dataclass(frozen=True)

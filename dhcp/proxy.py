@@ -19,8 +19,10 @@ never an await on the main loop. What the responder reports back — `client_see
 the boot events — mutates main-loop state, so it is queued and run on the loop that called `start()`
 (one `call_soon_threadsafe` per batch, never a wait). A report is queued before the reply is sent, so
 the main loop learns a node's address before it can see the TFTP or HTTP request that follows the
-reply. `own_thread=False` serves the sockets on the calling loop instead (as before issue 15; the
-benchmark measures both).
+reply. `own_thread=False` serves the sockets on the calling loop instead (as before issue 15).
+`dhcp/process.py` runs this responder, on these threads, in a child process of its own, so that it
+shares no GIL with the main loop at all (the appliance's default, `[dhcp] responder`); what it reports
+is the same `Report`, run by `dispatch` in the parent. The benchmark measures all three.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import errno
 import functools
 import ipaddress
@@ -113,6 +116,14 @@ def _counted(table: dict[K, int], key: K) -> dict[K, int]:
     return {**table, key: 1}
 
 
+class Report(enum.Enum):
+    """What the responder tells the policy and the event sink (`ProxyDHCP.dispatch` runs it there)."""
+
+    SEEN = "seen"  # (binding.SeenClient,): the address a client's packet says it holds
+    UNKNOWN = "unknown"  # (PxeClient,): a boot request no server record names
+    BOOT = "boot"  # (server, BootRequest, BootChoice, source, Kind): an offer or ACK sent, for the event sink
+
+
 class ProxyDHCP:
     """proxyDHCP + PXE boot server. `start()` binds; `stop()` releases and may be called any time."""
 
@@ -157,9 +168,10 @@ class ProxyDHCP:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran on: where reports go
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
-        # (callable, args) for the main loop; deque append/popleft are atomic, so the thread needs no lock
-        self._reports: collections.deque[tuple[Callable[..., None], tuple[object, ...]]] = collections.deque()
+        # (what, args) for the main loop; deque append/popleft are atomic, so the thread needs no lock
+        self._reports: collections.deque[tuple[Report, tuple[object, ...]]] = collections.deque()
         self._drain_scheduled = False
+        self.report_errors = 0  # reports the policy or the event sink failed on (also in stats.errors)
         self.bound: dict[str, Address] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -168,29 +180,16 @@ class ProxyDHCP:
         if self._sockets or self._raw is not None:
             return
         self._loop = asyncio.get_running_loop()
-        readers: list[tuple[int, Callable[[], None]]] = []
-        raw: RawListener | None = None
         try:
-            try:
-                dhcp_sock = self._bind(self.port)
-            except OSError as e:
-                if e.errno != errno.EADDRINUSE or not self.raw_fallback:
-                    raise
-                raw = await self._start_raw(e)
-                readers.append((raw.fileno(), raw.on_readable))
-            else:
-                self._sockets.append(dhcp_sock)
-                self.bound["dhcp"] = dhcp_sock.getsockname()
-                readers.append((dhcp_sock.fileno(), lambda: self._on_readable(dhcp_sock, pxe.Kind.DISCOVER)))
-            pxe_sock = self._bind(self.pxe_port)
-            self._sockets.append(pxe_sock)
-            self.bound["pxe"] = pxe_sock.getsockname()
-            readers.append((pxe_sock.fileno(), lambda: self._on_readable(pxe_sock, pxe.Kind.REQUEST)))
+            taken = self._bind_ports()
+            raw = await self._start_raw(taken) if taken is not None else None
             if self.own_thread:
                 self._start_threads(raw)
             else:
-                for fd, callback in readers:
-                    self._loop.add_reader(fd, callback)
+                for sock in self._sockets:
+                    self._loop.add_reader(sock.fileno(), self._on_readable, sock, self._kind_of(sock))
+                if raw is not None:
+                    self._loop.add_reader(raw.fileno(), raw.on_readable)
         except BaseException:
             await self.stop()
             raise
@@ -199,6 +198,27 @@ class ProxyDHCP:
         if self.listen not in ("0.0.0.0", "") and not self.listen.startswith("127.") and not self.raw_mode:
             log.warning("listening on %s: broadcast DISCOVERs only reach a socket bound to 0.0.0.0 "
                         "(use interface= to restrict the responder to one link)", self.listen)
+
+    def _bind_ports(self) -> OSError | None:
+        """Bind :67 and :4011 (into `_sockets` and `bound`). When :67 is taken and the raw fallback may
+        listen there instead, only :4011 is bound and the :67 bind's error returned."""
+        taken = None
+        try:
+            dhcp_sock = self._bind(self.port)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or not self.raw_fallback:
+                raise
+            taken = e
+        else:
+            self._sockets.append(dhcp_sock)
+            self.bound["dhcp"] = dhcp_sock.getsockname()
+        pxe_sock = self._bind(self.pxe_port)
+        self._sockets.append(pxe_sock)
+        self.bound["pxe"] = pxe_sock.getsockname()
+        return taken
+
+    def _kind_of(self, sock: socket.socket) -> pxe.Kind:
+        return pxe.Kind.DISCOVER if sock.getsockname() == self.bound.get("dhcp") else pxe.Kind.REQUEST
 
     async def _start_raw(self, cause: OSError) -> RawListener:
         listener = RawListener(self.interface, self.advertise, self.port, self.reply_port, self._on_raw,
@@ -214,6 +234,21 @@ class ProxyDHCP:
                     self.port, listener.interface)
         return listener
 
+    def serve_sockets(self, dhcp_sock: socket.socket | None, pxe_sock: socket.socket,
+                      raw: RawListener | None = None) -> None:
+        """Serve sockets bound elsewhere (by the parent process of `dhcp/process.py`) on this object's
+        threads: `dhcp_sock` for :67 (None with `raw`, an opened listener instead), `pxe_sock` for :4011."""
+        if dhcp_sock is not None:
+            self._sockets.append(dhcp_sock)
+            self.bound["dhcp"] = dhcp_sock.getsockname()
+        if raw is not None:
+            self._raw = raw
+            self.raw_mode = True
+            self.bound["dhcp"] = (f"raw:{raw.interface}", self.port)
+        self._sockets.append(pxe_sock)
+        self.bound["pxe"] = pxe_sock.getsockname()
+        self._start_threads(raw)
+
     def _start_threads(self, raw: RawListener | None) -> None:
         """One thread per socket, each blocked in its receive: per datagram the thread gives up the GIL
         only for the receive and the send. (A poller would add the poll and a last receive that finds
@@ -222,8 +257,8 @@ class ProxyDHCP:
         serve: list[tuple[str, Callable[[], object]]] = []
         for sock in self._sockets:
             sock.setblocking(True)
-            kind = pxe.Kind.DISCOVER if sock.getsockname() == self.bound.get("dhcp") else pxe.Kind.REQUEST
-            serve.append((f"cello-dhcp:{sock.getsockname()[1]}", functools.partial(self._receive_one, sock, kind)))
+            serve.append((f"cello-dhcp:{sock.getsockname()[1]}",
+                          functools.partial(self._receive_one, sock, self._kind_of(sock))))
         if raw is not None:
             raw.settimeout(_RAW_POLL_SECONDS)
             serve.append((f"cello-dhcp:raw:{self.port}", raw.on_readable))
@@ -291,16 +326,16 @@ class ProxyDHCP:
 
     # ---- reports to the main loop ---------------------------------------------------------------------
 
-    def _report(self, callback: Callable[..., None], *args: object) -> None:
-        """Run `callback(*args)` on the main loop: now when there is no thread (handle() called directly,
-        or own_thread=False), else queued for it without waiting."""
+    def _report(self, what: Report, *args: object) -> None:
+        """Have `dispatch(what, args)` run on the main loop: now when there is no thread (handle() called
+        directly, or own_thread=False), else queued for it without waiting."""
         if not self._threads:
-            callback(*args)
+            self.dispatch(what, args)
             return
         if len(self._reports) >= _MAX_REPORTS:
             self.stats.reports_dropped += 1
             return
-        self._reports.append((callback, args))
+        self._reports.append((what, args))
         if not self._drain_scheduled:
             self._drain_scheduled = True
             loop = self._loop
@@ -316,14 +351,24 @@ class ProxyDHCP:
         self._drain_scheduled = False
         for _ in range(len(self._reports)):
             try:
-                callback, args = self._reports.popleft()
+                what, args = self._reports.popleft()
             except IndexError:
                 return
-            try:
-                callback(*args)
-            except Exception:
-                self.stats.errors += 1
-                self._log.exception("report", "reporting a DHCP client to the boot policy failed")
+            self.dispatch(what, args)
+
+    def dispatch(self, what: Report, args: tuple[object, ...]) -> None:
+        """On the main loop: tell the policy or the event sink what the responder reported."""
+        try:
+            if what is Report.SEEN:
+                self._tell_seen(*args)  # type: ignore[arg-type]
+            elif what is Report.UNKNOWN:
+                self.policy.client_unknown(*args)  # type: ignore[arg-type]
+            else:
+                self._emit(*args)  # type: ignore[arg-type]
+        except Exception:
+            self.stats.errors += 1
+            self.report_errors += 1
+            self._log.exception("report", "reporting a DHCP client to the boot policy failed")
 
     # ---- the pipeline (pure apart from the policy call) ------------------------------------------------
 
@@ -343,7 +388,7 @@ class ProxyDHCP:
         stats.requests_by_arch = _counted(stats.requests_by_arch, request.arch)
         spec = self.policy.boot_spec(uuid=request.uuid, mac=request.mac)
         if spec is None or spec.root is None:  # no server record: none, or the unknown-node profile's
-            self._report(self.policy.client_unknown, _pxe_client(request_packet, request, source, kind))
+            self._report(Report.UNKNOWN, _pxe_client(request_packet, request, source, kind))
         if spec is None:
             return self._ignore("no boot spec (unknown node)")
         choice = pxe.choose_boot(request, spec, self.pxe_config)
@@ -357,7 +402,7 @@ class ProxyDHCP:
             stats.acks += 1
             stats.acks_by_arch = _counted(stats.acks_by_arch, request.arch)
         if self.events is not None:
-            self._report(self._emit, spec.server_uuid, request, choice, source, kind)
+            self._report(Report.BOOT, spec.server_uuid, request, choice, source, kind)
         dest = pxe.reply_destination(request_packet, source, kind, relay_port=self.port, client_port=self.reply_port,
                                      broadcast=self.broadcast)
         return Reply(out, dest, ifindex, request_packet.chaddr)
@@ -365,7 +410,7 @@ class ProxyDHCP:
     def _learn(self, packet: p.DhcpPacket, source: Address, kind: pxe.Kind) -> None:
         seen = binding.seen_client(packet, source, kind)
         if seen is not None:
-            self._report(self._tell_seen, seen)
+            self._report(Report.SEEN, seen)
 
     def _tell_seen(self, seen: binding.SeenClient) -> None:
         self.policy.client_seen(mac=seen.mac, uuid=seen.uuid, address=seen.address)
@@ -378,7 +423,7 @@ class ProxyDHCP:
     def _emit(
         self, server: str, request: pxe.BootRequest, choice: pxe.BootChoice, source: Address, kind: pxe.Kind
     ) -> None:
-        """On the main loop (through `_report`): the event's fields are made there, off the reply path."""
+        """On the main loop (through `dispatch`): the event's fields are made there, off the reply path."""
         if self.events is None:
             return
         fields = {

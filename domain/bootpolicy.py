@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
@@ -104,6 +104,45 @@ def unknown_node_files(versions: list[TemplateVersion], template: str) -> tuple[
     return newest.kernel, newest.initrd
 
 
+@dataclass(frozen=True)
+class BootSnapshot:
+    """What `ApplianceBootPolicy.boot_spec` reads, as one picklable value: the proxyDHCP in a process of
+    its own (dhcp/process.py) answers from a copy of it, sent again whenever the index is swapped."""
+
+    by_uuid: Mapping[str, BootSpec]
+    by_mac: Mapping[str, BootSpec]
+    known_macs: frozenset[str]  # every server record's MACs, whatever its state
+    known_uuids: frozenset[str]  # every server record's uuid
+    unknown: Profile | None  # the profile unknown nodes boot; None: they get no answer
+    unknown_files: tuple[str, str] | None
+    http_base: str
+
+    def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+        return _answer(self.by_uuid, self.by_mac, self.known_macs, self.known_uuids, self.unknown,
+                       self.unknown_files, self.http_base, uuid=uuid, mac=mac)
+
+
+def _answer(by_uuid: Mapping[str, BootSpec], by_mac: Mapping[str, BootSpec], known_macs: Container[str],
+            known_uuids: Container[str], unknown: Profile | None, unknown_files: tuple[str, str] | None,
+            http_base: str, *, uuid: str | None, mac: str | None) -> BootSpec | None:
+    """Pure: the boot spec of a node (the policy's and its snapshot's one rule)."""
+    if uuid is not None and (spec := by_uuid.get(uuid.lower())) is not None:
+        return spec
+    if mac is not None and (spec := by_mac.get(mac.lower())) is not None:
+        return spec
+    # A server record names it, but it cannot boot from here: it is another appliance's node (that one
+    # answers), or its server is not ready. Never the strangers' diskless boot.
+    if (mac is not None and mac.lower() in known_macs) or (uuid is not None and uuid.lower() in known_uuids):
+        return None
+    # Unknown node: 'ignore' sends nothing, so the firmware falls through to its next boot device.
+    # A named profile boots the unknown-node template diskless: no server record, so no root disk.
+    if unknown is None or unknown_files is None:
+        return None
+    kernel, initrd = unknown_files
+    return BootSpec(server_uuid=(uuid or UNKNOWN_NODE).lower(), profile=unknown,
+                    kernel=kernel, initrd=initrd, root=None, http_base=http_base)
+
+
 class ApplianceBootPolicy:
     """Implements bootfiles.spec.BootPolicy from the store."""
 
@@ -141,23 +180,27 @@ class ApplianceBootPolicy:
         self._known_macs: frozenset[str] = frozenset()  # every server record's MACs, whatever its state
         self._refresh: asyncio.Task[None] | None = None
         self._dirty = False
+        # Called after each refresh (the index swapped): the proxyDHCP's process gets a new snapshot().
+        self.listeners: list[Callable[[], None]] = []
+        self._snapshot: tuple[tuple[object, ...], BootSnapshot] | None = None
 
     def boot_spec(self, *, uuid: str | None, mac: str | None) -> BootSpec | None:
-        if uuid is not None and (spec := self.index.by_uuid.get(uuid.lower())) is not None:
-            return spec
-        if mac is not None and (spec := self.index.by_mac.get(mac.lower())) is not None:
-            return spec
-        # A server record names it, but it cannot boot from here: it is another appliance's node (that one
-        # answers), or its server is not ready. Never the strangers' diskless boot.
-        if (mac is not None and mac.lower() in self._known_macs) or (uuid is not None and uuid.lower() in self.nodes):
-            return None
-        # Unknown node: 'ignore' sends nothing, so the firmware falls through to its next boot device.
-        # A named profile boots the unknown-node template diskless: no server record, so no root disk.
-        if self.unknown == "ignore" or self.unknown_files is None or self.unknown not in self.profiles:
-            return None
-        kernel, initrd = self.unknown_files
-        return BootSpec(server_uuid=(uuid or UNKNOWN_NODE).lower(), profile=self.profiles[self.unknown],
-                        kernel=kernel, initrd=initrd, root=None, http_base=self.http_base)
+        return _answer(self.index.by_uuid, self.index.by_mac, self._known_macs, self.nodes, self._unknown_profile(),
+                       self.unknown_files, self.http_base, uuid=uuid, mac=mac)
+
+    def _unknown_profile(self) -> Profile | None:
+        return None if self.unknown == "ignore" else self.profiles.get(self.unknown)
+
+    def snapshot(self) -> BootSnapshot:
+        """What boot_spec reads now, whole; the same object until something in it is replaced."""
+        parts = (self.index, self.nodes, self._known_macs, self.unknown_files)
+        cached = self._snapshot
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts, strict=True)):
+            snapshot = BootSnapshot(dict(self.index.by_uuid), dict(self.index.by_mac), self._known_macs,
+                                    frozenset(self.nodes), self._unknown_profile(), self.unknown_files,
+                                    self.http_base)
+            self._snapshot = cached = (parts, snapshot)
+        return cached[1]
 
     def client_seen(self, *, mac: str, uuid: str | None, address: str) -> None:
         """Bind a known server's MAC / UUID to the address its DHCP packet named; strangers are not kept."""
@@ -211,6 +254,11 @@ class ApplianceBootPolicy:
         self.unknown_files = unknown_node_files(versions, self.unknown_template)
         self.nodes = node_access(servers)
         self._known_macs = frozenset(mac for node in self.nodes.values() for mac in node.macs)
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("boot index listener failed")
 
     def changed(self) -> None:
         """Called after every store change; coalesces into one refresh at a time."""

@@ -6,6 +6,9 @@ For the lab, the tests and the benchmark (test code: it ships in no package) —
     python -m tests.dhcp_lab --advertise 10.78.0.2 --interface dhv1 --node UUID=MAC --profile pxelinux
     python -m tests.dhcp_lab --advertise 10.78.0.2 --any --profile ipxe        # answer every PXE client
 
+`--responder` chooses where DHCP is answered, as `[dhcp] responder` does in the appliance: a child
+process (`dhcp/process.py`, the default), the responder's own threads, or the main loop.
+
 With `--files DIR` the same process also serves DIR over TFTP (port 69, `bootfiles.tftp_server`) and over
 HTTP (`--http-port`, aiohttp's sendfile FileResponse under /boot/files/, as the appliance's HTTP boot
 does), on the main loop, as in the appliance: bench/dhcp_bench.py loads them while it measures DHCP.
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
+from dhcp.process import RESPONDER_NICE, ProcessProxyDHCP
 from dhcp.proxy import GIL_SWITCH_INTERVAL, ProxyDHCP
 
 
@@ -106,12 +110,18 @@ async def _run(args: argparse.Namespace) -> None:
     # index is a multi-millisecond pause in the reply path. The appliance's composition root should do
     # the same once its boot index is loaded.
     gc.freeze()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as the appliance does: see dhcp/proxy.py
-    proxy = None if args.no_dhcp else ProxyDHCP(
-        policy, args.advertise, interface=args.interface, port=args.port, pxe_port=args.pxe_port,
-        events=_event_printer if args.events else None, raw_fallback=not args.no_raw,
-        own_thread=not args.dhcp_on_main_loop,
-    )
+    responder = "loop" if args.dhcp_on_main_loop else args.responder
+    if responder == "thread":
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as the appliance does: see dhcp/proxy.py
+    options = {"interface": args.interface, "port": args.port, "pxe_port": args.pxe_port,
+               "events": _event_printer if args.events else None, "raw_fallback": not args.no_raw}
+    proxy: ProxyDHCP | None = None
+    if args.no_dhcp:
+        pass
+    elif responder == "process":  # the policy is static: the child's mirror is the policy itself
+        proxy = ProcessProxyDHCP(policy, args.advertise, mirror=lambda: policy, nice=args.responder_nice, **options)  # type: ignore[arg-type]
+    else:
+        proxy = ProxyDHCP(policy, args.advertise, own_thread=responder == "thread", **options)  # type: ignore[arg-type]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -193,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", action="store_true", help="print boot events as JSON lines")
     ap.add_argument("--no-raw", action="store_true", help="no raw-socket fallback when :67 is taken")
     ap.add_argument("--no-dhcp", action="store_true", help="no proxyDHCP (only the --files servers)")
-    ap.add_argument("--dhcp-on-main-loop", action="store_true",
-                    help="serve DHCP on the main loop, not on the responder's own thread (as before issue 15)")
+    ap.add_argument("--responder", choices=("process", "thread", "loop"), default="process",
+                    help="where DHCP is answered, as the appliance's [dhcp] responder (default: process)")
+    ap.add_argument("--dhcp-on-main-loop", action="store_true", help="the same as --responder loop")
+    ap.add_argument("--responder-nice", type=int, default=RESPONDER_NICE,
+                    help=f"--responder process: the child's niceness (default {RESPONDER_NICE}, as the appliance's)")
     ap.add_argument("--files", default="", help="also serve this folder over TFTP (:69) and HTTP, on this loop")
     ap.add_argument("--http-port", type=int, default=8080, help="the --files HTTP port")
     args = ap.parse_args(argv)
@@ -203,5 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as the module: the responder process unpickles tests.dhcp_lab.StaticPolicy
+    from tests.dhcp_lab import main as _main
+
+    sys.exit(_main())
