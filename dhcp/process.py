@@ -171,16 +171,27 @@ class ProcessProxyDHCP(ProxyDHCP):
         self._sent_snapshot, self._sent_enabled = snapshot, enabled
         try:
             await loop.sock_sendall(ctl, _frame(("settings", settings)) + _frame(("mirror", snapshot, enabled)))
-            first = await asyncio.wait_for(loop.sock_recv(reports, _MAX_MESSAGE), _START_SECONDS)
+            message = await asyncio.wait_for(self._until_ready(loop, reports), _START_SECONDS)
         except (OSError, TimeoutError) as e:
             raise RuntimeError(f"the DHCP responder process did not start: {e or 'no answer'}") from e
-        message = pickle.loads(first) if first else ("failed", f"it exited (status {self._proc.returncode})")
         if message[0] != "ready":
             raise RuntimeError(f"the DHCP responder process did not start: {message[1]}")
         if self._raw_wanted:
             self.raw_mode = True
             self.bound["dhcp"] = (f"raw:{message[1]}", self.port)
         loop.add_reader(reports.fileno(), self._on_reports)
+
+    async def _until_ready(self, loop: asyncio.AbstractEventLoop, reports: socket.socket) -> tuple[Any, ...]:
+        """The child's "ready" or "failed". Its threads serve from the moment they start, so in a storm
+        a datagram's report (or a stats message) can come first: it is applied, as any later one."""
+        while True:
+            data = await loop.sock_recv(reports, _MAX_MESSAGE)
+            if not data:
+                return ("failed", f"it exited (status {self._proc.returncode if self._proc else None})")
+            message: tuple[Any, ...] = pickle.loads(data)
+            if message[0] in ("ready", "failed"):
+                return message
+            self._apply(message)
 
     async def stop(self) -> None:
         self._ending = True
@@ -435,7 +446,10 @@ def child_main(ctl: socket.socket, out: socket.socket) -> int:
             responder.policy = _Mirror(message[1])
             _freeze()
         responder.on = message[2]
-    asyncio.run(responder.stop())  # ends the threads within a receive
+    # No responder.stop(): it would shutdown() the sockets to wake its threads, and a socket's shutdown
+    # is the socket's, not this process's descriptor's: the parent keeps them for the next child (a
+    # respawn). The threads are daemons, blocked in a receive; they end with this process.
+    responder.on = False
     responder.send_stats(wait=True)
     return 0
 

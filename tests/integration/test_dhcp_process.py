@@ -162,6 +162,33 @@ async def test_a_child_that_dies_is_started_again(lab: Lab) -> None:
     assert reply.bootfile == "undionly.kpxe"  # on the same sockets
 
 
+async def test_a_child_ended_by_the_parent_leaves_the_sockets_to_the_next(lab: Lab) -> None:
+    """A child that ends on its control socket's EOF does not shut the shared sockets down (a socket's
+    shutdown is the socket's, in every process that holds it): the next child on them still answers."""
+    port = lab.proxy.bound["dhcp"][1]
+    first = lab.child
+    await lab.proxy._end_child()
+    assert _gone(first)
+    await lab.proxy._spawn()
+    reply = await lab.client.ask(discover(1, 0, b"PXEClient"), port, wait=5)
+    assert reply.bootfile == "undionly.kpxe"
+
+
+async def test_a_storm_during_a_respawn_is_answered_and_reported(lab: Lab) -> None:
+    """DISCOVERs queued while a new child starts are served by its threads at once, so their reports can
+    reach the parent before the child's "ready": the start takes them as reports, not as a failure."""
+    port = lab.proxy.bound["dhcp"][1]
+    os.kill(lab.child, signal.SIGKILL)
+    await until(lambda: lab.proxy._proc is None, seconds=10)  # the parent has seen it die
+    lab.events.clear()
+    for _ in range(20):  # queued on the socket before the next child exists
+        lab.client.sock.sendto(discover(1, 0, b"PXEClient"), ("127.0.0.1", port))
+    await until(lambda: len(lab.events) == 20, seconds=15)
+    assert lab.proxy.restarts == 1 and lab.proxy._proc is not None and not _gone(lab.child)
+    reply = await lab.client.ask(discover(1, 0, b"PXEClient"), port, wait=5)
+    assert reply.bootfile == "undionly.kpxe"
+
+
 PARENT = textwrap.dedent("""
     import asyncio, sys
     from dhcp.process import ProcessProxyDHCP
