@@ -222,9 +222,12 @@ class ProcessProxyDHCP(ProxyDHCP):
             ctl.close()
         deadline = time.monotonic() + _STOP_SECONDS
         if reports is not None:
-            reports.settimeout(_STOP_SECONDS)
-            with contextlib.suppress(OSError):  # a timeout, or the child gone without a word
-                while (data := reports.recv(_MAX_MESSAGE)) and time.monotonic() < deadline:
+            # Awaited, not a blocking receive: the loop goes on serving TFTP, HTTP and the API meanwhile.
+            running = asyncio.get_running_loop()
+            reports.setblocking(False)
+            with contextlib.suppress(OSError, TimeoutError):  # the deadline, or the child gone without a word
+                while data := await asyncio.wait_for(running.sock_recv(reports, _MAX_MESSAGE),
+                                                     max(0.0, deadline - time.monotonic())):
                     self._apply(pickle.loads(data))
             reports.close()
         if proc is not None:
