@@ -90,6 +90,12 @@ async def create_token(request: web.Request) -> web.StreamResponse:
     return web.json_response({"token": token, "user": name, "scope": scope}, status=201)
 
 
+async def show_token(request: web.Request) -> web.StreamResponse:
+    """The calling token: whose it is and its scope (the dashboard draws no write control for a read one)."""
+    who = principal(request)
+    return web.json_response({"user": who.owner, "admin": who.admin, "scope": "read" if who.read_only else "full"})
+
+
 async def create_admin_token(request: web.Request) -> web.StreamResponse:
     """Another admin token, shown once; `{"scope": "read"}` for monitoring (sees all, changes nothing)."""
     scope = requests.token_scope(await json_body(request, required=False))
@@ -265,6 +271,8 @@ ROUTES: tuple[Route, ...] = (
           "admin", "users", path_params=_NAME, responses={204: ("deleted", None)}),
     Route("POST", "/api/v1/users/{name}/tokens", create_token, "A new token for the user, shown once", "admin",
           "users", path_params=_NAME, body=ref("CreateToken"), responses={201: ("the token", ref("NewToken"))}),
+    Route("GET", "/api/v1/token", show_token, "The calling token: its user (null: admin) and scope", "user",
+          "users", responses={200: ("the token", ref("Token"))}),
     Route("POST", "/api/v1/admin/tokens", create_admin_token, "A new admin token (scope read: look, not touch)",
           "admin", "users", body=ref("CreateToken"), responses={201: ("the token", ref("NewToken"))}),
     Route("GET", "/api/v1/pools", list_pools, "Storage pool capacity and status", "admin", "misc",

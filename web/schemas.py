@@ -173,6 +173,13 @@ COMPONENTS: dict[str, Schema] = {
                        "user": {"type": ["string", "null"], "description": "null for an admin token"},
                        "scope": {"type": "string", "enum": ["full", "read"]}},
     },
+    "Token": {
+        "type": "object", "required": ["user", "admin", "scope"],
+        "properties": {"user": {"type": ["string", "null"], "description": "null for an admin token"},
+                       "admin": {"type": "boolean"},
+                       "scope": {"type": "string", "enum": ["full", "read"],
+                                 "description": "read: GETs only, every write is 403"}},
+    },
     "AuditEntry": {
         "type": "object", "required": ["id", "at", "who", "method", "path", "status", "detail"],
         "properties": {"id": {"type": "integer"}, "at": {"type": "number", "description": "Unix time"},

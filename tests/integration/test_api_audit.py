@@ -74,6 +74,19 @@ async def test_an_admin_read_token_sees_everything_and_changes_nothing(api_stack
     assert s.domain.services.get("tftp", True) is True
 
 
+async def test_a_token_says_whose_it_is_and_its_scope(api_stack_in_memory: Stack) -> None:
+    s = api_stack_in_memory
+    await _read_token(s, None)
+    await _read_token(s, "alice")
+    for who, answer in (("admin", {"user": None, "admin": True, "scope": "full"}),
+                        ("admin-read", {"user": None, "admin": True, "scope": "read"}),
+                        ("alice", {"user": "alice", "admin": False, "scope": "full"}),
+                        ("alice-read", {"user": "alice", "admin": False, "scope": "read"})):
+        assert await s.req("GET", "/api/v1/token", who) == (200, answer), who
+    status, _ = await s.req("GET", "/api/v1/token", None)
+    assert status == 401
+
+
 async def test_token_scope_is_checked_and_full_is_the_default(api_stack_in_memory: Stack) -> None:
     s = api_stack_in_memory
     status, body = await s.req("POST", "/api/v1/users/alice/tokens", json={"scope": "write-all"})

@@ -1,6 +1,7 @@
 // The Cello dashboard: log in with a token, show what the API lets this token see, act through the API.
 // Panels whose routes answer 403 (admin routes, for a user token) are hidden; routes this appliance does
-// not serve (404) say "not available". Every value reaches the DOM as text (dom.js).
+// not serve (404) say "not available". A read-only token (GET /token says scope "read") gets no control
+// that writes. Every value reaches the DOM as text (dom.js).
 
 import { Api, seg } from "./api.js";
 import { clock, h, replace, table, when } from "./dom.js";
@@ -18,6 +19,7 @@ const $ = (id) => document.getElementById(id);
 const st = {
   api: null,
   admin: false,
+  readOnly: false, // a token of scope "read": every write would be refused (403), so none is drawn
   me: null, // a user token's own user name, once a server of its own names it
   servers: [],
   templates: [],
@@ -60,12 +62,18 @@ async function login(token) {
     st.admin = false;
     if (e.status !== 403) say(`users: ${e.message}`, true);
   }
+  try {
+    st.readOnly = (await api.get("/token")).scope === "read";
+  } catch (e) {
+    st.readOnly = false; // the appliance still refuses what the token may not do
+    say(`token: ${e.message}`, true);
+  }
   $("login-view").hidden = true;
   $("app-view").hidden = false;
   $("logout").hidden = false;
   document.body.classList.toggle("is-admin", st.admin);
   for (const el of document.querySelectorAll("[data-admin]")) el.hidden = !st.admin;
-  $("role").textContent = st.admin ? "admin token" : "user token";
+  $("role").textContent = `${st.admin ? "admin token" : "user token"}${st.readOnly ? " (read-only)" : ""}`;
   st.stream = new EventStream(api, { onEvent, onState: streamState, since: 0 }).start();
   await refreshAll();
   st.timer = setInterval(refreshAll, REFRESH_MS);
@@ -77,9 +85,9 @@ function logout(reason = "") {
   if (st.stream) st.stream.stop();
   if (st.timer) clearInterval(st.timer);
   if (st.loginTimer) clearInterval(st.loginTimer);
-  Object.assign(st, { api: null, admin: false, me: null, servers: [], templates: [], users: [], stream: null,
-                      timer: null, loginTimer: null, timelines: new Timelines(), builds: new Map(), armed: new Map(),
-                      adoptChoice: new Map() });
+  Object.assign(st, { api: null, admin: false, readOnly: false, me: null, servers: [], templates: [], users: [],
+                      stream: null, timer: null, loginTimer: null, timelines: new Timelines(), builds: new Map(),
+                      armed: new Map(), adoptChoice: new Map() });
   // nothing of this token's page stays for the next one (its forms included)
   for (const el of document.querySelectorAll("#app-view section .body")) {
     if (!el.querySelector("#event-list")) replace(el);
@@ -91,6 +99,10 @@ function logout(reason = "") {
 }
 
 // --- helpers ----------------------------------------------------------------------------------
+
+// Whether this token's page draws controls that write: any of its owner's (mayWrite), an admin's (mayManage).
+const mayWrite = () => !st.readOnly;
+const mayManage = () => st.admin && !st.readOnly;
 
 function say(text, bad = false) {
   const m = $("message");
@@ -238,7 +250,7 @@ async function refreshAdmin() {
 // Admin only (refreshAdmin): a user token never asks, the route would refuse it.
 function refreshAppliances() {
   return load("appliances", "/appliances", (appliances) =>
-    replace(body("appliances"), renderAppliances(appliances, applianceButton)));
+    replace(body("appliances"), renderAppliances(appliances, mayManage() ? applianceButton : () => null)));
 }
 
 function applianceButton(a) {
@@ -293,7 +305,7 @@ function refreshServices() {
       h("tr", { dataset: { service: s.name } },
         h("td", { text: s.name }), h("td", {}, badge(s.state)), h("td", { text: s.enabled ? "yes" : "no" }),
         h("td", { class: "detail", text: s.detail }),
-        h("td", {}, st.admin ? h("button", {
+        h("td", {}, mayManage() ? h("button", {
           type: "button", text: s.enabled ? "Disable" : "Enable", dataset: { action: `service-${s.name}` },
           onclick: () => act(`${s.name}: ${s.enabled ? "disabled" : "enabled"}`,
             () => st.api.call("PUT", `/services/${seg(s.name)}`, { enabled: !s.enabled })).then(refreshServices),
@@ -344,11 +356,10 @@ function serverForm() {
 function renderServers() {
   const panel = body("servers");
   // the create form (and what is typed in it, and the focus) stays across refreshes; only the list is redrawn
-  let form = panel.querySelector("#create-server");
-  if (!form) {
-    form = serverForm();
-    replace(panel, form, h("div", { class: "list" }));
-  } else {
+  const form = panel.querySelector("#create-server");
+  if (!panel.querySelector(".list")) {
+    replace(panel, mayWrite() ? serverForm() : null, h("div", { class: "list" }));
+  } else if (form) {
     templateOptions(form.querySelector("#create-template"), form.querySelector("#create-template").value);
     const user = form.querySelector("#create-user");
     if (user) {
@@ -377,10 +388,10 @@ function renderServers() {
       h("td", { class: "actions" },
         h("button", { type: "button", text: "Diagnose", dataset: { action: `diagnose-${s.uuid}` },
                       onclick: () => diagnose(s.uuid) }),
-        confirmButton(`delete-${s.uuid}`, "Delete", async () => {
+        mayWrite() ? confirmButton(`delete-${s.uuid}`, "Delete", async () => {
           await act(`server ${s.uuid}: deleted`, () => st.api.call("DELETE", `/servers/${seg(s.uuid)}`, undefined, 600000));
           await refreshServers();
-        })));
+        }) : null));
   });
   replace(panel.querySelector(".list"), table(["server", "user", "appliance", "state", "template", "target", "CHAP", "labels",
     "boot", ""], rows, "no servers"));
@@ -451,7 +462,7 @@ function renderTemplates() {
   let list = panel.querySelector(".list");
   if (!list) {
     list = h("div", { class: "list" });
-    replace(panel, st.admin ? buildForm() : null, list, h("div", { id: "builds" }));
+    replace(panel, mayManage() ? buildForm() : null, list, h("div", { id: "builds" }));
   }
   const rows = st.templates.map((t) => h("tr", { dataset: { template: t.name } },
     h("td", { text: t.name }),
@@ -528,30 +539,34 @@ function renderBuilds() {
 function renderDiscovered(nodes) {
   const list = Array.isArray(nodes) ? nodes : nodes?.nodes || nodes?.discovered || [];
   replace(body("discovered"), table(["MAC", "UUID", "arch", "vendor class", "first seen", "last seen", "seen", "adopt"],
-    list.map((d) => {
-      const chosen = st.adoptChoice.get(d.mac) || {};
-      const template = h("select", { name: "template" });
-      templateOptions(template, chosen.template);
-      const user = h("select", { name: "user" });
-      userOptions(user);
-      if (chosen.user) user.value = chosen.user;
-      const remember = () => st.adoptChoice.set(d.mac, { template: template.value, user: user.value });
-      template.addEventListener("change", remember);
-      user.addEventListener("change", remember);
-      const adopt = h("button", { type: "submit", text: "Adopt", dataset: { action: `adopt-${d.mac}` } });
-      const form = h("form", { class: "inline" }, template, user, adopt);
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        const done = await act(`${d.mac}: adopted`, () =>
-          st.api.call("POST", `/discovered/${seg(d.mac)}/adopt`, { template: template.value, user: user.value }));
-        if (done) await Promise.all([refreshServers(), refreshAdmin()]);
-      });
-      return h("tr", { dataset: { mac: d.mac } },
-        h("td", {}, h("code", { text: d.mac })), h("td", { text: d.uuid || "" }), h("td", { text: d.arch ?? "" }),
-        h("td", { text: d.vendor_class ?? d.vendor ?? "" }), h("td", { text: when(d.first_seen) }),
-        h("td", { text: when(d.last_seen) }), h("td", { text: d.count ?? d.seen ?? "" }),
-        h("td", {}, d.adopted || d.server ? h("span", { class: "muted", text: `adopted ${d.server || ""}` }) : form));
-    }), "no unknown PXE client seen"));
+    list.map((d) => h("tr", { dataset: { mac: d.mac } },
+      h("td", {}, h("code", { text: d.mac })), h("td", { text: d.uuid || "" }), h("td", { text: d.arch ?? "" }),
+      h("td", { text: d.vendor_class ?? d.vendor ?? "" }), h("td", { text: when(d.first_seen) }),
+      h("td", { text: when(d.last_seen) }), h("td", { text: d.count ?? d.seen ?? "" }),
+      h("td", {}, d.adopted || d.server ? h("span", { class: "muted", text: `adopted ${d.server || ""}` })
+        : mayManage() ? adoptForm(d) : null))), "no unknown PXE client seen"));
+}
+
+// A discovered node's adopt form: the template and user picked stay across the 5 s redraws.
+function adoptForm(d) {
+  const chosen = st.adoptChoice.get(d.mac) || {};
+  const template = h("select", { name: "template" });
+  templateOptions(template, chosen.template);
+  const user = h("select", { name: "user" });
+  userOptions(user);
+  if (chosen.user) user.value = chosen.user;
+  const remember = () => st.adoptChoice.set(d.mac, { template: template.value, user: user.value });
+  template.addEventListener("change", remember);
+  user.addEventListener("change", remember);
+  const adopt = h("button", { type: "submit", text: "Adopt", dataset: { action: `adopt-${d.mac}` } });
+  const form = h("form", { class: "inline" }, template, user, adopt);
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const done = await act(`${d.mac}: adopted`, () =>
+      st.api.call("POST", `/discovered/${seg(d.mac)}/adopt`, { template: template.value, user: user.value }));
+    if (done) await Promise.all([refreshServers(), refreshAdmin()]);
+  });
+  return form;
 }
 
 // --- events -----------------------------------------------------------------------------------
