@@ -78,10 +78,16 @@ class Poller:
         return frozenset(self._handlers)
 
     def add(self, fd: int, handler: Handler, *, fresh: bool = False) -> None:
-        """Call `handler` when `fd` is readable; `fresh`: in the fresh set until `promote(fd)`."""
+        """Call `handler` when `fd` is readable; `fresh`: in the fresh set until `promote(fd)`.
+
+        An `fd` added already only gets the new handler, where it is registered (no system call): the
+        TFTP server registers its spare sockets ahead of a burst and hands each to a transfer."""
+        if fd in self._handlers:
+            self._handlers[fd] = handler
+            return
         self._handlers[fd] = handler
         if self._epoll is None:
-            self.loop.add_reader(fd, self._call, handler)
+            self.loop.add_reader(fd, self._call, fd)
         elif fresh and self._fresh_epoll is not None:
             self._fresh_epoll.register(fd, select.EPOLLIN)
             self._fresh.add(fd)
@@ -124,7 +130,10 @@ class Poller:
                 self.loop.remove_reader(epoll.fileno())
                 epoll.close()
 
-    def _call(self, handler: Handler) -> None:
+    def _call(self, fd: int) -> None:
+        handler = self._handlers.get(fd)
+        if handler is None:
+            return
         try:
             handler(self.clock())
         except Exception:  # the error boundary: one transfer's bug never stops the loop

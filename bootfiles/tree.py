@@ -45,6 +45,8 @@ from bootfiles.tftp_transfer import BlockSource, BytesSource
 
 MAX_NAME_BYTES = 255
 RESOLVE_TTL = 1.0  # seconds a name → file resolution is reused
+# seconds past that in which open_now still answers from it while a fresh one is looked up (see open_now)
+STALE_TTL = 30.0
 CLIENT_TTL = 600.0  # seconds a client address stays attributed to the server whose config it fetched
 CLIENT_MEMORY = 4096  # client addresses remembered at most
 _SMALL_FILE = 1 << 20  # below this a cache miss just waits for the load
@@ -221,6 +223,7 @@ class BootTree:
         max_entry_bytes: int | None = None,
         link_targets: Sequence[Path] = OS_LINK_TARGETS,
         resolve_ttl: float = RESOLVE_TTL,
+        stale_ttl: float = STALE_TTL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
@@ -230,10 +233,12 @@ class BootTree:
         self.link_targets = [Path(os.path.realpath(p)) for p in link_targets]
         self.cache = FileCache(cache_bytes, max_entry_bytes)
         self.resolve_ttl = resolve_ttl
+        self.stale_ttl = stale_ttl
         self._resolved: dict[str, tuple[float, tuple[Path, os.stat_result] | None]] = {}
         self._resolving: dict[str, asyncio.Future[tuple[Path, os.stat_result] | None]] = {}
         # requested name -> (until, bytes, server of its <uuid>/ prefix): open_now's answers (static only)
         self._served_now: dict[str, tuple[float, bytes, str | None]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  # open_now answers being looked up again
         self._clients: dict[str, tuple[str, float]] = {}  # client address -> (server, until)
 
     def open_now(self, name: str, client: tuple[str, int]) -> OpenedFile | None:
@@ -242,16 +247,29 @@ class BootTree:
         after the first). None means "ask `open`". Raises TreeError as `open` does.
 
         The server calls this in the listener's callback, so that such a request's OACK or first DATA
-        leaves before the loop turns (a task would start only on the next trip through it)."""
+        leaves before the loop turns (a task would start only on the next trip through it).
+
+        A static answer outlives its resolution by up to stale_ttl: a request then is still answered
+        from it, and a fresh resolution is looked up in the background (stale-while-revalidate, as
+        HTTP caches do). Without that, each burst of a storm that came after the answer's second was
+        up waited for a worker thread before its first block. A replaced file is served in full, old
+        or new, never mixed: the old bytes until that look-up has seen the change, the new ones after."""
         now = self.clock()
         # A storm asks for one static name hundreds of times: its answer, found below once, is kept
-        # until its resolution expires (checking and routing the name cost ~20 us of each request).
-        # Only static names get here: a rendered name never reaches the end of this method.
+        # (checking and routing the name cost ~20 us of each request). Only static names get here: a
+        # rendered name never reaches the end of this method.
         served = self._served_now.get(name)
-        if served is not None and served[0] > now:
-            _, kept, kept_server = served
-            server = kept_server if kept_server is not None else self.server_of(client[0])
-            return OpenedFile(BytesSource(kept), len(kept), server, "static", kept)
+        if served is not None:
+            until, kept, kept_server = served
+            if until <= now:
+                if until + self.stale_ttl <= now:
+                    del self._served_now[name]
+                    served = None
+                else:
+                    self._refresh_soon(name, kept, kept_server)
+            if served is not None:
+                server = kept_server if kept_server is not None else self.server_of(client[0])
+                return OpenedFile(BytesSource(kept), len(kept), server, "static", kept)
         parts = split_name(name)
         rendered = self._open_rendered(parts, client[0])
         if rendered is not None:
@@ -268,12 +286,43 @@ class BootTree:
         data = self.cache.peek(st) if self.cache.cacheable(st.st_size) else None
         if data is None:
             return None
+        prefix_server = self._keep_answer(name, parts, data)
+        server = prefix_server if prefix_server is not None else self.server_of(client[0])
+        return OpenedFile(BytesSource(data), len(data), server, "static", data)
+
+    def _keep_answer(self, name: str, parts: list[str], data: bytes) -> str | None:
+        """Remember `name`'s answer for open_now until its resolution expires (and stale_ttl past that);
+        returns the server its <uuid>/ prefix names, if any."""
         prefix_server = parts[0].lower() if _UUID.fullmatch(parts[0].lower()) else None
+        hit = self._resolved.get("/".join(parts))
+        if hit is None:  # not remembered at all (resolve_ttl 0)
+            return prefix_server
         if len(self._served_now) >= 4096:  # bounded like _resolved: a flood of names costs no memory
             self._served_now.clear()
         self._served_now[name] = (hit[0], data, prefix_server)
-        server = prefix_server if prefix_server is not None else self.server_of(client[0])
-        return OpenedFile(BytesSource(data), len(data), server, "static", data)
+        return prefix_server
+
+    def _refresh_soon(self, name: str, kept: bytes, kept_server: str | None) -> None:
+        """Look `name` up again in the background (once at a time); its open_now answer is then kept for
+        another resolve_ttl if it still is the file's content, else dropped (the next request opens)."""
+        if name in self._refreshing:
+            return
+        self._refreshing[name] = asyncio.get_running_loop().create_task(self._refresh(name, kept, kept_server))
+
+    async def _refresh(self, name: str, kept: bytes, kept_server: str | None) -> None:
+        try:
+            parts = split_name(name)
+            found = await self._lookup(parts)
+            hit = self._resolved.get("/".join(parts))
+            same = found is not None and hit is not None and self.cache.peek(found[1]) is kept
+            if same and hit is not None:
+                self._served_now[name] = (hit[0], kept, kept_server)
+            else:
+                self._served_now.pop(name, None)
+        except Exception:  # a name now refused or unreadable: the next request opens it and is told
+            self._served_now.pop(name, None)
+        finally:
+            self._refreshing.pop(name, None)
 
     async def open(self, name: str, client: tuple[str, int]) -> OpenedFile:
         parts = split_name(name)
@@ -281,6 +330,7 @@ class BootTree:
         if rendered is not None:
             return rendered
         found = await self._lookup(parts)
+        direct = found is not None  # not found under its <uuid>/ prefix: only those are kept for open_now
         if found is None and len(parts) > 1 and _UUID.fullmatch(parts[0].lower()):
             found = await self._lookup(parts[1:])
         if found is None:
@@ -290,9 +340,13 @@ class BootTree:
         if self.cache.cacheable(st.st_size):
             data = self.cache.peek(st)
             if data is not None:
+                if direct:  # the next burst for this name, even one after its resolution, needs no wait
+                    self._keep_answer(name, parts, data)
                 return OpenedFile(BytesSource(data), len(data), server, "static", data)
             if st.st_size <= _SMALL_FILE:
                 data = await self.cache.get(real, st)
+                if direct:
+                    self._keep_answer(name, parts, data)
                 return OpenedFile(BytesSource(data), len(data), server, "static", data)
             # A big file not in memory yet (a kernel at the start of a boot storm): load it in the
             # background and serve this request from disk, so the first byte does not wait for the load.

@@ -677,3 +677,74 @@ async def test_only_a_big_transfer_gets_its_connected_twin(env: Env) -> None:
         assert conn.twin is not None and conn.twin.getpeername() == raw.sock.getsockname()
     finally:
         raw.close()
+
+
+async def test_a_transfer_takes_a_port_bound_before_its_request(env: Env) -> None:
+    """Transfer ports are bound ahead of a burst: a request takes one, what a stranger sent to a spare
+    before is dropped (it never reaches the transfer, nor gets an answer), and a burst that takes more
+    than half of the spares finds them bound again a moment later."""
+    spares = {s.getsockname()[1]: s for s in env.server._spares}
+    assert len(spares) == tftp_server._SPARE_SOCKETS
+    stranger = Raw(env.port)
+    next_port = env.server._spares[-1].getsockname()[1]  # the one the next request takes
+    stranger.sock.sendto(tp.encode_ack(0), ("127.0.0.1", next_port))
+    await asyncio.sleep(0.05)
+    await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
+        oack, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        assert oack == tp.OptionAck({"blksize": "1468"}) and peer[1] in spares
+        raw.sock.sendto(tp.encode_ack(0), peer)
+        data, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert data == tp.Data(1, (env.root / "pxelinux.0").read_bytes()[:1468])
+        with pytest.raises(TimeoutError):
+            stranger.recv(0.2)  # dropped while spare: no "unknown TID" for it
+    finally:
+        raw.close()
+        stranger.close()
+    burst = [Raw(env.port) for _ in range(tftp_server._SPARE_SOCKETS // 2 + 8)]
+    try:
+        for client in burst:
+            client.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
+        answers = [await in_thread(client.recv) for client in burst]
+        assert all(isinstance(a[0], tp.OptionAck) for a in answers)  # type: ignore[index]
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if len(env.server._spares) == tftp_server._SPARE_SOCKETS:
+                break
+        assert len(env.server._spares) == tftp_server._SPARE_SOCKETS
+    finally:
+        for client in burst:
+            client.close()
+
+
+async def test_a_transfer_begun_at_once_needs_no_task(tmp_path: Path) -> None:
+    """A request answered in the listener's callback is seen through by callbacks on its transfer, not
+    by a task of its own (whose making and first step delay the next client's first block); its end is
+    reported all the same, and a stop mid-way ends it as "aborted"; the spares' ports are closed."""
+    e = make_env(tmp_path)
+    await e.server.start()
+    await fetch_windowed(e.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
+    await wait_events(e, 1)
+    spares = list(e.server._spares)
+    raw = Raw(e.port)
+    try:
+        tasks = len(asyncio.all_tasks())
+        raw.rrq(b"pxelinux.0", options=b"blksize\x00512\x00")
+        oack, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        assert oack == tp.OptionAck({"blksize": "512"})
+        for block in range(3):
+            raw.sock.sendto(tp.encode_ack(block), peer)
+            data, _ = await in_thread(raw.recv)  # type: ignore[misc]
+            assert isinstance(data, tp.Data) and data.block == block + 1
+        assert len(e.server._active) == 1 and len(asyncio.all_tasks()) == tasks
+        await e.server.stop()
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.Error(0, "server shutting down")
+    finally:
+        raw.close()
+        await e.server.stop()
+    assert [ev["outcome"] for ev in e.events] == ["ok", "aborted"]
+    assert e.events[1]["bytes"] == 2 * 512  # blocks 1 and 2 acknowledged
+    assert not e.server._active and not e.server._spares and all(s.fileno() == -1 for s in spares)

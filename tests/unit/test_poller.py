@@ -183,3 +183,24 @@ def test_without_a_fresh_epoll_fresh_sockets_are_ordinary() -> None:
     poller.poll_fresh()
     poller.promote(5)
     assert epoll.registered == {5} and epoll.polls == 0
+
+
+@pytest.mark.parametrize("with_epoll", [True, False])
+def test_adding_a_socket_again_swaps_its_handler_only(with_epoll: bool) -> None:
+    """The TFTP server's spare sockets are added ahead with a handler that drops datagrams; a transfer
+    taking one adds it again with its own handler: no second registration, the new handler is called."""
+    loop, epoll, fresh = FakeLoop(), FakeEpoll(), FakeEpoll(998)
+    poller = Poller(loop, epoll if with_epoll else None, fresh_epoll=fresh if with_epoll else None)
+    calls: list[str] = []
+    poller.add(5, lambda now: calls.append("spare"), fresh=True)  # type: ignore[func-returns-value]
+    poller.add(5, lambda now: calls.append("transfer"), fresh=True)  # type: ignore[func-returns-value]
+    if with_epoll:
+        assert fresh.registered == {5} and epoll.registered == set()
+        fresh.rounds = [[5]]
+        poller.poll_fresh()
+    else:
+        assert set(loop.readers) == {5}
+        loop.fire(5)
+    assert calls == ["transfer"]
+    poller.remove(5)
+    assert fresh.registered == set() and 5 not in loop.readers

@@ -292,22 +292,78 @@ async def test_resolution_is_reused_for_a_short_while(layout: dict[str, Path], p
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
 
 
-async def test_open_now_keeps_its_answer_no_longer_than_the_resolution(layout: dict[str, Path],
-                                                                        policy: StorePolicy) -> None:
-    """open_now remembers a static name's answer (a storm asks for it hundreds of times), only until its
-    resolution expires: a replaced file shows after resolve_ttl on that path too."""
+async def test_open_now_keeps_its_answer_for_its_resolution(layout: dict[str, Path], policy: StorePolicy) -> None:
+    """open_now remembers a static name's answer (a storm asks for it hundreds of times) and, within
+    its resolution's time, answers without looking at the disk."""
     now = [100.0]
     tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, clock=lambda: now[0])
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"
     first = tree.open_now("ldlinux.c32", CLIENT)
+    (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
+    now[0] += 0.19
     again = tree.open_now("ldlinux.c32", CLIENT)
     assert first is not None and again is not None and first.data == again.data == b"LDL"
+    assert not tree._refreshing  # nothing looked up within the resolution's time
+
+
+async def _refreshed(tree: BootTree) -> None:
+    for _ in range(200):
+        if not tree._refreshing:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the background look-up never ended")
+
+
+async def test_an_expired_answer_is_served_while_it_is_looked_up_again(layout: dict[str, Path],
+                                                                       policy: StorePolicy) -> None:
+    """Past its resolution (and within stale_ttl) open_now still answers, with no wait, and looks the
+    name up in the background: a replaced file is served whole, the old bytes until that look-up has
+    seen the change and the new ones after it; an unchanged one keeps being answered at once."""
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, stale_ttl=5.0, clock=lambda: now[0])
+    for name in ("ldlinux.c32", "pxelinux.0"):
+        await tree.open(name, CLIENT)
+        assert tree.open_now(name, CLIENT) is not None
     (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
-    now[0] += 0.21
-    assert tree.open_now("ldlinux.c32", CLIENT) is None  # expired: the caller awaits open()
+    now[0] += 3.0
+    stale = tree.open_now("ldlinux.c32", CLIENT)
+    assert stale is not None and stale.data == b"LDL"  # answered at once, from the old answer
+    same = tree.open_now("pxelinux.0", CLIENT)
+    assert same is not None and same.data == (layout["loaders"] / "pxelinux.0").read_bytes()
+    assert set(tree._refreshing) == {"ldlinux.c32", "pxelinux.0"}
+    await _refreshed(tree)
+    assert tree.open_now("ldlinux.c32", CLIENT) is None  # changed: the next request opens it
     assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
     fresh = tree.open_now("ldlinux.c32", CLIENT)
     assert fresh is not None and fresh.data == b"LDL2"
+    kept = tree.open_now("pxelinux.0", CLIENT)  # unchanged: kept for another resolution's time
+    assert kept is not None and not tree._refreshing
+
+
+async def test_an_answer_past_its_stale_time_is_not_served(layout: dict[str, Path], policy: StorePolicy) -> None:
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, stale_ttl=5.0, clock=lambda: now[0])
+    await tree.open("ldlinux.c32", CLIENT)
+    assert tree.open_now("ldlinux.c32", CLIENT) is not None
+    (layout["loaders"] / "ldlinux.c32").write_bytes(b"LDL2")
+    now[0] += 5.3
+    assert tree.open_now("ldlinux.c32", CLIENT) is None  # too old to answer from: the caller opens
+    assert not tree._refreshing
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL2"
+
+
+async def test_a_name_removed_meanwhile_is_dropped_by_its_look_up(layout: dict[str, Path],
+                                                                  policy: StorePolicy) -> None:
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, stale_ttl=5.0, clock=lambda: now[0])
+    await tree.open("ldlinux.c32", CLIENT)
+    assert tree.open_now("ldlinux.c32", CLIENT) is not None
+    (layout["loaders"] / "ldlinux.c32").unlink()
+    now[0] += 1.0
+    assert tree.open_now("ldlinux.c32", CLIENT) is not None  # the old answer, while it is looked up
+    await _refreshed(tree)
+    with pytest.raises(NotFound):
+        tree.open_now("ldlinux.c32", CLIENT)
 
 
 async def test_big_cold_file_served_from_disk_while_it_loads(layout: dict[str, Path], policy: StorePolicy) -> None:
@@ -393,3 +449,15 @@ async def test_concurrent_opens_of_one_name_share_one_resolution(layout: dict[st
     with pytest.raises(NotFound):  # a missing name's burst: each gets NotFound, from one resolution
         await asyncio.gather(*(tree.open("absent.0", CLIENT) for _ in range(3)))
     assert calls[1:] == [["absent.0"]]
+
+
+async def test_an_answer_opened_once_is_kept_for_the_next_burst(layout: dict[str, Path], policy: StorePolicy) -> None:
+    """A name a request had to open (a storm's first burst) is answered by open_now for the next
+    burst, even one that comes after its resolution's time, with no wait for a look-up."""
+    now = [100.0]
+    tree = BootTree([layout["loaders"]], None, policy, resolve_ttl=0.2, stale_ttl=5.0, clock=lambda: now[0])
+    assert tree.open_now("ldlinux.c32", CLIENT) is None  # never seen: the caller opens it
+    assert (await tree.open("ldlinux.c32", CLIENT)).data == b"LDL"
+    now[0] += 2.0
+    later = tree.open_now("ldlinux.c32", CLIENT)
+    assert later is not None and later.data == b"LDL"
