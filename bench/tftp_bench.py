@@ -25,8 +25,13 @@ dnsmasq; in.tftpd, and everything without root, runs on the host's 127.0.0.1. Se
 read from /proc for the servers that are one process (in.tftpd forks per transfer and its children's
 times cannot be added up there).
 
-    .venv/bin/python bench/tftp_bench.py            # full run: 3 rounds of 2.5 s cells (~2.5 minutes)
-    .venv/bin/python bench/tftp_bench.py --quick    # 3 rounds of 0.3 s cells (~35 seconds)
+Time to first byte is also measured on its own, in bursts (--bursts, 20 per server and client count by
+default): a burst sends n RRQs at once and ends each fetch at its first DATA, the servers taking turns
+burst by burst. A cell's first byte is one burst's, at the mercy of one scheduling hiccup on a shared
+machine; the bursts give hundreds, and issue 15's first-byte verdict is taken on them.
+
+    .venv/bin/python bench/tftp_bench.py            # full run: 3 rounds of 2.5 s cells + bursts (~4 minutes)
+    .venv/bin/python bench/tftp_bench.py --quick    # 3 rounds of 0.3 s cells, 6 bursts (~50 seconds)
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ BLKSIZE = 1468
 
 
 def client_main(host: str, port: int, name: str, n: int, window: float, blksize: int) -> dict[str, object]:
+    """n fetches at once for `window` seconds; window 0: first bytes only (each fetch ends at its first
+    DATA with an ERROR, the whole within 2 s)."""
+    first_only = window <= 0
+    if first_only:
+        window = 2.0
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.settimeout(0.2)
     ready_by = time.monotonic() + 10
@@ -111,6 +121,11 @@ def client_main(host: str, port: int, name: str, n: int, window: float, blksize:
                         continue
                     if f.first_data is None:
                         f.first_data = time.monotonic()
+                        if first_only:
+                            s.sendto(b"\x00\x05\x00\x00first byte only\x00", addr)
+                            f.done = True
+                            active -= 1
+                            break
                     f.peer = addr
                     f.bytes += len(data) - 4
                     pkt = ack.pack(4, block)
@@ -394,12 +409,57 @@ def median_or_none(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+Bursts = dict[tuple[str, int], list[list[float]]]  # (server, clients) -> each burst's first-byte times
+
+
+def first_byte_bursts(peers: list[Peer], counts: list[int], bursts: int) -> Bursts:
+    """Time to first byte alone, over many bursts: a cell's figure is one burst of n requests, and on a
+    shared machine one burst is at the mercy of a single scheduling hiccup. Each burst sends n RRQs at
+    once and ends each fetch at its first DATA; the servers take turns burst by burst (order rotated),
+    so every server sees the same machine, and each burst's median is kept."""
+    out: Bursts = {}
+    for n in counts:
+        for k in range(bursts):
+            for peer in rotated(peers, k):
+                result = peer.measure(n, 0.0)
+                if "error" not in result:
+                    out.setdefault((peer.label, n), []).append([float(t) for t in result.get("ttfb", [])])
+                time.sleep(0.05)
+    return out
+
+
+def report_bursts(peers: list[Peer], counts: list[int], got: Bursts) -> dict[int, float]:
+    """Prints the burst figures; returns, per client count, the median over bursts of Cello's burst
+    median / dnsmasq's (the burst pairs taken side by side)."""
+    bursts = max((len(v) for v in got.values()), default=0)
+    print()
+    print(f"Time to first byte over {bursts} bursts per server (each burst's median; the servers take turns)")
+    ratios: dict[int, float] = {}
+    for n in counts:
+        for peer in peers:
+            runs = [statistics.median(b) for b in got.get((peer.label, n), []) if b]
+            if not runs:
+                continue
+            every = sorted(t for b in got[(peer.label, n)] for t in b)
+            print(f"  {peer.label:9s} n={n:<4d} median of burst medians {statistics.median(runs) * 1000:6.2f} ms"
+                  f"  p95 of all {fmt_ms(every, 0.95):>6s} ms  ({len(every)} first bytes)")
+        mine = [statistics.median(b) for b in got.get(("cello", n), []) if b]
+        theirs = [statistics.median(b) for b in got.get(("dnsmasq", n), []) if b]
+        pairs = [c / d for c, d in zip(mine, theirs, strict=False) if d > 0]
+        if pairs:
+            ratios[n] = statistics.median(pairs)
+            print(f"  n={n:<4d} Cello/dnsmasq: median of per-burst ratios {ratios[n]:.2f}"
+                  f" [{' '.join(f'{r:.1f}' for r in pairs)}]")
+    return ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short cells (about 35 s in all)")
     ap.add_argument("--window", type=float, default=None, help="seconds per (server, clients) cell")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved cells (the median is reported)")
     ap.add_argument("--clients", default="1,8,32,128")
+    ap.add_argument("--bursts", type=int, default=None, help="first-byte bursts per server and count (0: none)")
     ap.add_argument("--client", nargs=5, metavar=("HOST", "PORT", "FILE", "N", "WINDOW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -408,6 +468,8 @@ def main() -> int:
         return 0
     window = args.window or (0.3 if args.quick else 2.5)
     rounds = max(1, args.rounds)
+    n_bursts = args.bursts if args.bursts is not None else (6 if args.quick else 20)
+    bursts: Bursts = {}
     counts = [int(c) for c in args.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="cello-tftpbench-"))
     tmp.chmod(0o755)
@@ -437,6 +499,9 @@ def main() -> int:
                 " of the machine's CPU",
                 flush=True,
             )
+        if n_bursts > 0:
+            print(f"first-byte bursts: {n_bursts} per server and client count", flush=True)
+            bursts = first_byte_bursts(peers, counts, n_bursts)
     finally:
         for peer in peers:
             peer.stop()
@@ -497,14 +562,20 @@ def main() -> int:
         checks.append(f"n=128 ahead: {'met' if verdict[128] > 1.0 else 'NOT met'} (x{verdict[128]:.2f})")
     if checks:
         print("target vs in.tftpd (median ratio): " + "; ".join(checks))
+    burst_ratio = report_bursts(peers, counts, bursts) if bursts else {}
     # issue 15: throughput at least dnsmasq's at 32 and 128 clients, time to first byte at most twice its
+    # (judged on the bursts where they ran: many first bytes, not one burst a cell)
+    print()
     for n in (32, 128):
         if n in vs_dnsmasq:
             tp_ratio, ttfb_ratio = vs_dnsmasq[n]
-            ttfb_s = "-" if ttfb_ratio is None else f"{1 / ttfb_ratio:.2f}x dnsmasq's"
-            ttfb_ok = ttfb_ratio is not None and ttfb_ratio >= 0.5
+            in_cells = "-" if ttfb_ratio is None else f"{1 / ttfb_ratio:.2f}x"
+            times = burst_ratio.get(n, 1 / ttfb_ratio if ttfb_ratio else None)
+            ttfb_ok = times is not None and times <= 2.0
+            times_s = "-" if times is None else f"{times:.2f}x dnsmasq's"
             print(f"target vs dnsmasq n={n}: throughput >= 1.0: {'met' if tp_ratio >= 1.0 else 'NOT met'}"
-                  f" (x{tp_ratio:.2f}); ttfb <= 2x: {'met' if ttfb_ok else 'NOT met'} ({ttfb_s})")
+                  f" (x{tp_ratio:.2f}); ttfb <= 2x: {'met' if ttfb_ok else 'NOT met'} ({times_s};"
+                  f" in the cells {in_cells})")
     for m in missing:
         print(f"not measured: {m}")
     return 0
