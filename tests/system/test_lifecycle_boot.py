@@ -134,7 +134,9 @@ def wait_booted(lab: Lab, node: Node, timeout: float = BOOT_TIMEOUT) -> float:
 
 
 def console_line(node: Node, prefix: str) -> str:
-    lines = [line.strip() for line in node.console().splitlines() if line.startswith(prefix)]
+    # The node's processes share its serial console: iscsid's "iscsid: " can land in front of a line
+    # the root's init prints (seen in CI), so the marker is taken wherever it starts in a line.
+    lines = [line[line.index(prefix):].strip() for line in node.console().splitlines() if prefix in line]
     assert lines, f"{node.name}: no {prefix!r} line on the console:\n{node.console()[-2000:]}"
     return lines[-1]
 
