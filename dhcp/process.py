@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -64,6 +65,7 @@ _MAX_MESSAGE = 65536  # a report or a stats message (each well under this)
 _READ_BATCH = 1024  # report messages read per wake-up before yielding to the loop
 _STATS_SECONDS = 0.25
 _ENABLED_POLL_SECONDS = 0.25
+_PORTS_GRACE_SECONDS = 2.0  # a crashed appliance's responder process ends well within this (see _bind_when_free)
 _START_SECONDS = 20.0  # an interpreter start and the first snapshot's unpickling, on a loaded machine
 _STOP_SECONDS = 5.0
 _RESPAWN_SECONDS = 1.0
@@ -129,7 +131,7 @@ class ProcessProxyDHCP(ProxyDHCP):
         self._ending = False
         try:
             # When :67 is taken, the child opens the raw listener (it has the parent's privileges).
-            self._raw_wanted = self._bind_ports() is not None
+            self._raw_wanted = await self._bind_when_free() is not None
             await self._spawn()
         except BaseException:
             await self.stop()
@@ -137,6 +139,28 @@ class ProcessProxyDHCP(ProxyDHCP):
         self._poll = self._loop.call_later(_ENABLED_POLL_SECONDS, self._poll_enabled)
         log.info("proxyDHCP on %s (advertise %s%s, own process %d)", self.bound, self.advertise,
                  ", raw :67" * self.raw_mode, self._proc.pid if self._proc else 0)
+
+    async def _bind_when_free(self) -> OSError | None:
+        """`_bind_ports`, tried again for a moment while a port is in use: the responder process of an
+        appliance that crashed (SIGKILL, OOM) ends at its control socket's EOF, but until it has, it
+        still holds the ports, and a supervisor's restart comes at once. A port held for longer is
+        another program's: its error (or the raw fallback) as before, _PORTS_GRACE_SECONDS later."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PORTS_GRACE_SECONDS
+        while True:
+            try:
+                taken = self._bind_ports()
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or loop.time() >= deadline:
+                    raise
+            else:
+                if taken is None or loop.time() >= deadline:
+                    return taken
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+            self.bound.clear()
+            await asyncio.sleep(0.05)
 
     async def _spawn(self) -> None:
         """Start a child on the bound sockets and wait until it serves them (or says why it cannot)."""
@@ -467,7 +491,11 @@ def _freeze() -> None:
 
 def main(argv: list[str]) -> int:
     ctl, out = (socket.socket(fileno=int(fd)) for fd in argv)
-    return child_main(ctl, out)
+    code = child_main(ctl, out)
+    # Out at once, without the interpreter's teardown (its daemon threads, scapy's modules): until this
+    # process is gone it holds the DHCP ports, and an appliance restarted after a crash binds them next.
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # `python -m dhcp.process`: run as the module, so that pickles name one class

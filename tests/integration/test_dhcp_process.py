@@ -266,3 +266,49 @@ async def test_the_appliance_wires_its_policy_and_switch_to_the_child(tmp_path: 
             await proxy.stop()
             client.sock.close()
         assert proxy.stats.errors == 0 and proxy.stats.acks == 1
+
+
+def _proxy_on(lab: Lab, port: int, pxe_port: int) -> ProcessProxyDHCP:
+    return ProcessProxyDHCP(lab.policy, "127.0.0.1", mirror=lab.mirror, listen="127.0.0.1", port=port,
+                            pxe_port=pxe_port, reply_port=lab.client.port, broadcast="127.0.0.1",
+                            raw_fallback=False, enabled=lambda: True)
+
+
+async def test_a_start_waits_a_moment_for_ports_a_crashed_run_still_holds() -> None:
+    """After a crash, the old responder process holds :67 until it has seen its control socket's EOF:
+    a restart that comes at once waits for it (test_serve_restart restarts right after a SIGKILL)."""
+    lab = Lab()
+    port, pxe_port = _free_udp_ports(2)
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", port))
+    asyncio.get_running_loop().call_later(0.3, old.close)
+    proxy = _proxy_on(lab, port, pxe_port)
+    try:
+        await proxy.start()
+        assert proxy.bound["dhcp"] == ("127.0.0.1", port) and proxy.bound["pxe"] == ("127.0.0.1", pxe_port)
+    finally:
+        await proxy.stop()
+        old.close()
+        lab.client.sock.close()
+
+
+async def test_a_port_held_for_longer_is_refused_with_its_bind_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dhcp.process._PORTS_GRACE_SECONDS", 0.3)
+    lab = Lab()
+    port, pxe_port = _free_udp_ports(2)
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.1", port))
+    proxy = _proxy_on(lab, port, pxe_port)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await proxy.start()
+        assert time.monotonic() - started >= 0.3
+        assert proxy._sockets == [] and proxy._proc is None  # nothing half-made: :4011 let go as well
+        free = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        free.bind(("127.0.0.1", pxe_port))
+        free.close()
+    finally:
+        await proxy.stop()
+        other.close()
+        lab.client.sock.close()
