@@ -31,7 +31,9 @@ _TRANSFER_RECV_BYTES = 4096
 _REQUESTS_PER_WAKEUP = 64
 # Transfer sockets bound (and registered with the poller) ahead of a burst: a storm's requests then
 # take a port instead of making one, three system calls fewer on each one's way to its first answer.
-# Refilled a moment after the pool runs low, so that a burst is not slowed by its own refill.
+# Refilled a moment after the pool runs low, so that a burst is not slowed by its own refill; the
+# first fill comes after the first request, not at start: an appliance whose TFTP serves nothing holds
+# no spare ports, and the other services' binds at start never meet 64 fresh ephemeral ports.
 _SPARE_SOCKETS = 64
 _REFILL_AFTER = 0.05
 _REQUEST_MEMO = 256  # a storm's requests are byte for byte the same: each is decoded once
@@ -378,7 +380,6 @@ class TftpServer:
         await self.listener.start()
         self._family = self.listener.family
         self._bind_host = self.address[0]
-        self._refill()
         log.info("tftp: listening on %s:%s", *self.address)
 
     async def stop(self) -> None:

@@ -679,17 +679,26 @@ async def test_only_a_big_transfer_gets_its_connected_twin(env: Env) -> None:
         raw.close()
 
 
+async def spares_bound(server: TftpServer) -> None:
+    for _ in range(100):
+        if len(server._spares) == tftp_server._SPARE_SOCKETS:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{len(server._spares)} spare ports, not {tftp_server._SPARE_SOCKETS}")
+
+
 async def test_a_transfer_takes_a_port_bound_before_its_request(env: Env) -> None:
     """Transfer ports are bound ahead of a burst: a request takes one, what a stranger sent to a spare
     before is dropped (it never reaches the transfer, nor gets an answer), and a burst that takes more
     than half of the spares finds them bound again a moment later."""
+    assert env.server._spares == []  # none at start: the first request makes its own port
+    await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
+    await spares_bound(env.server)
     spares = {s.getsockname()[1]: s for s in env.server._spares}
-    assert len(spares) == tftp_server._SPARE_SOCKETS
     stranger = Raw(env.port)
     next_port = env.server._spares[-1].getsockname()[1]  # the one the next request takes
     stranger.sock.sendto(tp.encode_ack(0), ("127.0.0.1", next_port))
     await asyncio.sleep(0.05)
-    await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
     raw = Raw(env.port)
     try:
         raw.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
@@ -709,11 +718,7 @@ async def test_a_transfer_takes_a_port_bound_before_its_request(env: Env) -> Non
             client.rrq(b"pxelinux.0", options=b"blksize\x001468\x00")
         answers = [await in_thread(client.recv) for client in burst]
         assert all(isinstance(a[0], tp.OptionAck) for a in answers)  # type: ignore[index]
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if len(env.server._spares) == tftp_server._SPARE_SOCKETS:
-                break
-        assert len(env.server._spares) == tftp_server._SPARE_SOCKETS
+        await spares_bound(env.server)
     finally:
         for client in burst:
             client.close()
@@ -727,6 +732,7 @@ async def test_a_transfer_begun_at_once_needs_no_task(tmp_path: Path) -> None:
     await e.server.start()
     await fetch_windowed(e.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
     await wait_events(e, 1)
+    await spares_bound(e.server)
     spares = list(e.server._spares)
     raw = Raw(e.port)
     try:
