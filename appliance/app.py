@@ -254,7 +254,8 @@ class Appliance:
         tree = BootTree(self.loader_roots(), self.files_root, self.built.policy)
         host, port = split_host_port(cfg.listen)
         return TftpServer(host, port, tree, blksize_max=cfg.blksize_max, windowsize_max=cfg.windowsize_max,
-                          max_transfers=cfg.max_transfers, events=self._event_sink(),
+                          max_transfers=cfg.max_transfers, engine=cfg.engine,
+                          events=self._event_sink(),
                           enabled=self._enabled("tftp"), on_fatal=self._fatal_for("tftp"))
 
     def _make_dhcp(self) -> Service:

@@ -123,6 +123,9 @@ class TftpConfig:
     blksize_max: int = _opt(1468, "largest blksize granted (RFC 2348)", _range(8, 65464))
     windowsize_max: int = _opt(64, "largest windowsize granted (RFC 7440)", _range(1, 64))
     max_transfers: int = _opt(512, "concurrent transfers; further requests get an error", _range(1, 65536))
+    engine: str = _opt("auto", "who runs the transfers: 'native' (the C pump make setup builds, a thread of its own), "
+                               "'python' (the event loop), 'auto' (native where built)",
+                       _one_of("auto", "native", "python"))
 
 
 @dataclass(frozen=True)

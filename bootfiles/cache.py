@@ -36,6 +36,10 @@ class FileSource:
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
 
+    def fileno(self) -> int:
+        """The descriptor (the native TFTP pump reads it; it stays this object's to close)."""
+        return self._fd
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

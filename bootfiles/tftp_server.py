@@ -14,13 +14,14 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
+from bootfiles import tftp_native as native
 from bootfiles import tftp_packet as tp
 from bootfiles import tftp_policy as policy
 from bootfiles.poller import Poller, platform_epoll
 from bootfiles.spec import EventSink
-from bootfiles.tftp_transfer import BytesSource, Limits, SendTransfer
+from bootfiles.tftp_transfer import BytesSource, Limits, SendTransfer, negotiated
 from bootfiles.tree import Denied, OpenedFile, TreeError
 from udpio.udp import UdpListener
 
@@ -37,6 +38,9 @@ _REQUESTS_PER_WAKEUP = 64
 _SPARE_SOCKETS = 64
 _REFILL_AFTER = 0.05
 _REQUEST_MEMO = 256  # a storm's requests are byte for byte the same: each is decoded once
+_PREPARED_MAX = 32  # the pump's parameters kept for requests of small static files (a loader) ...
+_PREPARED_BYTES = 2 << 20  # ... of at most this size: at worst 64 MiB held past the file cache
+_LOOK_AGAIN_AFTER = 0.005  # an RRQ for a pumped transfer still running is looked at again after this
 
 
 class Tree(Protocol):
@@ -47,6 +51,32 @@ class Tree(Protocol):
         ...
 
 
+Engine = Literal["auto", "native", "python"]
+
+
+class _Pumped:
+    """A transfer the native pump sees through (`tftp_native`): what the server reads of a transfer and
+    of its socket, filled in from the pump's completion. Its socket is the pump's to close."""
+
+    __slots__ = ("bytes_sent", "closed", "done", "error", "finished", "outcome", "retransmissions")
+
+    def __init__(self, finished: asyncio.Future[None]) -> None:
+        self.finished = finished
+        self.done = False
+        self.closed = False
+        self.outcome: str | None = None
+        self.error: str | None = None
+        self.bytes_sent = 0
+        self.retransmissions = 0
+
+    @property
+    def transfer(self) -> _Pumped:
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+
 @dataclass
 class _Started:
     """A transfer that has begun: what its end closes and reports."""
@@ -54,8 +84,8 @@ class _Started:
     request: tp.ReadRequest
     addr: Address
     opened: OpenedFile
-    transfer: SendTransfer
-    conn: _TransferSocket
+    transfer: SendTransfer | _Pumped
+    conn: _TransferSocket | _Pumped
     done: asyncio.Future[None]
     at: float  # the loop's time when its request was taken
 
@@ -328,7 +358,10 @@ class TftpServer:
         events: EventSink | None = None,
         enabled: Callable[[], bool] = lambda: True,
         on_fatal: Callable[[BaseException], None] | None = None,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ("auto", "native", "python"):
+            raise ValueError("tftp engine must be 'auto', 'native' or 'python'")
         if not tp.MIN_BLKSIZE <= blksize_max <= tp.MAX_BLKSIZE:
             raise ValueError(f"tftp blksize_max must be within {tp.MIN_BLKSIZE}..{tp.MAX_BLKSIZE}")
         if not 1 <= windowsize_max <= tp.MAX_WINDOWSIZE:
@@ -351,8 +384,8 @@ class TftpServer:
         # A request being served: the task that opens its file (and sees the transfer through), or,
         # for one begun in the listener's callback, its transfer's `done` future (no task at all).
         self._active: dict[tuple[Address, str], asyncio.Future[None]] = {}
-        self._conn_by_key: dict[tuple[Address, str], _TransferSocket] = {}
-        self._transfers: set[_TransferSocket] = set()
+        self._conn_by_key: dict[tuple[Address, str], _TransferSocket | _Pumped] = {}
+        self._transfers: set[_TransferSocket | _Pumped] = set()
         self._poller: Poller | None = None
         # One receive buffer for all transfers (they run one at a time, on the loop): an ACK read into
         # it is decoded in place, with no bytes object allocated and freed per block.
@@ -362,6 +395,11 @@ class TftpServer:
         self._spares: list[socket.socket] = []
         self._refill_handle: asyncio.TimerHandle | None = None
         self._requests: dict[bytes, tp.Packet] = {}
+        # The native pump runs the transfers when the engine allows it and its library is built.
+        self.engine = engine
+        self._pump: native.Pump | None = None
+        self._pumped: dict[int, _Pumped] = {}
+        self._prepared: dict[int, tuple[tp.ReadRequest, bytes, native.Prepared]] = {}
         self.stats = TftpStats()
 
     @property
@@ -374,20 +412,52 @@ class TftpServer:
     def active_transfers(self) -> int:
         return len(self._active)
 
+    @property
+    def engine_in_use(self) -> Literal["native", "python"]:
+        """Who runs the transfers since start: the native pump, or this module's Python."""
+        return "native" if self._pump is not None else "python"
+
     async def start(self) -> None:
         if self.listener.transport is not None:
             return
-        await self.listener.start()
+        self._start_pump()
+        try:
+            await self.listener.start()
+        except BaseException:
+            self._stop_pump()
+            raise
         self._family = self.listener.family
         self._bind_host = self.address[0]
-        log.info("tftp: listening on %s:%s", *self.address)
+        log.info("tftp: listening on %s:%s (%s transfers)", *self.address, self.engine_in_use)
+
+    def _start_pump(self) -> None:
+        if self.engine == "python":
+            return
+        try:
+            self._pump = native.Pump()
+        except native.PumpError as exc:
+            if self.engine == "native":
+                raise RuntimeError(f"tftp engine 'native': {exc}") from exc
+            log.info("tftp: transfers in Python: %s", exc)
+            return
+        asyncio.get_running_loop().add_reader(self._pump.notify_fd, self._pump_ended)
+
+    def _stop_pump(self) -> None:
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            asyncio.get_running_loop().remove_reader(pump.notify_fd)
+            pump.close()
+            self._pumped.clear()
 
     async def stop(self) -> None:
         await self.listener.stop()
         now = asyncio.get_running_loop().time()
         for conn in list(self._transfers):
-            conn.transfer.abort(now, "server shutting down")
-            conn.kick()
+            if isinstance(conn, _TransferSocket):
+                conn.transfer.abort(now, "server shutting down")
+                conn.kick()
+        if self._pump is not None:
+            self._pump.abort_all("server shutting down")  # each ends with its completion, awaited below
         running = list(self._active.values())
         for future in running:
             if isinstance(future, asyncio.Task):  # still opening its file; a begun transfer ended above
@@ -397,6 +467,7 @@ class TftpServer:
         for conn in list(self._transfers):  # begun, but its task was cancelled before it could see it end
             self._transfers.discard(conn)
             conn.close()
+        self._stop_pump()
         self._active.clear()
         self._conn_by_key.clear()
         if self._refill_handle is not None:
@@ -412,7 +483,7 @@ class TftpServer:
             poller.close()
 
     # --- pipeline: decode → decide (tftp_policy, pure) → carry the decision out ---------------------
-    def _on_request(self, data: bytes, addr: Address) -> bytes | None:
+    def _on_request(self, data: bytes, addr: Address, *, looked_again: bool = False) -> bytes | None:
         """A datagram on the listening port; returns what to answer from that port (a WRQ's refusal)."""
         packet = self._requests.get(data)
         if packet is None:
@@ -427,7 +498,17 @@ class TftpServer:
                 self._requests[data] = packet
         filename = packet.filename if isinstance(packet, (tp.ReadRequest, tp.WriteRequest)) else ""
         key = (addr, filename)
-        decision = policy.decide(packet, enabled=self.enabled(), in_flight=self._in_flight(key),
+        in_flight = self._in_flight(key)
+        if in_flight is policy.InFlight.RUNNING and isinstance(self._conn_by_key.get(key), _Pumped):
+            # The client's last word to that transfer may be on its way through the pump's thread (EDK2
+            # ends its tsize probe with ERROR 8 and asks again from the same port at once): its end
+            # may be queued already, else it gets a moment before this RRQ is taken for a retransmission.
+            self._pump_ended()
+            in_flight = self._in_flight(key)
+            if in_flight is policy.InFlight.RUNNING and not looked_again:
+                asyncio.get_running_loop().call_later(_LOOK_AGAIN_AFTER, self._look_again, data, addr)
+                return None
+        decision = policy.decide(packet, enabled=self.enabled(), in_flight=in_flight,
                                  active=len(self._active), max_transfers=self.max_transfers)
         if isinstance(decision, policy.Serve):
             if decision.replaces:
@@ -461,6 +542,10 @@ class TftpServer:
             return error
         self._send_from_fresh_port(error, addr)
         return None
+
+    def _look_again(self, data: bytes, addr: Address) -> None:
+        if self.listener.transport is not None:  # not stopped meanwhile
+            self._on_request(data, addr, looked_again=True)  # an RRQ: no answer from the listener's port
 
     def _in_flight(self, key: tuple[Address, str]) -> policy.InFlight:
         if key not in self._active:
@@ -499,18 +584,86 @@ class TftpServer:
             return None
         return _Started(request, addr, opened, transfer, conn, done, at)
 
-    def _begin(self, request: tp.ReadRequest, addr: Address, opened: OpenedFile,
-               loop: asyncio.AbstractEventLoop) -> tuple[SendTransfer, _TransferSocket, asyncio.Future[None]]:
+    def _begin(self, request: tp.ReadRequest, addr: Address, opened: OpenedFile, loop: asyncio.AbstractEventLoop,
+               ) -> tuple[SendTransfer | _Pumped, _TransferSocket | _Pumped, asyncio.Future[None]]:
+        done: asyncio.Future[None] = loop.create_future()
+        if self._pump is not None:
+            pumped = self._begin_pumped(self._pump, request, addr, opened, done)
+            if pumped is not None:
+                return pumped, pumped, done
         source = opened.source
         if request.mode == "netascii" and opened.data is not None:
             source = BytesSource(to_netascii(opened.data))
         transfer = SendTransfer(source, request.options, self.limits, loop.time())
-        done: asyncio.Future[None] = loop.create_future()
         poller = self._poller_for(loop)
         conn = _TransferSocket(self._take_socket(), transfer, addr, done, poller, self._buffer)
         self._transfers.add(conn)
         conn.kick()
         return transfer, conn, done
+
+    def _begin_pumped(self, pump: native.Pump, request: tp.ReadRequest, addr: Address, opened: OpenedFile,
+                      done: asyncio.Future[None]) -> _Pumped | None:
+        """Hand the transfer to the native pump, which sends its first datagram now; None when the pump
+        would not take it (then the Python engine serves it, on the same port)."""
+        prepared = self._prepared_for(request, opened)
+        if prepared is None:
+            return None
+        sock = self._take_socket()
+        fd = sock.detach()  # the pump closes it at the end; should the start fail, it is wrapped again
+        try:
+            ident = pump.start(prepared, fd, addr)
+        except native.PumpError as exc:
+            log.warning("tftp: %s:%s %s: %s", addr[0], addr[1], request.filename, exc)
+            self._spares.append(socket.socket(self._family, socket.SOCK_DGRAM, fileno=fd))
+            return None
+        pumped = _Pumped(done)
+        self._pumped[ident] = pumped
+        self._transfers.add(pumped)
+        return pumped
+
+    def _prepared_for(self, request: tp.ReadRequest, opened: OpenedFile) -> native.Prepared | None:
+        """The pump's parameters for this request and file. A storm's identical requests (one memoized
+        request object) for a loader in memory share them, kept by identity: the same request object and
+        the same bytes, so a file replaced since gets new ones. Only small static files, and a bounded
+        number: an entry holds its bytes, which the file cache may have let go meanwhile."""
+        data = opened.data
+        if data is not None and request.mode != "netascii":
+            hit = self._prepared.get(id(request))
+            if hit is not None and hit[0] is request and hit[1] is data:
+                return hit[2]
+        elif data is not None:
+            data = to_netascii(data)
+        file_fd = opened.fileno()
+        if data is None and file_fd < 0:
+            return None
+        size = len(data) if data is not None else opened.size
+        params, oack = negotiated(request.options, size, self.limits)
+        limits = self.limits
+        prepared = native.prepare(
+            data=data, file_fd=file_fd, size=size, blksize=params.blksize, windowsize=params.windowsize,
+            timeout=params.timeout, timeout_from_client=params.timeout_from_client, retries=limits.retries,
+            backoff_max=limits.backoff_max, oack=oack, tsize_accepted="tsize" in params.accepted, family=self._family)
+        if data is not None and data is opened.data and opened.kind == "static" and size <= _PREPARED_BYTES:
+            if len(self._prepared) >= _PREPARED_MAX:
+                self._prepared.clear()
+            self._prepared[id(request)] = (request, data, prepared)
+        return prepared
+
+    def _pump_ended(self) -> None:
+        """The pump's eventfd is readable: transfers have ended; their futures resolve their ends."""
+        if self._pump is None:
+            return
+        for end in self._pump.take():
+            pumped = self._pumped.pop(end.id, None)
+            if pumped is None:
+                continue
+            pumped.done = True
+            pumped.outcome = end.outcome
+            pumped.error = end.error
+            pumped.bytes_sent = end.bytes_sent
+            pumped.retransmissions = end.retransmissions
+            if not pumped.finished.done():
+                pumped.finished.set_result(None)
 
     async def _serve(self, request: tp.ReadRequest, addr: Address) -> None:
         """A request whose file the tree must open first (a name whose resolution expired, a big file
@@ -626,14 +779,17 @@ class TftpServer:
         """Bind spare ports up to _SPARE_SOCKETS. Each one's handler drops what a stranger sends it
         until a transfer takes it (and the transfer's handler replaces that one)."""
         self._refill_handle = None
-        poller = self._poller_for(asyncio.get_running_loop())
+        # With the native pump a spare is registered nowhere until the pump takes it: what a stranger
+        # sends it waits in its buffer, and is answered (error 5) or ends with the socket.
+        poller = None if self._pump is not None else self._poller_for(asyncio.get_running_loop())
         while len(self._spares) < _SPARE_SOCKETS:
             try:
                 sock = self._new_socket()
             except OSError as exc:  # out of descriptors: transfers make their own, or are refused
                 log.debug("tftp: no spare transfer socket: %s", exc)
                 return
-            poller.add(sock.fileno(), _discarding(sock), fresh=True)
+            if poller is not None:
+                poller.add(sock.fileno(), _discarding(sock), fresh=True)
             self._spares.append(sock)
 
     def _send_from_fresh_port(self, datagram: bytes, addr: Address) -> None:

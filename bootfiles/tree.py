@@ -136,6 +136,10 @@ class OpenedFile:
         if self._file is not None:
             self._file.close()
 
+    def fileno(self) -> int:
+        """The descriptor of a file served from disk, else -1 (in memory: `data`)."""
+        return self._file.fileno() if self._file is not None else -1
+
 
 def split_name(name: str) -> list[str]:
     """Validate a requested name and split it into path components (pure). Raises Refused."""

@@ -66,3 +66,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# The native TFTP pump (bootfiles/tftp_native.py, the `tftp.engine` "auto" picks it where built): built
+# next to its source whenever that is newer. Linux only (epoll, eventfd); elsewhere Python serves.
+pump_src=bootfiles/native/tftp_pump.c
+pump_lib=bootfiles/native/libcellotftp.so
+if [ "$(uname -s)" = Linux ] && { [ ! -f "$pump_lib" ] || [ "$pump_src" -nt "$pump_lib" ]; }; then
+  cc -O2 -g -Wall -Wextra -Werror -std=c11 -shared -fPIC -pthread -o "$pump_lib.tmp" "$pump_src"
+  mv "$pump_lib.tmp" "$pump_lib"
+fi

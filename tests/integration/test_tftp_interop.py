@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -24,6 +25,10 @@ from bootfiles.tree import BootTree
 
 UUID = "3f1c0000-0000-4000-8000-000000000001"
 MAC = "52:54:00:77:00:10"
+# Every test that does not look into one engine's insides runs on both: the native pump (`make setup`
+# builds it; "native", not "auto", so that a missing library fails instead of testing Python twice) and
+# the Python engine.
+ENGINES = ["native", "python"]
 
 
 def need(tool: str) -> str:
@@ -107,9 +112,21 @@ def make_env(tmp_path: Path, **server_kw: object) -> Env:
     return Env(server, loaders, store, events, env_switch)
 
 
+@pytest.fixture(params=ENGINES)
+async def env(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    e = make_env(tmp_path, engine=request.param)
+    await e.server.start()
+    assert e.server.engine_in_use == request.param
+    try:
+        yield e
+    finally:
+        await e.server.stop()
+
+
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    e = make_env(tmp_path)
+async def py_env(tmp_path: Path) -> AsyncIterator[Env]:
+    """The Python engine, for the tests of its sockets and poller."""
+    e = make_env(tmp_path, engine="python")
     await e.server.start()
     try:
         yield e
@@ -413,7 +430,7 @@ async def test_every_socket_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(tftp_server, "_TWIN_AFTER_BLOCKS", 1)  # the twin after the first ACKed block
     if not twin:
         monkeypatch.setattr(tftp_server, "_connected_twin", lambda sock, peer: None)
-    e = make_env(tmp_path)
+    e = make_env(tmp_path, engine="python")
     await e.server.start()
     raw, stranger = Raw(e.port), Raw(e.port)
     try:
@@ -444,8 +461,9 @@ async def test_disabled_gives_no_answer(env: Env) -> None:
     assert env.events[0]["outcome"] == "disabled"
 
 
-async def test_concurrent_transfer_bound(tmp_path: Path) -> None:
-    e = make_env(tmp_path, max_transfers=1)
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_concurrent_transfer_bound(tmp_path: Path, engine: str) -> None:
+    e = make_env(tmp_path, max_transfers=1, engine=engine)
     await e.server.start()
     a, b = Raw(e.port), Raw(e.port)
     try:
@@ -497,8 +515,9 @@ async def test_storm_of_clients_shares_one_cached_copy(env: Env, tmp_path: Path)
     assert isinstance(tree, BootTree) and tree.cache.misses == 1  # one load, eleven served from memory
 
 
-async def test_stop_is_idempotent_and_ends_transfers(tmp_path: Path) -> None:
-    e = make_env(tmp_path)
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_stop_is_idempotent_and_ends_transfers(tmp_path: Path, engine: str) -> None:
+    e = make_env(tmp_path, engine=engine)
     await e.server.start()
     raw = Raw(e.port)
     try:
@@ -620,9 +639,10 @@ async def test_a_cached_file_is_answered_in_the_listeners_callback(env: Env) -> 
     assert [e["outcome"] for e in env.events if e["client"] == mine] == ["aborted"]
 
 
-async def test_a_burst_serves_first_blocks_between_its_requests(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_burst_serves_first_blocks_between_its_requests(py_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client whose OACK is out gets its first DATA between the requests of a burst that arrived
     before its ACK, not after the whole burst is set up (the storm's time to first byte)."""
+    env = py_env
     await fetch_windowed(env.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
     order: list[str] = []
     on_request = env.server._on_request
@@ -660,9 +680,10 @@ async def test_a_burst_serves_first_blocks_between_its_requests(env: Env, monkey
             raw.close()
 
 
-async def test_only_a_big_transfer_gets_its_connected_twin(env: Env) -> None:
+async def test_only_a_big_transfer_gets_its_connected_twin(py_env: Env) -> None:
     """The second (connected) socket is made after _TWIN_AFTER_BLOCKS acknowledged blocks: a config-sized
     transfer never pays for it, a kernel-sized one has it for the rest of the way."""
+    env = py_env
     raw = Raw(env.port)
     try:
         raw.rrq(b"pxelinux.0", options=b"blksize\x00512\x00")  # 42,430 bytes: 83 blocks of 512
@@ -724,11 +745,12 @@ async def test_a_transfer_takes_a_port_bound_before_its_request(env: Env) -> Non
             client.close()
 
 
-async def test_a_transfer_begun_at_once_needs_no_task(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_transfer_begun_at_once_needs_no_task(tmp_path: Path, engine: str) -> None:
     """A request answered in the listener's callback is seen through by callbacks on its transfer, not
     by a task of its own (whose making and first step delay the next client's first block); its end is
     reported all the same, and a stop mid-way ends it as "aborted"; the spares' ports are closed."""
-    e = make_env(tmp_path)
+    e = make_env(tmp_path, engine=engine)
     await e.server.start()
     await fetch_windowed(e.port, "pxelinux.0", {"blksize": "1468"})  # resolve + cache it
     await wait_events(e, 1)
@@ -754,3 +776,80 @@ async def test_a_transfer_begun_at_once_needs_no_task(tmp_path: Path) -> None:
     assert [ev["outcome"] for ev in e.events] == ["ok", "aborted"]
     assert e.events[1]["bytes"] == 2 * 512  # blocks 1 and 2 acknowledged
     assert not e.server._active and not e.server._spares and all(s.fileno() == -1 for s in spares)
+
+
+# --- the state machine's rules over the wire, on both engines ---------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_silent_client_is_given_up_with_backoff(tmp_path: Path, engine: str) -> None:
+    """No ACK: the block goes again after 0.1, 0.2, 0.4 s (the back-off doubles), then ERROR 0 "timeout",
+    and the transfer ends as "timeout" with its retransmissions counted."""
+    e = make_env(tmp_path, engine=engine, timeout=0.1, retries=3)
+    await e.server.start()
+    raw = Raw(e.port)
+    try:
+        raw.rrq(b"pxelinux.0")
+        first, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(first, tp.Data) and first.block == 1
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        arrivals: list[tuple[float, tp.Packet]] = []
+        for _ in range(4):
+            packet, addr = await in_thread(lambda: raw.recv(3.0))  # type: ignore[misc]
+            assert addr == peer
+            arrivals.append((loop.time() - start, packet))
+        assert [p for _, p in arrivals] == [first, first, first, tp.Error(0, "timeout")]
+        times = [0.0] + [t for t, _ in arrivals]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert 0.08 <= gaps[0] <= 0.35 and gaps[1] >= 0.17 and gaps[2] >= 0.35, gaps
+        await wait_events(e, 1)
+    finally:
+        raw.close()
+        await e.server.stop()
+    assert e.events[0]["outcome"] == "timeout" and e.events[0]["bytes"] == 0
+    assert e.server.stats.retransmits == 3 and e.server.stats.ended == {"timeout": 1}
+
+
+async def test_a_window_resumes_after_the_last_block_acknowledged(env: Env) -> None:
+    """RFC 7440 §4: an ACK inside the window (the client lost what came after) starts the next window
+    right after it; a duplicate ACK sends nothing (RFC 1123: no Sorcerer's Apprentice)."""
+    data = (env.root / "pxelinux.0").read_bytes()
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"pxelinux.0", options=b"blksize\x00512\x00windowsize\x004\x00")
+        oack, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        assert oack == tp.OptionAck({"blksize": "512", "windowsize": "4"})
+        raw.sock.sendto(tp.encode_ack(0), peer)
+        window = [await in_thread(raw.recv) for _ in range(4)]
+        assert [p.block for p, _ in window] == [1, 2, 3, 4]  # type: ignore[attr-defined]
+        raw.sock.sendto(tp.encode_ack(2), peer)  # 3 and 4 "lost"
+        again = [await in_thread(raw.recv) for _ in range(4)]
+        assert [p for p, _ in again] == [tp.Data(b, data[(b - 1) * 512 : b * 512]) for b in (3, 4, 5, 6)]
+        raw.sock.sendto(tp.encode_ack(2), peer)  # late duplicate: ignored
+        with pytest.raises(TimeoutError):
+            await in_thread(lambda: raw.recv(0.2))
+        raw.sock.sendto(tp.encode_ack(6), peer)
+        nxt, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert nxt == tp.Data(7, data[6 * 512 : 7 * 512])
+    finally:
+        raw.close()
+
+
+async def test_a_file_ending_on_a_block_boundary_ends_with_an_empty_block(env: Env) -> None:
+    (env.root / "even.bin").write_bytes(blob(2 * 512, 9))
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"even.bin", options=b"blksize\x00512\x00")
+        _, peer = await in_thread(raw.recv)  # type: ignore[misc]
+        got = []
+        for block in range(3):
+            raw.sock.sendto(tp.encode_ack(block), peer)
+            packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+            got.append(packet)
+        assert [(p.block, len(p.payload)) for p in got] == [(1, 512), (2, 512), (3, 0)]  # type: ignore[attr-defined]
+        raw.sock.sendto(tp.encode_ack(3), peer)
+        await wait_events(env, 1)
+    finally:
+        raw.close()
+    assert env.events[0]["outcome"] == "ok" and env.events[0]["bytes"] == 1024
