@@ -87,7 +87,10 @@ def load() -> ctypes.CDLL | None:
         _load_error = f"{LIBRARY} is older than {SOURCE.name}: run make setup again"
         return None
     try:
-        lib = ctypes.CDLL(str(LIBRARY))
+        # PyDLL: calls keep the interpreter lock. Each is a few microseconds and never waits for the
+        # pump's thread (which never takes the lock), so letting the lock go and taking it again would
+        # only add to every request's cost.
+        lib = ctypes.PyDLL(str(LIBRARY))
     except OSError as exc:
         _load_error = f"{LIBRARY}: {exc}"
         return None
@@ -120,10 +123,11 @@ class Prepared:
     for one file with the same options share one (the server keeps them), so that a request costs the
     setting of three fields, not eighteen. Holds the file's bytes alive."""
 
-    __slots__ = ("data", "params")
+    __slots__ = ("data", "params", "ref")
 
     def __init__(self, params: _Params, data: bytes | None) -> None:
         self.params = params
+        self.ref = ctypes.byref(params)
         self.data = data
 
 
@@ -132,6 +136,8 @@ def prepare(*, data: bytes | None, file_fd: int, size: int, blksize: int, window
             family: int) -> Prepared:
     """`data` is the whole file, or None with `file_fd` to pread (the caller's to keep open until the
     transfer's completion); `oack` b"": no OACK, DATA 1 goes first."""
+    if data is not None and size != len(data):
+        raise ValueError("the size of a file in memory is its length")  # the pump reads `size` bytes of it
     p = _Params()
     p.file_fd = file_fd
     p.data = data
@@ -189,7 +195,7 @@ class Pump:
         p.port = peer[1]
         p.host = host.encode()
         self._held[ident] = prepared.data  # before the start: the thread may read it at once
-        rc = self._start(self._handle, ctypes.byref(p))
+        rc = self._start(self._handle, prepared.ref)
         if rc != 0:
             del self._held[ident]
             raise PumpError(-rc, f"native TFTP pump refused the transfer: {errno.errorcode.get(-rc, rc)}")

@@ -409,20 +409,23 @@ int cello_pump_start(void *handle, const struct cello_pump_params *params) {
     if (params->blksize < 8 || params->blksize > MAX_BLKSIZE || params->windowsize < 1 || params->size < 0 ||
         (params->data == NULL && params->file_fd < 0) || (params->oack_len > 0 && params->oack == NULL))
         return -EINVAL;
+    char host[sizeof params->host + 1]; /* terminated here whatever the caller left in the field */
+    memcpy(host, params->host, sizeof params->host);
+    host[sizeof params->host] = 0;
     transfer_t *t = calloc(1, sizeof *t);
     if (t == NULL) return -ENOMEM;
     if (params->family == AF_INET) {
         struct sockaddr_in *a = (void *)&t->peer;
         a->sin_family = AF_INET;
         a->sin_port = htons(params->port);
-        if (inet_pton(AF_INET, params->host, &a->sin_addr) != 1) goto invalid;
+        if (inet_pton(AF_INET, host, &a->sin_addr) != 1) goto invalid;
         t->peer_len = sizeof *a;
     } else if (params->family == AF_INET6) {
         struct sockaddr_in6 *a = (void *)&t->peer;
         a->sin6_family = AF_INET6;
         a->sin6_port = htons(params->port);
         a->sin6_scope_id = params->scope_id;
-        if (inet_pton(AF_INET6, params->host, &a->sin6_addr) != 1) goto invalid;
+        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1) goto invalid;
         t->peer_len = sizeof *a;
     } else {
         goto invalid;

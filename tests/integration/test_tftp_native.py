@@ -60,6 +60,8 @@ async def test_a_refused_start_leaves_the_socket_to_the_caller() -> None:
                 pump.start(params, sock.fileno(), peer)
             os.fstat(sock.fileno())  # still open: the pump did not take it
         assert pump.running == 0
+        with pytest.raises(ValueError, match="its length"):
+            prepared(b"x" * 100, size=200)  # the pump would read past the bytes
     finally:
         sock.close()
         pump.close()
