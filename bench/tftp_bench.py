@@ -18,7 +18,10 @@ serving, not the first read.
 
 Each cell runs for at most --window seconds; clients still running then are stopped with an ERROR
 packet, and throughput is the bytes received in the window divided by its length. The client is a lean
-epoll loop in its own process (it only counts bytes). dnsmasq's TFTP always listens on port 69, so it
+epoll loop in its own process that only counts bytes: bench/tftp_client.c, compiled here (the default),
+or this script's Python loop (--client-impl python). The Python loop took a whole core against every
+server (104 % against Cello, dnsmasq and in.tftpd alike), so its cells measured the client; the C one
+leaves the servers at 97-100 % of a core, and the figures are theirs. dnsmasq's TFTP always listens on port 69, so it
 and its client run inside a network namespace made (and removed) by this script; as root Cello and tftpy
 run there too (on 127.0.0.1 with their own ports), so that they send over the same untapped loopback as
 dnsmasq; in.tftpd, and everything without root, runs on the host's 127.0.0.1. Server CPU per block is
@@ -220,6 +223,19 @@ tftpy.TftpServer(sys.argv[1]).listen("127.0.0.1", int(sys.argv[2]))
 """
 
 
+C_CLIENT: Path | None = None  # the compiled client (bench/tftp_client.c), when --client-impl c
+
+
+def build_c_client(into: Path) -> Path | None:
+    """bench/tftp_client.c compiled into `into`, or None (no C compiler: the Python client measures)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = into / "tftp_client"
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(REPO / "bench" / "tftp_client.c")], check=True)
+    return out
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -266,7 +282,10 @@ class Peer:
         return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     def measure(self, n: int, window: float) -> dict[str, Any]:
-        argv = [sys.executable, __file__, "--client", "127.0.0.1", str(self.port), FILE_NAME, str(n), str(window)]
+        if C_CLIENT is not None:
+            argv = [str(C_CLIENT), "127.0.0.1", str(self.port), FILE_NAME, str(n), str(window), str(BLKSIZE)]
+        else:
+            argv = [sys.executable, __file__, "--client", "127.0.0.1", str(self.port), FILE_NAME, str(n), str(window)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         out = subprocess.run(argv, capture_output=True, check=True, timeout=window + 60)
@@ -460,6 +479,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved cells (the median is reported)")
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--bursts", type=int, default=None, help="first-byte bursts per server and count (0: none)")
+    ap.add_argument("--client-impl", choices=("c", "python"), default="c",
+                    help="the clients: bench/tftp_client.c (default; compiled here) or this script's Python loop")
     ap.add_argument("--client", nargs=5, metavar=("HOST", "PORT", "FILE", "N", "WINDOW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -477,6 +498,10 @@ def main() -> int:
     with data.open("wb") as f:
         f.write(os.urandom(32 * 1024 * 1024))
     data.chmod(0o644)
+    global C_CLIENT
+    C_CLIENT = build_c_client(tmp) if args.client_impl == "c" else None
+    print(f"clients: {'bench/tftp_client.c' if C_CLIENT else 'the Python loop of this script'}"
+          + (" (no C compiler)" if args.client_impl == "c" and C_CLIENT is None else ""), flush=True)
     have_netns = netns_up()
     peers, missing = make_peers(tmp, have_netns)
     cells: dict[tuple[str, int], list[Cell]] = {}
