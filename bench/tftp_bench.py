@@ -208,7 +208,7 @@ class NoNodes:
         return None
 async def main():
     tree = BootTree([Path(sys.argv[1])], None, NoNodes(), cache_bytes=128 << 20)
-    server = TftpServer("127.0.0.1", int(sys.argv[2]), tree, max_transfers=1024)
+    server = TftpServer("127.0.0.1", int(sys.argv[2]), tree, max_transfers=1024, engine=sys.argv[3])
     await server.start()
     await asyncio.Event().wait()
 logging.basicConfig(level=logging.WARNING)
@@ -307,13 +307,17 @@ def netns_down() -> None:
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
 
 
-def make_peers(root: Path, have_netns: bool) -> tuple[list[Peer], list[str]]:
+def make_peers(root: Path, have_netns: bool, *, python_engine: bool = False) -> tuple[list[Peer], list[str]]:
     # Where the namespace exists every server and its client run in it, not only dnsmasq: the host's
     # loopback may carry other programs' packet sockets (a raw DHCP listener, a capture), and each of
     # them costs every datagram sent there a copy — which dnsmasq in its own namespace would not pay.
     ns = NETNS if have_netns else None
     wrap = ["ip", "netns", "exec", NETNS] if have_netns else []
-    peers = [Peer("cello", [*wrap, sys.executable, "-c", CELLO_SERVER, str(root), str(p := free_port())], p, ns)]
+    engines = [("cello", "auto")] + ([("cello-py", "python")] if python_engine else [])
+    peers = []  # cello-py: Cello with tftp.engine = "python", for the two engines' ratio in one run
+    for label, engine in engines:
+        argv = [*wrap, sys.executable, "-c", CELLO_SERVER, str(root), str(p := free_port()), engine]
+        peers.append(Peer(label, argv, p, ns))
     missing: list[str] = []
     if (tftpd := shutil.which("in.tftpd")) is not None:
         p = free_port()
@@ -479,6 +483,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved cells (the median is reported)")
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--bursts", type=int, default=None, help="first-byte bursts per server and count (0: none)")
+    ap.add_argument("--python-engine", action="store_true",
+                    help="also measure Cello with tftp.engine = python (as the peer cello-py)")
     ap.add_argument("--client-impl", choices=("c", "python"), default="c",
                     help="the clients: bench/tftp_client.c (default; compiled here) or this script's Python loop")
     ap.add_argument("--client", nargs=5, metavar=("HOST", "PORT", "FILE", "N", "WINDOW"), help=argparse.SUPPRESS)
@@ -503,7 +509,7 @@ def main() -> int:
     print(f"clients: {'bench/tftp_client.c' if C_CLIENT else 'the Python loop of this script'}"
           + (" (no C compiler)" if args.client_impl == "c" and C_CLIENT is None else ""), flush=True)
     have_netns = netns_up()
-    peers, missing = make_peers(tmp, have_netns)
+    peers, missing = make_peers(tmp, have_netns, python_engine=args.python_engine)
     cells: dict[tuple[str, int], list[Cell]] = {}
     try:
         for peer in peers:
