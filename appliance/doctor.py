@@ -51,6 +51,15 @@ def _loader(name: str, roots: list[Path], package: str, needed: bool) -> Check:
     return Check("tftp", name, found, needed, f"install {package} (or add its folder to tftp.roots)")
 
 
+def _native_pump(engine: str) -> Check:
+    """The C TFTP pump: needed when the config asks for it; "auto" serves from Python without it."""
+    from bootfiles import tftp_native
+
+    why = tftp_native.unavailable_reason() if engine != "python" else None
+    fix = f"{why}; or set tftp.engine = \"python\"" if why else ""
+    return Check("tftp", "native pump", engine != "python" and why is None, engine == "native", fix)
+
+
 def checks(config: Config) -> list[Check]:
     out: list[Check] = []
     freebsd = sys.platform.startswith("freebsd")
@@ -72,6 +81,7 @@ def checks(config: Config) -> list[Check]:
         out.append(_loader("ldlinux.c32", roots, syslinux, "pxelinux.0" in wanted))
         out.append(_loader("undionly.kpxe", roots, "ipxe", "undionly.kpxe" in wanted))
         out.append(_loader("ipxe.efi", roots, "ipxe", "ipxe.efi" in wanted))
+        out.append(_native_pump(config.tftp.engine))
     host, port = split_host_port(config.api.listen)
     out.append(_port_check("api", socket.SOCK_STREAM, host, port, True))
     # iPXE fetches its script, kernel and initrd from the API listener: a loopback one serves no node.

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _doctor(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "appliance", "doctor", "--config", str(config)],
@@ -61,3 +63,25 @@ def test_doctor_on_the_default_profile_needs_ipxe_and_an_api_listener_the_nodes_
     cfg.write_text(base + '[api]\nlisten = "0.0.0.0:0"\n')
     r = _doctor(cfg)
     assert r.returncode == 0, r.stdout
+
+
+def test_doctor_says_whether_the_native_tftp_pump_is_there(tmp_path: Path) -> None:
+    """Built by make setup here: ok on auto; a config that asks for python does not look for it."""
+    base = '[dhcp]\nenabled = false\n[iscsi]\ndriver = "none"\n[tftp]\nlisten = "127.0.0.1:0"\n'
+    cfg = tmp_path / "c.toml"
+    for engine, status in (("auto", "ok"), ("native", "ok"), ("python", "absent")):
+        cfg.write_text(base + f'engine = "{engine}"\n')
+        row = next(line for line in _doctor(cfg).stdout.splitlines() if line.startswith("tftp       native pump"))
+        assert row.split()[3] == status, row
+
+
+def test_doctor_names_a_missing_native_pump_when_the_config_asks_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import doctor
+    from bootfiles import tftp_native
+
+    monkeypatch.setattr(tftp_native, "unavailable_reason", lambda: "bootfiles/native/libcellotftp.so is not built")
+    needed = doctor._native_pump("native")
+    assert (needed.ok, needed.needed) == (False, True)
+    assert "is not built" in needed.fix and 'tftp.engine = "python"' in needed.fix
+    auto = doctor._native_pump("auto")
+    assert (auto.ok, auto.needed) == (False, False)  # auto serves from Python without it
