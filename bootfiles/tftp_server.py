@@ -51,9 +51,6 @@ class Tree(Protocol):
         ...
 
 
-Engine = Literal["auto", "native", "python"]
-
-
 class _Pumped:
     """A transfer the native pump sees through (`tftp_native`): what the server reads of a transfer and
     of its socket, filled in from the pump's completion. Its socket is the pump's to close."""
@@ -446,7 +443,11 @@ class TftpServer:
         if self._pump is not None:
             pump, self._pump = self._pump, None
             asyncio.get_running_loop().remove_reader(pump.notify_fd)
-            pump.close()
+            pump.close()  # its thread is gone: whatever it still ran is over, its sockets closed
+            for pumped in self._pumped.values():
+                pumped.done, pumped.outcome = True, pumped.outcome or "aborted"
+                if not pumped.finished.done():
+                    pumped.finished.set_result(None)
             self._pumped.clear()
 
     async def stop(self) -> None:
@@ -721,7 +722,13 @@ class TftpServer:
             return
         self._transfers.discard(conn)
         conn.close()
-        started.opened.close()
+        if isinstance(conn, _Pumped) and not conn.done:
+            # Cut short here (a stop cancelled its task) while the pump's thread may still read the file:
+            # its descriptor is let go once the pump has reported the end, never under a pread.
+            opened = started.opened
+            conn.finished.add_done_callback(lambda _: opened.close())
+        else:
+            started.opened.close()
         outcome = outcome or transfer.outcome or "error"
         if outcome not in ("ok", "tsize-probe"):
             log.info("tftp: %s:%s %s: %s (%s)", addr[0], addr[1], request.filename, outcome, transfer.error)

@@ -352,12 +352,13 @@ static void *run(void *arg) {
             }
             on_readable(p, events[i].data.ptr, now);
         }
+        /* An abort asked for before the stop is carried out first: its clients are told. */
+        if (atomic_exchange(&p->abort_all, 0)) {
+            end_all(p, OUT_ABORTED, p->abort_reason, 1);
+        }
         if (atomic_load(&p->quit)) {
             end_all(p, OUT_ABORTED, "server shutting down", 0);
             return NULL;
-        }
-        if (atomic_exchange(&p->abort_all, 0)) {
-            end_all(p, OUT_ABORTED, p->abort_reason, 1);
         }
         if (now >= next_scan) {
             next_scan = now + SCAN_NS;

@@ -853,3 +853,34 @@ async def test_a_file_ending_on_a_block_boundary_ends_with_an_empty_block(env: E
     finally:
         raw.close()
     assert env.events[0]["outcome"] == "ok" and env.events[0]["bytes"] == 1024
+
+
+def descriptors_on(path: Path) -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            continue
+    return count
+
+
+async def test_a_stop_mid_way_through_a_file_from_disk_ends_it_and_lets_the_file_go(env: Env) -> None:
+    """rollover.bin is larger than the test's cache entries: served from disk, its descriptor held by
+    the transfer. A stop in the middle tells the client, reports "aborted" and closes the file."""
+    path = env.root / "rollover.bin"
+    raw = Raw(env.port)
+    try:
+        raw.rrq(b"rollover.bin")
+        first, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert isinstance(first, tp.Data) and first.block == 1
+        assert descriptors_on(path) >= 1
+        await env.server.stop()
+        packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        while isinstance(packet, tp.Data):  # a retransmission may have crossed the stop
+            packet, _ = await in_thread(raw.recv)  # type: ignore[misc]
+        assert packet == tp.Error(0, "server shutting down")
+    finally:
+        raw.close()
+    assert [e["outcome"] for e in env.events] == ["aborted"]
+    assert descriptors_on(path) == 0

@@ -216,3 +216,30 @@ async def test_a_storms_requests_share_their_parameters_until_the_file_changes(t
     for i in range(tftp_server._PREPARED_MAX * 2):
         server._prepared_for(tp.ReadRequest(f"f{i}", "octet", {}), opened(old))
     assert len(server._prepared) <= tftp_server._PREPARED_MAX
+
+
+async def test_a_file_cut_short_is_let_go_only_when_the_pump_has_ended(tmp_path: Path) -> None:
+    """A stop cancels a task whose transfer the pump still runs: the file's descriptor must not be
+    closed (and its number reused) while the pump's thread may pread it; it goes when the end is in."""
+    from bootfiles import tftp_server
+
+    server = server_on(tmp_path, "native")
+    closed: list[str] = []
+
+    class Opened:
+        server_uuid = None
+
+        def close(self) -> None:
+            closed.append("file")
+
+    loop = asyncio.get_running_loop()
+    pumped = tftp_server._Pumped(loop.create_future())
+    started = tftp_server._Started(tp.ReadRequest("big.img", "octet", {}), ("127.0.0.1", 9), Opened(),  # type: ignore[arg-type]
+                                   pumped, pumped, pumped.finished, loop.time())
+    server._ended(started, "aborted")
+    assert closed == [] and pumped.closed
+    pumped.done = True
+    pumped.finished.set_result(None)
+    await asyncio.sleep(0)
+    assert closed == ["file"]
+    assert server.stats.ended == {"aborted": 1}
