@@ -85,7 +85,7 @@ def blob(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def make_env(tmp_path: Path, **server_kw: object) -> Env:
+def make_env(tmp_path: Path, host: str = "127.0.0.1", **server_kw: object) -> Env:
     files = tmp_path / "files"
     (files / "templates/tiny/v1").mkdir(parents=True)
     (files / "templates/tiny/v1/vmlinuz").write_bytes(blob(300_000, 1))
@@ -108,7 +108,7 @@ def make_env(tmp_path: Path, **server_kw: object) -> Env:
     tree = BootTree([loaders], files, store, cache_bytes=64 << 20, max_entry_bytes=200_000)
     kw: dict[str, object] = {"events": sink, "enabled": lambda: env_switch["on"], "timeout": 0.5}
     kw.update(server_kw)
-    server = TftpServer("127.0.0.1", 0, tree, **kw)  # type: ignore[arg-type]
+    server = TftpServer(host, 0, tree, **kw)  # type: ignore[arg-type]
     return Env(server, loaders, store, events, env_switch)
 
 
@@ -884,3 +884,43 @@ async def test_a_stop_mid_way_through_a_file_from_disk_ends_it_and_lets_the_file
         raw.close()
     assert [e["outcome"] for e in env.events] == ["aborted"]
     assert descriptors_on(path) == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_a_whole_fetch_over_ipv6_with_a_stranger_refused(tmp_path: Path, engine: str) -> None:
+    """On an IPv6 listener (::1) the transfer's peer is a 4-tuple address: blocks, the end, and error 5
+    to a stranger all go to the right IPv6 address."""
+    e = make_env(tmp_path, "::1", engine=engine)
+    await e.server.start()
+    want = (e.root / "pxelinux.0").read_bytes()
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    stranger = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.bind(("::1", 0))
+    stranger.bind(("::1", 0))
+    client.settimeout(2)
+    stranger.settimeout(2)
+    try:
+        client.sendto(tp.encode(tp.ReadRequest("pxelinux.0", "octet", {"blksize": "1468"})), ("::1", e.port))
+        oack, peer = await in_thread(lambda: client.recvfrom(2048))  # type: ignore[misc]
+        assert tp.decode(oack) == tp.OptionAck({"blksize": "1468"})
+        stranger.sendto(tp.encode_ack(0), peer)
+        err = await in_thread(lambda: stranger.recvfrom(2048))
+        assert tp.decode(err[0]) == tp.Error(5, "unknown TID")  # type: ignore[index]
+        got, block = b"", 0
+        while True:
+            client.sendto(tp.encode_ack(block), peer)
+            raw, _ = await in_thread(lambda: client.recvfrom(2048))  # type: ignore[misc]
+            packet = tp.decode(raw)
+            assert isinstance(packet, tp.Data) and packet.block == block + 1
+            got += packet.payload
+            block += 1
+            if len(packet.payload) < 1468:
+                client.sendto(tp.encode_ack(block), peer)
+                break
+        assert got == want
+        await wait_events(e, 1)
+    finally:
+        client.close()
+        stranger.close()
+        await e.server.stop()
+    assert e.events[0]["outcome"] == "ok" and e.events[0]["bytes"] == len(want)
