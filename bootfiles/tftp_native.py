@@ -94,6 +94,11 @@ def load() -> ctypes.CDLL | None:
     except OSError as exc:
         _load_error = f"{LIBRARY}: {exc}"
         return None
+    lib.cello_pump_abi.restype = ctypes.c_uint32
+    lib.cello_pump_abi.argtypes = []
+    if lib.cello_pump_abi() != abi():
+        _load_error = f"{LIBRARY} does not match tftp_native.py's structures (rebuild it: make setup)"
+        return None
     lib.cello_pump_new.restype = ctypes.c_void_p
     lib.cello_pump_new.argtypes = []
     lib.cello_pump_notify_fd.restype = ctypes.c_int
@@ -108,6 +113,11 @@ def load() -> ctypes.CDLL | None:
     lib.cello_pump_free.argtypes = [ctypes.c_void_p]
     _lib = lib
     return lib
+
+
+def abi() -> int:
+    """What `cello_pump_abi` returns for the structures as declared here."""
+    return ctypes.sizeof(_Params) << 16 | ctypes.sizeof(_Done)
 
 
 def unavailable_reason() -> str | None:

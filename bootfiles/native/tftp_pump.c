@@ -400,6 +400,11 @@ fail:
     return NULL;
 }
 
+/* The sizes of the two structures ctypes mirrors (tftp_native.py refuses a library they disagree with). */
+uint32_t cello_pump_abi(void) {
+    return (uint32_t)(sizeof(struct cello_pump_params) << 16 | sizeof(struct cello_pump_done));
+}
+
 /* The eventfd that is readable while completions wait for `cello_pump_take`. */
 int cello_pump_notify_fd(void *handle) { return ((pump_t *)handle)->notify_fd; }
 

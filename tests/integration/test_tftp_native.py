@@ -25,6 +25,16 @@ def test_the_library_is_built_from_the_current_source() -> None:
     assert native.LIBRARY.stat().st_mtime_ns >= native.SOURCE.stat().st_mtime_ns
 
 
+def test_a_library_whose_structures_differ_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ctypes mirrors two C structures: a library built from a source that laid them out otherwise
+    would read the wrong fields, so it is refused and Python serves."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(native, "abi", lambda: 0)
+    assert native.load() is None
+    assert "does not match tftp_native.py's structures" in (native.unavailable_reason() or "")
+
+
 def prepared(content: bytes | None, **kw: object) -> native.Prepared:
     fields: dict[str, object] = {
         "data": content, "file_fd": -1, "size": len(content or b""), "blksize": 512, "windowsize": 1,
