@@ -23,6 +23,7 @@ LIBRARY = NATIVE_DIR / "libcellotftp.so"
 Outcome = Literal["ok", "tsize-probe", "aborted", "timeout", "error"]
 _OUTCOMES: tuple[Outcome, ...] = ("ok", "tsize-probe", "aborted", "timeout", "error")
 _TAKE_MAX = 256
+_HOST_FIELD = 64  # bytes of the peer's address text in struct cello_pump_params
 
 
 class _Params(ctypes.Structure):
@@ -44,7 +45,7 @@ class _Params(ctypes.Structure):
         ("family", ctypes.c_int32),
         ("scope_id", ctypes.c_uint32),
         ("port", ctypes.c_uint16),
-        ("host", ctypes.c_char * 64),
+        ("host", ctypes.c_char * _HOST_FIELD),
     ]
 
 
@@ -199,11 +200,16 @@ class Pump:
         p.id = ident
         p.fd = sock_fd
         host = peer[0]
-        if len(peer) == 4:  # IPv6: the scope is a field of its own, not part of the address text
-            p.scope_id = peer[3]
+        # IPv6: the scope is a field of its own, not part of the address text. Set for every start:
+        # the parameters are shared by a storm's requests, and a previous peer's scope must not stay.
+        p.scope_id = peer[3] if len(peer) == 4 else 0
+        if len(peer) == 4:
             host = host.split("%", 1)[0]
+        encoded = host.encode()
+        if len(encoded) >= _HOST_FIELD or not 0 <= peer[1] <= 0xFFFF:  # the C side terminates at 64
+            raise PumpError(errno.EINVAL, f"native TFTP pump: not a peer address: {peer!r}")
         p.port = peer[1]
-        p.host = host.encode()
+        p.host = encoded
         self._held[ident] = prepared.data  # before the start: the thread may read it at once
         rc = self._start(self._handle, prepared.ref)
         if rc != 0:

@@ -64,7 +64,9 @@ async def test_a_refused_start_leaves_the_socket_to_the_caller() -> None:
         refused = [(prepared(b"x" * 100, blksize=4), ("127.0.0.1", 9)),
                    (prepared(b"x" * 100, windowsize=0), ("127.0.0.1", 9)),
                    (prepared(None), ("127.0.0.1", 9)),  # neither bytes nor a descriptor
-                   (good, ("not-an-address", 9))]
+                   (good, ("not-an-address", 9)),
+                   (good, ("1" * 64, 9)),  # longer than the address field: refused before the C call
+                   (good, ("127.0.0.1", 70000))]
         for params, peer in refused:
             with pytest.raises(native.PumpError):
                 pump.start(params, sock.fileno(), peer)
