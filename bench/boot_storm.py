@@ -39,7 +39,8 @@ once into the page cache before each run):
            tgtd with one target per node (the node's initiator name bound, CHAP), all configured for the
            same nodes by hand, as an operator would.
 Kernel 8 MiB and initrd 6 MiB (random bytes) per template. Printed per run: per-node total p50/p99, the
-time until the last node is done, each step's p50, the retries, and the Cello/classic ratios. The loss
+time until the last node is done, each step's p50, the retries, the CPU seconds each server process
+and the nodes' process spent (read off /proc), and the Cello/classic ratios. The loss
 run drops 1 % of the packets each end of the veth receives (tc netem's job; this kernel has no
 sch_netem, so iptables' statistic match does it) and prints how many it dropped.
 """
@@ -859,6 +860,32 @@ def udp_drops() -> dict[str, int]:
     return out
 
 
+def netns_cpu(name: str) -> dict[int, tuple[str, float]]:
+    """pid -> (command, CPU seconds so far, user + system, all its threads) of each process in netns
+    `name`: what each server daemon spent is read off the kernel, not estimated."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for pid in run(["ip", "netns", "pids", name], check=False).stdout.split():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on: utime, stime are 14 and 15
+        out[int(pid)] = (comm, (int(fields[11]) + int(fields[12])) / hz)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """Command -> CPU seconds between two netns_cpu readings (a process started meanwhile from zero;
+    one that ended meanwhile, such as a tgtadm, is not counted)."""
+    spent: dict[str, float] = {}
+    for pid, (comm, cpu) in after.items():
+        was = before.get(pid)
+        spent[comm] = spent.get(comm, 0.0) + cpu - (was[1] if was and was[0] == comm else 0.0)
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
 def loss_counts() -> tuple[int, int]:
     """(dropped, received) packets on both ends since set_loss."""
     dropped = seen = 0
@@ -1215,6 +1242,8 @@ class Summary:
     errors: list[str]
     dropped: tuple[int, int] = (0, 0)  # packets dropped by the loss rule, of those received
     client_cpu: float = 0.0  # the simulated nodes' process: CPU seconds per wall second
+    client_cpu_s: float = 0.0  # the same, CPU seconds in all
+    server_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each server command
     buffer_drops: tuple[int, int] = (0, 0)  # UDP datagrams dropped at a full socket buffer: servers, clients
 
     @classmethod
@@ -1232,7 +1261,14 @@ class Summary:
         errors = sorted({n["error"] for n in nodes if not n["ok"]})
         return cls(label, len(nodes), len(ok), pct(totals, 0.5), pct(totals, 0.99),
                    max(totals) if len(ok) == len(nodes) and ok else float("inf"), steps, retries, errors,
-                   client_cpu=float(res.get("client_cpu", 0.0)) / max(float(res["wall"]), 1e-9))
+                   client_cpu=float(res.get("client_cpu", 0.0)) / max(float(res["wall"]), 1e-9),
+                   client_cpu_s=float(res.get("client_cpu", 0.0)))
+
+    def floor(self) -> float:
+        """Seconds this storm needs at least on this machine for any boot server: the CPU time of tgtd
+        (the iSCSI target, the same daemon in both stacks) and of the nodes' process, spread perfectly
+        over every CPU."""
+        return (self.server_cpu.get("tgtd", 0.0) + self.client_cpu_s) / (os.cpu_count() or 1)
 
     def line(self) -> str:
         steps = " ".join(f"{k} {v:.2f}" for k, v in self.steps.items())
@@ -1242,6 +1278,10 @@ class Summary:
                f"  last node done {last}  (the clients' process used {self.client_cpu:.0%} of a core)\n"
                f"           step p50 (s): {steps}\n"
                f"           retries: {retries or 'none'}")
+        if self.server_cpu:
+            used = ", ".join(f"{k} {v:.1f}" for k, v in self.server_cpu.items())
+            out += (f"\n           CPU seconds: servers {used}; the nodes' process {self.client_cpu_s:.1f}"
+                    f" (tgtd + nodes alone: {self.floor():.1f} s of wall time at least on {os.cpu_count()} CPUs)")
         if any(self.buffer_drops):
             out += (f"\n           UDP datagrams dropped at a full socket buffer: {self.buffer_drops[0]} on the"
                     f" servers' side, {self.buffer_drops[1]} on the nodes' side")
@@ -1321,8 +1361,10 @@ def main() -> int:
                                 warm(stack.images(n))
                                 set_loss(loss)
                                 drops0 = udp_drops()
+                                cpu0 = netns_cpu(SRV)
                                 try:
                                     s = Summary.of(stack.label, storm(n, node_timeout * (2 if loss else 1)))
+                                    s.server_cpu = cpu_spent(cpu0, netns_cpu(SRV))
                                     drops1 = udp_drops()
                                     s.buffer_drops = (drops1.get(SRV, 0) - drops0.get(SRV, 0),
                                                       drops1.get(CLI, 0) - drops0.get(CLI, 0))
@@ -1354,6 +1396,10 @@ def main() -> int:
         if n == 256 and loss == 0:
             target = s.last <= 0.5 * c.last
             print(f"    target (256 nodes: last node <= 0.5x classic): {'met' if target else 'NOT met'}")
+            if not target and c.server_cpu:
+                print(f"    the target asks for {0.5 * c.last:.1f} s; tgtd and the nodes' process alone need"
+                      f" {s.floor():.1f} s of this machine's {os.cpu_count()} CPUs (classic: {c.floor():.1f} s)"
+                      f" — {'below' if s.floor() < 0.5 * c.last else 'above'} it with any boot server")
         if loss > 0:
             print(f"    target (every node done in the loss run): {'met' if s.done == n else 'NOT met'}")
         if profile == "ipxe" and (x := results.get(("pxelinux", n, loss, "classic"))) is not None:
