@@ -1,7 +1,7 @@
 """The fleet over HTTP: `/api/v1/appliances` (the operator's view, disable/enable), a server's move, the
-fleet channel `/fleet/v1/…` other appliances pull template versions and moving volumes from (the
-fleet's shared secret as bearer), and the forwarding of a write on a server to the appliance that
-holds it (any appliance's API serves the whole fleet).
+fleet channel `/fleet/v1/…` other appliances pull template versions and moving volumes from (each
+request signed with the fleet's shared secret, each answer sealed with it), and the forwarding of a
+write on a server to the appliance that holds it (any appliance's API serves the whole fleet).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from domain.errors import InvalidRequest
-from web import requests
+from web import fleetseal, requests
 from web.api_servers import SERVER_PARAMS, server_json
 from web.auth import authenticate
 from web.errors import ApiError, Handler, json_body
@@ -71,9 +71,12 @@ async def move_server(request: web.Request) -> web.StreamResponse:
 # --- the fleet channel ------------------------------------------------------------------------------
 
 async def _stream(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """The peer's answer, sealed with the fleet's secret for this request (web/fleetseal.py): the
+    route's role already checked that the request is signed with it."""
+    secret = request.app[DEPS].domain.fleet.settings.secret
     resp = web.StreamResponse(headers={"Content-Type": STREAM, "Cache-Control": "no-store"})
     await resp.prepare(request)
-    async for chunk in chunks:
+    async for chunk in fleetseal.seal(chunks, secret, request.headers["Authorization"]):
         await resp.write(chunk)
     await resp.write_eof()
     return resp

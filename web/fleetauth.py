@@ -2,7 +2,8 @@
 request of the fleet channel carries `Authorization: Cello-Fleet t=<unix time>, sig=<hex>`, the
 HMAC-SHA256 under the secret of "<METHOD> <path?query> <t>". A sniffer on the management network learns
 no secret and cannot forge another request; a captured one replays only within SKEW_S, for the same
-path (whose content such a sniffer saw anyway: the channel is not encrypted; see README).
+path, and what it is answered is sealed for that request's signature (web/fleetseal.py): useless
+without the secret.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The fleet channel's client side (domain.fleet.PeerChannel over HTTP): template versions and moving
 volumes are pulled as streams from another appliance's `/fleet/v1/…`, each request signed with the
-fleet's shared secret (web/fleetauth.py); boot files (kernel, initrd) come from its public HTTP boot
-path and are written into this appliance's boot tree at the same place, through a temporary file, so
-a broken copy never shows.
+fleet's shared secret (web/fleetauth.py) and each answer sealed with it (web/fleetseal.py); boot
+files (kernel, initrd) come from its public HTTP boot path and are written into this appliance's boot
+tree at the same place, through a temporary file, so a broken copy never shows.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import aiohttp
 
 from domain.store import ApplianceRow
 from iscsi.model import StorageError
-from web import fleetauth
+from web import fleetauth, fleetseal
 
 CHUNK = 1 << 20
 # A stream may be long (a big template); a peer that goes silent for this long has failed.
@@ -36,12 +36,16 @@ class HttpChannel:
         path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
         return {"Authorization": fleetauth.sign(self._secret, method, path_qs, time.time())}
 
-    async def _get(self, url: str) -> AsyncIterator[bytes]:
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, \
-                session.get(url, headers=self._auth("GET", url)) as r:
+    async def _get(self, url: str, *, sealed: bool = True) -> AsyncIterator[bytes]:
+        """The answer's bytes; `sealed`: a fleet-channel stream, opened with the secret (SealError when
+        it does not open or was cut short)."""
+        headers = self._auth("GET", url)
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=headers) as r:
             if r.status != 200:
                 raise StorageError(f"GET {url}: {r.status} {(await r.text())[:300]}")
-            async for chunk in r.content.iter_chunked(CHUNK):
+            raw = r.content.iter_chunked(CHUNK)
+            chunks = fleetseal.unseal(raw, self._secret, headers["Authorization"]) if sealed else raw
+            async for chunk in chunks:
                 yield chunk
 
     def template_stream(self, peer: ApplianceRow, template: str, version: str,
@@ -61,7 +65,7 @@ class HttpChannel:
         part = dest.with_name(f".{dest.name}.part")
         f = await asyncio.to_thread(open, part, "wb")
         try:
-            async for chunk in self._get(f"{peer.api_url.rstrip('/')}/boot/files/{rel}"):
+            async for chunk in self._get(f"{peer.api_url.rstrip('/')}/boot/files/{rel}", sealed=False):
                 await asyncio.to_thread(f.write, chunk)
             await asyncio.to_thread(f.flush)
             await asyncio.to_thread(os.fsync, f.fileno())

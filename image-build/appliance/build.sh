@@ -45,7 +45,8 @@ if [ -n "$image" ] && [ -z "$root" ]; then
 fi
 
 # Packages: Python + Cello's runtime dependencies (pyproject.toml), and the TFTP loader files.
-packages="${py}-pip ${py}-aiohttp ${py}-dnslib ${py}-scapy ${py}-sqlite3 ${py}-setuptools syslinux ipxe"
+packages="${py}-pip ${py}-aiohttp ${py}-dnslib ${py}-scapy ${py}-psycopg ${py}-cryptography ${py}-sqlite3
+    ${py}-setuptools syslinux ipxe"
 pkg_root() {
     if [ -n "$root" ]; then
         pkg --rootdir "$root" "$@"

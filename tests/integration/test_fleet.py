@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from domain.store import TemplateVersion
 from tests.integration.test_api_stack import INITRD, KERNEL, PORTALS, TEMPLATE_SIZE, Stack, open_stack, uuid_n
 from tests.integration.test_cli_client import cello
 from tests.pgserver import PgServer, fresh_database, pg_server
-from web import fleetauth
+from web import fleetauth, fleetseal
 
 __all__ = ["pg_server"]  # the session fixture, used by name
 
@@ -283,6 +286,34 @@ async def test_the_fleet_channel_refuses_strangers(tmp_path: Path, pg_server: Pg
         async with a.client.get(path, headers={"Authorization": fleetauth.sign(SECRET, "GET", path, now)}) as resp:
             assert resp.status == 200 and resp.content_type == "application/octet-stream"
             assert len(await resp.read()) > 0
+        # what travels is sealed: a version's bytes are not on the wire, and open only with the secret and
+        # for the request they answer
+        def secrets_on_disk() -> None:
+            with open(a.backend.path("tiny-template"), "r+b") as f:
+                f.seek(1 << 20)
+                f.write(os.urandom(256 << 10))
+        await asyncio.to_thread(secrets_on_disk)
+        await a.backend.snapshot_template("tiny", "v2")
+        await a.store.call(a.store.sync.add_template_version, TemplateVersion(
+            "tiny", "v2", "tiny", TEMPLATE_SIZE, KERNEL, INITRD, time.time()))
+        path = "/fleet/v1/templates/tiny/v2/stream"
+        signed = fleetauth.sign(SECRET, "GET", path, now)
+        async with a.client.get(path, headers={"Authorization": signed}) as resp:
+            assert resp.status == 200
+            wire = await resp.read()
+        plain = b"".join([chunk async for chunk in a.backend.send_template("tiny", "v2")])
+        assert len(plain) > 4096 and wire.startswith(fleetseal.MAGIC)
+        assert not any(plain[at:at + 64] in wire for at in range(0, len(plain) - 64, len(plain) // 50))
+
+        async def opened(secret: str, auth: str) -> bytes:
+            async def raw() -> AsyncIterator[bytes]:
+                yield wire
+            return b"".join([chunk async for chunk in fleetseal.unseal(raw(), secret, auth)])
+        assert await opened(SECRET, signed) == plain
+        with pytest.raises(fleetseal.SealError):
+            await opened("another-secret-0123456789", signed)
+        with pytest.raises(fleetseal.SealError):
+            await opened(SECRET, fleetauth.sign(SECRET, "GET", path, now - 1))
         # a volume that is not moving is not served, whoever asks
         vpath = "/fleet/v1/volumes/tiny-template/stream"
         status, body = await a.req("GET", vpath, who=None,

@@ -133,6 +133,17 @@ def test_build_script_installs_what_the_rc_scripts_and_config_expect() -> None:
     assert 'ctld_enable="YES"' in text and 'cello_enable="YES"' in text
 
 
+def test_build_script_installs_every_runtime_dependency_as_a_package() -> None:
+    # Cello itself goes in with `pip install --no-deps`: a dependency pyproject.toml names and the
+    # package list lacks is an ImportError on the appliance (psycopg was, for a PostgreSQL store).
+    text = (APPLIANCE / "build.sh").read_text()
+    assert "pip install --no-deps" in text
+    listed = set(re.findall(r"\$\{py\}-([a-z0-9_-]+)", text.split('packages="', 1)[1].split('"', 1)[0]))
+    deps = tomllib.loads((IMAGE_BUILD.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    wanted = {re.match(r"[A-Za-z0-9_-]+", d).group(0).lower() for d in deps}  # type: ignore[union-attr]
+    assert wanted and wanted <= listed, wanted - listed
+
+
 def test_build_script_refuses_to_run_on_linux() -> None:
     result = subprocess.run(["sh", str(APPLIANCE / "build.sh")], capture_output=True, text=True, timeout=10)
     assert result.returncode == 1 and "FreeBSD only" in result.stderr
