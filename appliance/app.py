@@ -25,7 +25,7 @@ from appliance.host import StateDirBusy, first_ipv4, host_label, lock_state_dir,
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
 from domain.core import Domain, build_domain
-from domain.errors import StoreError
+from domain.errors import StoreError, StoreUnreachable
 from domain.fleet import FleetSettings
 from domain.store import AsyncStore, open_store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cello")
 
-
+BOOT_CACHE = "boot-index.json"  # in the state dir: the boot index of a PostgreSQL store's last read
+STORE_RETRY_FIRST_S = 1.0  # a start without its store tries again after this, doubling up to the most
+STORE_RETRY_MAX_S = 30.0
 
 
 class StartError(RuntimeError):
@@ -109,6 +111,9 @@ class Appliance:
         self._fatal: BaseException | None = None
         self._lock_fd: int | None = None
         self._closed = False  # the domain's store, once stopped, stays closed
+        self.wait_for_store = False
+        self.store_down = ""  # why the store could not be reached at start ('' = it could, or is back)
+        self._store_task: asyncio.Task[None] | None = None
 
     # --- building --------------------------------------------------------------------------------
 
@@ -146,9 +151,13 @@ class Appliance:
 
     @classmethod
     def build(cls, config: Config, *, config_path: Path | None = None, backend: VolumeBackend | None = None,
-              driver: ExportDriver | None = None, template_builds: bool = True) -> Appliance:
-        """The appliance with every part made (nothing bound or started yet: that is `start`)."""
+              driver: ExportDriver | None = None, template_builds: bool = True,
+              wait_for_store: bool = False) -> Appliance:
+        """The appliance with every part made (nothing bound or started yet: that is `start`).
+        `wait_for_store` (`cello serve`): a PostgreSQL store out of reach does not stop the start, which
+        then answers nodes from the cached boot index until the database is back."""
         appliance = cls(config, config_path=config_path)
+        appliance.wait_for_store = wait_for_store
         appliance._build(backend, driver, template_builds)
         return appliance
 
@@ -160,8 +169,9 @@ class Appliance:
         from images.build import validate_source
 
         driver = driver or self._make_driver()
+        shared = bool(self.config.store.url)  # a PostgreSQL store: the boot index is cached on disk too
         self.domain = build_domain(
-            AsyncStore(open_store(self.config.store.url, self.state_dir / "cello.db")),
+            AsyncStore(open_store(self.config.store.url, self.state_dir / "cello.db", may_wait=self.wait_for_store)),
             backend or self._make_backend(), driver,
             iqn_prefix=self.config.iscsi.iqn_prefix, profiles=self.config.boot.profiles,
             default_profile=self.config.boot.default_profile, portal=self.portal(), http_base=self.http_base(),
@@ -171,7 +181,8 @@ class Appliance:
             source_check=validate_source if template_builds else None,
             power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub,
             adopt_rule=self.config.dhcp.adopt, fleet=self.fleet_settings(),
-            channel=HttpChannel(self.files_root, self.config.fleet.secret) if self.config.fleet.secret else None)
+            channel=HttpChannel(self.files_root, self.config.fleet.secret) if self.config.fleet.secret else None,
+            boot_cache=self.state_dir / BOOT_CACHE if shared else None)
         self.slots = [
             ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),
@@ -298,7 +309,7 @@ class Appliance:
                 self._lock_fd = lock_state_dir(self.state_dir)
             except StateDirBusy as e:
                 raise StartError(str(e)) from None
-        await domain.start()
+        await self._start_domain()
         started: list[ServiceSlot] = []
         try:
             for slot in self.slots:
@@ -318,15 +329,68 @@ class Appliance:
             await domain.stop()
             self._unlock()
             raise
+        if self.store_down:
+            self._store_task = asyncio.get_running_loop().create_task(self._until_the_store_is_back(),
+                                                                      name="cello-store-wait")
+        else:
+            await self._with_the_store()
+        # The boot index and everything loaded so far live for the process: moving them out of the
+        # collector's generations keeps full collections from stalling DHCP replies in a boot storm.
+        gc.collect()
+        gc.freeze()
+
+    async def _start_domain(self) -> None:
+        """The domain started on its store; or, that store out of reach and `wait_for_store`, its boot
+        policy and service switches from the cache (StartError where there is none)."""
+        domain = self.built
+        try:
+            await domain.start()
+            return
+        except StoreUnreachable as e:
+            if not self.wait_for_store:
+                raise StartError(str(e)) from None
+            why = str(e)
+        try:
+            cached = await domain.policy.load_cached()
+        except ValueError as e:
+            raise StartError(f"{why}; and {e}") from None
+        if cached is None:
+            raise StartError(f"{why}; and no boot index is cached in {self.state_dir} yet (the first start that "
+                             "reaches the database keeps one), so there is nothing to answer the nodes with")
+        domain.services.assume(cached.services)
+        self.store_down = why
+        mine = sum(1 for spec in domain.policy.index.by_uuid.values() if spec.root is not None)
+        log.warning("store: %s. Starting on the boot index cached at %s (%d bootable server(s), as of %s): the "
+                    "exports stay as the target daemon holds them, and API calls that need the store answer 503 "
+                    "until it is back", why, domain.policy.cache_path, mine,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cached.written_at)))
+
+    async def _with_the_store(self) -> None:
+        """What a start does once the store answers: the admin token, the reconcile, the index re-read."""
+        domain = self.built
         await self._ensure_admin_token()
         report = await domain.reconcile()
         for line in report.problems:
             log.warning("reconcile: %s", line)
         await domain.policy.refresh()
-        # The boot index and everything loaded so far live for the process: moving them out of the
-        # collector's generations keeps full collections from stalling DHCP replies in a boot storm.
-        gc.collect()
-        gc.freeze()
+
+    async def _until_the_store_is_back(self) -> None:
+        domain = self.built
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await domain.store.call(domain.store.sync.ping)
+                await domain.start()  # each part starts once, whatever an earlier try got through
+                await self._with_the_store()
+            except StoreError as e:
+                self.store_down = str(e)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                log.info("store: %s (trying again in %.0f s)", e, delay)
+                continue
+            self.store_down = ""
+            log.warning("store: reachable again; reconciled and serving its boot index")
+            return
 
     async def _ensure_admin_token(self) -> None:
         # Only once everything is bound: a failed start must not consume the one-time token.
@@ -357,10 +421,18 @@ class Appliance:
         elif last is not None and not last.available and out["export"]["state"] == "running":
             out["export"] = {"state": "unavailable", "detail": last.detail}
         out["storage"] = {"state": "running", "detail": domain.backend.name}
+        if self.config.store.url:
+            out["store"] = ({"state": "unavailable", "detail": f"{self.store_down}; answering nodes from the "
+                             "cached boot index"} if self.store_down else {"state": "running", "detail": "PostgreSQL"})
         return out
 
     async def stop(self) -> None:
         """Idempotent; stops the services in reverse order of start."""
+        if self._store_task is not None:
+            task, self._store_task = self._store_task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for slot in reversed(self.slots):
             if slot.service is not None and slot.health.state in ("running", "failed"):
                 try:
@@ -475,8 +547,8 @@ class _WebService:
 async def serve(config: Config, config_path: Path | None = None) -> None:
     """`cello serve`: build (inside the loop that runs it), start, run until a signal or a fatal error."""
     try:
-        appliance = Appliance.build(config, config_path=config_path)
-    except StoreError as e:  # a PostgreSQL store out of reach, or a store newer than this Cello: one line
+        appliance = Appliance.build(config, config_path=config_path, wait_for_store=True)
+    except StoreError as e:  # a store newer than this Cello, a bad URL: one line
         raise StartError(str(e)) from None
     await run_until_signalled(appliance)
 

@@ -3,7 +3,8 @@ who may fetch a node's config (`may_fetch`, from the DHCP bindings `client_seen`
 server's configured address; see appliance/bindings.py).
 
 Those answer from their datagram handlers, so lookups are dictionary reads on an in-memory index;
-the index is rebuilt from the store (on the store's thread) whenever the provisioner changes something.
+the index is rebuilt from the store (on the store's thread) whenever the provisioner changes something,
+and (a PostgreSQL store) copied to disk, for a start while the database is out of reach (domain/bootcache.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bootfiles.spec import BootSpec, IscsiRoot, Profile, PxeClient
+from domain import bootcache
 from domain.bindings import BindingTable, ipv4_of
 from domain.discovered import DiscoveredNodes
 from domain.store import AsyncStore, ServerRow, Store, TemplateVersion, VolumeRow
@@ -161,8 +164,12 @@ class ApplianceBootPolicy:
         bindings: BindingTable | None = None,
         discovered: DiscoveredNodes | None = None,
         appliance: str = "local",
+        cache_path: Path | None = None,
     ) -> None:
         self._store = store
+        self.cache_path = cache_path  # a copy of each refresh's rows, for a start without the store
+        self._cached_body = b""
+        self._refreshing = asyncio.Lock()
         self.appliance = appliance  # only this appliance's servers are answered here (a fleet's others answer theirs)
         self.profiles = dict(profiles)
         self.iqn_prefix = iqn_prefix
@@ -245,7 +252,34 @@ class ApplianceBootPolicy:
         return self.index.names
 
     async def refresh(self) -> None:
-        servers, volumes, versions = await self._store.call(_read_all, self._store.sync)
+        # One at a time (a caller's and the coalescing loop's): the index installed and the copy written
+        # are always of the latest read, never an older read finishing last.
+        async with self._refreshing:
+            servers, volumes, versions, services = await self._store.call(_read_all, self._store.sync,
+                                                                          self.appliance)
+            self._install(servers, volumes, versions)
+            if self.cache_path is None:
+                return
+            body = bootcache.encode(servers, volumes, versions, services)
+            if body == self._cached_body:
+                return
+            try:
+                await asyncio.to_thread(bootcache.write, self.cache_path, body)
+                self._cached_body = body
+            except OSError as e:  # the index in memory is right; only a later start would lack it
+                log.warning("boot index cache %s: %s", self.cache_path, e)
+
+    async def load_cached(self) -> bootcache.CachedIndex | None:
+        """The index from the cache file (the store out of reach at start); None where there is none.
+        ValueError for a damaged file."""
+        if self.cache_path is None:
+            return None
+        cached = await asyncio.to_thread(bootcache.read, self.cache_path)
+        if cached is not None:
+            self._install(cached.servers, cached.volumes, cached.versions)
+        return cached
+
+    def _install(self, servers: list[ServerRow], volumes: list[VolumeRow], versions: list[TemplateVersion]) -> None:
         self.index = build_index(
             [s for s in servers if s.appliance == self.appliance], volumes, versions, profiles=self.profiles,
             iqn_prefix=self.iqn_prefix, portal=self.portal, http_base=self.http_base, exports=self._exports(),
@@ -280,5 +314,6 @@ class ApplianceBootPolicy:
             await asyncio.shield(self._refresh)
 
 
-def _read_all(store: Store) -> tuple[list[ServerRow], list[VolumeRow], list[TemplateVersion]]:
-    return store.servers(), store.volumes(), store.template_versions()
+def _read_all(store: Store, appliance: str) -> tuple[list[ServerRow], list[VolumeRow], list[TemplateVersion],
+                                                    dict[str, bool]]:
+    return store.servers(), store.volumes(), store.template_versions(), store.services(appliance)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bootfiles.spec import Profile
 from domain.audit import AuditLog
@@ -100,7 +101,10 @@ def build_domain(
     adopt_rule: AdoptRule | None = None,
     fleet: FleetSettings | None = None,
     channel: PeerChannel | None = None,
+    boot_cache: Path | None = None,
 ) -> Domain:
+    """Every part of the domain, wired; `boot_cache`: where the boot policy keeps its copy of the index
+    (a shared store's appliance: domain/bootcache.py)."""
     # a single appliance is a fleet of one, named "local" unless the config names it
     settings = fleet or FleetSettings(name="local", api_url=http_base, advertise=portal[0])
     me = settings.name
@@ -114,8 +118,10 @@ def build_domain(
     policy = ApplianceBootPolicy(
         store, profiles=profiles, iqn_prefix=iqn_prefix, portal=portal, http_base=http_base, unknown=unknown,
         unknown_template=unknown_template, exports=lambda: exports.last_state, lun_number=driver.lun_number,
-        discovered=discovered, appliance=me)
+        discovered=discovered, appliance=me, cache_path=boot_cache)
     services = ServiceSwitches(store, events, me)
+    if boot_cache is not None:  # the cache holds the switches too: a flip is written at once
+        events.observers.append(lambda event: policy.changed() if event.kind == "service" else None)
     users = Users(store)
     servers = ServerWorkflows(store, backend, exports, events, services, users, tasks, naming=names,
                               profiles=_names(profiles), default_profile=default_profile,

@@ -8,6 +8,10 @@ class StoreError(Exception):
     """The store could not do what was asked."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's database cannot be reached now (a PostgreSQL store); the next call tries again."""
+
+
 class Conflict(StoreError):
     """A uniqueness rule was broken (duplicate server UUID or MAC, ...), or the state forbids it now."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo
 
-from domain.errors import StoreError
+from domain.errors import StoreError, StoreUnreachable
 from domain.schema_pg import PG_MIGRATIONS, PG_SCHEMA_VERSION
 from domain.sqlengine import Row, Tx
 
@@ -121,8 +121,8 @@ class PgEngine:
             conn = self._conn
             if conn is None or conn.broken or conn.closed:
                 self._drop()
-                raise StoreError(f"store unreachable: {str(e).strip()}") from e
-            raise StoreError(f"store: {str(e).strip()}") from e
+                raise StoreUnreachable(f"store unreachable: {' '.join(str(e).split())}") from e
+            raise StoreError(f"store: {' '.join(str(e).split())}") from e
         finally:
             self._depth -= 1
 

@@ -37,6 +37,10 @@ class ServiceSwitches(Mapping[str, bool]):
         stored = await self._store.call(self._store.sync.services, self.appliance)
         self._enabled.update({k: v for k, v in stored.items() if k in SERVICES})
 
+    def assume(self, switches: Mapping[str, bool]) -> None:
+        """The switches as last read (the boot index cache), while the store is out of reach."""
+        self._enabled.update({k: bool(v) for k, v in switches.items() if k in SERVICES})
+
     async def set(self, name: str, enabled: bool) -> None:
         if name not in SERVICES:
             raise NotFound(f"no service {name!r} (services: {', '.join(SERVICES)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from domain.errors import Conflict, QuotaExceeded, StoreError
+from domain.errors import Conflict, QuotaExceeded, StoreError, StoreUnreachable
 from domain.sqlengine import Engine, Row, SqliteEngine, Tx
 from domain.states import may_move
 
@@ -162,25 +163,37 @@ def hash_token(token: str) -> str:
 POSTGRES_SCHEMES = ("postgresql", "postgres")  # what libpq and psycopg take as a URL's scheme
 
 
-def open_store(url: str, sqlite_path: Path, clock: Callable[[], float] = time.time) -> Store:
+def open_store(url: str, sqlite_path: Path, clock: Callable[[], float] = time.time, *,
+               may_wait: bool = False) -> Store:
     """The store `[store] url` names: '' = the SQLite file at `sqlite_path`, `postgresql://…` = PostgreSQL
-    (the driver is imported only then). A PostgreSQL that cannot be reached now is a StoreError."""
+    (the driver is imported only then). A PostgreSQL that cannot be reached now is a StoreUnreachable,
+    unless `may_wait`: then the store is made all the same, and migrated at its first call that reaches
+    the database (`cello serve` starts on its cached boot index meanwhile; see `Store.unreachable`)."""
     if url == "":
         return Store(sqlite_path, clock)
     if url.split("://", 1)[0] in POSTGRES_SCHEMES:
         from domain.pgengine import PgEngine
 
-        return Store(PgEngine(url), clock)
+        return Store(PgEngine(url), clock, may_wait=may_wait)
     raise StoreError(f"store url: must be '' (SQLite) or postgresql://…, not {url.split('://', 1)[0]!r}")
 
 
 class Store:
-    def __init__(self, path: Path | str | Engine, clock: Callable[[], float] = time.time) -> None:
-        """`path`: an SQLite file (or ':memory:'), or an engine (domain/pgengine.py); migrated on open."""
+    def __init__(self, path: Path | str | Engine, clock: Callable[[], float] = time.time, *,
+                 may_wait: bool = False) -> None:
+        """`path`: an SQLite file (or ':memory:'), or an engine (domain/pgengine.py); migrated on open,
+        or (`may_wait`, a database out of reach now) before the first call that reaches it."""
         self._clock = clock
         self._engine: Engine = SqliteEngine(path) if isinstance(path, Path | str) else path
+        self.unreachable = ""  # why the database could not be reached at open ('' = it could)
+        self._migrating = threading.Lock()
         try:
             self._engine.migrate()
+        except StoreUnreachable as e:
+            if not may_wait:
+                self._engine.close()
+                raise
+            self.unreachable = str(e)
         except BaseException:
             self._engine.close()
             raise
@@ -190,15 +203,36 @@ class Store:
 
     @property
     def version(self) -> int:
+        self._ready()
         return self._engine.version
 
     def migrate(self) -> None:
         self._engine.migrate()
 
+    def _ready(self) -> None:
+        """Migrated first, for a store opened while its database was out of reach (StoreUnreachable
+        while it still is)."""
+        if self.unreachable:
+            with self._migrating:
+                if self.unreachable:
+                    try:
+                        self._engine.migrate()
+                    except StoreUnreachable as e:
+                        self.unreachable = str(e)
+                        raise
+                    self.unreachable = ""
+
+    def ping(self) -> None:
+        """Returns once the database answers (StoreUnreachable while it does not)."""
+        self._ready()
+        self._engine.fetch("SELECT 1")
+
     def _tx(self) -> AbstractContextManager[Tx]:
+        self._ready()
         return self._engine.tx()
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        self._ready()
         return self._engine.fetch(sql, args)
 
     # --- templates -------------------------------------------------------------------------------
