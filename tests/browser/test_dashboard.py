@@ -311,6 +311,8 @@ def test_a_read_only_admin_token_sees_all_and_no_write_control(live: LiveStack, 
     if scope == "read":
         assert not any(shown.values()), shown
         assert page.text("#role") == "admin token (read-only)"
+        # where the Adopt form would be, what it would act on: this node is not adopted yet
+        assert page.text(f'#panel-discovered tr[data-mac="{mac}"] td:last-child') == "not adopted"
     else:
         assert all(shown.values()), shown
         assert page.text("#role") == "admin token"

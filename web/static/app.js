@@ -544,7 +544,8 @@ function renderDiscovered(nodes) {
       h("td", { text: d.vendor_class ?? d.vendor ?? "" }), h("td", { text: when(d.first_seen) }),
       h("td", { text: when(d.last_seen) }), h("td", { text: d.count ?? d.seen ?? "" }),
       h("td", {}, d.adopted || d.server ? h("span", { class: "muted", text: `adopted ${d.server || ""}` })
-        : mayManage() ? adoptForm(d) : null))), "no unknown PXE client seen"));
+        : mayManage() ? adoptForm(d) : h("span", { class: "muted", text: "not adopted" })))),
+    "no unknown PXE client seen"));
 }
 
 // A discovered node's adopt form: the template and user picked stay across the 5 s redraws.
