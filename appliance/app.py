@@ -309,7 +309,14 @@ class Appliance:
                 self._lock_fd = lock_state_dir(self.state_dir)
             except StateDirBusy as e:
                 raise StartError(str(e)) from None
-        await self._start_domain()
+        try:
+            await self._start_domain()
+        except BaseException:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await domain.stop()
+            self._unlock()
+            raise
         started: list[ServiceSlot] = []
         try:
             for slot in self.slots:

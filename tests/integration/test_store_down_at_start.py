@@ -19,6 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from domain.errors import StoreUnreachable
 from domain.store import AsyncStore, open_store
 from iscsi.file_backend import FileBackend
 from tests.integration.test_api_stack import add_template, uuid_n
@@ -210,3 +213,26 @@ def test_serve_starts_on_its_cached_boot_index_while_the_database_is_down(tmp_pa
         pg.stop()
         if config is not None:
             _teardown(config)
+
+
+async def test_a_start_refused_for_its_store_leaves_nothing_held(tmp_path: Path) -> None:
+    """Without its database (and, for `cello serve`, without a cache) a start fails with one line and
+    lets go of the state dir, so that the next try (or a teardown) is not told it is in use."""
+    from appliance.app import Appliance, StartError
+    from appliance.config import load_config
+    from appliance.host import lock_state_dir
+
+    pg = PgServer.start()
+    try:
+        url = pg.create_database("cello")
+        pg.halt()
+        config = load_config(_config(tmp_path, url)[0])
+        with pytest.raises(StoreUnreachable, match="store unreachable"):  # any command but serve: at once
+            Appliance.build(config)
+        appliance = Appliance.build(config, wait_for_store=True)  # serve's
+        with pytest.raises(StartError, match="no boot index is cached") as refused:
+            await appliance.start()
+        assert "\n" not in str(refused.value)
+        os.close(lock_state_dir(tmp_path / "state"))  # not held any more: a teardown, a next try may run
+    finally:
+        pg.stop()
