@@ -365,6 +365,7 @@ class Appliance:
             raise StartError(f"{why}; and no boot index is cached in {self.state_dir} yet (the first start that "
                              "reaches the database keeps one), so there is nothing to answer the nodes with")
         domain.services.assume(cached.services)
+        await domain.start_offline()
         self.store_down = why
         mine = sum(1 for spec in domain.policy.index.by_uuid.values() if spec.root is not None)
         log.warning("store: %s. Starting on the boot index cached at %s (%d bootable server(s), as of %s): the "

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from domain.errors import StoreUnreachable
 from domain.periodic import Periodic
 from domain.store import AsyncStore
 
@@ -69,6 +70,9 @@ class AuditLog:
         batch, self._unsaved = self._unsaved, []
         try:
             await self._store.call(self._store.sync.add_audit, batch)
-        except Exception:
+        except Exception as e:
             self.dropped += len(batch)
-            log.exception("could not save %d audit entries", len(batch))
+            if isinstance(e, StoreUnreachable):  # an outage: one line, not a traceback each flush
+                log.warning("could not save %d audit entries: %s", len(batch), e)
+            else:
+                log.exception("could not save %d audit entries", len(batch))

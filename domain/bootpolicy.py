@@ -267,7 +267,7 @@ class ApplianceBootPolicy:
                 await asyncio.to_thread(bootcache.write, self.cache_path, body)
                 self._cached_body = body
             except OSError as e:  # the index in memory is right; only a later start would lack it
-                log.warning("boot index cache %s: %s", self.cache_path, e)
+                log.warning("boot index cache not written (%s): %s", self.cache_path, e)
 
     async def load_cached(self) -> bootcache.CachedIndex | None:
         """The index from the cache file (the store out of reach at start); None where there is none.

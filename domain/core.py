@@ -64,6 +64,12 @@ class Domain:
         await self.services.load()
         await self.fleet.start()  # registers, and takes the servers made before fleets: before any reconcile
 
+    async def start_offline(self) -> None:
+        """What runs without the store (its database out of reach at start; `start()` follows once it
+        is back): the audit log's flusher, which drops what it cannot save as in any outage, so that
+        nothing piles up meanwhile."""
+        await self.audit.start()
+
     async def reconcile(self) -> ReconcileReport:
         return await reconcile(self.servers)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import naming
 from bootfiles.spec import PxeClient
-from domain.errors import InvalidRequest, NotFound
+from domain.errors import InvalidRequest, NotFound, StoreUnreachable
 from domain.events import EventBus
 from domain.periodic import Periodic
 from domain.requests import CreateServer
@@ -191,6 +191,8 @@ class DiscoveredNodes:
             rows = [replace(node, count=batch[mac]) for mac, node in self._nodes.items() if mac in batch]
             try:
                 await self._store.call(self._store.sync.save_discovered, rows, self.capacity)
+            except StoreUnreachable as e:  # an outage: one line, not a traceback each flush
+                log.warning("could not save %d discovered nodes: %s", len(rows), e)
             except Exception:
                 log.exception("could not save %d discovered nodes", len(rows))
 

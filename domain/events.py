@@ -14,6 +14,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
+from domain.errors import StoreUnreachable
 from domain.periodic import Periodic
 from domain.store import AsyncStore
 
@@ -42,6 +43,9 @@ class EventBus:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._recent: deque[Event] = deque(maxlen=self.RECENT)
         self._unsaved: list[Event] = []
+        # Kept for the store only from start() on: an appliance started without its store (its database
+        # out of reach) streams events live, but piles none up, and saves none under ids not yet read.
+        self._saving = False
         self._flusher = Periodic(self.flush, 0.5, "cello-events-flush")
         self.counts: Counter[str] = Counter()  # for /metrics
         # Called with every event as it is published (domain/timings.py): synchronous and cheap.
@@ -65,7 +69,7 @@ class EventBus:
                 self._subscribers.discard(queue)
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(None)
-        if self._store is not None:
+        if self._saving:
             self._unsaved.append(event)
         return event
 
@@ -89,6 +93,7 @@ class EventBus:
             # Ids go on from the stored ones: a reader resuming with `since` (Last-Event-ID) after a restart
             # of the appliance must not see the new events' ids start again below the one it has.
             self._last_id = max(self._last_id, await self._store.call(self._store.sync.last_event_id, self.appliance))
+            self._saving = True
             self._flusher.start()
 
     async def stop(self) -> None:
@@ -105,6 +110,8 @@ class EventBus:
         rows = [(e.id, e.at, e.kind, _server_of(e), dict(e.data)) for e in batch]
         try:
             await self._store.call(self._store.sync.add_events, rows, self.appliance)
+        except StoreUnreachable as e:  # an outage: said in one line, not a traceback every half second
+            log.warning("could not save %d events: %s", len(rows), e)
         except Exception:
             log.exception("could not save %d events", len(rows))
 

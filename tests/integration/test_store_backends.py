@@ -250,6 +250,23 @@ async def test_event_ids_go_on_across_a_restart(reopen: Opener) -> None:
     again.close()
 
 
+async def test_events_published_before_start_are_streamed_not_kept(reopen: Opener) -> None:
+    """An appliance started without its store (domain.core start_offline) publishes events before the
+    bus has read the stored ids: those are streamed live only, not piled up nor saved under ids that
+    may be taken."""
+    from domain.events import EventBus
+
+    store = AsyncStore(reopen())
+    bus = EventBus(store)
+    bus.publish("tftp", {"server": "u2"})
+    await bus.flush()
+    await bus.start()
+    later = bus.publish("tftp", {"server": "u2"}).id
+    await bus.stop()
+    assert [e["id"] for e in store.sync.events("u2")] == [later]
+    store.close()
+
+
 # --- the fleet tables (schema 6) -----------------------------------------------------------------------------
 
 def test_an_appliance_registers_and_a_restart_keeps_the_operators_disable(store: Store) -> None:
