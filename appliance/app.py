@@ -24,6 +24,7 @@ from appliance.config import Config, split_host_port
 from appliance.host import StateDirBusy, first_ipv4, host_label, lock_state_dir, raise_open_file_limit
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
+from domain import bootcache
 from domain.core import Domain, build_domain
 from domain.errors import StoreError, StoreUnreachable
 from domain.fleet import FleetSettings
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cello")
 
-BOOT_CACHE = "boot-index.json"  # in the state dir: the boot index of a PostgreSQL store's last read
 STORE_RETRY_FIRST_S = 1.0  # a start without its store tries again after this, doubling up to the most
 STORE_RETRY_MAX_S = 30.0
 
@@ -182,7 +182,7 @@ class Appliance:
             power_for=_bmc_of, copy_boot_files=self._copy_boot_files, scrub=_scrub,
             adopt_rule=self.config.dhcp.adopt, fleet=self.fleet_settings(),
             channel=HttpChannel(self.files_root, self.config.fleet.secret) if self.config.fleet.secret else None,
-            boot_cache=self.state_dir / BOOT_CACHE if shared else None)
+            boot_cache=self.state_dir / bootcache.FILE_NAME if shared else None)
         self.slots = [
             ServiceSlot("export", driver, f"iSCSI export via {driver.name}"),
             ServiceSlot("tftp", self._make_tftp() if self.config.tftp.enabled else None, self.config.tftp.listen),

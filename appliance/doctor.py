@@ -60,6 +60,30 @@ def _native_pump(engine: str) -> Check:
     return Check("tftp", "native pump", engine != "python" and why is None, engine == "native", fix)
 
 
+def _store(config: Config) -> Check:
+    """A PostgreSQL store: does it answer now (read only: a diagnosis migrates nothing), and if not, will
+    `cello serve` start all the same, on its cached boot index?"""
+    from domain.bootcache import FILE_NAME
+    from domain.errors import StoreError
+    from domain.pgengine import PgEngine
+
+    problem = None
+    engine = None
+    try:
+        engine = PgEngine(config.store.url)
+        engine.version  # noqa: B018  (connects and reads the schema's version)
+    except StoreError as e:
+        problem = str(e)
+    finally:
+        if engine is not None:
+            engine.close()
+    cache = config.appliance.state_dir / FILE_NAME
+    fix = f"{problem}: start the database or fix store.url; " + (
+        f"until then `cello serve` answers the nodes from {cache}" if cache.exists() else
+        f"and no boot index is cached at {cache}, so `cello serve` cannot start until it answers")
+    return Check("store", "PostgreSQL answers", problem is None, True, fix)
+
+
 def checks(config: Config) -> list[Check]:
     out: list[Check] = []
     freebsd = sys.platform.startswith("freebsd")
@@ -103,6 +127,8 @@ def checks(config: Config) -> list[Check]:
     out.append(_tool("templates", "mkfs.ext4", "e2fsprogs", True))
     out.append(_tool("templates", "busybox", "busybox-static", False))
     out.append(_tool("templates", "iscsistart", "open-iscsi", False))
+    if config.store.url:
+        out.append(_store(config))
     return out
 
 

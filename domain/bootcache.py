@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from domain.store import ServerRow, TemplateVersion, VolumeRow
 
+FILE_NAME = "boot-index.json"  # in the state dir
 FORMAT = 1
 _Row = TypeVar("_Row", ServerRow, VolumeRow, TemplateVersion)
 

@@ -85,3 +85,34 @@ def test_doctor_names_a_missing_native_pump_when_the_config_asks_for_it(monkeypa
     assert "is not built" in needed.fix and 'tftp.engine = "python"' in needed.fix
     auto = doctor._native_pump("auto")
     assert (auto.ok, auto.needed) == (False, False)  # auto serves from Python without it
+
+
+def test_doctor_says_whether_a_postgresql_store_answers_and_what_serve_would_do(tmp_path: Path) -> None:
+    from tests.pgserver import PgServer
+
+    pg = PgServer.start()
+    try:
+        url = pg.create_database("cello")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[appliance]\nstate_dir = "{tmp_path / "state"}"\n[store]\nurl = "{url}"\n'
+                       '[fleet]\nname = "a"\n')
+
+        def row() -> str:
+            lines = [line for line in _doctor(cfg).stdout.splitlines() if line.startswith("store ")]
+            assert len(lines) == 1, lines
+            return lines[0]
+        assert row().split()[:4] == ["store", "PostgreSQL", "answers", "ok"]
+        pg.halt()
+        down = row()
+        assert "MISSING" in down and "store unreachable" in down and "cannot start until it answers" in down
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / "boot-index.json").write_text("{}")
+        assert "until then `cello serve` answers the nodes from" in row()
+        # a diagnosis writes nothing: the database it reached was not migrated
+        pg.resume()
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT to_regclass('cello_schema')").fetchone() == (None,)
+    finally:
+        pg.stop()
