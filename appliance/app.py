@@ -114,6 +114,7 @@ class Appliance:
         self.wait_for_store = False
         self.store_down = ""  # why the store could not be reached at start ('' = it could, or is back)
         self._store_task: asyncio.Task[None] | None = None
+        self._cached: bootcache.CachedIndex | None = None  # the index started on, while the store is away
 
     # --- building --------------------------------------------------------------------------------
 
@@ -337,6 +338,7 @@ class Appliance:
             self._unlock()
             raise
         if self.store_down:
+            await self._export_cached()
             self._store_task = asyncio.get_running_loop().create_task(self._until_the_store_is_back(),
                                                                       name="cello-store-wait")
         else:
@@ -367,11 +369,27 @@ class Appliance:
         domain.services.assume(cached.services)
         await domain.start_offline()
         self.store_down = why
+        self._cached = cached
         mine = sum(1 for spec in domain.policy.index.by_uuid.values() if spec.root is not None)
-        log.warning("store: %s. Starting on the boot index cached at %s (%d bootable server(s), as of %s): the "
-                    "exports stay as the target daemon holds them, and API calls that need the store answer 503 "
-                    "until it is back", why, domain.policy.cache_path, mine,
+        log.warning("store: %s. Starting on the boot index cached at %s (%d bootable server(s), as of %s): no "
+                    "export is changed or removed without the store (a target daemon that holds none gets the "
+                    "cached ones), and API calls that need the store answer 503 until it is back", why,
+                    domain.policy.cache_path, mine,
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cached.written_at)))
+
+    async def _export_cached(self) -> None:
+        """The store out of reach and the target daemon empty (its host restarted): the exports from the
+        cache; a failure is said and the start goes on (the store's reconcile exports them later)."""
+        if self._cached is None:
+            return
+        try:
+            count = await self.built.export_cached(self._cached)
+        except StorageError as e:
+            log.warning("export: the target daemon holds no target and the cached ones could not be exported: %s", e)
+            return
+        if count:
+            log.warning("export: the target daemon held no target (a host restart?): exported %d target(s) as the "
+                        "cached boot index has them", count)
 
     async def _with_the_store(self) -> None:
         """What a start does once the store answers: the admin token, the reconcile, the index re-read."""

@@ -1,7 +1,8 @@
 """The boot index as this appliance last read it from a shared (PostgreSQL) store, kept on its own disk,
 so that `cello serve` started while the database is out of reach still answers its nodes: DHCP, TFTP
-and HTTP boot from this copy, and the exports stay as the target daemon holds them, until the store
-is back and the index is read from it again.
+and HTTP boot from this copy, and the exports stay as the target daemon holds them (an empty daemon,
+after a host restart, gets the cached ones: domain.core `export_cached`), until the store is back and
+the index is read from it again.
 
 The file is `<state_dir>/boot-index.json`, mode 0600, written whole (a temporary file renamed over it)
 after each refresh that changed it. It holds what a node's boot needs — the server records (with their

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from bootfiles.spec import Profile
 from domain.audit import AuditLog
+from domain.bootcache import CachedIndex
 from domain.bootpolicy import ApplianceBootPolicy
 from domain.census import SessionCounts
 from domain.discovered import Adoption, AdoptRule, DiscoveredNodes
 from domain.events import EventBus
-from domain.exports import ChapMode, Naming, desired_targets
+from domain.exports import ChapMode, Naming, desired_targets, targets_of
 from domain.fleet import Fleet, FleetSettings, PeerChannel
 from domain.lifecycle import BootFilesCopy, Lifecycle, PowerFor, Scrub
 from domain.reconcile import ReconcileReport, reconcile
@@ -69,6 +70,21 @@ class Domain:
         is back): the audit log's flusher, which drops what it cannot save as in any outage, so that
         nothing piles up meanwhile."""
         await self.audit.start()
+
+    async def export_cached(self, cached: CachedIndex) -> int:
+        """Without the store, on a target daemon that holds no target at all (its host restarted: tgtd
+        keeps none across that), export this appliance's servers as the cached index has them, so that
+        their nodes find their root disks. A daemon that holds any target is left exactly as it is (a
+        restart of Cello alone); nothing is ever removed here. Returns the targets exported."""
+        if not self.services.get("export", True) or self.driver.name == "none":
+            return 0
+        if (await self.driver.actual()).targets:
+            return 0
+        mine = [s for s in cached.servers if s.appliance == self.fleet.name]
+        targets = targets_of(mine, cached.volumes, self.backend, self.servers.naming)
+        if targets:
+            self.exports.last_state = await self.driver.apply(targets)
+        return len(targets)
 
     async def reconcile(self) -> ReconcileReport:
         return await reconcile(self.servers)

@@ -69,6 +69,12 @@ async def desired_targets(store: AsyncStore, backend: VolumeBackend, names: Nami
                           appliance: str) -> list[TargetSpec]:
     """The targets of the servers on `appliance` (this one: a fleet's others export theirs)."""
     servers, volumes = await store.call(_snapshot, store.sync, appliance)
+    return targets_of(servers, volumes, backend, names)
+
+
+def targets_of(servers: list[ServerRow], volumes: list[VolumeRow], backend: VolumeBackend,
+               names: Naming) -> list[TargetSpec]:
+    """The targets of these servers (those in an exported state, with their available volumes)."""
     by_server: dict[str, list[VolumeRow]] = {}
     for v in volumes:
         # a restore point (kind 'prev') and a root still being made (idx < 0) are never exported

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -138,7 +139,7 @@ async def _seed(url: str, state: Path) -> None:
 
 
 def test_serve_starts_on_its_cached_boot_index_while_the_database_is_down(tmp_path: Path) -> None:
-    require("tgtd", "tgtadm", "curl", root=True, packages="tgt curl")
+    require("tgtd", "tgtadm", "curl", "iscsi-inq", root=True, packages="tgt curl libiscsi-bin")
     pg = PgServer.start()  # its own cluster: this test halts it
     config: Path | None = None
     serve: Serve | None = None
@@ -187,6 +188,27 @@ def test_serve_starts_on_its_cached_boot_index_while_the_database_is_down(tmp_pa
             time.sleep(0.1)
 
         assert "Traceback" not in serve.text(), serve.text()[-3000:]  # the outage is said in lines
+        assert "exported" not in serve.text()  # tgtd held its targets: none made from the cache
+
+        # the host restarts meanwhile (tgtd keeps no target across that; teardown stands in for it):
+        # the next start exports the node's target as the cache has it, so the node finds its disk
+        serve.stop()
+        _teardown(config)
+        assert uuid not in _targets()
+        serve = Serve(config, tmp_path / "serve-2b.log")
+        _until("the API without its store, again", lambda: _health(api), serve)
+        assert "held no target (a host restart?): exported 1 target(s)" in serve.text(), serve.text()[-3000:]
+        again = _targets()
+        assert uuid in again and f"node-{uuid}" in again  # the target and the node's CHAP account
+        # and the node logs in with what its boot config says, and reads its root disk's LUN
+        args = dict(re.findall(r"(ISCSI_[A-Z_]+)=(\S+)", before))
+        login = subprocess.run(["iscsi-inq", "-i", args["ISCSI_INITIATOR"],
+                                f"iscsi://{args['ISCSI_USERNAME']}%{args['ISCSI_PASSWORD']}@{args['ISCSI_TARGET_IP']}:"
+                                f"{args['ISCSI_TARGET_PORT']}/{args['ISCSI_TARGET_NAME']}/1"],
+                               capture_output=True, text=True, timeout=30)
+        assert login.returncode == 0 and "Peripheral Device Type" in login.stdout, login.stdout + login.stderr
+        code, during = _tftp(tftp, cfg)
+        assert code == 0 and during == before
 
         # the database is back: it reconciles and reads the store's index, no restart
         pg.resume()
