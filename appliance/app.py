@@ -414,7 +414,13 @@ class Appliance:
                 delay = min(delay * 2, STORE_RETRY_MAX_S)
                 log.info("store: %s (trying again in %.0f s)", e, delay)
                 continue
+            except Exception as e:  # a reconcile that failed for another reason: tried again, never given up
+                self.store_down = f"reachable, but the rest of the start failed: {e}"
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                log.exception("store: reachable, but the rest of the start failed (trying again in %.0f s)", delay)
+                continue
             self.store_down = ""
+            self._cached = None
             log.warning("store: reachable again; reconciled and serving its boot index")
             return
 
