@@ -7,7 +7,9 @@ The steps run in file order on one fleet:
   3. the node's server is pinned to b; with a stopped, the node boots from b's clone (b's tgtd holds
      its session; only b answered it);
   4. c disabled: placement avoids it, a create pinned to it is refused with the reason;
-  5. the node powered off, its server moves from b to c, and the node boots from c's clone.
+  5. the node powered off, its server moves from b to c, and the node boots from c's clone;
+  6. the database down and c restarted on an empty tgtd (a host restart): c starts on its cached boot
+     index, exports the node's target from it, and the node boots again.
 """
 
 from __future__ import annotations
@@ -138,3 +140,36 @@ def test_5_moved_from_b_to_c_while_off_it_boots_from_c(fleet: FleetLab) -> None:
     finally:
         fleet.release(node)
     print(f"\nfleet: after the move, power-on → root from c's clone in {took:.1f} s")
+    seen["booted-c"] = took
+
+
+def test_6_with_the_database_down_c_restarted_on_an_empty_tgtd_still_boots_the_node(fleet: FleetLab) -> None:
+    """A site outage: c's host restarts (its tgtd, and every target with it, gone) while the database
+    is still down. c starts on its cached boot index, exports the node's target from it, and the node
+    boots from its clone; once the database is back, c finishes its start."""
+    assert "booted-c" in seen, "needs step 5"
+    name, uuid, mac = NODE
+    initiator = f"Initiator: {IQN_PREFIX}:node-{uuid}"
+    wait_until("c's tgtd drops the powered-off node's session",
+               lambda: initiator not in target_block(fleet.tgt_show("c"), IQN), 60)
+    fleet.stop("c")
+    fleet.teardown("c")  # what a host restart leaves of tgtd: nothing
+    fleet.store_outage()
+    try:
+        fleet.start("c")
+        health = ok(fleet, "c", "GET", "/api/v1/health")["services"]
+        assert health["store"]["state"] == "unavailable", health
+        wait_until("c exports the node's target from its cache", lambda: IQN in fleet.tgt_show("c"), 30)
+        got, answer = fleet.api("c", "GET", "/api/v1/servers")
+        assert got == 503 and answer["error"] == "store_unavailable", answer
+        node = fleet.node(name, uuid, mac)
+        try:
+            took = boot_from(fleet, node, "c")
+        finally:
+            fleet.release(node)
+    finally:
+        fleet.store_back()
+    wait_until("c reaches the database again",
+               lambda: ok(fleet, "c", "GET", "/api/v1/health")["services"]["store"]["state"] == "running", 90)
+    assert ok(fleet, "c", "GET", f"/api/v1/servers/{uuid}")["appliance"] == "c"
+    print(f"\nfleet: database down, c restarted on an empty tgtd: power-on → root from c's clone in {took:.1f} s")
