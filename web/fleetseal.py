@@ -30,6 +30,7 @@ MAGIC = b"CFS1"
 SALT = 16
 TAG = 16
 FRAME_MAX = 4 << 20  # plaintext per frame: a bigger chunk is cut; a peer's bigger frame is refused
+COMPACT_AT = 8 << 20  # bytes already opened that the receiver drops from its buffer at once
 _LEN = struct.Struct(">I")
 _INFO = b"cello fleet stream v1\n"
 _MORE, _LAST = b"more", b"last"
@@ -57,15 +58,16 @@ async def seal(chunks: AsyncIterator[bytes], secret: str, request_auth: str) -> 
     n = 0
     async for chunk in chunks:
         for at in range(0, len(chunk), FRAME_MAX):
-            piece = chunk[at:at + FRAME_MAX]
+            piece = chunk if len(chunk) <= FRAME_MAX else chunk[at:at + FRAME_MAX]
             sealed = await asyncio.to_thread(aead.encrypt, _nonce(n), piece, _MORE)
             n += 1
-            yield _LEN.pack(len(sealed)) + sealed
+            yield _LEN.pack(len(sealed))  # apart: joining them would copy the frame once more
+            yield sealed
     last = aead.encrypt(_nonce(n), b"", _LAST)
     yield _LEN.pack(len(last)) + last
 
 
-def _open(aead: AESGCM, n: int, frame: bytes) -> bytes | None:
+def _open(aead: AESGCM, n: int, frame: bytes | memoryview) -> bytes | None:
     """Frame n's plaintext; None for the (empty) last frame."""
     try:
         return aead.decrypt(_nonce(n), frame, _MORE)
@@ -84,11 +86,16 @@ def _open(aead: AESGCM, n: int, frame: bytes) -> bytes | None:
 async def unseal(raw: AsyncIterator[bytes], secret: str, request_auth: str) -> AsyncIterator[bytes]:
     """The plaintext of a sealed stream that answers the request signed `request_auth`; SealError when
     it does not open, or ends before its last frame, or carries anything after it."""
-    buf = bytearray()
+    buf = bytearray()  # bytes received and not yet opened start at `at` (copied once, on arrival)
+    at = 0
     stream = raw.__aiter__()
 
     async def need(count: int) -> bool:
-        while len(buf) < count:
+        nonlocal at
+        while len(buf) - at < count:
+            if at > COMPACT_AT:  # what was opened goes, before the buffer grows further
+                del buf[:at]
+                at = 0
             try:
                 buf.extend(await stream.__anext__())
             except StopAsyncIteration:
@@ -98,21 +105,22 @@ async def unseal(raw: AsyncIterator[bytes], secret: str, request_auth: str) -> A
     if not await need(len(MAGIC) + SALT) or bytes(buf[:len(MAGIC)]) != MAGIC:
         raise SealError("fleet channel: the answer is not a sealed stream (a peer of another Cello version?)")
     aead = _aead(secret, bytes(buf[len(MAGIC):len(MAGIC) + SALT]), request_auth)
-    del buf[:len(MAGIC) + SALT]
+    at = len(MAGIC) + SALT
     n = 0
     while True:
         if not await need(_LEN.size):
             raise SealError("fleet channel: the stream was cut short (no last frame)")
-        (size,) = _LEN.unpack_from(buf)
+        (size,) = _LEN.unpack_from(buf, at)
         if not TAG <= size <= FRAME_MAX + TAG:
             raise SealError(f"fleet channel: a frame of {size} bytes (at most {FRAME_MAX + TAG})")
         if not await need(_LEN.size + size):
             raise SealError("fleet channel: the stream was cut short (inside a frame)")
-        frame = bytes(buf[_LEN.size:_LEN.size + size])
-        del buf[:_LEN.size + size]
-        plain = await asyncio.to_thread(_open, aead, n, frame)
+        # opened in place, no copy of the frame; both views released before the buffer changes again
+        with memoryview(buf) as view, view[at + _LEN.size:at + _LEN.size + size] as frame:
+            plain = await asyncio.to_thread(_open, aead, n, frame)
+        at += _LEN.size + size
         if plain is None:  # the last frame
-            if buf or await need(1):
+            if len(buf) > at or await need(1):
                 raise SealError("fleet channel: bytes after the stream's last frame")
             return
         n += 1
