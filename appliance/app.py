@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from domain.store import AsyncStore, open_store
 from iscsi.model import ExportDriver, StorageError, VolumeBackend
 from udpio.udp import BindError, bind_error_text
 from web.peers import HttpChannel
+from web.tls import ServerCertificate, TlsError, server_certificate, server_context
 
 if TYPE_CHECKING:
     from web.deps import ServiceCounters
@@ -115,6 +117,7 @@ class Appliance:
         self.store_down = ""  # why the store could not be reached at start ('' = it could, or is back)
         self._store_task: asyncio.Task[None] | None = None
         self._cached: bootcache.CachedIndex | None = None  # the index started on, while the store is away
+        self.tls: ServerCertificate | None = None  # the HTTPS listener's, once built (api.tls_listen)
 
     # --- building --------------------------------------------------------------------------------
 
@@ -138,17 +141,38 @@ class Appliance:
         return (self.advertise if host in ("0.0.0.0", "::") else host), port
 
     def http_base(self) -> str:
-        host, port = split_host_port(self.config.api.listen)
-        return f"http://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
+        return self._base("http", self.config.api.listen)
+
+    def tls_base(self) -> str:
+        """The HTTPS listener's URL; '' without one."""
+        return self._base("https", self.config.api.tls_listen) if self.config.api.tls_listen else ""
+
+    def _base(self, scheme: str, listen: str) -> str:
+        host, port = split_host_port(listen)
+        return f"{scheme}://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
 
     def fleet_settings(self) -> FleetSettings:
         cfg = self.config.fleet
         return FleetSettings(
-            name=cfg.name or host_label(), api_url=cfg.api_url or self.http_base(), advertise=self.advertise,
+            name=cfg.name or host_label(), api_url=cfg.api_url or self.tls_base() or self.http_base(),
+            advertise=self.advertise,
             labels=dict(cfg.labels or {}), capacity_bytes=cfg.capacity_gb << 30, secret=cfg.secret,
             heartbeat_s=cfg.heartbeat_s, down_after_s=cfg.down_after_s, poll_s=cfg.poll_s,
             os_reserve_bytes=cfg.os_reserve_gb << 30, sole=not self.config.store.url,
-            answers_unknown=self.config.dhcp.unknown != "ignore", version=VERSION)
+            answers_unknown=self.config.dhcp.unknown != "ignore", version=VERSION,
+            tls_fingerprint=self.tls.fingerprint if self.tls else "")
+
+    def _certificate(self) -> ServerCertificate:
+        """The HTTPS listener's certificate: the operator's, or this appliance's self-signed one (made the
+        first time; a few milliseconds, before anything listens)."""
+        cfg = self.config.api
+        host, _ = split_host_port(cfg.tls_listen)
+        names = [self.advertise, *([host] if host not in ("0.0.0.0", "::") else []), host_label(), "localhost",
+                 "127.0.0.1"]
+        try:
+            return server_certificate(cfg.tls_cert, cfg.tls_key, self.state_dir / "tls", names)
+        except TlsError as e:
+            raise StartError(f"api: {e}") from None
 
     @classmethod
     def build(cls, config: Config, *, config_path: Path | None = None, backend: VolumeBackend | None = None,
@@ -170,6 +194,7 @@ class Appliance:
         from images.build import validate_source
 
         driver = driver or self._make_driver()
+        self.tls = self._certificate() if self.config.api.tls_listen else None
         shared = bool(self.config.store.url)  # a PostgreSQL store: the boot index is cached on disk too
         self.domain = build_domain(
             AsyncStore(open_store(self.config.store.url, self.state_dir / "cello.db", may_wait=self.wait_for_store)),
@@ -190,7 +215,8 @@ class Appliance:
             ServiceSlot("dhcp", self._make_dhcp() if self.config.dhcp.enabled else None,
                         f"{self.config.dhcp.listen}:{self.config.dhcp.port}+{self.config.dhcp.pxe_port}"),
             ServiceSlot("dns", self._make_dns() if self.config.dns.enabled else None, self.config.dns.listen),
-            ServiceSlot("api", _WebService(self), self.config.api.listen),
+            ServiceSlot("api", _WebService(self), self.config.api.listen + (
+                f" and {self.config.api.tls_listen} (TLS)" if self.config.api.tls_listen else "")),
         ]
 
     async def _copy_boot_files(self, source: Any, template: str, version: str) -> tuple[str, str]:
@@ -216,7 +242,8 @@ class Appliance:
         from web.app import WebDeps, create_app
 
         fields: dict[str, Any] = {"files_root": self.files_root, "health": self.health, "version": VERSION,
-                                  "loader_roots": self.loader_roots(), "collect": self.collect, **deps}
+                                  "loader_roots": self.loader_roots(), "collect": self.collect,
+                                  "tls_url": self.tls_base(), **deps}
         return create_app(WebDeps(domain=self.built, **fields))
 
     def collect(self) -> ServiceCounters:
@@ -559,16 +586,30 @@ class _WebService:
 
     async def start(self) -> None:
         a = self.appliance
+        context = await self._tls_context(a.tls) if a.tls else None
         app = a.web_app()
-        host, port = split_host_port(a.config.api.listen)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
+        listen = [(a.config.api.listen, None)] + ([(a.config.api.tls_listen, context)] if context else [])
+        for address, ssl_context in listen:
+            host, port = split_host_port(address)
+            try:
+                await web.TCPSite(self.runner, host, port, ssl_context=ssl_context).start()
+            except OSError as e:
+                await self.runner.cleanup()
+                self.runner = None
+                raise explain_bind_error("api", host, port, e) from None
+
+    async def _tls_context(self, found: ServerCertificate) -> ssl.SSLContext:
+        """The listener's context on the certificate the build found, said at every start with its
+        fingerprint: what a client pins or checks."""
         try:
-            await web.TCPSite(self.runner, host, port).start()
-        except OSError as e:
-            await self.runner.cleanup()
-            self.runner = None
-            raise explain_bind_error("api", host, port, e) from None
+            context = await asyncio.to_thread(server_context, found.cert, found.key)
+        except TlsError as e:  # changed on disk since the build
+            raise StartError(f"api: {e}") from None
+        log.info("api: TLS on %s with %s%s, SHA-256 fingerprint %s", self.appliance.config.api.tls_listen,
+                 found.cert, " (self-signed, made now)" if found.made else "", found.fingerprint)
+        return context
 
     async def stop(self) -> None:
         if self.runner is not None:

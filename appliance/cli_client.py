@@ -1,6 +1,7 @@
 """The `cello` commands that drive a running appliance through its HTTP API.
 
-They read CELLO_API (default http://127.0.0.1:8080) and CELLO_TOKEN. Output is a readable table by
+They read CELLO_API (default http://127.0.0.1:8080), CELLO_TOKEN and, for an https:// API whose
+certificate no system CA signed (the appliance's self-signed one), CELLO_CACERT. Output is a readable table by
 default and JSON with `--json`; an API error prints its detail on one line and exits 1.
 `appliance/cli.py` mounts them with `add_client_commands(subparsers)` and runs them with `run(args)`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -27,10 +29,21 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, api: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(self, api: str, token: str, timeout: float = 30.0, cacert: str = "") -> None:
         self.api = api.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.cacert = cacert
+        self._context: ssl.SSLContext | None = None
+
+    def _open(self, req: urllib.request.Request, timeout: float | None) -> Any:
+        if self.api.startswith("https://") and self._context is None:
+            try:
+                self._context = ssl.create_default_context(cafile=self.cacert or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ClientError(f"the CA file {self.cacert!r} (--cacert / CELLO_CACERT) cannot be used: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+        return urllib.request.urlopen(req, timeout=timeout, context=self._context)
 
     def _request(self, method: str, path: str, body: Any = None) -> urllib.request.Request:
         data = None if body is None else json.dumps(body).encode()
@@ -41,25 +54,32 @@ class Client:
             req.add_header("Authorization", f"Bearer {self.token}")
         return req
 
+    def _unreachable(self, e: OSError) -> ClientError:
+        reason = getattr(e, "reason", e)
+        hint = ""
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            hint = (" (for the appliance's self-signed certificate give --cacert or CELLO_CACERT its "
+                    "<state_dir>/tls/cert.pem; `cello serve` logs its fingerprint)")
+        return ClientError(f"cannot reach the Cello API at {self.api}: {reason}{hint}")
+
     def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            with urllib.request.urlopen(self._request(method, path, body), timeout=self.timeout) as resp:
+            with self._open(self._request(method, path, body), self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             raise ClientError(_error_line(e)) from None
         except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise ClientError(f"cannot reach the Cello API at {self.api}: {reason}") from None
+            raise self._unreachable(e) from None
         return json.loads(raw) if raw else None
 
     def stream(self, path: str) -> Iterator[str]:
         """Lines of a long response (server-sent events); no read timeout while following."""
         try:
-            resp = urllib.request.urlopen(self._request("GET", path), timeout=None)
+            resp = self._open(self._request("GET", path), None)
         except urllib.error.HTTPError as e:
             raise ClientError(_error_line(e)) from None
         except (urllib.error.URLError, OSError) as e:
-            raise ClientError(f"cannot reach the Cello API at {self.api}: {getattr(e, 'reason', e)}") from None
+            raise self._unreachable(e) from None
         with resp:
             for raw in resp:
                 yield raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -355,6 +375,8 @@ def _common(p: argparse.ArgumentParser, handler: Handler) -> argparse.ArgumentPa
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--api", default=None, help=f"API base URL (default $CELLO_API or {DEFAULT_API})")
     p.add_argument("--token", default=None, help="bearer token (default $CELLO_TOKEN)")
+    p.add_argument("--cacert", default=None, help="PEM file an https API's certificate is checked against, such "
+                   "as the appliance's <state_dir>/tls/cert.pem (default $CELLO_CACERT; none: the system's CAs)")
     p.set_defaults(client_handler=handler)
     return p
 
@@ -446,7 +468,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print("cello: not an API client command", file=sys.stderr)
         return 2
     client = Client(args.api or os.environ.get("CELLO_API") or DEFAULT_API,
-                    args.token or os.environ.get("CELLO_TOKEN", ""))
+                    args.token or os.environ.get("CELLO_TOKEN", ""),
+                    cacert=args.cacert or os.environ.get("CELLO_CACERT", ""))
     try:
         return handler(client, args, out)
     except ClientError as e:

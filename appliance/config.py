@@ -113,6 +113,12 @@ class ApiConfig:
     listen: str = _opt("0.0.0.0:8080", "API, HTTP boot, /metrics (nodes must reach it)", _host_port)
     admin_token: str = _opt("", "'' = generate one on first start and print it once",
                             lambda v: None if v == "" or len(v) >= 16 else "must be empty or >= 16 chars")
+    tls_listen: str = _opt("", "HTTPS listener: the API, dashboard and fleet channel over TLS; '' = none. With one, "
+                               "`listen` keeps boot files, /metrics and health, and answers API calls from "
+                               "loopback only", lambda v: None if v == "" else _host_port(v))
+    tls_cert: str = _opt("", "PEM certificate (with its chain) for tls_listen; '' = a self-signed one made on "
+                             "the first start in <state_dir>/tls")
+    tls_key: str = _opt("", "the certificate's private key (PEM); given with tls_cert")
 
 
 @dataclass(frozen=True)
@@ -186,14 +192,14 @@ def _fleet_name(value: str) -> str | None:
 
 def _http_url_or_empty(value: str) -> str | None:
     return None if value == "" or re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?/?", value) else \
-        "must be empty or http://HOST[:PORT]"
+        "must be empty or http(s)://HOST[:PORT]"
 
 
 @dataclass(frozen=True)
 class FleetConfig:
     name: str = _opt("", "this appliance's name in the fleet; '' = the host's name", _fleet_name)
-    api_url: str = _opt("", "where the other appliances reach this one's API; '' = http://<advertise>:<api port>",
-                        _http_url_or_empty)
+    api_url: str = _opt("", "where the other appliances reach this one's API; '' = https://<advertise>:<tls port> "
+                            "with api.tls_listen, else http://<advertise>:<api port>", _http_url_or_empty)
     labels: Mapping[str, str] = _opt(None, "[fleet.labels] placement labels of this appliance (rack = \"3\")")
     capacity_gb: int = _opt(0, "placement capacity; 0 = the backend's pool size", _range(0, 1 << 30))
     secret: str = _opt("", "shared by every appliance of a fleet: the channel templates and moved servers travel "

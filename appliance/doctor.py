@@ -60,6 +60,25 @@ def _native_pump(engine: str) -> Check:
     return Check("tftp", "native pump", engine != "python" and why is None, engine == "native", fix)
 
 
+def _tls(config: Config) -> list[Check]:
+    """The HTTPS listener's port and the certificate it would serve (the self-signed one is made at the
+    first start: none yet is fine)."""
+    from web.tls import certificate_problem
+
+    api = config.api
+    host, port = split_host_port(api.tls_listen)
+    cert = Path(api.tls_cert) if api.tls_cert else config.appliance.state_dir / "tls" / "cert.pem"
+    key = Path(api.tls_key) if api.tls_cert else config.appliance.state_dir / "tls" / "key.pem"
+    if api.tls_cert and not api.tls_key:
+        problem: str | None = "api.tls_cert is given without api.tls_key"
+    elif not api.tls_cert and not cert.exists():
+        problem = None  # made self-signed by the first start
+    else:
+        problem = certificate_problem(cert, key)
+    return [_port_check("api", socket.SOCK_STREAM, host, port, True),
+            Check("api", "TLS certificate", problem is None, True, problem or "")]
+
+
 def _store(config: Config) -> Check:
     """A PostgreSQL store: does it answer now (read only: a diagnosis migrates nothing), and if not, will
     `cello serve` start all the same, on its cached boot index?"""
@@ -114,6 +133,8 @@ def checks(config: Config) -> list[Check]:
     out.append(Check("http-boot", f"nodes reach {host}:{port}", reachable, over_http,
                      f'set api.listen to an address the nodes reach ("0.0.0.0:{port}"): the default profile '
                      f"{config.boot.default_profile} fetches kernel and initrd over HTTP"))
+    if config.api.tls_listen:
+        out.extend(_tls(config))
     zfs = config.storage.backend == "zfs"
     out.append(_tool("storage", "zfs", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))
     out.append(_tool("storage", "zpool", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))

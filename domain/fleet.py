@@ -61,6 +61,7 @@ class FleetSettings:
     os_reserve_bytes: int = 10 << 30  # what placement counts per OS clone (thin: it holds what its node writes)
     answers_unknown: bool = False
     version: str = ""
+    tls_fingerprint: str = ""  # of its HTTPS certificate: registered for the others to pin
 
 
 class PeerChannel(Protocol):
@@ -93,7 +94,7 @@ class ApplianceView:
                 "labels": r.label_map, "capacity_bytes": r.capacity_bytes, "free_bytes": r.free_bytes,
                 "placed_bytes": self.placed_bytes, "servers": self.servers, "disabled_reason": r.disabled_reason,
                 "templates": list(self.templates), "copying": list(self.copying), "version": r.version,
-                "heartbeat_age_s": round(max(0.0, now - r.heartbeat_at), 3)}
+                "tls_fingerprint": r.tls_fingerprint, "heartbeat_age_s": round(max(0.0, now - r.heartbeat_at), 3)}
 
 
 class Fleet:
@@ -156,7 +157,7 @@ class Fleet:
             name=self.name, api_url=self.settings.api_url, advertise=self.settings.advertise,
             labels=json.dumps(dict(self.settings.labels), sort_keys=True), capacity_bytes=total, free_bytes=free,
             answers_unknown=self.settings.answers_unknown, version=self.settings.version, started_at=now,
-            heartbeat_at=now))
+            heartbeat_at=now, tls_fingerprint=self.settings.tls_fingerprint))
         self._last_heartbeat = now
 
     async def _loop(self) -> None:

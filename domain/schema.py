@@ -201,5 +201,9 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE services;
     ALTER TABLE services_v6 RENAME TO services;
     """,
+    # 6 → 7: the SHA-256 fingerprint of each appliance's HTTPS certificate, what the others pin ('' = none).
+    """
+    ALTER TABLE appliances ADD COLUMN tls_fingerprint TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -148,5 +148,9 @@ PG_MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (template, version, appliance)
     );
     """,
+    # 1 → 2: SQLite's 6 → 7, each appliance's HTTPS certificate fingerprint.
+    """
+    ALTER TABLE appliances ADD COLUMN tls_fingerprint TEXT NOT NULL DEFAULT '';
+    """,
 )
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)

@@ -116,6 +116,7 @@ class ApplianceRow:
     version: str = ""  # the Cello version it runs
     started_at: float = 0.0
     heartbeat_at: float = 0.0
+    tls_fingerprint: str = ""  # SHA-256 of its HTTPS certificate, which the others pin ('' = no HTTPS)
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -538,15 +539,16 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO appliances (name, api_url, advertise, labels, capacity_bytes, free_bytes, disabled, "
-                "disabled_reason, answers_unknown, version, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "disabled_reason, answers_unknown, version, started_at, heartbeat_at, tls_fingerprint) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "api_url = excluded.api_url, advertise = excluded.advertise, labels = excluded.labels, "
                 "capacity_bytes = excluded.capacity_bytes, free_bytes = excluded.free_bytes, "
                 "answers_unknown = excluded.answers_unknown, version = excluded.version, "
-                "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+                "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+                "tls_fingerprint = excluded.tls_fingerprint",
                 (row.name, row.api_url, row.advertise, row.labels, row.capacity_bytes, row.free_bytes,
                  int(row.disabled), row.disabled_reason, int(row.answers_unknown), row.version, row.started_at,
-                 row.heartbeat_at),
+                 row.heartbeat_at, row.tls_fingerprint),
             )
 
     def heartbeat(self, name: str, at: float, capacity_bytes: int, free_bytes: int) -> bool:

@@ -19,6 +19,7 @@ from web.api_servers import SERVER_PARAMS, server_json
 from web.auth import authenticate
 from web.errors import ApiError, Handler, json_body
 from web.keys import DEPS
+from web.peers import peer_tls
 from web.routes import Param, Route
 from web.schemas import NAME, array_of, ref
 
@@ -129,6 +130,11 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
     if owner is None or fleet.state_of(owner, time.time()) == "down":
         raise ApiError(503, "unavailable", f"server {server.uuid} is on appliance {server.appliance}, which is "
                        "down: its node keeps its root disk; changes wait until that appliance is back")
+    deps = request.app[DEPS]
+    if deps.tls_url and not owner.api_url.startswith("https://"):
+        raise ApiError(503, "unavailable", f"server {server.uuid} is on appliance {owner.name}, whose API "
+                       f"({owner.api_url}) is plain HTTP: this appliance does not send a token there in clear "
+                       "(give that appliance an api.tls_listen, or send the write to it)")
     headers = {FORWARDED: fleet.name, "Authorization": request.headers.get("Authorization", "")}
     if request.content_type:
         headers["Content-Type"] = request.content_type
@@ -136,7 +142,7 @@ async def forward_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600, connect=5)) as session, \
                 session.request(request.method, owner.api_url.rstrip("/") + request.path_qs, data=body,
-                                headers=headers) as answer:
+                                headers=headers, ssl=peer_tls(owner)) as answer:
             data = await answer.read()
             keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "location")}
             return web.Response(status=answer.status, body=data, headers=keep)

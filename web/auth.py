@@ -7,6 +7,7 @@ in the route table; `guarded` wraps its handler with the check, so no route can 
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
 from aiohttp import web
@@ -20,7 +21,32 @@ from web.state import Principal
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only token may do
 
 
+def clear_text_problem(request: web.Request) -> str | None:
+    """Why this request may not carry a token here (None: it may). With an HTTPS listener a token is
+    taken over it, or from this host's loopback: on the plain listener it crossed the boot LAN in clear,
+    where any node could read it."""
+    tls_url = request.app[DEPS].tls_url
+    if not tls_url or request.secure or _loopback(request.remote):
+        return None
+    return f"this listener serves boot files; the API is at {tls_url} (HTTPS)"
+
+
+def refuse_clear_text(request: web.Request) -> None:
+    if (why := clear_text_problem(request)) is not None:
+        raise ApiError(403, "tls_required", why)
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address((remote or "").split("%")[0])
+    except ValueError:  # no peer address (a Unix socket's peer, say): not one to trust
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback
+
+
 async def authenticate(request: web.Request) -> Principal:
+    refuse_clear_text(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="cello"'}

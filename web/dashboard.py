@@ -14,7 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from web.auth import clear_text_problem
 from web.errors import ApiError
+from web.keys import DEPS
 from web.routes import Route
 
 STATIC = Path(__file__).parent / "static"
@@ -39,7 +41,10 @@ async def _file(name: str) -> web.Response:
 
 
 async def dashboard(request: web.Request) -> web.StreamResponse:
-    """The dashboard page (it asks for a token; the data comes from /api/v1)."""
+    """The dashboard page (it asks for a token; the data comes from /api/v1). With an HTTPS listener, a
+    browser on the plain one is sent there: the token it would type must not cross the LAN in clear."""
+    if clear_text_problem(request) is not None:
+        return web.Response(status=308, headers={"Location": request.app[DEPS].tls_url + "/"})
     return await _file("index.html")
 
 

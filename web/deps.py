@@ -33,3 +33,4 @@ class WebDeps:
     sse_heartbeat: float = 15.0  # seconds between keep-alive comments on /events
     loader_roots: Sequence[Path] = ()  # static loader folders, also under /boot/files/ (UEFI HTTP boot)
     collect: Callable[[], ServiceCounters] = ServiceCounters  # the DHCP and TFTP counters, for /metrics
+    tls_url: str = ""  # the HTTPS listener ('' = none): then a token is taken over TLS or loopback only

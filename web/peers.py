@@ -26,6 +26,15 @@ CHUNK = 1 << 20
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=120)
 
 
+def peer_tls(peer: ApplianceRow) -> aiohttp.Fingerprint | bool:
+    """How another appliance's https certificate is checked: pinned to the fingerprint it registered in
+    the shared store (self-signed ones need no CA file: whoever can write that store runs the fleet
+    anyway); one that registered none, against the system's CAs (True). Ignored for http URLs."""
+    if peer.tls_fingerprint:
+        return aiohttp.Fingerprint(bytes.fromhex(peer.tls_fingerprint.replace(":", "")))
+    return True
+
+
 class HttpChannel:
     def __init__(self, files_root: Path, secret: str) -> None:
         self.files_root = files_root
@@ -36,11 +45,12 @@ class HttpChannel:
         path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
         return {"Authorization": fleetauth.sign(self._secret, method, path_qs, time.time())}
 
-    async def _get(self, url: str, *, sealed: bool = True) -> AsyncIterator[bytes]:
+    async def _get(self, peer: ApplianceRow, url: str, *, sealed: bool = True) -> AsyncIterator[bytes]:
         """The answer's bytes; `sealed`: a fleet-channel stream, opened with the secret (SealError when
         it does not open or was cut short)."""
         headers = self._auth("GET", url)
-        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, session.get(url, headers=headers) as r:
+        async with aiohttp.ClientSession(timeout=_TIMEOUT) as session, \
+                session.get(url, headers=headers, ssl=peer_tls(peer)) as r:
             if r.status != 200:
                 raise StorageError(f"GET {url}: {r.status} {(await r.text())[:300]}")
             raw = r.content.iter_chunked(CHUNK)
@@ -51,11 +61,11 @@ class HttpChannel:
     def template_stream(self, peer: ApplianceRow, template: str, version: str,
                         base: str | None) -> AsyncIterator[bytes]:
         query = f"?base={base}" if base else ""
-        return self._get(f"{peer.api_url.rstrip('/')}/fleet/v1/templates/{template}/{version}/stream{query}")
+        return self._get(peer, f"{peer.api_url.rstrip('/')}/fleet/v1/templates/{template}/{version}/stream{query}")
 
     def volume_stream(self, peer: ApplianceRow, volume: str,
                       origin: tuple[str, str] | None) -> AsyncIterator[bytes]:
-        return self._get(f"{peer.api_url.rstrip('/')}/fleet/v1/volumes/{volume}/stream")
+        return self._get(peer, f"{peer.api_url.rstrip('/')}/fleet/v1/volumes/{volume}/stream")
 
     async def fetch_file(self, peer: ApplianceRow, rel: str) -> None:
         dest = (self.files_root / rel).resolve()
@@ -65,7 +75,7 @@ class HttpChannel:
         part = dest.with_name(f".{dest.name}.part")
         f = await asyncio.to_thread(open, part, "wb")
         try:
-            async for chunk in self._get(f"{peer.api_url.rstrip('/')}/boot/files/{rel}", sealed=False):
+            async for chunk in self._get(peer, f"{peer.api_url.rstrip('/')}/boot/files/{rel}", sealed=False):
                 await asyncio.to_thread(f.write, chunk)
             await asyncio.to_thread(f.flush)
             await asyncio.to_thread(os.fsync, f.fileno())
@@ -81,6 +91,6 @@ class HttpChannel:
         url = f"{peer.api_url.rstrip('/')}/fleet/v1/servers/{uuid}/pull"
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=3600)
         async with aiohttp.ClientSession(timeout=timeout) as session, \
-                session.post(url, headers=self._auth("POST", url)) as r:
+                session.post(url, headers=self._auth("POST", url), ssl=peer_tls(peer)) as r:
             if r.status != 204:
                 raise StorageError(f"{peer.name} could not take the volumes: {r.status} {(await r.text())[:300]}")

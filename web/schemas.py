@@ -118,6 +118,8 @@ COMPONENTS: dict[str, Schema] = {
             "placed_bytes": {"type": "integer"}, "servers": {"type": "integer"},
             "disabled_reason": {"type": "string"}, "templates": {"type": "array", "items": {"type": "string"}},
             "copying": {"type": "array", "items": {"type": "string"}}, "version": {"type": "string"},
+            "tls_fingerprint": {"type": "string", "description": "SHA-256 of its HTTPS certificate, which the "
+                                "other appliances pin ('' = no HTTPS listener)"},
             "heartbeat_age_s": {"type": "number"},
         },
     },

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -31,6 +32,7 @@ from iscsi.file_backend import FileBackend
 from iscsi.model import ExportDriver, VolumeBackend
 from iscsi.tgt import TgtDriver
 from tests.export_standin import InMemoryExports
+from web.tls import server_context
 
 IQN_PREFIX = "iqn.2026-11.io.cello"
 TEMPLATE_SIZE = 64 << 20
@@ -188,7 +190,8 @@ async def open_stack(
     admin_token: str = "",
 ) -> AsyncIterator[Stack]:
     """The stack on a real tgtd, or with `exports="memory"` on the in-memory stand-in (no tgtd, no
-    root): for the tests where tgtd adds nothing."""
+    root): for the tests where tgtd adds nothing. With `api.tls_listen` in `sections` the test server
+    speaks HTTPS on the appliance's own certificate (and its client pins it)."""
     files_root = tmp / "boot"
     files_root.mkdir(parents=True, exist_ok=True)
     real_backend = FileBackend(tmp / "volumes")
@@ -210,7 +213,13 @@ async def open_stack(
                                          "api": {"state": "running", "detail": "test"}}
     app = appliance.web_app(health=lambda: health, version="test", client_max_size=client_max_size,
                             sse_heartbeat=0.5, loader_roots=[Path("/usr/lib/ipxe")])
-    client = TestClient(TestServer(app, host="127.0.0.1", port=port))
+    if appliance.tls is None:
+        client = TestClient(TestServer(app, host="127.0.0.1", port=port))
+    else:
+        server = TestServer(app, host="127.0.0.1", port=port)
+        await server.start_server(ssl=server_context(appliance.tls.cert, appliance.tls.key))  # client's: a no-op
+        pin = aiohttp.Fingerprint(bytes.fromhex(appliance.tls.fingerprint.replace(":", "")))
+        client = TestClient(server, connector=aiohttp.TCPConnector(ssl=pin))
     await client.start_server()
     stack = Stack(tmp, appliance, client, files_root, admin, health_report=health)
     try:

@@ -116,3 +116,44 @@ def test_doctor_says_whether_a_postgresql_store_answers_and_what_serve_would_do(
             assert conn.execute("SELECT to_regclass('cello_schema')").fetchone() == (None,)
     finally:
         pg.stop()
+
+
+def _certificate(tmp: Path, days: int) -> tuple[Path, Path]:
+    """A self-signed pair valid from two days ago for `days` days (0 or 1: expired by now)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "cello.test")])
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / f"cert-{days}.pem", tmp / f"key-{days}.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_doctor_checks_the_https_listeners_certificate(tmp_path: Path) -> None:
+    base = (f'[appliance]\nstate_dir = "{tmp_path / "state"}"\n[tftp]\nenabled = false\n[dhcp]\nenabled = false\n'
+            '[iscsi]\ndriver = "none"\n[boot]\ndefault_profile = "pxelinux-tftp"\n')
+    cfg = tmp_path / "c.toml"
+    expired, expired_key = _certificate(tmp_path, 1)
+    good, good_key = _certificate(tmp_path, 30)
+    rows: dict[str, str] = {}
+    for api, ok, says in (("", True, ""),  # self-signed, made by the first start
+                          (f'tls_cert = "{good}"\ntls_key = "{good_key}"', True, ""),
+                          (f'tls_cert = "{expired}"\ntls_key = "{expired_key}"', False, "expired on"),
+                          (f'tls_cert = "{good}"\ntls_key = "{expired_key}"', False, "not a PEM certificate and its"),
+                          (f'tls_cert = "{good}"', False, "without api.tls_key")):
+        cfg.write_text(base + f'[api]\nlisten = "127.0.0.1:0"\ntls_listen = "127.0.0.1:0"\n{api}\n')
+        r = _doctor(cfg)
+        rows = {" ".join(line.split()[:3]): line for line in r.stdout.splitlines()}
+        row = rows["api TLS certificate"]
+        assert ("ok" in row.split()[3]) == ok and says in row, r.stdout
+        assert "api tcp 127.0.0.1:0" in rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from domain.store import TemplateVersion
@@ -27,6 +29,7 @@ from tests.integration.test_api_stack import INITRD, KERNEL, PORTALS, TEMPLATE_S
 from tests.integration.test_cli_client import cello
 from tests.pgserver import PgServer, fresh_database, pg_server
 from web import fleetauth, fleetseal
+from web.peers import HttpChannel
 
 __all__ = ["pg_server"]  # the session fixture, used by name
 
@@ -339,3 +342,60 @@ async def test_a_renamed_appliance_keeps_its_own_servers_on_its_sqlite_store(tmp
         await s.policy.settled()
         assert s.policy.boot_spec(uuid=uuid_n(1), mac=None) is not None
         assert [v.row.name for v in await s.domain.fleet.view()] == ["new-host"]
+
+
+async def test_a_fleet_over_https_pins_its_peers_and_sends_no_token_in_clear(tmp_path: Path,
+                                                                             pg_server: PgServer) -> None:
+    """A and B serve their API over HTTPS on self-signed certificates, C over plain HTTP. Each registers
+    its certificate's fingerprint in the store, and the others pin it: replication and forwarding go over
+    TLS with no CA file anywhere; A sends no token to C in clear; a peer whose certificate is not the one
+    registered is refused."""
+    _, url = fresh_database(pg_server)
+    ports = {name: _free_port() for name in "abc"}
+    stacks: dict[str, Stack] = {}
+    async with contextlib.AsyncExitStack() as exits:
+        for i, name in enumerate("abc"):
+            sections = _sections(name, url, ports[name], CAPACITY_GB[name])
+            if name != "c":
+                sections["fleet"] = sections["fleet"].replace("http://", "https://")
+                sections["api"] = f'tls_listen = "127.0.0.1:{ports[name]}"'
+            stacks[name] = await exits.enter_async_context(open_stack(
+                tmp_path / name, exports="memory", portal=PORTALS[i], port=ports[name], template=(name == "a"),
+                admin_token="fleet-admin-token-0123456789", sections=sections))
+        a, b, c = stacks["a"], stacks["b"], stacks["c"]
+        await a.add_user("alice", max_volumes=64, max_data_gb=4096)
+        view = await _replicated(a)  # B and C pulled A's version from https://127.0.0.1:<a>, pinned
+        assert view["a"]["api_url"] == f"https://127.0.0.1:{ports['a']}" and view["c"]["api_url"].startswith("http:")
+        for name in "ab":
+            tls = stacks[name].appliance.tls
+            assert tls is not None and tls.made and view[name]["tls_fingerprint"] == tls.fingerprint
+        assert view["c"]["tls_fingerprint"] == ""
+        assert (b.files_root / "templates/tiny/v1/vmlinuz").read_bytes() == b"K" * 300_000
+
+        # a write on B's server asked of A travels to B over TLS
+        status, body = await a.create(uuid_n(20), appliance="b")
+        assert status == 202, body
+        assert (await b.wait_state(uuid_n(20), within=30))["state"] == "available"
+        status, body = await a.req("DELETE", f"/api/v1/servers/{uuid_n(20)}")
+        assert status == 204, body
+        # one on C, whose API is plain HTTP: A refuses to relay the caller's token there, and C keeps it
+        status, body = await a.create(uuid_n(21), appliance="c")
+        assert status == 202, body
+        assert (await c.wait_state(uuid_n(21), within=30))["state"] == "available"
+        status, body = await a.req("DELETE", f"/api/v1/servers/{uuid_n(21)}")
+        assert status == 503 and "is plain HTTP" in body["detail"] and "in clear" in body["detail"], body
+        assert (await c.req("GET", f"/api/v1/servers/{uuid_n(21)}"))[0] == 200
+        status, body = await c.req("DELETE", f"/api/v1/servers/{uuid_n(21)}")  # asked of C itself
+        assert status == 204, body
+
+        # A's address answered by another certificate (B's, say: a host that took A's address) is refused
+        row = await a.store.call(a.store.sync.appliance, "a")
+        assert row is not None and row.tls_fingerprint
+        channel = HttpChannel(tmp_path / "elsewhere", SECRET)
+        impostor = dataclasses.replace(row, tls_fingerprint=view["b"]["tls_fingerprint"])
+        with pytest.raises(aiohttp.ServerFingerprintMismatch):
+            async for _ in channel.template_stream(impostor, "tiny", "v1", None):
+                pass
+        async for chunk in channel.template_stream(row, "tiny", "v1", None):  # the registered one opens
+            assert chunk
+            break

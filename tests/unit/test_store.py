@@ -31,7 +31,7 @@ def test_an_old_schema_upgrades_with_its_data_kept(tmp_path: Path) -> None:
     db.close()
 
     s = Store(path)
-    assert s.version == SCHEMA_VERSION == 6
+    assert s.version == SCHEMA_VERSION == 7
     server = s.server("u1")
     assert server is not None and server.state == "available" and server.macs == ("52:54:00:00:00:01",)
     assert server.hostname == ""  # the column that version 2 added, with its default
