@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from appliance.config import Config, split_host_port
+from appliance.config import Config, split_host_port, tls_listen
 from appliance.host import StateDirBusy, first_ipv4, host_label, lock_state_dir, raise_open_file_limit
 from appliance.version import VERSION
 from bootfiles.spec import EventSink
@@ -117,7 +117,8 @@ class Appliance:
         self.store_down = ""  # why the store could not be reached at start ('' = it could, or is back)
         self._store_task: asyncio.Task[None] | None = None
         self._cached: bootcache.CachedIndex | None = None  # the index started on, while the store is away
-        self.tls: ServerCertificate | None = None  # the HTTPS listener's, once built (api.tls_listen)
+        self.tls_listen = tls_listen(config.api)  # '' = no HTTPS listener
+        self.tls: ServerCertificate | None = None  # its certificate, once built
 
     # --- building --------------------------------------------------------------------------------
 
@@ -145,11 +146,12 @@ class Appliance:
 
     def tls_base(self) -> str:
         """The HTTPS listener's URL; '' without one."""
-        return self._base("https", self.config.api.tls_listen) if self.config.api.tls_listen else ""
+        return self._base("https", self.tls_listen) if self.tls_listen else ""
 
     def _base(self, scheme: str, listen: str) -> str:
         host, port = split_host_port(listen)
-        return f"{scheme}://{self.advertise if host in ('0.0.0.0', '127.0.0.1', 'localhost') else host}:{port}"
+        host = self.advertise if host in ("0.0.0.0", "::", "127.0.0.1", "localhost") else host
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def fleet_settings(self) -> FleetSettings:
         cfg = self.config.fleet
@@ -166,7 +168,7 @@ class Appliance:
         """The HTTPS listener's certificate: the operator's, or this appliance's self-signed one (made the
         first time; a few milliseconds, before anything listens)."""
         cfg = self.config.api
-        host, _ = split_host_port(cfg.tls_listen)
+        host, _ = split_host_port(self.tls_listen)
         names = [self.advertise, *([host] if host not in ("0.0.0.0", "::") else []), host_label(), "localhost",
                  "127.0.0.1"]
         try:
@@ -194,7 +196,7 @@ class Appliance:
         from images.build import validate_source
 
         driver = driver or self._make_driver()
-        self.tls = self._certificate() if self.config.api.tls_listen else None
+        self.tls = self._certificate() if self.tls_listen else None
         shared = bool(self.config.store.url)  # a PostgreSQL store: the boot index is cached on disk too
         self.domain = build_domain(
             AsyncStore(open_store(self.config.store.url, self.state_dir / "cello.db", may_wait=self.wait_for_store)),
@@ -216,7 +218,7 @@ class Appliance:
                         f"{self.config.dhcp.listen}:{self.config.dhcp.port}+{self.config.dhcp.pxe_port}"),
             ServiceSlot("dns", self._make_dns() if self.config.dns.enabled else None, self.config.dns.listen),
             ServiceSlot("api", _WebService(self), self.config.api.listen + (
-                f" and {self.config.api.tls_listen} (TLS)" if self.config.api.tls_listen else "")),
+                f" and {self.tls_listen} (TLS)" if self.tls_listen else "")),
         ]
 
     async def _copy_boot_files(self, source: Any, template: str, version: str) -> tuple[str, str]:
@@ -590,7 +592,7 @@ class _WebService:
         app = a.web_app()
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
-        listen = [(a.config.api.listen, None)] + ([(a.config.api.tls_listen, context)] if context else [])
+        listen = [(a.config.api.listen, None)] + ([(a.tls_listen, context)] if context else [])
         for address, ssl_context in listen:
             host, port = split_host_port(address)
             try:
@@ -607,7 +609,7 @@ class _WebService:
             context = await asyncio.to_thread(server_context, found.cert, found.key)
         except TlsError as e:  # changed on disk since the build
             raise StartError(f"api: {e}") from None
-        log.info("api: TLS on %s with %s%s, SHA-256 fingerprint %s", self.appliance.config.api.tls_listen,
+        log.info("api: TLS on %s with %s%s, SHA-256 fingerprint %s", self.appliance.tls_listen,
                  found.cert, " (self-signed, made now)" if found.made else "", found.fingerprint)
         return context
 

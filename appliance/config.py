@@ -72,6 +72,20 @@ def _iqn_prefix(value: str) -> str | None:
     return None if naming.IQN_PREFIX.ok(value) else naming.IQN_PREFIX.explain
 
 
+TLS_PORT = 8443  # api.tls_listen = "auto": the HTTPS listener's port
+
+
+def tls_listen(api: ApiConfig) -> str:
+    """The HTTPS listener's address ('' = none). "auto": beside `api.listen` unless that is loopback,
+    where no token crosses a network and nothing needs TLS."""
+    if api.tls_listen != "auto":
+        return api.tls_listen
+    host, _ = split_host_port(api.listen)
+    if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+        return ""
+    return f"{api.listen.rpartition(':')[0]}:{TLS_PORT}"
+
+
 def split_host_port(value: str) -> tuple[str, int]:
     """'0.0.0.0:69' → ('0.0.0.0', 69). Raises ValueError with a readable reason."""
     host, sep, port = value.rpartition(":")
@@ -113,9 +127,10 @@ class ApiConfig:
     listen: str = _opt("0.0.0.0:8080", "API, HTTP boot, /metrics (nodes must reach it)", _host_port)
     admin_token: str = _opt("", "'' = generate one on first start and print it once",
                             lambda v: None if v == "" or len(v) >= 16 else "must be empty or >= 16 chars")
-    tls_listen: str = _opt("", "HTTPS listener: the API, dashboard and fleet channel over TLS; '' = none. With one, "
-                               "`listen` keeps boot files, /metrics and health, and answers API calls from "
-                               "loopback only", lambda v: None if v == "" else _host_port(v))
+    tls_listen: str = _opt("auto", "HTTPS listener: the API, dashboard and fleet channel over TLS; 'auto' = port "
+                                   f"{TLS_PORT} on listen's address unless that is loopback, '' = none. With one, "
+                                   "`listen` keeps boot files, /metrics and health, and answers API calls from "
+                                   "this host only", lambda v: None if v in ("", "auto") else _host_port(v))
     tls_cert: str = _opt("", "PEM certificate (with its chain) for tls_listen; '' = a self-signed one made on "
                              "the first start in <state_dir>/tls")
     tls_key: str = _opt("", "the certificate's private key (PEM); given with tls_cert")

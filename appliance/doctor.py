@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import Config, split_host_port
+from appliance.config import Config, split_host_port, tls_listen
 from bootfiles.tree import OS_LOADER_ROOTS
 
 
@@ -66,7 +66,7 @@ def _tls(config: Config) -> list[Check]:
     from web.tls import certificate_problem
 
     api = config.api
-    host, port = split_host_port(api.tls_listen)
+    host, port = split_host_port(tls_listen(api))
     cert = Path(api.tls_cert) if api.tls_cert else config.appliance.state_dir / "tls" / "cert.pem"
     key = Path(api.tls_key) if api.tls_cert else config.appliance.state_dir / "tls" / "key.pem"
     if api.tls_cert and not api.tls_key:
@@ -133,7 +133,7 @@ def checks(config: Config) -> list[Check]:
     out.append(Check("http-boot", f"nodes reach {host}:{port}", reachable, over_http,
                      f'set api.listen to an address the nodes reach ("0.0.0.0:{port}"): the default profile '
                      f"{config.boot.default_profile} fetches kernel and initrd over HTTP"))
-    if config.api.tls_listen:
+    if tls_listen(config.api):
         out.extend(_tls(config))
     zfs = config.storage.backend == "zfs"
     out.append(_tool("storage", "zfs", "zfsutils-linux (or zfs-fuse)" if not freebsd else "ZFS (base system)", zfs))

@@ -23,12 +23,18 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # what a read-only token m
 
 def clear_text_problem(request: web.Request) -> str | None:
     """Why this request may not carry a token here (None: it may). With an HTTPS listener a token is
-    taken over it, or from this host's loopback: on the plain listener it crossed the boot LAN in clear,
-    where any node could read it."""
+    taken over it, or from this host: on the plain listener it crossed the boot LAN in clear, where any
+    node could read it. From this host means from loopback, or from the very address it was sent to (a
+    connection to one's own address never leaves the host: the CLI run beside `cello serve`)."""
     tls_url = request.app[DEPS].tls_url
-    if not tls_url or request.secure or _loopback(request.remote):
+    if not tls_url or request.secure or _loopback(request.remote) or _to_itself(request):
         return None
     return f"this listener serves boot files; the API is at {tls_url} (HTTPS)"
+
+
+def _to_itself(request: web.Request) -> bool:
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return isinstance(sockname, tuple) and request.remote is not None and request.remote == sockname[0]
 
 
 def refuse_clear_text(request: web.Request) -> None:

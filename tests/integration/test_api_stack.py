@@ -164,7 +164,9 @@ async def add_template(store: AsyncStore, backend: VolumeBackend, files_root: Pa
 
 
 def stack_config(tmp: Path, portal: str, chap: ChapMode = "on", **sections: str) -> Config:
-    """The config a test stack is built from: its own state dir and portal, nothing bound by default."""
+    """The config a test stack is built from: its own state dir and portal, nothing bound by default. Its
+    API is a loopback one (the test server's own port), so no HTTPS unless `sections` asks for it."""
+    sections = {"api": 'listen = "127.0.0.1:8080"', **sections}
     text = (f'[appliance]\nstate_dir = "{tmp}"\nadvertise = "127.0.0.1"\n'
             f'[iscsi]\ndriver = "tgt"\nportals = ["{portal}"]\nchap = "{chap}"\n'
             '[boot]\ndefault_profile = "ipxe"\n' + "".join(f"[{k}]\n{v}\n" for k, v in sections.items()))

@@ -1,4 +1,5 @@
-"""`api.tls_listen`: the API over HTTPS, and a token never taken in clear from the boot LAN.
+"""`api.tls_listen`: the API over HTTPS, and a token never taken in clear from the boot LAN. On by
+default ("auto": beside a non-loopback `api.listen`, here the embedded 0.0.0.0:8080).
 
 `cello serve` runs in a network namespace of its own; the operator's machine and a stranger are a
 second namespace on a veth to it (10.79.61.0/30, made and removed here). Real clients: curl, openssl and
@@ -69,7 +70,6 @@ state_dir = "{tmp / 'state'}"
 advertise = "{SERVER_IP}"
 [api]
 admin_token = "{TOKEN}"
-tls_listen = "0.0.0.0:8443"
 {api}
 [tftp]
 listen = "127.0.0.1:6969"
@@ -161,8 +161,10 @@ def test_the_api_is_served_over_tls_and_refused_in_clear_from_the_lan(tmp_path: 
         assert (status, body) == (200, "kernel bytes")
         assert _curl(hosts, hosts.client, f"{PLAIN}/api/v1/health")[0] == 200
         assert _curl(hosts, hosts.client, f"{PLAIN}/metrics")[0] == 200
-        # on the appliance itself, loopback: the plain listener still answers the local CLI
+        # on the appliance itself the plain listener still answers the local CLI: over loopback, or to the
+        # host's own address (that connection never leaves the host)
         assert _curl(hosts, hosts.server, "http://127.0.0.1:8080/api/v1/users")[0] == 200
+        assert _curl(hosts, hosts.server, f"{PLAIN}/api/v1/users")[0] == 200
 
         # `cello`'s CLI across the link: with CELLO_CACERT it works; without, one line that says what to give
         env = {"CELLO_API": HTTPS, "CELLO_TOKEN": TOKEN}
@@ -215,3 +217,12 @@ def test_an_operators_certificate_is_served_and_a_bad_pair_refuses_the_start(tmp
                          str(_config(tmp_path, api)))
         assert done.returncode != 0 and problem in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+    # turned off on purpose: no HTTPS listener, and the plain one takes the API from the LAN as before
+    serve = Serve(hosts, _config(tmp_path, 'tls_listen = ""'))
+    try:
+        assert "TLS on" not in serve.text() and "api: listening on 0.0.0.0:8080\n" in serve.text()
+        assert _curl(hosts, hosts.client, f"{PLAIN}/api/v1/users")[0] == 200
+        assert _curl(hosts, hosts.client, f"{HTTPS}/api/v1/users", "--cacert", str(cert))[0] == 0
+    finally:
+        serve.stop()

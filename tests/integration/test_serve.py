@@ -141,6 +141,10 @@ def test_serve_runs_on_embedded_defaults(tmp_path: Path, empty_netns: str) -> No
                 break
             else:
                 time.sleep(0.2)
+        # and HTTPS beside it on 8443 (api.tls_listen "auto"), on a self-signed certificate made in ./var/cello/tls
+        cert = tmp_path / "var" / "cello" / "tls" / "cert.pem"
+        tls = subprocess.run(["ip", "netns", "exec", empty_netns, "curl", "-sS", "--cacert", str(cert),
+                              "https://127.0.0.1:8443/api/v1/health"], capture_output=True, text=True)
     finally:
         elapsed, err = stop(proc)
         # the tgtd of the default driver outlives cello serve (README: what survives a restart): remove
@@ -153,6 +157,7 @@ def test_serve_runs_on_embedded_defaults(tmp_path: Path, empty_netns: str) -> No
     assert isinstance(services, dict)
     assert services["dhcp"]["state"] == "running" and services["tftp"]["state"] == "running", services
     assert (tmp_path / "var" / "cello" / "cello.db").is_file()  # state in ./var/cello
+    assert tls.returncode == 0 and json.loads(tls.stdout)["services"]["api"]["state"] == "running", tls.stderr
     assert proc.returncode == 0 and elapsed < 5, err
     assert torn.returncode == 0, torn.stderr
 

@@ -31,7 +31,6 @@ from typing import Any
 from tests.pgserver import PgServer
 from tests.system.lab import (
     ADMIN_TOKEN,
-    API_PORT,
     CELLO_IP,
     Appliance,
     EventLog,
@@ -57,10 +56,6 @@ class Member:
     @property
     def ns(self) -> str:
         return f"cel-f{self.name}"
-
-    @property
-    def api_url(self) -> str:
-        return f"http://{self.ip}:{API_PORT}"
 
 
 # Different capacities, so placement by capacity has something to choose by.
@@ -151,8 +146,8 @@ class FleetLab(SiteLab):
             "[store]\n"
             f"url = {_toml_str(self.store_url)}\n"
             "[fleet]\n"
-            f"name = {_toml_str(m.name)}\n"
-            f"api_url = {_toml_str(m.api_url)}\n"
+            f"name = {_toml_str(m.name)}\n"  # api_url: its default, https://<ip>:8443 (TLS is on beside a
+            # non-loopback api.listen), the others pinning the certificate it registers
             f"labels = {{ {labels} }}\n"
             f"capacity_gb = {m.capacity_gb}\n"
             f"secret = {_toml_str(self.secret)}\n"

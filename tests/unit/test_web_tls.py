@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.config import ApiConfig, tls_listen
 from web import tls
 from web.auth import _loopback
 
@@ -17,6 +18,18 @@ from web.auth import _loopback
 ])
 def test_only_this_hosts_loopback_may_send_a_token_in_clear(remote: str | None, loopback: bool) -> None:
     assert _loopback(remote) is loopback
+
+
+@pytest.mark.parametrize(("listen", "tls", "effective"), [
+    ("0.0.0.0:8080", "auto", "0.0.0.0:8443"), ("10.0.0.2:80", "auto", "10.0.0.2:8443"),
+    ("[::]:8080", "auto", "[::]:8443"),
+    ("127.0.0.1:8080", "auto", ""), ("[::1]:8080", "auto", ""), ("localhost:8080", "auto", ""),  # nothing to guard
+    ("0.0.0.0:8080", "", ""), ("127.0.0.1:8080", "127.0.0.1:9443", "127.0.0.1:9443"),
+])
+def test_https_is_on_by_default_wherever_the_api_is_reachable_from_a_network(listen: str, tls: str,
+                                                                             effective: str) -> None:
+    assert tls_listen(ApiConfig(listen=listen, tls_listen=tls)) == effective
+    assert ApiConfig().tls_listen == "auto" and tls_listen(ApiConfig()) == "0.0.0.0:8443"
 
 
 def test_a_self_signed_certificate_is_made_once_and_kept(tmp_path: Path) -> None:
