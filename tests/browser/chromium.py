@@ -35,15 +35,15 @@ def require_chromium() -> None:
 
 
 @contextlib.contextmanager
-def chromium(profile: Path) -> Iterator[object]:
-    """A fresh headless Chromium (its own profile folder), quit on the way out."""
+def chromium(profile: Path, *flags: str) -> Iterator[object]:
+    """A fresh headless Chromium (its own profile folder, `flags` added), quit on the way out."""
     require_chromium()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+    for flag in (*FLAGS, *flags, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=shutil.which("chromedriver") or CHROMEDRIVER, log_output=str(profile) + ".log")

@@ -37,9 +37,9 @@ class LiveLoop:
 class LiveStack(LiveLoop):
     """The appliance stack serving on 127.0.0.1 from a loop that runs in a thread; `run` calls into it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, sections: dict[str, str] | None = None) -> None:
         super().__init__("dashboard-stack")
-        self.opened = open_stack(tmp, exports="memory")
+        self.opened = open_stack(tmp, exports="memory", sections=sections)
         self.stack: Stack | None = None
 
     def start(self) -> None:
@@ -62,7 +62,7 @@ class LiveStack(LiveLoop):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.s.client.port}"
+        return f"{self.s.client.server.scheme}://127.0.0.1:{self.s.client.port}"
 
     def publish(self, kind: str, data: dict[str, object]) -> None:
         """As the DHCP/TFTP services publish: on the loop, through the domain's event bus."""
